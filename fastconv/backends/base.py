@@ -1,0 +1,55 @@
+"""The contract every backend implements.
+
+The public layer (``fastconv.functional``) validates and normalises arguments, handles
+autocast, then asks the dispatcher for a backend. A backend therefore always receives:
+
+* 4-D tensors on one device, already checked for rank, dtype and shape agreement;
+* every geometric argument as a tuple of two Python ints (``stride``, ``padding``, ...);
+* ``bias``/``weight``/``running_*`` as a tensor or ``None``.
+
+The five ops and their normalised signatures (``Pair`` = ``tuple[int, int]``)::
+
+    conv2d_relu(input, weight, bias, stride: Pair, padding: Pair, dilation: Pair,
+                groups: int, relu: bool) -> Tensor
+    max_pool2d(input, kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair,
+               ceil_mode: bool, return_indices: bool, relu: bool)
+        -> Tensor, or (Tensor, int64 indices) when return_indices
+    batch_norm(input, running_mean, running_var, weight, bias, training: bool,
+               momentum: float, eps: float, relu: bool) -> Tensor
+        # when training and running stats are given they are updated in place
+    avg_pool2d(input, kernel_size: Pair, stride: Pair, padding: Pair, ceil_mode: bool,
+               count_include_pad: bool, divisor_override: int | None) -> Tensor
+    adaptive_avg_pool2d(input, output_size: Pair) -> Tensor
+
+Every op is differentiable with respect to its floating-point tensor arguments, exactly as the
+matching ``torch.nn.functional`` composition (``relu`` applied last for conv and batch norm,
+first for max-pool, where the two commute).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+OPS = ("conv2d_relu", "max_pool2d", "batch_norm", "avg_pool2d", "adaptive_avg_pool2d")
+
+
+class Backend:
+    """Base class: a named set of op implementations that can say why it cannot run a call."""
+
+    name: str = "?"
+
+    def unavailable_reason(self) -> Optional[str]:
+        """``None`` when the backend can run at all on this machine, else the reason."""
+        return None
+
+    def why_not(self, op: str, args: dict[str, Any]) -> Optional[str]:
+        """``None`` when this backend can run ``op`` with these (normalised) ``args``.
+
+        ``args`` maps the op's argument names (as in the module docstring) to values.
+        The default refuses ops the backend does not define.
+        """
+        if not callable(getattr(self, op, None)):
+            return f"{self.name} has no {op} kernel"
+        return None
+
+    def __repr__(self) -> str:
+        return f"<fastconv backend {self.name!r}>"

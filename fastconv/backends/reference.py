@@ -1,0 +1,46 @@
+"""The "torch" backend: each op written with plain torch ops.
+
+Always available, on every device and dtype torch supports, and the ground truth the tests
+compare the kernels with. It fuses nothing: it is what a user's stock model computes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Backend
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def conv2d_relu(self, input, weight, bias, stride, padding, dilation, groups, relu):
+        out = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        return torch.relu(out) if relu else out
+
+    def max_pool2d(self, input, kernel_size, stride, padding, dilation, ceil_mode,
+                   return_indices, relu):
+        # max and ReLU commute, so ReLU before the pool equals ReLU after it; applying it to
+        # the (smaller) pooled tensor is what a fused kernel does too.
+        result = F.max_pool2d(input, kernel_size, stride, padding, dilation,
+                              ceil_mode=ceil_mode, return_indices=return_indices)
+        if not relu:
+            return result
+        if return_indices:
+            out, idx = result
+            return torch.relu(out), idx
+        return torch.relu(result)
+
+    def batch_norm(self, input, running_mean, running_var, weight, bias, training,
+                   momentum, eps, relu):
+        out = F.batch_norm(input, running_mean, running_var, weight, bias, training,
+                           momentum, eps)
+        return torch.relu(out) if relu else out
+
+    def avg_pool2d(self, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                   divisor_override):
+        return F.avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                            divisor_override)
+
+    def adaptive_avg_pool2d(self, input, output_size):
+        return F.adaptive_avg_pool2d(input, output_size)

@@ -1,0 +1,1 @@
+"""Tools built on fastconv's public API: bench, train, profile, data, flops."""
