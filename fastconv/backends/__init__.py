@@ -1,0 +1,1 @@
+"""Backend implementations; see base.py for the contract every backend follows."""
