@@ -198,6 +198,7 @@ def convert(model: nn.Module, backend: Optional[str] = None, inplace: bool = Fal
     if fold_bn and model.training:
         raise ValueError("convert(fold_bn=True) folds running statistics into conv weights, "
                          "which is only valid in eval mode: call model.eval() first")
+    dispatch.prepare()
     if not inplace:
         model = copy.deepcopy(model)
     report = ConversionReport()

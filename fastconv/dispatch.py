@@ -11,6 +11,8 @@ import logging
 import os
 from typing import Any, Optional
 
+import torch
+
 from .backends.base import OPS, Backend
 from .backends.reference import TorchBackend
 from .backends.triton import TritonBackend
@@ -93,11 +95,20 @@ def select(op: str, args: dict[str, Any], backend: Optional[str]) -> Backend:
     for candidate in order:
         reason = reasons(op, args, [candidate])[candidate]
         if reason is None:
-            if skipped:
+            if skipped and not torch.compiler.is_compiling():  # dynamo cannot trace logging
                 log.debug("fastconv %s: using %s; skipped %s", op, candidate, "; ".join(skipped))
             return BACKENDS[candidate]
         skipped.append(f"{candidate}: {reason}")
     raise BackendUnavailableError(f"no fastconv backend can run {op}: " + "; ".join(skipped))
+
+
+def prepare() -> None:
+    """Let every backend do its one-time imports (called by convert(), before any compile)."""
+    for b in BACKENDS.values():
+        try:
+            b.prepare()
+        except Exception as exc:  # reported later by why_not; never fatal here
+            log.debug("fastconv: preparing %s failed: %s", b.name, exc)
 
 
 def availability() -> dict[str, Optional[str]]:

@@ -41,6 +41,9 @@ class Backend:
         """``None`` when the backend can run at all on this machine, else the reason."""
         return None
 
+    def prepare(self) -> None:
+        """Do one-time imports now, outside any torch.compile trace (default: nothing)."""
+
     def why_not(self, op: str, args: dict[str, Any]) -> Optional[str]:
         """``None`` when this backend can run ``op`` with these (normalised) ``args``.
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import os
-from functools import lru_cache
 from typing import Any, Optional
 
 from ..base import Backend
@@ -26,20 +25,36 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@lru_cache(maxsize=None)
-def _import_reason() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install raising anything
-        return f"triton is not importable: {exc}"
-    return None
+_state: dict[str, Any] = {}  # "reason": why triton is unusable; "modules": op module by name
+
+
+def _load() -> Optional[str]:
+    """Import triton and the kernel modules once. Plain dict caching (no lru_cache, no import
+    inside traced code) keeps the dispatch path traceable by torch.compile."""
+    if "reason" not in _state:
+        _state["modules"] = {}
+        try:
+            import triton  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken install raising anything
+            _state["reason"] = f"triton is not importable: {exc}"
+            return _state["reason"]
+        _state["reason"] = None
+        for module in set(_MODULE_OF.values()):
+            try:
+                _state["modules"][module] = importlib.import_module(f"{__name__}.{module}")
+            except Exception as exc:
+                _state["modules"][module] = f"{type(exc).__name__}: {exc}"
+    return _state["reason"]
 
 
 class TritonBackend(Backend):
     name = "triton"
 
+    def prepare(self) -> None:
+        _load()
+
     def unavailable_reason(self) -> Optional[str]:
-        reason = _import_reason()
+        reason = _load()
         if reason:
             return reason
         import torch
@@ -49,7 +64,11 @@ class TritonBackend(Backend):
         return None
 
     def _module(self, op: str):
-        return importlib.import_module(f"{__name__}.{_MODULE_OF[op]}")
+        _load()
+        module = _state["modules"][_MODULE_OF[op]]
+        if isinstance(module, str):
+            raise ImportError(module)
+        return module
 
     def why_not(self, op: str, args: dict[str, Any]) -> Optional[str]:
         reason = self.unavailable_reason()
