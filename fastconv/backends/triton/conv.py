@@ -1,0 +1,1119 @@
+"""Triton fused Conv2d + bias + ReLU: implicit-GEMM forward, grad_input and grad_weight(+bias).
+
+GEMM views (per group ``g``; ``C``/``K`` are channels per group):
+
+* forward     Y[m=(n,p,q), k]  = sum_{(r,s,c)} X[n, c, p*sh-ph+r*dh, q*sw-pw+s*dw] * W[k, c, r, s]
+* grad_input  dX[m=(n,h,w), c] = sum_{(r,s,k)} G[n, k, (h+ph-r*dh)/sh, (w+pw-s*dw)/sw] * W[k, c, r, s]
+* grad_weight dW[k, j=(r,s,c)] = sum_{m=(n,p,q)} G[n, k, p, q] * X[n, c, p*sh-ph+r*dh, q*sw-pw+s*dw]
+
+with ``G = grad_output * (output > 0)`` when ``relu``: the mask is read from the saved output
+inside the kernels, so there is neither a mask tensor nor a recomputed forward.
+
+Nothing is copied into an im2col buffer: every kernel reads activations through their four
+strides, so NCHW, channels_last and sliced inputs take the same code (channels_last makes the
+reduction axis contiguous, which is the fast case). The weight, being small, is made
+channels_last (``(K, R, S, C)`` in memory) once per call so the channel axis is contiguous too.
+
+Reduction loops are a single flat loop over (tap, channel block) steps so that Triton's software
+pipeliner sees one loop (a nested ``for r / for s / for c`` loop pipelines only its innermost
+level, which for VGG's C=64 layers would be one iteration). Per-row base offsets are computed
+once per tile; each step adds a scalar tap offset. Two reduction modes:
+
+* ``FLAT=False`` (taps): a step is one (r, s) tap and a block of channels; rows are masked once
+  per step. 1x1 convolutions are the special case R=S=1 with no padding: a plain GEMM.
+* ``FLAT=True``: the reduction index runs over (r, s, c) jointly. Used when C per group is
+  small (C=1 first layers: AlexNet's 11x11 conv reduces over only 121 values, which a
+  channel-block loop would pad to 121*16).
+
+grad_input is a transposed conv. With stride > 1 only every ``stride``-th tap reaches a given
+input pixel, so the input pixels are split into stride_h*stride_w phases (``h mod stride``) and
+each phase is one launch that loops over exactly its valid taps: no masked-out MMA work.
+
+grad_weight reduces over N*P*Q, which is long (up to 6.4M for VGG's first layer at batch 128):
+it is split over ``grid[2]`` into float32 partial sums reduced afterwards by ``sum(0)``
+(deterministic, no atomics). grad_bias rides along: in FLAT mode as one extra reduction column
+whose input is 1, in tap mode as a row sum of G by the programs that own the first column tile.
+"""
+import math
+from contextlib import contextmanager
+from typing import Any, Callable, Optional
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction as _JITFunction
+
+from . import autotune as _tune
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mma(a, b, acc, DOT: tl.constexpr):
+    # DOT: 0 = native 16-bit inputs, 1 = fp32 via TF32, 2 = fp32 exact ("ieee")
+    if DOT == 1:
+        return tl.dot(a, b, acc, input_precision="tf32")
+    elif DOT == 2:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+# Pure sizes and offsets are not specialised (Triton would otherwise compile a variant per
+# value class: ==1, divisible by 16, other), so one build serves every layer with the same kernel
+# shape; strides (alignment for vector loads), channel counts (C == 1) and conv stride stay.
+_FWD_NOSPEC = ["N", "H", "W", "P", "Q", "pad_h", "pad_w"]
+_DGRAD_NOSPEC = ["N", "H", "W", "P", "Q", "h_first", "w_first", "HA", "WA", "r_first", "s_first",
+                 "NR", "NS", "r_step", "s_step", "p_base", "q_base", "dp", "dq"]
+_WGRAD_NOSPEC = ["N", "H", "W", "P", "Q", "pad_h", "pad_w", "NCOL"]
+
+
+@triton.jit(do_not_specialize=_FWD_NOSPEC)
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    N, C, H, W, K, P, Q,
+    sxn, sxc, sxh, sxw,
+    swk, swc, swr, sws,
+    syn, syc, syh, syw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    R: tl.constexpr, S: tl.constexpr,
+    FLAT: tl.constexpr, PADDED: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    DOT: tl.constexpr, INDEX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    if INDEX64:
+        sxn = tl.cast(sxn, tl.int64)
+        sxc = tl.cast(sxc, tl.int64)
+        sxh = tl.cast(sxh, tl.int64)
+        sxw = tl.cast(sxw, tl.int64)
+        syn = tl.cast(syn, tl.int64)
+        syc = tl.cast(syc, tl.int64)
+        syh = tl.cast(syh, tl.int64)
+        syw = tl.cast(syw, tl.int64)
+    pid = tl.program_id(0)
+    grp = tl.program_id(1)
+    # output-channel tiles vary fastest: neighbouring programs share their input rows in L2
+    num_n = tl.cdiv(K, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < N * P * Q
+    q = offs_m % Q
+    t = offs_m // Q
+    p = t % P
+    nb = t // P
+    h0 = p * stride_h - pad_h
+    w0 = q * stride_w - pad_w
+    x_row = x_ptr + grp * C * sxc + nb * sxn + h0 * sxh + w0 * sxw
+
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < K
+    w_col = w_ptr + (grp * K + offs_n) * swk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FLAT:
+        RSC = R * S * C
+        for k0 in range(0, RSC, BLOCK_K):
+            j = k0 + offs_k
+            j_ok = j < RSC
+            c = j % C
+            rs = j // C
+            r = rs // S
+            s = rs % S
+            a_mask = m_ok[:, None] & j_ok[None, :]
+            if PADDED:
+                hh = h0[:, None] + (r * dil_h)[None, :]
+                ww = w0[:, None] + (s * dil_w)[None, :]
+                a_mask = a_mask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            a_off = r * dil_h * sxh + s * dil_w * sxw + c * sxc
+            a = tl.load(x_row[:, None] + a_off[None, :], mask=a_mask, other=0.0)
+            b = tl.load(w_col[None, :] + (r * swr + s * sws + c * swc)[:, None],
+                        mask=j_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = _mma(a, b, acc, DOT)
+    else:
+        num_cb = tl.cdiv(C, BLOCK_K)
+        for it in range(0, R * S * num_cb):
+            cb = it % num_cb
+            rs = it // num_cb
+            r = rs // S
+            s = rs % S
+            c = cb * BLOCK_K + offs_k
+            c_ok = c < C
+            row_ok = m_ok
+            if PADDED:
+                hh = h0 + r * dil_h
+                ww = w0 + s * dil_w
+                row_ok = row_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            a = tl.load(x_row[:, None] + (r * dil_h * sxh + s * dil_w * sxw) + (c * sxc)[None, :],
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(w_col[None, :] + (r * swr + s * sws) + (c * swc)[:, None],
+                        mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = _mma(a, b, acc, DOT)
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + grp * K + offs_n, mask=n_ok, other=0.0)
+        acc = acc + bias.to(tl.float32)[None, :]
+    if RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, as torch.relu does
+    y_row = y_ptr + grp * K * syc + nb * syn + p * syh + q * syw
+    tl.store(y_row[:, None] + (offs_n * syc)[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=_DGRAD_NOSPEC)
+def _conv_dgrad_kernel(
+    g_ptr, y_ptr, w_ptr, dx_ptr,
+    N, C, H, W, K, P, Q,
+    sgn, sgk, sgp, sgq,
+    syn, syk, syp, syq,
+    swk, swc, swr, sws,
+    sdn, sdc, sdh, sdw,
+    h_first, w_first, HA, WA,
+    r_first, s_first, NR, NS, r_step, s_step,
+    p_base, q_base, dp, dq,
+    stride_h, stride_w,
+    RELU: tl.constexpr, DOT: tl.constexpr, INDEX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One phase of the transposed conv: input pixels h = h_first + th*stride_h (same for w),
+    # whose valid taps are r = r_first + jr*r_step (jr < NR), reading output row p = th+p_base-jr*dp.
+    if INDEX64:
+        sgn = tl.cast(sgn, tl.int64)
+        sgk = tl.cast(sgk, tl.int64)
+        sgp = tl.cast(sgp, tl.int64)
+        sgq = tl.cast(sgq, tl.int64)
+        syn = tl.cast(syn, tl.int64)
+        syk = tl.cast(syk, tl.int64)
+        syp = tl.cast(syp, tl.int64)
+        syq = tl.cast(syq, tl.int64)
+        sdn = tl.cast(sdn, tl.int64)
+        sdc = tl.cast(sdc, tl.int64)
+        sdh = tl.cast(sdh, tl.int64)
+        sdw = tl.cast(sdw, tl.int64)
+    pid = tl.program_id(0)
+    grp = tl.program_id(1)
+    num_n = tl.cdiv(C, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < N * HA * WA
+    tw = offs_m % WA
+    t = offs_m // WA
+    th = t % HA
+    nb = t // HA
+    p0 = th + p_base
+    q0 = tw + q_base
+    g_row = g_ptr + grp * K * sgk + nb * sgn + p0 * sgp + q0 * sgq
+    y_row = y_ptr + grp * K * syk + nb * syn + p0 * syp + q0 * syq
+
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = offs_c < C
+    w_col = w_ptr + grp * K * swk + offs_c * swc
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    num_kb = tl.cdiv(K, BLOCK_K)
+    for it in range(0, NR * NS * num_kb):
+        kb = it % num_kb
+        tap = it // num_kb
+        jr = tap // NS
+        js = tap % NS
+        p = p0 - jr * dp
+        q = q0 - js * dq
+        row_ok = m_ok & (p >= 0) & (p < P) & (q >= 0) & (q < Q)
+        k = kb * BLOCK_K + offs_k
+        k_ok = k < K
+        mask = row_ok[:, None] & k_ok[None, :]
+        g = tl.load(g_row[:, None] + (-(jr * dp) * sgp - (js * dq) * sgq) + (k * sgk)[None, :],
+                    mask=mask, other=0.0)
+        if RELU:
+            y = tl.load(y_row[:, None] + (-(jr * dp) * syp - (js * dq) * syq) + (k * syk)[None, :],
+                        mask=mask, other=0.0)
+            g = tl.where(y > 0, g, tl.zeros_like(g))
+        r = r_first + jr * r_step
+        s = s_first + js * s_step
+        wt = tl.load(w_col[None, :] + (r * swr + s * sws) + (k * swk)[:, None],
+                     mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = _mma(g, wt, acc, DOT)
+
+    h = h_first + th * stride_h
+    w = w_first + tw * stride_w
+    dx_row = dx_ptr + grp * C * sdc + nb * sdn + h * sdh + w * sdw
+    tl.store(dx_row[:, None] + (offs_c * sdc)[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit(do_not_specialize=_WGRAD_NOSPEC)
+def _conv_wgrad_kernel(
+    g_ptr, y_ptr, x_ptr, dw_ptr,
+    N, C, H, W, K, P, Q,
+    sgn, sgk, sgp, sgq,
+    syn, syk, syp, syq,
+    sxn, sxc, sxh, sxw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    NCOL, M_PER_SPLIT,
+    R: tl.constexpr, S: tl.constexpr,
+    FLAT: tl.constexpr, PADDED: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    DOT: tl.constexpr, INDEX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # dw_ptr: float32 partials [SPLIT, G, K, NCOL], columns j = (r*S + s)*C + c, then the bias.
+    if INDEX64:
+        sgn = tl.cast(sgn, tl.int64)
+        sgk = tl.cast(sgk, tl.int64)
+        sgp = tl.cast(sgp, tl.int64)
+        sgq = tl.cast(sgq, tl.int64)
+        syn = tl.cast(syn, tl.int64)
+        syk = tl.cast(syk, tl.int64)
+        syp = tl.cast(syp, tl.int64)
+        syq = tl.cast(syq, tl.int64)
+        sxn = tl.cast(sxn, tl.int64)
+        sxc = tl.cast(sxc, tl.int64)
+        sxh = tl.cast(sxh, tl.int64)
+        sxw = tl.cast(sxw, tl.int64)
+    pid = tl.program_id(0)
+    grp = tl.program_id(1)
+    split = tl.program_id(2)
+    RSC = R * S * C
+    if FLAT:
+        num_col = tl.cdiv(NCOL, BLOCK_N)
+    else:
+        num_cb = tl.cdiv(C, BLOCK_N)
+        num_col = R * S * num_cb
+    pid_k = pid // num_col
+    pid_c = pid % num_col
+
+    offs_k = pid_k * BLOCK_M + tl.arange(0, BLOCK_M)
+    k_ok = offs_k < K
+    if FLAT:
+        j = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+        j_ok = j < RSC
+        c = j % C
+        rs = j // C
+        r = rs // S
+        s = rs % S
+        col_dh = r * dil_h
+        col_dw = s * dil_w
+        x_col = col_dh * sxh + col_dw * sxw + c * sxc
+    else:
+        cb = pid_c % num_cb
+        tap = pid_c // num_cb
+        r = tap // S
+        s = tap % S
+        c = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+        j_ok = c < C
+        j = tap * C + c
+        x_col = r * dil_h * sxh + s * dil_w * sxw + c * sxc
+
+    g_base = g_ptr + grp * K * sgk
+    y_base = y_ptr + grp * K * syk
+    x_base = x_ptr + grp * C * sxc
+    offs_r = tl.arange(0, BLOCK_K)
+    m_start = split * M_PER_SPLIT
+    m_end = tl.minimum(N * P * Q, m_start + M_PER_SPLIT)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    bacc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_K):
+        m = m0 + offs_r
+        m_ok = m < m_end
+        q = m % Q
+        t = m // Q
+        p = t % P
+        nb = t // P
+        gk_mask = m_ok[:, None] & k_ok[None, :]
+        g = tl.load(g_base + (nb * sgn + p * sgp + q * sgq)[:, None] + (offs_k * sgk)[None, :],
+                    mask=gk_mask, other=0.0)
+        if RELU:
+            y = tl.load(y_base + (nb * syn + p * syp + q * syq)[:, None] + (offs_k * syk)[None, :],
+                        mask=gk_mask, other=0.0)
+            g = tl.where(y > 0, g, tl.zeros_like(g))
+        h0 = p * stride_h - pad_h
+        w0 = q * stride_w - pad_w
+        x_row = nb * sxn + h0 * sxh + w0 * sxw
+        if FLAT:
+            x_mask = m_ok[:, None] & j_ok[None, :]
+            if PADDED:
+                hh = h0[:, None] + col_dh[None, :]
+                ww = w0[:, None] + col_dw[None, :]
+                x_mask = x_mask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            xt = tl.load(x_base + x_row[:, None] + x_col[None, :], mask=x_mask, other=0.0)
+            if HAS_BIAS:
+                # column RSC sums G against ones: grad_bias for free in the padding columns
+                ones = (m_ok[:, None] & (j == RSC)[None, :]).to(xt.dtype)
+                xt = xt + ones
+        else:
+            row_ok = m_ok
+            if PADDED:
+                hh = h0 + r * dil_h
+                ww = w0 + s * dil_w
+                row_ok = row_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            xt = tl.load(x_base + x_row[:, None] + x_col[None, :],
+                         mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+            if HAS_BIAS:
+                if pid_c == 0:
+                    bacc += tl.sum(g.to(tl.float32), axis=0)
+        acc = _mma(tl.trans(g), xt, acc, DOT)
+
+    dw_row = dw_ptr + ((split * tl.num_programs(1) + grp) * K + offs_k).to(tl.int64) * NCOL
+    if FLAT:
+        tl.store(dw_row[:, None] + j[None, :], acc, mask=k_ok[:, None] & (j < NCOL)[None, :])
+    else:
+        tl.store(dw_row[:, None] + j[None, :], acc, mask=k_ok[:, None] & j_ok[None, :])
+        if HAS_BIAS:
+            if pid_c == 0:
+                tl.store(dw_row + RSC, bacc, mask=k_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# problem description, configurations
+# ----------------------------------------------------------------------------------------------
+
+_INT32_LIMIT = 2**31 - 1
+_TORCH_TO_TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_FORCED: dict[str, dict] = {}
+_TABLE = _tune.ConfigTable("conv")
+
+
+@contextmanager
+def forced_config(**configs: Optional[dict]):
+    """Pin the launch configuration of ``fwd``/``dgrad``/``wgrad`` (tests, sweeps).
+
+    A config is a dict with BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages and optionally
+    ``split`` (wgrad: number of reduction slices) and ``flat`` (fwd/wgrad: reduction mode).
+    """
+    old = dict(_FORCED)
+    _FORCED.update({k: v for k, v in configs.items() if v is not None})
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(old)
+
+
+def _channels_last_strides(size, stride) -> bool:
+    # Python mirror of c10's is_channels_last_strides_2d_s4 (what suggest_memory_format uses).
+    if stride[1] == 0:
+        return False
+    lo = 0
+    for d in (1, 3, 2, 0):
+        if size[d] == 0 or stride[d] < lo:
+            return False
+        if d == 0 and lo == stride[1]:
+            return False
+        lo = stride[d] * (size[d] if size[d] > 1 else 1)
+    return True
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    """``t.suggest_memory_format()`` (not exposed to Python in every torch version)."""
+    if t.dim() == 4 and _channels_last_strides(t.shape, t.stride()):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _conv_memory_format(x: torch.Tensor, w: torch.Tensor) -> torch.memory_format:
+    """The format torch's conv gives its output and grad_input: channels_last when the input
+    or the weight is (cuDNN's and oneDNN's rule), e.g. a channels_last model fed NCHW images."""
+    if _memory_format(x) == torch.channels_last or _memory_format(w) == torch.channels_last:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _span(t: torch.Tensor) -> int:
+    """Largest element offset reachable through ``t``'s strides (+1)."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
+
+
+def _needs_index64(*tensors: Optional[torch.Tensor]) -> bool:
+    return any(t is not None and _span(t) > _INT32_LIMIT for t in tensors)
+
+
+def _dot_mode(dtype: torch.dtype) -> int:
+    if dtype != torch.float32:
+        return 0
+    return 1 if _allow_tf32() else 2
+
+
+def _allow_tf32() -> bool:
+    """Whether torch's cuDNN convolutions would use TF32 for float32 right now."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    prec = getattr(conv, "fp32_precision", None) if conv is not None else None
+    if prec == "tf32":
+        return True
+    if prec == "ieee":
+        return False
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # legacy and new TF32 APIs mixed: be exact
+        return False
+
+
+def _out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # not triton.cdiv: that goes through the JIT call path (slow on the host)
+
+
+def _pow2(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, 1 << (max(int(x), 1) - 1).bit_length()))
+
+
+def _use_flat(C: int, R: int, S: int) -> bool:
+    # channel blocks are at least 16 wide; below that the joint (r, s, c) index wastes less
+    return C < 16 or C * R * S <= 64
+
+
+def _is_real(t: torch.Tensor) -> bool:
+    """False for fake, functional (torch.compile tracing) and meta tensors: no data to run on."""
+    if type(t) is torch.Tensor:  # fast path: fake and functional tensors are subclasses
+        return t.device.type != "meta" and not torch._is_functional_tensor(t)
+    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return not (is_fake(t) or isinstance(t, FunctionalTensor) or t.device.type == "meta")
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_properties(idx).multi_processor_count
+
+
+def _cfg(bm, bn, bk, warps, stages, **extra) -> dict:
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **extra)
+
+
+def _heuristic(kind: str, pb: dict) -> dict:
+    """Default launch configuration when nothing is cached: good, never terrible."""
+    m_dim, n_dim, red, flat = pb["gemm_m"], pb["gemm_n"], pb["red"], pb["flat"]
+    bits = pb["bits"]
+    if pb["device"] == "cpu":
+        # the interpreter runs one program at a time: larger tiles mean fewer numpy round trips
+        return _cfg(_pow2(m_dim, 16, 64), _pow2(n_dim, 16, 64), _pow2(red, 16, 32), 4, 1)
+    bk = 64 if bits == 16 else 32
+    if kind == "wgrad":
+        bm = _pow2(n_dim, 16, 128)          # output channels
+        bn = _pow2(pb["cols"], 16, 128)     # (r, s, c) columns (or c within a tap)
+        warps = 8 if bm * bn >= 128 * 128 else 4
+        return _cfg(bm, bn, bk, warps, 3)
+    bn = _pow2(n_dim, 16, 128)
+    if flat:
+        bk = 32 if red <= 128 else bk
+        return _cfg(128, bn, bk, 4 if bn <= 64 else 8, 3)
+    # channel blocks: least padding of C, ties to the larger block (C=96: 3x32, not 2x64)
+    chan = pb["chan"]
+    bk = min((bk, bk // 2), key=lambda b: (_cdiv(chan, b) * b, -b))
+    bk = min(bk, _pow2(chan, 16, 64))
+    warps = 8 if bn >= 128 else 4
+    stages = 4 if bits == 16 else 3
+    return _cfg(128, bn, bk, warps, stages)
+
+
+def _candidates(kind: str, pb: dict) -> list[dict]:
+    """Configurations the autotuner tries (and aot_specs compiles: all build for sm_90 without
+    spilling; 256-wide tiles that spill in fp32 or in dgrad, where two row bases are live, are
+    left out)."""
+    bits, flat = pb["bits"], pb["flat"]
+    bk = 64 if bits == 16 else 32
+    if kind == "wgrad":
+        # flat columns carry per-column (r, s, c) vectors: 4 warps spill there, 8 do not
+        w4 = 8 if flat else 4
+        raw = [_cfg(128, 128, bk, 8, 3), _cfg(128, 128, bk // 2, 8, 4), _cfg(64, 128, bk, w4, 3),
+               _cfg(128, 64, bk, w4, 3), _cfg(64, 64, bk, 4, 4), _cfg(128, 128, bk, 8, 3, split_mult=2)]
+        cap_m, cap_n = _pow2(pb["gemm_n"], 16, 256), _pow2(pb["cols"], 16, 256)
+    elif flat:
+        raw = [_cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 4, 3), _cfg(64, 128, 32, 4, 3),
+               _cfg(256, 64, 32, 8, 3), _cfg(128, 128, 64, 8, 3), _cfg(128, 32, 32, 4, 3)]
+        cap_m, cap_n = 1 << 30, _pow2(pb["gemm_n"], 16, 256)
+    else:
+        raw = [_cfg(128, 128, bk, 8, 3), _cfg(128, 128, bk, 8, 4), _cfg(128, 64, bk, 4, 4),
+               _cfg(64, 128, bk, 4, 4), _cfg(64, 64, bk, 4, 4)]
+        if bits == 16:
+            raw += [_cfg(128, 256, bk, 8, 3), _cfg(128, 128, bk // 2, 4, 4)]
+            if kind == "fwd":
+                raw.append(_cfg(256, 128, bk, 8, 3))
+        elif kind == "fwd":
+            raw += [_cfg(256, 128, bk, 8, 3), _cfg(128, 128, bk // 2, 4, 4)]
+        cap_m, cap_n = 1 << 30, _pow2(pb["gemm_n"], 16, 256)
+    seen, out = set(), []
+    for c in raw:
+        c = dict(c, BLOCK_M=min(c["BLOCK_M"], cap_m), BLOCK_N=min(c["BLOCK_N"], cap_n))
+        key = tuple(sorted(c.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def _key(kind: str, pb: dict) -> str:
+    return "|".join([
+        kind, pb["dtype"], pb["layout"], f"C{pb['chan']}", f"K{pb['kout']}", f"R{pb['R']}S{pb['S']}",
+        f"st{pb['stride']}", f"d{pb['dil']}", f"pad{int(pb['padded'])}", f"g{pb['groups']}",
+        f"M{max(0, int(pb['gemm_m']) - 1).bit_length()}", f"dot{pb['dot']}"])
+
+
+def _select(kind: str, pb: dict, run: Optional[Callable[[dict], Any]], device: torch.device,
+            real: bool) -> dict:
+    forced = _FORCED.get(kind)
+    if forced is not None:
+        return forced
+    tag = _tune.device_tag(device)
+    key = _key(kind, pb)
+    hit = _TABLE.get(tag, key)
+    if hit is not None:
+        return hit
+    if (run is not None and real and device.type == "cuda" and _tune.enabled()
+            and not torch.cuda.is_current_stream_capturing()):
+        best, ms = _tune.tune(_candidates(kind, pb), run)
+        if best is not None:
+            _TABLE.put(tag, key, best, ms)
+            return best
+    return _heuristic(kind, pb)
+
+
+def _layout(t: torch.Tensor) -> str:
+    if t.is_contiguous(memory_format=torch.channels_last) and t.stride(1) == 1:
+        return "nhwc"
+    if t.is_contiguous():
+        return "nchw"
+    return "strided"
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+# Host work per call is kept to allocation and launch: everything derived from shapes, strides,
+# dtype and geometry (output layout, configuration, grid, scalar arguments) is a "plan" cached
+# per such key. GoogLeNet's 7x7 layers run in ~10 us on an H100, so host time would show.
+
+try:  # torch >= 2.6
+    from torch.library import triton_op as _triton_op, wrap_triton as _wrap_triton
+except ImportError:  # pragma: no cover - older torch
+    _triton_op = _wrap_triton = None
+
+_PLANS: dict[tuple, dict] = {}
+_MAX_PLANS = 4096
+POISON = False  # tests: fill every buffer a kernel must write with NaN first
+
+
+def _empty(shape, like: torch.Tensor, dtype=None, memory_format=torch.contiguous_format):
+    out = torch.empty(shape, device=like.device, dtype=dtype or like.dtype,
+                      memory_format=memory_format)
+    return out.fill_(float("nan")) if POISON else out
+
+
+def _run(kernel, grid, args: tuple, meta: dict, real: bool) -> None:
+    """Launch now (real tensors) or record the launch for the compiler (fake/functional tensors).
+
+    Under torch.compile ``wrap_triton`` turns the launch into a graph node; under a
+    FakeTensorMode it does nothing. Interpreter kernels are not JITFunctions and cannot be
+    wrapped, so they only ever run on real (CPU) tensors.
+    """
+    if real:
+        kernel[grid](*args, **meta)  # what triton_op itself does in eager mode, minus the HOP
+    elif _wrap_triton is not None and isinstance(kernel, _JITFunction):
+        _wrap_triton(kernel)[grid](*args, **meta)
+
+
+def _meta(consts: dict, cfg: dict) -> dict:
+    return dict(consts, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _plan(key: Optional[tuple], build: Callable[[], dict]) -> dict:
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = build()
+        if key is not None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    return plan
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             stride, padding, dilation, groups: int, relu: bool) -> torch.Tensor:
+    real = _is_real(x)
+    key = None
+    if real and not _FORCED:
+        key = ("fwd", x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(),
+               bias is None, *stride, *padding, *dilation, groups, relu, _dot_mode(x.dtype))
+
+    def build() -> dict:
+        N, _, H, W = x.shape
+        KT, C, R, S = weight.shape
+        K = KT // groups
+        (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+        P, Q = _out_size(H, R, sh, ph, dh), _out_size(W, S, sw, pw, dw)
+        fmt = _conv_memory_format(x, weight)
+        y = torch.empty((N, KT, P, Q), device=x.device, dtype=x.dtype, memory_format=fmt)
+        w = weight.contiguous(memory_format=torch.channels_last)
+        flat = _use_flat(C, R, S)
+        M = N * P * Q
+        pb = dict(kind="fwd", device=x.device.type, bits=x.element_size() * 8,
+                  dtype=_TORCH_TO_TL[x.dtype], layout=_layout(x), chan=C, kout=K, R=R, S=S,
+                  stride=f"{sh}x{sw}", dil=f"{dh}x{dw}", padded=(ph > 0 or pw > 0), groups=groups,
+                  gemm_m=M, gemm_n=K, red=C * R * S, flat=flat, dot=_dot_mode(x.dtype))
+        scalars = (N, C, H, W, K, P, Q, *x.stride(), *w.stride(), *y.stride(),
+                   sh, sw, ph, pw, dh, dw)
+        index64 = _needs_index64(x, y)
+
+        def launch(cfg, x, w, b, y, real):
+            consts = dict(R=R, S=S, FLAT=cfg.get("flat", flat), PADDED=pb["padded"],
+                          HAS_BIAS=b is not None, RELU=relu, DOT=pb["dot"], INDEX64=index64)
+            grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(K, cfg["BLOCK_N"]), groups)
+            _run(_conv_fwd_kernel, grid, (x, w, w if b is None else b, y, *scalars),
+                 _meta(consts, cfg), real)
+
+        if M == 0:
+            cfg = None
+        else:
+            cfg = _select("fwd", pb, lambda c: launch(c, x, w, bias, y, real), x.device, real)
+        return dict(y_shape=y.shape, fmt=fmt, cfg=cfg, launch=launch)
+
+    plan = _plan(key, build)
+    y = _empty(plan["y_shape"], x, memory_format=plan["fmt"])
+    if plan["cfg"] is not None:
+        w = weight.contiguous(memory_format=torch.channels_last)
+        plan["launch"](plan["cfg"], x, w, bias, y, real)
+    return y
+
+
+def _phases(size: int, k: int, stride: int, pad: int, dil: int):
+    """Per input-row residue: (first row, rows, first tap, taps, tap step, p_base, dp)."""
+    step = stride // math.gcd(stride, dil)
+    out = []
+    for rho in range(min(stride, size)):
+        rows = (size - rho + stride - 1) // stride
+        valid = [r for r in range(k) if (rho + pad - r * dil) % stride == 0]
+        if valid:
+            r0 = valid[0]
+            out.append((rho, rows, r0, len(valid), step, (rho + pad - r0 * dil) // stride,
+                        step * dil // stride))
+        else:
+            out.append((rho, rows, 0, 0, step, 0, 0))
+    return out
+
+
+def _grad_input(grad: torch.Tensor, weight: torch.Tensor, output: Optional[torch.Tensor],
+                input_size, channels_last: bool, stride, padding, dilation,
+                groups: int) -> torch.Tensor:
+    real = _is_real(grad)
+    y = output if output is not None else grad
+    key = None
+    if real and not _FORCED:
+        key = ("dgrad", grad.shape, grad.stride(), y.stride(), output is None, grad.dtype,
+               grad.device, weight.shape, weight.stride(), *input_size, channels_last, *stride,
+               *padding, *dilation, groups, _dot_mode(grad.dtype))
+
+    def build() -> dict:
+        N, CT, H, W = input_size
+        KT, C, R, S = weight.shape
+        K = KT // groups
+        (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+        P, Q = grad.shape[2], grad.shape[3]
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        dx = torch.empty((N, CT, H, W), device=grad.device, dtype=grad.dtype, memory_format=fmt)
+        plan = dict(dx_shape=dx.shape, fmt=fmt, cfg=None, zero=grad.numel() == 0 or K == 0)
+        if dx.numel() == 0 or plan["zero"]:
+            return plan
+        w = weight.contiguous(memory_format=torch.channels_last)
+        pb = dict(kind="dgrad", device=grad.device.type, bits=grad.element_size() * 8,
+                  dtype=_TORCH_TO_TL[grad.dtype], layout=_layout(grad), chan=K, kout=C, R=R, S=S,
+                  stride=f"{sh}x{sw}", dil=f"{dh}x{dw}", padded=(ph > 0 or pw > 0), groups=groups,
+                  gemm_m=N * H * W // max(1, sh * sw), gemm_n=C, red=K * R * S, flat=False,
+                  dot=_dot_mode(grad.dtype))
+        consts = dict(RELU=output is not None, DOT=pb["dot"], INDEX64=_needs_index64(grad, y, dx))
+        phases = []  # one launch per (row residue, column residue) with its exact taps
+        for (h0, HA, r0, NR, rstep, pbase, dp) in _phases(H, R, sh, ph, dh):
+            for (w0, WA, s0, NS, sstep, qbase, dq) in _phases(W, S, sw, pw, dw):
+                scalars = (N, C, H, W, K, P, Q, *grad.stride(), *y.stride(), *w.stride(),
+                           *dx.stride(), h0, w0, HA, WA, r0, s0, NR, NS, rstep, sstep, pbase,
+                           qbase, dp, dq, sh, sw)
+                phases.append((N * HA * WA, scalars))
+
+        def launch(cfg, g, y, w, dx, real):
+            meta = _meta(consts, cfg)
+            for MA, scalars in phases:
+                grid = (_cdiv(MA, cfg["BLOCK_M"]) * _cdiv(C, cfg["BLOCK_N"]), groups)
+                _run(_conv_dgrad_kernel, grid, (g, y, w, dx, *scalars), meta, real)
+
+        plan["launch"] = launch
+        plan["cfg"] = _select("dgrad", pb, lambda c: launch(c, grad, y, w, dx, real), grad.device,
+                              real)
+        return plan
+
+    plan = _plan(key, build)
+    dx = _empty(plan["dx_shape"], grad, memory_format=plan["fmt"])
+    if plan["zero"]:
+        return dx.zero_()
+    if plan["cfg"] is not None:
+        w = weight.contiguous(memory_format=torch.channels_last)
+        plan["launch"](plan["cfg"], grad, y, w, dx, real)
+    return dx
+
+
+def _grad_weight(grad: torch.Tensor, x: torch.Tensor, output: Optional[torch.Tensor],
+                 weight_size, weight_channels_last: bool, stride, padding, dilation,
+                 groups: int, bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    real = _is_real(grad)
+    y = output if output is not None else grad
+    key = None
+    if real and not _FORCED:
+        key = ("wgrad", grad.shape, grad.stride(), y.stride(), output is None, grad.dtype,
+               grad.device, x.shape, x.stride(), *weight_size, weight_channels_last, *stride,
+               *padding, *dilation, groups, bias_grad, _dot_mode(x.dtype))
+    N, _, H, W = x.shape
+    KT, C, R, S = weight_size
+    K = KT // groups
+    RSC = R * S * C
+    fmt = torch.channels_last if weight_channels_last else torch.contiguous_format
+
+    def build() -> dict:
+        (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+        P, Q = grad.shape[2], grad.shape[3]
+        M = N * P * Q
+        plan = dict(cfg=None)
+        if M == 0 or KT * RSC == 0:
+            return plan
+        ncol = RSC + (1 if bias_grad else 0)
+        flat = _use_flat(C, R, S)
+        pb = dict(kind="wgrad", device=x.device.type, bits=x.element_size() * 8,
+                  dtype=_TORCH_TO_TL[x.dtype], layout=_layout(x), chan=C, kout=K, R=R, S=S,
+                  stride=f"{sh}x{sw}", dil=f"{dh}x{dw}", padded=(ph > 0 or pw > 0), groups=groups,
+                  gemm_m=M, gemm_n=K, red=M, cols=ncol if flat else C, flat=flat,
+                  dot=_dot_mode(x.dtype))
+        scalars = (N, C, H, W, K, P, Q, *grad.stride(), *y.stride(), *x.stride(),
+                   sh, sw, ph, pw, dh, dw, ncol)
+        consts = dict(R=R, S=S, PADDED=pb["padded"], HAS_BIAS=bias_grad, RELU=output is not None,
+                      DOT=pb["dot"], INDEX64=_needs_index64(grad, y, x))
+        sms = _num_sms(x.device)
+
+        def launch(cfg, g, y, x, real) -> torch.Tensor:
+            use_flat = cfg.get("flat", flat)
+            bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+            cols = _cdiv(ncol, bn) if use_flat else R * S * _cdiv(C, bn)
+            tiles = _cdiv(K, bm) * cols
+            split = cfg.get("split")
+            if split is None:
+                # about two waves of programs, each with at least 8 reduction steps
+                split = max(1, min(2 * sms * cfg.get("split_mult", 1) // (tiles * groups),
+                                   _cdiv(M, 8 * bk)))
+            m_per = _cdiv(_cdiv(M, split), bk) * bk
+            split = _cdiv(M, m_per)
+            part = _empty((split, groups, K, ncol), x, dtype=torch.float32)
+            _run(_conv_wgrad_kernel, (tiles, groups, split), (g, y, x, part, *scalars, m_per),
+                 _meta(dict(consts, FLAT=use_flat), cfg), real)
+            # fixed-order reduction of the slices: deterministic (and part of what tuning times)
+            return part[0] if split == 1 else part.sum(0)
+
+        plan["launch"] = launch
+        plan["cfg"] = _select("wgrad", pb, lambda c: launch(c, grad, y, x, real), x.device, real)
+        return plan
+
+    plan = _plan(key, build)
+    gw = torch.empty(tuple(weight_size), device=x.device, dtype=x.dtype, memory_format=fmt)
+    gb = torch.empty((KT,) if bias_grad else (0,), device=x.device, dtype=x.dtype)
+    if plan["cfg"] is None:
+        return gw.zero_(), gb.zero_()
+    total = plan["launch"](plan["cfg"], grad, y, x, real)
+    gw.copy_(total[:, :, :RSC].reshape(KT, R, S, C).permute(0, 3, 1, 2))
+    if bias_grad:
+        gb.copy_(total[:, :, RSC].reshape(KT))
+    return gw, gb
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops and autograd
+# ----------------------------------------------------------------------------------------------
+
+def _register(name: str, fn: Callable, fake: Callable):
+    qual = f"fastconv::{name}"
+    if _triton_op is not None:
+        return _triton_op(qual, fn, mutates_args=())  # the traceable body doubles as fake impl
+    op = torch.library.custom_op(qual, fn, mutates_args=())
+    op.register_fake(fake)
+    return op
+
+
+def _conv_op(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             stride: list[int], padding: list[int], dilation: list[int], groups: int,
+             relu: bool) -> torch.Tensor:
+    return _forward(input, weight, bias, stride, padding, dilation, groups, relu)
+
+
+def _conv_fake(input, weight, bias, stride, padding, dilation, groups, relu):
+    N, _, H, W = input.shape
+    P = _out_size(H, weight.shape[2], stride[0], padding[0], dilation[0])
+    Q = _out_size(W, weight.shape[3], stride[1], padding[1], dilation[1])
+    return input.new_empty((N, weight.shape[0], P, Q)).contiguous(
+        memory_format=_conv_memory_format(input, weight))
+
+
+def _grad_input_op(grad_output: torch.Tensor, weight: torch.Tensor, output: Optional[torch.Tensor],
+                   input_size: list[int], channels_last: bool, stride: list[int],
+                   padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
+    return _grad_input(grad_output, weight, output, input_size, channels_last, stride, padding,
+                       dilation, groups)
+
+
+def _grad_input_fake(grad_output, weight, output, input_size, channels_last, stride, padding,
+                     dilation, groups):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return grad_output.new_empty(input_size).contiguous(memory_format=fmt)
+
+
+def _grad_weight_op(grad_output: torch.Tensor, input: torch.Tensor, output: Optional[torch.Tensor],
+                    weight_size: list[int], weight_channels_last: bool, stride: list[int],
+                    padding: list[int], dilation: list[int], groups: int,
+                    bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _grad_weight(grad_output, input, output, weight_size, weight_channels_last, stride,
+                        padding, dilation, groups, bias_grad)
+
+
+def _grad_weight_fake(grad_output, input, output, weight_size, weight_channels_last, stride,
+                      padding, dilation, groups, bias_grad):
+    fmt = torch.channels_last if weight_channels_last else torch.contiguous_format
+    gw = input.new_empty(weight_size).contiguous(memory_format=fmt)
+    return gw, input.new_empty((weight_size[0],) if bias_grad else (0,))
+
+
+conv2d_relu_op = _register("triton_conv2d_relu", _conv_op, _conv_fake)
+grad_input_op = _register("triton_conv2d_relu_grad_input", _grad_input_op, _grad_input_fake)
+grad_weight_op = _register("triton_conv2d_relu_grad_weight", _grad_weight_op, _grad_weight_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, stride, padding, dilation, groups, relu = inputs
+    ctx.save_for_backward(input, weight, output if relu else None)
+    ctx.geometry = (list(stride), list(padding), list(dilation), groups)
+    ctx.input_size = list(input.shape)
+    ctx.input_cl = _conv_memory_format(input, weight) == torch.channels_last
+    ctx.weight_cl = _memory_format(weight) == torch.channels_last
+    ctx.relu = relu
+
+
+def _backward(ctx, grad):
+    input, weight, output = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.geometry
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    # eager: call the launchers directly (the op dispatcher costs ~100 us of host time per call);
+    # tracing (fake/functional tensors): the registered ops, so graphs show fastconv ops
+    eager = _is_real(grad)
+    gi = gw = gb = None
+    if need_x:
+        fn = _grad_input if eager else grad_input_op
+        gi = fn(grad, weight, output, ctx.input_size, ctx.input_cl, stride, padding, dilation,
+                groups)
+    if need_w:
+        fn = _grad_weight if eager else grad_weight_op
+        gw, gb_ = fn(grad, input, output, list(weight.shape), ctx.weight_cl, stride, padding,
+                     dilation, groups, bool(need_b))
+        gb = gb_ if need_b else None
+    elif need_b:  # frozen weight, trained bias: a plain reduction is all that is needed
+        g = torch.where(output > 0, grad, 0) if output is not None else grad
+        gb = g.sum((0, 2, 3), dtype=torch.float32).to(grad.dtype)
+    return gi, gw, gb, None, None, None, None, None
+
+
+class _EagerConv2dReLU(torch.autograd.Function):
+    """The op's autograd formula without the custom-op dispatcher, for eager calls."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, stride, padding, dilation, groups, relu):
+        out = _forward(input, weight, bias, stride, padding, dilation, groups, relu)
+        _setup_context(ctx, (input, weight, bias, stride, padding, dilation, groups, relu), out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return _backward(ctx, grad)
+
+
+conv2d_relu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _declare_kernels() -> None:
+    # triton_op finds kernels by reading wrap_triton(<global name>) calls in the op body; ours go
+    # through _run, so name them for AOTAutograd's cache key (which hashes kernel sources).
+    try:
+        from torch._library import triton as lib
+        from triton.runtime.jit import JITFunction
+
+        table = getattr(lib, "triton_ops_to_kernels", None)
+        if isinstance(table, dict) and isinstance(_conv_fwd_kernel, JITFunction):
+            table["fastconv::triton_conv2d_relu"] = [_conv_fwd_kernel]
+            table["fastconv::triton_conv2d_relu_grad_input"] = [_conv_dgrad_kernel]
+            table["fastconv::triton_conv2d_relu_grad_weight"] = [_conv_wgrad_kernel]
+    except Exception:  # private registry: best effort only
+        pass
+
+
+_declare_kernels()
+
+
+# ----------------------------------------------------------------------------------------------
+# backend entry points
+# ----------------------------------------------------------------------------------------------
+
+def conv2d_relu(input, weight, bias, stride, padding, dilation, groups, relu):
+    """Backend entry (normalised arguments, see fastconv/backends/base.py).
+
+    Under torch.compile (or any tracing) this is the custom op ``fastconv::triton_conv2d_relu``;
+    in eager mode the same launchers are called without the op dispatcher, whose host overhead
+    would rival the GPU time of small layers.
+    """
+    args = (input, weight, bias, list(stride), list(padding), list(dilation), int(groups),
+            bool(relu))
+    if torch.compiler.is_compiling() or not _is_real(input):
+        return conv2d_relu_op(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:3]):
+        return _EagerConv2dReLU.apply(*args)
+    return _forward(*args)
+
+
+def why_not_conv2d_relu(args: dict) -> Optional[str]:
+    x, w, b = args["input"], args["weight"], args.get("bias")
+    if x.dtype not in _TORCH_TO_TL:
+        return (f"triton conv2d_relu supports float16, bfloat16 and float32, not {x.dtype} "
+                "(float32 accumulation is too narrow for float64)")
+    for name, t in (("weight", w), ("bias", b)):
+        if t is not None and t.dtype != x.dtype:
+            return f"triton conv2d_relu needs {name} dtype {t.dtype} to equal input dtype {x.dtype}"
+    if x.layout != torch.strided or w.layout != torch.strided:
+        return "triton conv2d_relu needs strided (dense) tensors"
+    if x.dim() != 4 or w.dim() != 4:
+        return f"triton conv2d_relu needs 4-D input and weight, got {x.dim()}-D and {w.dim()}-D"
+    if any(s < 0 for s in x.stride()):
+        return "triton conv2d_relu needs non-negative input strides"
+    if x.device.type == "cuda":
+        cap = torch.cuda.get_device_capability(x.device)
+        if cap < (8, 0) and x.dtype == torch.bfloat16:
+            return f"triton conv2d_relu: bfloat16 dots need compute capability 8.0+, device has {cap}"
+        if cap < (7, 5):
+            return f"triton conv2d_relu needs compute capability 7.5+, device has {cap}"
+    N, _, H, W = x.shape
+    _, _, R, S = w.shape
+    (sh, sw), (ph, pw), (dh, dw) = args["stride"], args["padding"], args["dilation"]
+    P, Q = _out_size(H, R, sh, ph, dh), _out_size(W, S, sw, pw, dw)
+    if N * max(P, 0) * max(Q, 0) > _INT32_LIMIT or N * H * W > _INT32_LIMIT:
+        return (f"triton conv2d_relu indexes pixels with int32: N*P*Q = {N}*{P}*{Q} and N*H*W "
+                f"= {N}*{H}*{W} must stay below 2**31")
+    if w.numel() * (R * S + 1) > _INT32_LIMIT:
+        return f"triton conv2d_relu: weight {tuple(w.shape)} too large for int32 column indices"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# ahead-of-time specs (see aot.py)
+# ----------------------------------------------------------------------------------------------
+
+def _sig(names: str, ptr_types: dict[str, str], int16: set[str]) -> dict[str, str]:
+    out = {}
+    for n in names.split():
+        if n in ptr_types:
+            out[n] = ptr_types[n]
+        else:
+            out[n] = "i32:16" if n in int16 else "i32"
+    return out
+
+
+def aot_specs():
+    """Every configuration the heuristic or the autotuner can pick, for bf16/fp16/fp32-tf32.
+
+    Specs assume a channels_last problem whose channel counts are multiples of 16 (strides
+    divisible by 16, channel stride specialised to 1 as Triton's JIT does), the fast path.
+    """
+    from .aot import KernelSpec
+
+    specs = []
+    dtypes = (("bf16", 16, 0), ("fp16", 16, 0), ("fp32", 32, 1))
+    fwd_names = ("x_ptr w_ptr b_ptr y_ptr N C H W K P Q sxn sxh sxw swk swr sws syn syh syw "
+                 "stride_h stride_w pad_h pad_w dil_h dil_w")
+    dgrad_names = ("g_ptr y_ptr w_ptr dx_ptr N C H W K P Q sgn sgp sgq syn syp syq swk swr sws "
+                   "sdn sdh sdw h_first w_first HA WA r_first s_first NR NS r_step s_step "
+                   "p_base q_base dp dq stride_h stride_w")
+    wgrad_names = ("g_ptr y_ptr x_ptr dw_ptr N C H W K P Q sgn sgp sgq syn syp syq sxn sxh sxw "
+                   "stride_h stride_w pad_h pad_w dil_h dil_w NCOL M_PER_SPLIT")
+    strides16 = {"C", "K", "sxn", "sxh", "sxw", "swk", "swr", "sws", "syn", "syh", "syw", "sgn",
+                 "sgp", "sgq", "sdn", "sdh", "sdw"}
+    unit = {"sxc": 1, "swc": 1, "syc": 1, "sgk": 1, "syk": 1, "sdc": 1}
+    for dt, bits, dot in dtypes:
+        wgmma = True if bits == 16 else None
+        main_dt = dt == "bf16"
+        ptr = {n: f"*{dt}" for n in ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "g_ptr", "dx_ptr")}
+        # forward: a padded 3x3 layer (taps), a 1x1 layer (plain GEMM), an 11x11 C=1 layer (flat)
+        cases = [("3x3", 3, 3, False, True, 256, 256), ("1x1", 1, 1, False, False, 192, 256),
+                 ("11x11 C=1", 11, 11, True, False, 1, 96)]
+        for label, R, S, flat, padded, C, K in cases:
+            pb = dict(device="cuda", bits=bits, gemm_m=1 << 20, gemm_n=K, red=C * R * S, flat=flat,
+                      chan=C)
+            heur = _heuristic("fwd", pb)
+            for cfg in [heur] + [c for c in _candidates("fwd", pb) if c != heur]:
+                consts = dict(R=R, S=S, FLAT=flat, PADDED=padded, HAS_BIAS=True, RELU=True, DOT=dot,
+                              INDEX64=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                              BLOCK_K=cfg["BLOCK_K"], sxc=1, swc=1, syc=1)
+                if C == 1:
+                    consts["C"] = 1  # the JIT specialises ints equal to 1
+                specs.append(KernelSpec(
+                    name=f"conv_fwd {dt} {label}", kernel=_conv_fwd_kernel,
+                    signature=_sig(fwd_names, ptr, strides16 if not flat else strides16 - {"C"}),
+                    constexprs=consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                    main=(cfg is heur and (main_dt or label == "3x3")), expect_wgmma=wgmma))
+        pb = dict(device="cuda", bits=bits, gemm_m=1 << 20, gemm_n=256, red=256 * 9, flat=False,
+                  chan=256)
+        heur = _heuristic("dgrad", pb)
+        for cfg in [heur] + [c for c in _candidates("dgrad", pb) if c != heur]:
+            consts = dict(RELU=True, DOT=dot, INDEX64=False, BLOCK_M=cfg["BLOCK_M"],
+                          BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], sgk=1, syk=1, swc=1, sdc=1)
+            specs.append(KernelSpec(
+                name=f"conv_dgrad {dt} 3x3", kernel=_conv_dgrad_kernel,
+                signature=_sig(dgrad_names, ptr, strides16), constexprs=consts,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], main=cfg is heur,
+                expect_wgmma=wgmma))
+        ptr["dw_ptr"] = "*fp32"
+        for label, R, S, flat, padded, C, K in (("3x3", 3, 3, False, True, 256, 256),
+                                                ("11x11 C=1", 11, 11, True, False, 1, 96)):
+            ncol = C * R * S + 1
+            pb = dict(device="cuda", bits=bits, gemm_m=1 << 20, gemm_n=K, red=1 << 20, flat=flat,
+                      chan=C, cols=ncol if flat else C)
+            heur = _heuristic("wgrad", pb)
+            for cfg in [heur] + [c for c in _candidates("wgrad", pb) if c != heur]:
+                consts = dict(R=R, S=S, FLAT=flat, PADDED=padded, HAS_BIAS=True, RELU=True, DOT=dot,
+                              INDEX64=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                              BLOCK_K=cfg["BLOCK_K"], sgk=1, syk=1, sxc=1)
+                if C == 1:
+                    consts["C"] = 1
+                sig = _sig(wgrad_names, ptr, (strides16 if not flat else strides16 - {"C"}) | {"M_PER_SPLIT"})
+                specs.append(KernelSpec(
+                    name=f"conv_wgrad {dt} {label}", kernel=_conv_wgrad_kernel, signature=sig,
+                    constexprs=consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                    main=(cfg is heur and (main_dt or label == "3x3")), expect_wgmma=wgmma))
+    # tensors of 2**31 elements or more: 64-bit offsets (heuristic configs, bf16)
+    big = []
+    for s in specs:
+        if s.main and s.name.startswith("conv_") and " bf16 " in s.name and "1x1" not in s.name:
+            big.append(KernelSpec(name=s.name + " index64", kernel=s.kernel, signature=s.signature,
+                                  constexprs=dict(s.constexprs, INDEX64=True), num_warps=s.num_warps,
+                                  num_stages=s.num_stages, main=False, expect_wgmma=s.expect_wgmma))
+    specs += big
+    # keep one spec per distinct compile
+    out, seen = [], set()
+    for s in specs:
+        key = (s.name, tuple(sorted(s.constexprs.items())), s.num_warps, s.num_stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(s)
+    return out
