@@ -4,6 +4,8 @@
     fastconv models        the target networks: parameters and FLOPs per image
     fastconv build-ext     build (or reuse) the C++/CUDA extension now
     fastconv bench         the main job: convert a model, check it, time it against stock
+    fastconv train         d2l's training loop for any model, stock or converted (DDP via torchrun)
+    fastconv profile       where a training step's time goes, per backend (torch.profiler)
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from typing import Optional, Sequence
 # sub-command -> module under fastconv.tools with add_arguments(parser) and run(args)
 TOOLS = {
     "bench": "time a model's training and inference step per backend against stock torch",
+    "train": "train a model d2l-style (synthetic, digits or Fashion-MNIST), stock or converted",
+    "profile": "profile training steps per backend: time shares by layer kind, top kernels",
 }
 
 

@@ -1,0 +1,248 @@
+"""What bench, train and profile share: device and dtype choice, the backends to compare, run
+metadata for result files, timing, and model-level helpers."""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .. import dispatch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BACKEND_CHOICES = ("stock", "auto", *dispatch.BACKENDS)
+
+
+def pick_device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no CUDA device is available on this machine")
+    return device
+
+
+def amp_dtype(dtype_name: str) -> Optional[torch.dtype]:
+    """None for float32, else the autocast dtype."""
+    if dtype_name not in DTYPES:
+        raise SystemExit(f"--dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
+    return None if dtype_name == "float32" else DTYPES[dtype_name]
+
+
+def unusable_reason(name: str, device: torch.device) -> Optional[str]:
+    """None when backend ``name`` can serve ``device`` here, else the reason it cannot.
+
+    The Triton interpreter can run CPU tensors, but it is a testing tool thousands of times
+    slower than a kernel: never offered by default for timing or training on CPU. Asking only
+    about the backends in use matters: the extension builds itself when first asked.
+    """
+    try:
+        reason = dispatch.get(name).unavailable_reason()
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+    if reason is None and name == "triton" and device.type != "cuda":
+        reason = "CPU tensors run only in the Triton interpreter, a testing tool"
+    return reason
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def usable_backends(device: torch.device) -> dict[str, Optional[str]]:
+    """Every backend -> None when it can serve ``device`` here, else the reason."""
+    return {name: unusable_reason(name, device) for name in dispatch.BACKENDS}
+
+
+def parse_backends(text: Optional[str], device: torch.device,
+                   log: Callable[[str], None] = lambda s: None) -> list[str]:
+    """``--backends a,b``: validated names; default: every usable backend, fastest first."""
+    if text:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        for n in names:
+            if n not in dispatch.BACKENDS:
+                raise SystemExit(f"--backends: {n!r} is not a fastconv backend; choose from "
+                                 f"{', '.join(dispatch.BACKENDS)}")
+            reason = unusable_reason(n, device)
+            if reason is not None and not (n == "triton" and _interpreting()):
+                raise SystemExit(f"--backends: {n} cannot run on {device}: {reason}")
+            if n == "triton" and device.type != "cuda":  # asked for by name: allowed
+                log(f"  warning: triton on {device} runs in the Triton interpreter (very slow)")
+        return names
+    usable = usable_backends(device)
+    order = [n for n in dispatch.AUTO_ORDER.get(device.type, ()) if n != "torch"]
+    names = [n for n in order if usable.get(n) is None] + ["torch"]
+    for n, reason in usable.items():
+        if reason is not None:
+            log(f"  backend {n} skipped: {reason}")
+    return names
+
+
+def parse_model_args(items: list[str]) -> dict:
+    """``--model-arg KEY=VALUE`` items as builder keywords (true/false, ints, floats, text)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--model-arg expects KEY=VALUE, got {item!r}")
+        low = value.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+        else:
+            try:
+                out[key] = int(value)
+            except ValueError:
+                try:
+                    out[key] = float(value)
+                except ValueError:
+                    out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------- metadata
+@functools.lru_cache(maxsize=None)
+def git_commit() -> Optional[str]:
+    """The source tree's commit (``+dirty`` when it has uncommitted changes), if it is a clone."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_metadata(device: torch.device, **extra) -> dict:
+    """What a result file needs to be compared with another: machine, versions, commit."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    from .. import __version__
+    meta = dict(device=str(device), device_name=device_name(device),
+                torch=torch.__version__, cuda=torch.version.cuda, triton=triton_version,
+                python=platform.python_version(), fastconv=__version__, commit=git_commit(),
+                threads=torch.get_num_threads(),
+                time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if device.type == "cuda":
+        meta["cudnn"] = torch.backends.cudnn.version()
+        meta["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+    meta.update(extra)
+    return meta
+
+
+# --------------------------------------------------------------------------- timing
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], n: int, device: torch.device) -> list[float]:
+    """Seconds taken by each of ``n`` calls of ``fn``.
+
+    On CUDA, events around each call and one synchronisation at the end: the host keeps
+    queueing work as in real training, and each interval is the device's time for that call.
+    On CPU, wall time per call.
+    """
+    if device.type == "cuda":
+        sync(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(n)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        sync(device)
+        return [start.elapsed_time(end) / 1e3 for start, end in events]
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: Iterable[float]) -> float:
+    return statistics.median(list(xs))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error of ``a`` against ``b``, in float64 (NaN anywhere gives inf)."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# --------------------------------------------------------------------------- models
+def xavier_init(model: nn.Module) -> nn.Module:
+    """d2l's init: Xavier-uniform weights of every Conv2d and Linear (biases as torch sets)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(m.weight)
+    return model
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Dropout layers to eval mode (the rest stays in training): deterministic checks."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.eval()
+    return model
+
+
+def compile_unavailable(device: torch.device) -> Optional[str]:
+    """Why torch.compile cannot be tried here (None when it can)."""
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    if sys.version_info >= (3, 14) and not hasattr(torch, "_dynamo"):
+        return "torch.compile is not supported on this Python"
+    if device.type == "cpu":
+        import shutil
+        if not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+                or shutil.which("clang++")):
+            return "inductor on CPU needs a C++ compiler and none was found"
+    return None
+
+
+def reset_compiler() -> None:
+    """Forget compiled graphs, so a new shape compiles afresh instead of hitting dynamo's
+    recompilation limit (after which it silently runs eager)."""
+    reset = getattr(getattr(torch, "compiler", None), "reset", None)
+    if reset is None:
+        reset = torch._dynamo.reset
+    reset()
+
+
+def short_reason(exc: BaseException, limit: int = 160) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    msg = f"{type(exc).__name__}: {first}"
+    return msg if len(msg) <= limit else msg[:limit - 3] + "..."

@@ -1,0 +1,177 @@
+"""fastconv train: d2l's loop, its printout, data sets, AMP/channels_last, checkpoints."""
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import pytest
+import torch
+
+from fastconv import cli, models
+from fastconv.tools.common import xavier_init
+from fastconv.tools.progress import Progress
+
+from test_tools_data import _fake_fashion
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny shapes: a second OpenMP thread costs more than it gives and stalls when the two
+    # cores are shared with other jobs
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+): loss (\d+\.\d{3}), train acc (\d\.\d{3}), "
+                        r"test acc (\d\.\d{3}), (\d+\.\d) examples/sec on cpu")
+
+
+def _train(capsys, *args):
+    rc = cli.main(["train", "--device", "cpu", *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_digits_training_learns_and_prints_like_d2l(capsys, tmp_path):
+    pytest.importorskip("sklearn", reason="scikit-learn ships the digits data set")
+    hist = tmp_path / "h.json"
+    rc, out, err = _train(capsys, "--model", "lenet", "--model-arg", "variant=relu",
+                          "--data", "digits", "--epochs", 3, "--batch-size", 64, "--lr", 0.3,
+                          "--backend", "torch", "--json", hist)
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("training lenet on digits (1438 train, 359 test, 1x28x28), "
+                               "converted (backend torch)")
+    epochs = [EPOCH_LINE.match(l) for l in lines if l.startswith("epoch ")]
+    assert len(epochs) == 3 and all(epochs), lines
+    # d2l's closing two lines
+    assert re.match(r"^loss \d+\.\d{3}, train acc \d\.\d{3}, test acc \d\.\d{3}$", lines[-2])
+    assert re.match(r"^\d+\.\d examples/sec on cpu$", lines[-1])
+    assert "epoch 1/3 [" in err  # the progress bar
+    history = json.loads(hist.read_text())["epochs"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert all(h["examples"] == 1438 for h in history)
+    # it learns: chance is 10%, and the loss falls from ln(10) = 2.30
+    assert history[-1]["loss"] < history[0]["loss"] < 2.35
+    assert history[-1]["test_acc"] > 0.3 and history[-1]["train_acc"] > 0.3
+
+
+def _vgg_args(*extra):
+    # narrow VGG-11 at 32x32: conv, pool, dropout and Linear layers, quick on CPU
+    return ["--model", "vgg11", "--model-arg", "narrow=true", "--image-size", 32, "--data",
+            "synthetic", "--synthetic-size", 96, "--batch-size", 32, "--lr", 0.05,
+            "--backend", "torch", "--no-progress", *extra]
+
+
+def test_resume_continues_exactly(capsys, tmp_path):
+    """Stopping mid-epoch and resuming gives bit-identical weights to an uninterrupted run
+    (same batches, same dropout masks: the checkpoint carries the RNG state)."""
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    rc, out, err = _train(capsys, *_vgg_args("--epochs", 2, "--save", a))
+    assert rc == 0, err
+    rc, out, err = _train(capsys, *_vgg_args("--epochs", 2, "--max-steps", 4, "--save", b))
+    assert rc == 0, err
+    assert "(stopped after batch 1/3)" in out
+    state = torch.load(b, weights_only=True)
+    assert (state["epoch"], state["next_batch"], state["steps"]) == (1, 1, 4)
+    rc, out, err = _train(capsys, *_vgg_args("--epochs", 2, "--resume", b, "--save", b))
+    assert rc == 0, err
+    assert "resuming at epoch 2, batch 1" in out
+    full, resumed = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert full["model"].keys() == resumed["model"].keys()
+    for k, v in full["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    assert resumed["epoch"] == 2 and resumed["steps"] == 6
+    # a stock torch.nn model loads the checkpoint as it is, and training moved the weights
+    stock = models.vgg11(narrow=True, image_size=32)
+    stock.load_state_dict(full["model"])
+    torch.manual_seed(0)  # the tool's init: seed, build, Xavier-uniform
+    init = xavier_init(models.vgg11(narrow=True, image_size=32)).state_dict()
+    for k in ("0.0.weight", "6.weight"):
+        assert init[k].shape == full["model"][k].shape
+        assert not torch.equal(init[k], full["model"][k]), k
+
+
+def test_resume_refuses_another_model(capsys, tmp_path):
+    ck = tmp_path / "c.pt"
+    rc, _, err = _train(capsys, *_vgg_args("--epochs", 1, "--max-steps", 1, "--save", ck))
+    assert rc == 0, err
+    with pytest.raises(SystemExit, match="checkpoint has image_size=\\[32, 32\\]"):
+        _train(capsys, *_vgg_args("--epochs", 1, "--resume", ck, "--image-size", 64))
+    with pytest.raises(SystemExit, match="no such file"):
+        _train(capsys, *_vgg_args("--resume", tmp_path / "absent.pt"))
+
+
+def test_fashion_mnist_from_idx_files_resized_for_alexnet(capsys, tmp_path):
+    _fake_fashion(tmp_path, n_train=8, n_test=4)
+    rc, out, err = _train(capsys, "--model", "alexnet", "--data-dir", tmp_path, "--epochs", 1,
+                          "--batch-size", 4, "--max-steps", 1, "--backend", "torch")
+    assert rc == 0, err
+    assert "training alexnet on fashion-mnist (8 train, 4 test, 1x224x224)" in out
+    assert EPOCH_LINE.match([l for l in out.splitlines() if l.startswith("epoch 1/1")][0])
+
+
+def test_missing_fashion_files_is_a_clear_error(capsys, tmp_path):
+    rc, out, err = _train(capsys, "--model", "lenet", "--data-dir", tmp_path, "--epochs", 1)
+    assert rc == 2
+    assert "fastconv train: error: Fashion-MNIST: missing train-images-idx3-ubyte[.gz]" in err
+    assert str(tmp_path) in err
+
+
+def test_amp_channels_last_and_stock(capsys, tmp_path):
+    hist = tmp_path / "h.json"
+    rc, out, err = _train(capsys, "--model", "lenet_bn", "--data", "synthetic",
+                          "--synthetic-size", 64, "--batch-size", 16, "--max-steps", 3,
+                          "--epochs", 1, "--amp", "bfloat16", "--channels-last",
+                          "--backend", "torch", "--json", hist)
+    assert rc == 0, err
+    assert "AMP bfloat16, channels_last" in out
+    losses = json.loads(hist.read_text())["step_losses"]
+    assert len(losses) == 3 and all(0 < l < 10 for l in losses)
+    rc, out, err = _train(capsys, "--model", "lenet", "--data", "synthetic", "--synthetic-size",
+                          32, "--batch-size", 16, "--epochs", 1, "--backend", "stock")
+    assert rc == 0, err
+    assert "stock torch.nn" in out
+
+
+def test_progress_bar_on_a_log_and_on_a_terminal():
+    log = io.StringIO()
+    bar = Progress(8, "epoch 1/1", stream=log)
+    for _ in range(8):
+        bar.update(1, lambda: "loss 0.5")
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("epoch 1/1 [" + "#" * 24 + "] 8/8")
+    assert lines[-1].endswith("loss 0.5")
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    tty = Tty()
+    bar = Progress(3, "x", stream=tty, interval=0.0)
+    for _ in range(3):
+        bar.update()
+    bar.close()
+    assert tty.getvalue().count("\r") == 3 and tty.getvalue().endswith("\n")
+    quiet = io.StringIO()
+    bar = Progress(3, "x", stream=quiet, enabled=False)
+    bar.update(3)
+    bar.close()
+    assert quiet.getvalue() == ""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["auto", "stock"])
+def test_gpu_amp_float16_channels_last(capsys, tmp_path, backend):
+    hist = tmp_path / "h.json"
+    rc = cli.main(["train", "--device", "cuda", "--model", "resnet18", "--data", "synthetic",
+                   "--synthetic-size", "64", "--batch-size", "16", "--epochs", "1",
+                   "--max-steps", "3", "--amp", "float16", "--channels-last", "--backend",
+                   backend, "--json", str(hist)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "AMP float16, channels_last" in out and "examples/sec on cuda" in out
+    losses = json.loads(hist.read_text())["step_losses"]
+    assert len(losses) == 3 and all(0 < l < 20 for l in losses)
