@@ -1,0 +1,361 @@
+"""Triton batch norm (+ fused ReLU) against a float64 torch reference: outputs, every gradient
+and the running statistics, in training and eval, both memory formats.
+
+On CPU the kernels run in the Triton interpreter with tiles and chunk counts shrunk so that
+every reduction is split into several ragged chunks and channel blocks, as on the GPU. All
+buffers the ops allocate are poisoned (NaN) first, so an unwritten element fails the test.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import assert_close
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+bn = pytest.importorskip("fastconv.backends.triton.batchnorm")
+pool = pytest.importorskip("fastconv.backends.triton.pool")
+
+DEV = torch.device("cuda" if HAS_CUDA else "cpu")
+EPS = 1e-5
+SMALL = {"tile": 64, "reduce_tile": 32, "max_channel_block": 4, "programs_per_sm": 24,
+         "num_warps": 4, "reduce_warps": 4}
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_small_tiles(monkeypatch):
+    monkeypatch.setattr(pool, "POISON_OUTPUTS", True)
+    if not HAS_CUDA:
+        monkeypatch.setitem(bn.TUNING, "cpu", dict(SMALL))
+        monkeypatch.setattr(bn, "_FINALIZE_BLOCK_K", 4)
+        monkeypatch.setattr(bn, "_FINALIZE_BLOCK_C", 4)
+
+
+def _fmt(channels_last):
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _data(shape, dtype=torch.float32, channels_last=False, offset=0.0, seed=0):
+    """Input with a different mean and spread per channel, and float32 parameters/stats."""
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    mean = torch.randn(c, generator=g)[None, :, None, None] * 2 + offset
+    spread = (torch.rand(c, generator=g) * 2 + 0.25)[None, :, None, None]
+    x = (torch.randn(shape, generator=g) * spread + mean).to(dtype).to(DEV)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c, generator=g).to(DEV)
+    b = torch.randn(c, generator=g).to(DEV)
+    rm = torch.randn(c, generator=g).to(DEV)
+    rv = (torch.rand(c, generator=g) + 0.5).to(DEV)
+    grad = torch.randn(shape, generator=g).to(dtype).to(DEV)
+    return x, w, b, rm, rv, grad
+
+
+def _run(x, w, b, rm, rv, grad, training, relu, momentum=0.1):
+    """(output, [grads of x, w, b]) from the triton op, with rm/rv updated in place."""
+    xt = x.detach().clone().requires_grad_(True)
+    wt = None if w is None else w.detach().clone().requires_grad_(True)
+    bt = None if b is None else b.detach().clone().requires_grad_(True)
+    y = bn.batch_norm(xt, rm, rv, wt, bt, training, momentum, EPS, relu)
+    leaves = [t for t in (xt, wt, bt) if t is not None]
+    return y, torch.autograd.grad(y, leaves, grad)
+
+
+def _reference(x, w, b, rm, rv, grad, training, relu, momentum=0.1):
+    xd = x.detach().double().requires_grad_(True)
+    wd = None if w is None else w.detach().double().requires_grad_(True)
+    bd = None if b is None else b.detach().double().requires_grad_(True)
+    y = F.batch_norm(xd, rm, rv, wd, bd, training, momentum, EPS)
+    if relu:
+        y = torch.relu(y)
+    leaves = [t for t in (xd, wd, bd) if t is not None]
+    return y, torch.autograd.grad(y, leaves, grad.double())
+
+
+def _check(x, w, b, rm, rv, grad, training, relu, what, momentum=0.1):
+    rmd = None if rm is None else rm.double()
+    rvd = None if rv is None else rv.double()
+    y, grads = _run(x, w, b, rm, rv, grad, training, relu, momentum)
+    ref, ref_grads = _reference(x, w, b, rmd, rvd, grad, training, relu, momentum)
+    cl = pool.is_channels_last(x)
+    assert y.dtype == x.dtype and y.is_contiguous(memory_format=_fmt(cl)), what
+    assert grads[0].is_contiguous(memory_format=_fmt(cl)), f"{what}: grad_input layout"
+    assert_close(y, ref, dtype=x.dtype, what=f"{what} output")
+    # grad_input is stored in the input dtype; grad_weight/bias and the running statistics
+    # are float32 sums of exactly converted values, so they meet the float32 bound
+    assert_close(grads[0], ref_grads[0], dtype=x.dtype, what=f"{what} grad_input")
+    for name, gr, gref in zip(("grad_weight", "grad_bias"), grads[1:], ref_grads[1:]):
+        assert gr.dtype == torch.float32
+        assert_close(gr, gref, dtype=torch.float32, what=f"{what} {name}")
+    if rm is not None:
+        assert_close(rm, rmd, dtype=torch.float32, what=f"{what} running_mean")
+        assert_close(rv, rvd, dtype=torch.float32, what=f"{what} running_var")
+    return y, grads
+
+
+# MODELS.md batch-norm layers, scaled down (N, C, H, W)
+SHAPES = [
+    ("vgg16-bn conv", (4, 8, 8, 8)),
+    ("resnet stem", (2, 4, 12, 12)),
+    ("lenet-bn", (3, 6, 7, 7)),
+    ("vgg16-bn last stage 2x2", (4, 12, 2, 2)),
+    ("1x1 pixels", (8, 5, 1, 1)),
+    ("odd", (3, 5, 7, 9)),
+]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training,relu", [(True, True), (True, False), (False, True)],
+                         ids=["train-relu", "train", "eval-relu"])
+@pytest.mark.parametrize("case", SHAPES, ids=[c[0] for c in SHAPES])
+def test_batch_norm_model_shapes(case, training, relu, channels_last):
+    name, shape = case
+    x, w, b, rm, rv, grad = _data(shape, channels_last=channels_last)
+    rm0, rv0 = rm.clone(), rv.clone()
+    _check(x, w, b, rm, rv, grad, training, relu, name)
+    if training:
+        assert not torch.equal(rm, rm0) and not torch.equal(rv, rv0)
+    else:
+        assert torch.equal(rm, rm0) and torch.equal(rv, rv0), "eval must not touch the stats"
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_relu_mask_recomputed_from_input(monkeypatch, training, channels_last):
+    monkeypatch.setattr(bn, "RELU_MASK_FROM_OUTPUT", False)
+    x, w, b, rm, rv, grad = _data((3, 6, 7, 5), channels_last=channels_last, seed=8)
+    _check(x, w, b, rm, rv, grad, training, True, "mask from x")
+    x, _, b, rm, rv, grad = _data((3, 6, 7, 5), torch.float16, channels_last, seed=9)
+    _check(x, None, b, rm, rv, grad, training, True, "mask from x, fp16, no weight")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_eval_without_relu(channels_last):
+    x, w, b, rm, rv, grad = _data((3, 5, 7, 9), channels_last=channels_last, seed=1)
+    _check(x, w, b, rm, rv, grad, False, False, "eval")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_large_mean_offset(channels_last, relu):
+    # channel means near 1e4 with spreads near 1: naive float32 sum/sum-of-squares loses the
+    # variance entirely (ulp(1e8) = 8); shifted Welford keeps float32 accuracy
+    x, w, b, rm, rv, grad = _data((4, 6, 7, 7), channels_last=channels_last, offset=1e4,
+                                  seed=2)
+    _check(x, w, b, rm, rv, grad, True, relu, "offset 1e4")
+    _check(x, w, b, rm, rv, grad, False, relu, "offset 1e4 eval")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_float16_with_float32_parameters(channels_last):
+    # autocast's case: half input, float32 weight/bias/running statistics
+    x, w, b, rm, rv, grad = _data((4, 6, 7, 7), torch.float16, channels_last, seed=3)
+    y, grads = _check(x, w, b, rm, rv, grad, True, True, "fp16 train relu")
+    assert grads[0].dtype == torch.float16 and rm.dtype == torch.float32
+    _check(x, w, b, rm, rv, grad, False, False, "fp16 eval")
+
+
+def test_half_parameters_and_running_stats():
+    # model.half(): every tensor float16 (statistics still computed in float32)
+    x, w, b, rm, rv, grad = _data((4, 6, 5, 5), torch.float16, True, seed=4)
+    w, b, rm, rv = w.half(), b.half(), rm.half(), rv.half()
+    rm_ref, rv_ref = rm.double(), rv.double()
+    y, grads = _run(x, w, b, rm, rv, grad, True, True)
+    ref, ref_grads = _reference(x, w, b, rm_ref, rv_ref, grad, True, True)
+    assert_close(y, ref, dtype=torch.float16, what="half params output")
+    assert grads[1].dtype == torch.float16 and grads[2].dtype == torch.float16
+    for gr, gref in zip(grads, ref_grads):
+        assert_close(gr, gref, dtype=torch.float16, what="half params grads")
+    assert rm.dtype == torch.float16
+    assert_close(rm, rm_ref, dtype=torch.float16, what="half running_mean")
+    assert_close(rv, rv_ref, dtype=torch.float16, what="half running_var")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_no_affine_no_running_stats(channels_last):
+    x, _, _, _, _, grad = _data((3, 5, 6, 6), channels_last=channels_last, seed=5)
+    _check(x, None, None, None, None, grad, True, True, "no affine, no stats")
+    _check(x, None, None, None, None, grad, True, False, "no affine, no stats")
+
+
+def test_bias_only_and_weight_only():
+    x, w, b, rm, rv, grad = _data((3, 5, 6, 6), seed=6)
+    _check(x, None, b, rm.clone(), rv.clone(), grad, True, True, "bias only")
+    _check(x, w, None, rm.clone(), rv.clone(), grad, True, False, "weight only")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradient_subsets(training):
+    # only the parameters need gradients (a frozen input), or only the input
+    x, w, b, rm, rv, grad = _data((3, 5, 6, 6), channels_last=True, seed=7)
+    wt, bt = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    y = bn.batch_norm(x, rm.clone(), rv.clone(), wt, bt, training, 0.1, EPS, True)
+    dw, db = torch.autograd.grad(y, [wt, bt], grad)
+    ref, (_, dwr, dbr) = _reference(x, w, b, rm.double(), rv.double(), grad, training, True)
+    assert_close(dw, dwr, dtype=torch.float32, what="grad_weight alone")
+    assert_close(db, dbr, dtype=torch.float32, what="grad_bias alone")
+    xt = x.clone().requires_grad_(True)
+    y = bn.batch_norm(xt, rm.clone(), rv.clone(), w, b, training, 0.1, EPS, True)
+    (dx,) = torch.autograd.grad(y, [xt], grad)
+    _, (dxr, _, _) = _reference(x, w, b, rm.double(), rv.double(), grad, training, True)
+    assert_close(dx, dxr, dtype=torch.float32, what="grad_input alone")
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_running_stats_after_several_steps(momentum, channels_last):
+    fc = pytest.importorskip("fastconv")
+    c = 6
+    ours = fc.nn.BatchNorm2d(c, momentum=momentum, relu=True, backend="triton").to(DEV)
+    ref = torch.nn.BatchNorm2d(c, momentum=momentum).to(DEV).double()
+    with torch.no_grad():
+        ours.weight.normal_()
+        ours.bias.normal_()
+        ref.weight.copy_(ours.weight)
+        ref.bias.copy_(ours.bias)
+    for step in range(3):
+        x, *_ = _data((4, c, 5, 5), channels_last=channels_last, seed=10 + step)
+        y = ours(x)
+        r = torch.relu(ref(x.double()))
+        assert_close(y, r, dtype=torch.float32, what=f"step {step} output")
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 3
+    assert_close(ours.running_mean, ref.running_mean, dtype=torch.float32, what="running_mean")
+    assert_close(ours.running_var, ref.running_var, dtype=torch.float32, what="running_var")
+    ours.eval()
+    ref.eval()
+    x, *_ = _data((2, c, 5, 5), channels_last=channels_last, seed=20)
+    assert_close(ours(x), torch.relu(ref(x.double())), dtype=torch.float32, what="eval")
+
+
+def test_module_without_running_stats():
+    fc = pytest.importorskip("fastconv")
+    ours = fc.nn.BatchNorm2d(5, affine=False, track_running_stats=False,
+                             backend="triton").to(DEV)
+    ref = torch.nn.BatchNorm2d(5, affine=False, track_running_stats=False).to(DEV).double()
+    x, *_ = _data((3, 5, 6, 6), seed=21)
+    assert_close(ours(x), ref(x.double()), dtype=torch.float32, what="stats-free module")
+    ours.eval()
+    ref.eval()  # still batch statistics: there are none to use
+    assert_close(ours(x), ref(x.double()), dtype=torch.float32, what="stats-free eval")
+
+
+def test_functional_api():
+    fc = pytest.importorskip("fastconv")
+    x, w, b, rm, rv, grad = _data((3, 5, 6, 6), channels_last=True, seed=22)
+    xt = x.clone().requires_grad_(True)
+    y = fc.functional.batch_norm(xt, rm.clone(), rv.clone(), w, b, training=True, relu=True,
+                                 backend="triton")
+    ref, (dxr, _, _) = _reference(x, w, b, rm.double(), rv.double(), grad, True, True)
+    assert_close(y, ref, dtype=torch.float32, what="functional output")
+    (dx,) = torch.autograd.grad(y, [xt], grad)
+    assert_close(dx, dxr, dtype=torch.float32, what="functional grad")
+
+
+def test_deterministic():
+    x, w, b, rm, rv, grad = _data((4, 6, 7, 7), channels_last=True, seed=23)
+    y1, g1 = _run(x, w, b, rm.clone(), rv.clone(), grad, True, True)
+    y2, g2 = _run(x, w, b, rm.clone(), rv.clone(), grad, True, True)
+    assert torch.equal(y1, y2) and all(torch.equal(a, c) for a, c in zip(g1, g2))
+
+
+def test_non_contiguous_input_and_grad():
+    x, w, b, rm, rv, _ = _data((3, 10, 6, 6), seed=24)
+    x = x[:, ::2]  # neither NCHW- nor NHWC-contiguous
+    g = torch.randn(3, 5, 6, 6, device=DEV).transpose(2, 3).contiguous().transpose(2, 3)
+    _check(x, w[:5], b[:5], rm[:5].clone(), rv[:5].clone(), g, True, True, "strided")
+
+
+def test_64bit_indexing(monkeypatch):
+    monkeypatch.setattr(pool, "FORCE_INT64_INDEXING", True)
+    for cl in (False, True):
+        x, w, b, rm, rv, grad = _data((3, 5, 7, 9), channels_last=cl, seed=25)
+        _check(x, w, b, rm, rv, grad, True, True, "int64 indexing")
+
+
+def test_default_tiles(monkeypatch):
+    # the interpreter's own configuration, and the GPU's (smaller tiles, many programs)
+    for cfg in (bn.TUNING["cpu"], bn.TUNING["cuda"]):
+        monkeypatch.setitem(bn.TUNING, "cpu", dict(cfg, programs_per_sm=4))
+        for cl in (False, True):
+            x, w, b, rm, rv, grad = _data((4, 6, 9, 9), channels_last=cl, seed=26)
+            _check(x, w, b, rm, rv, grad, True, True, "default tiles")
+
+
+def test_ops_fake_tensors_and_opcheck():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, w, b, rm, rv, grad = _data((2, 5, 4, 4), channels_last=True, seed=27)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.fastconv.triton_batch_norm_stats.default,
+                          (x, rm.clone(), rv.clone(), True, 0.1, EPS), test_utils=utils)
+    centre, mean, invstd = torch.ops.fastconv.triton_batch_norm_stats(x, None, None, True,
+                                                                       0.1, EPS)
+    xg = x.clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.fastconv.triton_batch_norm.default,
+                          (xg, w, b, centre, invstd, True, True),
+                          test_utils=utils + ("test_autograd_registration",))
+    for y in (x, None):  # the ReLU mask from a saved output, or recomputed from x
+        torch.library.opcheck(torch.ops.fastconv.triton_batch_norm_backward.default,
+                              (grad, x, y, w, b, centre, invstd, True, True, [True] * 3),
+                              test_utils=utils)
+    with FakeTensorMode() as mode:
+        fx = mode.from_tensor(x)
+        fc, fm, fi = torch.ops.fastconv.triton_batch_norm_stats(fx, None, None, True, 0.1, EPS)
+        fy = torch.ops.fastconv.triton_batch_norm(fx, None, None, fc, fi, True, False)
+    assert fc.shape == (2, 5) and fm.shape == fi.shape == (5,) and fm.dtype == torch.float32
+    assert fy.shape == x.shape and fy.stride() == x.stride()
+
+
+def test_why_not():
+    x, w, b, rm, rv, _ = _data((2, 3, 4, 4))
+    ok = dict(input=x, running_mean=rm, running_var=rv, weight=w, bias=b, training=True,
+              momentum=0.1, eps=EPS, relu=False)
+    assert bn.why_not_batch_norm(ok) is None
+    assert "float64" in bn.why_not_batch_norm(dict(ok, input=x.double()))
+    assert "non-empty" in bn.why_not_batch_norm(dict(ok, input=x[:0]))
+    assert "weight" in bn.why_not_batch_norm(dict(ok, weight=w.double()))
+
+
+# --------------------------------------------------------------------------- GPU only
+@requires_cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", [(16, 64, 32, 32), (16, 512, 2, 2), (16, 64, 56, 56),
+                                   (16, 256, 14, 14)], ids=str)
+def test_gpu_bf16_model_shapes(shape, channels_last):
+    x, w, b, rm, rv, grad = _data(shape, torch.bfloat16, channels_last, seed=30)
+    _check(x, w, b, rm, rv, grad, True, True, "bf16 train relu")
+    _check(x, w, b, rm, rv, grad, False, False, "bf16 eval")
+    x, w, b, rm, rv, grad = _data(shape, torch.bfloat16, channels_last, offset=100.0, seed=31)
+    _check(x, w, b, rm, rv, grad, True, False, "bf16 offset 100")
+
+
+@requires_cuda
+def test_gpu_large_offset_float32_full_size():
+    x, w, b, rm, rv, grad = _data((128, 64, 28, 28), torch.float32, True, offset=1e4, seed=32)
+    _check(x, w, b, rm, rv, grad, True, True, "fp32 offset 1e4 batch 128")
+
+
+@requires_cuda
+def test_gpu_opcheck_and_compile():
+    x, w, b, rm, rv, grad = _data((8, 16, 9, 9), torch.bfloat16, True, seed=33)
+    torch.library.opcheck(torch.ops.fastconv.triton_batch_norm_stats.default,
+                          (x, rm.clone(), rv.clone(), True, 0.1, EPS))
+    centre, _, invstd = torch.ops.fastconv.triton_batch_norm_stats(x, None, None, True, 0.1,
+                                                                   EPS)
+    torch.library.opcheck(torch.ops.fastconv.triton_batch_norm.default,
+                          (x.clone().requires_grad_(True), w, b, centre, invstd, True, True))
+    rm_e, rv_e, rm_c, rv_c = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+
+    def step(t, rmean, rvar):
+        return bn.batch_norm(t, rmean, rvar, w, b, True, 0.1, EPS, True).float().square().sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (ge,) = torch.autograd.grad(step(xe, rm_e, rv_e), xe)
+    (gc,) = torch.autograd.grad(compiled(xc, rm_c, rv_c), xc)
+    torch.testing.assert_close(ge, gc)
+    torch.testing.assert_close(rm_e, rm_c)  # the in-place update survives functionalization
+    torch.testing.assert_close(rv_e, rv_c)
+
