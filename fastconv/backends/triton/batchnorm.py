@@ -31,7 +31,7 @@ the normalisation itself computes ``((x - shift) - mean_shifted) * scale + bias`
 offset cancels exactly before any rounding of small quantities. The running statistics are
 updated inside the finalize kernel (unbiased variance, ``(1 - momentum) * r + momentum * s``).
 """
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -474,7 +474,9 @@ def _reduce_plan(x: torch.Tensor, channels_last: bool, device: Optional[torch.de
            "(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, "
            "float momentum, float eps) -> (Tensor, Tensor, Tensor)",
            mutates_args=("running_mean", "running_var"))
-def _batch_norm_stats_op(input, running_mean, running_var, training, momentum, eps):
+def _batch_norm_stats_op(input: torch.Tensor, running_mean: Optional[torch.Tensor],
+                         running_var: Optional[torch.Tensor], training: bool, momentum: float,
+                         eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (centre [2, C] = [shift, mean - shift], save_mean, save_invstd), float32; in
     training the running statistics are updated in place."""
     n, c, h, w = input.shape
@@ -508,7 +510,9 @@ def _batch_norm_stats_op(input, running_mean, running_var, training, momentum, e
 @define_op("triton_batch_norm",
            "(Tensor input, Tensor? weight, Tensor? bias, Tensor centre, Tensor save_invstd, "
            "bool training, bool relu) -> Tensor")
-def _batch_norm_op(input, weight, bias, centre, save_invstd, training, relu):
+def _batch_norm_op(input: torch.Tensor, weight: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], centre: torch.Tensor, save_invstd: torch.Tensor,
+                   training: bool, relu: bool) -> torch.Tensor:
     """Normalise (+ReLU) with the statistics of ``triton_batch_norm_stats``; ``training``
     only selects the backward formula."""
     cl = is_channels_last(input)
@@ -528,8 +532,11 @@ def _batch_norm_op(input, weight, bias, centre, save_invstd, training, relu):
            "(Tensor grad_output, Tensor input, Tensor? output, Tensor? weight, Tensor? bias, "
            "Tensor centre, Tensor save_invstd, bool training, bool relu, bool[] output_mask) "
            "-> (Tensor, Tensor, Tensor)")
-def _batch_norm_backward_op(grad_output, input, output, weight, bias, centre, save_invstd,
-                            training, relu, output_mask):
+def _batch_norm_backward_op(grad_output: torch.Tensor, input: torch.Tensor,
+                            output: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                            bias: Optional[torch.Tensor], centre: torch.Tensor,
+                            save_invstd: torch.Tensor, training: bool, relu: bool,
+                            output_mask: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (grad_input, grad_weight, grad_bias); those not asked for are empty. relu=True
     masks grad_output where the output is <= 0: the saved ``output`` when given, else the
     output recomputed from ``input`` with the forward's own expression (``bias`` is then

@@ -18,7 +18,7 @@ for windows of more than 127 taps) unless ``return_indices`` asks for torch's in
 indices. With ``relu=True`` a window whose maximum is <= 0 stores -1, so the backward needs
 neither the output nor the input to apply the ReLU mask.
 """
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -432,8 +432,9 @@ def _index_dtype(kh: int, kw: int) -> torch.dtype:
 @define_op("triton_max_pool2d",
            "(Tensor input, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
            "bool ceil_mode, bool return_indices, bool relu) -> (Tensor, Tensor)")
-def _max_pool2d_op(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
-                   relu):
+def _max_pool2d_op(input: torch.Tensor, kernel_size: List[int], stride: List[int],
+                   padding: List[int], dilation: List[int], ceil_mode: bool, return_indices: bool,
+                   relu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     n, c, h, w = input.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     oh = _pool_out_size(h, kh, sh, ph, dh, ceil_mode)
@@ -459,8 +460,11 @@ def _max_pool2d_op(input, kernel_size, stride, padding, dilation, ceil_mode, ret
            "(Tensor grad_output, Tensor? output, Tensor indices, int[] input_size, "
            "int[] kernel_size, int[] stride, int[] padding, int[] dilation, bool ceil_mode, "
            "bool return_indices, bool relu, bool channels_last) -> Tensor")
-def _max_pool2d_backward_op(grad_output, output, indices, input_size, kernel_size, stride,
-                            padding, dilation, ceil_mode, return_indices, relu, channels_last):
+def _max_pool2d_backward_op(grad_output: torch.Tensor, output: Optional[torch.Tensor],
+                            indices: torch.Tensor, input_size: List[int], kernel_size: List[int],
+                            stride: List[int], padding: List[int], dilation: List[int],
+                            ceil_mode: bool, return_indices: bool, relu: bool,
+                            channels_last: bool) -> torch.Tensor:
     n, c, h, w = input_size
     oh, ow = grad_output.shape[2:]
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
@@ -552,8 +556,9 @@ def _avg_backward(grad_output, input_size, geom, noh, now, count_include_pad, di
 @define_op("triton_avg_pool2d",
            "(Tensor input, int[] kernel_size, int[] stride, int[] padding, bool ceil_mode, "
            "bool count_include_pad, int? divisor_override) -> Tensor")
-def _avg_pool2d_op(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                   divisor_override):
+def _avg_pool2d_op(input: torch.Tensor, kernel_size: List[int], stride: List[int],
+                   padding: List[int], ceil_mode: bool, count_include_pad: bool,
+                   divisor_override: Optional[int]) -> torch.Tensor:
     h, w = input.shape[2:]
     oh = _pool_out_size(h, kernel_size[0], stride[0], padding[0], 1, ceil_mode)
     ow = _pool_out_size(w, kernel_size[1], stride[1], padding[1], 1, ceil_mode)
@@ -565,8 +570,10 @@ def _avg_pool2d_op(input, kernel_size, stride, padding, ceil_mode, count_include
            "(Tensor grad_output, int[] input_size, int[] kernel_size, int[] stride, "
            "int[] padding, bool ceil_mode, bool count_include_pad, int? divisor_override, "
            "bool channels_last) -> Tensor")
-def _avg_pool2d_backward_op(grad_output, input_size, kernel_size, stride, padding, ceil_mode,
-                            count_include_pad, divisor_override, channels_last):
+def _avg_pool2d_backward_op(grad_output: torch.Tensor, input_size: List[int],
+                            kernel_size: List[int], stride: List[int], padding: List[int],
+                            ceil_mode: bool, count_include_pad: bool,
+                            divisor_override: Optional[int], channels_last: bool) -> torch.Tensor:
     noh = (kernel_size[0] - 1) // stride[0] + 1
     now = (kernel_size[1] - 1) // stride[1] + 1
     return _avg_backward(grad_output, input_size,
@@ -613,7 +620,7 @@ def _adaptive_geometry(h, w, oh, ow):
 
 
 @define_op("triton_adaptive_avg_pool2d", "(Tensor input, int[] output_size) -> Tensor")
-def _adaptive_avg_pool2d_op(input, output_size):
+def _adaptive_avg_pool2d_op(input: torch.Tensor, output_size: List[int]) -> torch.Tensor:
     h, w = input.shape[2:]
     oh, ow = output_size
     adaptive, geom, _, _ = _adaptive_geometry(h, w, oh, ow)
@@ -622,7 +629,8 @@ def _adaptive_avg_pool2d_op(input, output_size):
 
 @define_op("triton_adaptive_avg_pool2d_backward",
            "(Tensor grad_output, int[] input_size, bool channels_last) -> Tensor")
-def _adaptive_avg_pool2d_backward_op(grad_output, input_size, channels_last):
+def _adaptive_avg_pool2d_backward_op(grad_output: torch.Tensor, input_size: List[int],
+                                     channels_last: bool) -> torch.Tensor:
     h, w = input_size[2:]
     oh, ow = grad_output.shape[2:]
     adaptive, geom, noh, now = _adaptive_geometry(h, w, oh, ow)
