@@ -1,0 +1,517 @@
+// Batch norm with optional fused ReLU on CPU.
+//
+// Training forward: one read pass for the statistics (shifted sums, see below), one pass that
+// normalises, applies the ReLU and writes. Eager torch reads the input twice for statistics,
+// once to normalise, and relu reads and writes the result again.
+// Eval forward: one pass. Backward: one reduction pass (sum of g and of g * (x - mean), with
+// the ReLU mask recomputed from the saved output), one pass for grad_input.
+#include "common.h"
+
+#include <torch/library.h>
+
+namespace fastconv {
+namespace cpu {
+namespace {
+
+// Statistics of a channel are accumulated as sums of d = x - K and d * d, K being the
+// channel's first element: with K inside the data the variance E[d^2] - E[d]^2 no longer
+// cancels catastrophically when |mean| >> std, and one read pass suffices.
+template <typename scalar_t, typename acc_t>
+inline void shifted_sums(const scalar_t* p, int64_t n, acc_t K, PairSum<acc_t>& acc) {
+  for (int64_t base = 0; base < n; base += kFoldChunk) {
+    const int64_t stop = std::min(n, base + kFoldChunk);
+    int64_t i = base;
+    if constexpr (kVectorPath<scalar_t>) {
+      using V = Vec<acc_t>;
+      constexpr int64_t L = V::size();
+      const V k(K);
+      // two accumulator pairs hide the add latency
+      for (; i + 2 * L <= stop; i += 2 * L) {
+        const V d0 = V::loadu(p + i) - k;
+        const V d1 = V::loadu(p + i + L) - k;
+        acc.a0 += d0;
+        acc.a1 += d1;
+        acc.b0 = at::vec::fmadd(d0, d0, acc.b0);
+        acc.b1 = at::vec::fmadd(d1, d1, acc.b1);
+      }
+      for (; i + L <= stop; i += L) {
+        const V d = V::loadu(p + i) - k;
+        acc.a0 += d;
+        acc.b0 = at::vec::fmadd(d, d, acc.b0);
+      }
+    }
+    for (; i < stop; ++i) {
+      const acc_t d = static_cast<acc_t>(p[i]) - K;
+      acc.t1 += d;
+      acc.t2 += d * d;
+    }
+    acc.added(stop - base);
+  }
+}
+
+// Sums of g' and g' * (x - mean) where g' = g masked by the ReLU on the saved output.
+template <typename scalar_t, typename acc_t, bool RELU>
+inline void grad_sums(const scalar_t* g, const scalar_t* x, const scalar_t* y, int64_t n,
+                      acc_t mean, PairSum<acc_t>& acc) {
+  for (int64_t base = 0; base < n; base += kFoldChunk) {
+    const int64_t stop = std::min(n, base + kFoldChunk);
+    int64_t i = base;
+    if constexpr (kVectorPath<scalar_t>) {
+      using V = Vec<acc_t>;
+      constexpr int64_t L = V::size();
+      const V mv(mean), zero(0);
+      for (; i + 2 * L <= stop; i += 2 * L) {
+        V g0 = V::loadu(g + i), g1 = V::loadu(g + i + L);
+        if (RELU) {
+          // threshold_backward's rule: drop where y <= 0 (NaN passes)
+          g0 = V::blendv(g0, zero, V::loadu(y + i) <= zero);
+          g1 = V::blendv(g1, zero, V::loadu(y + i + L) <= zero);
+        }
+        acc.a0 += g0;
+        acc.a1 += g1;
+        acc.b0 = at::vec::fmadd(g0, V::loadu(x + i) - mv, acc.b0);
+        acc.b1 = at::vec::fmadd(g1, V::loadu(x + i + L) - mv, acc.b1);
+      }
+      for (; i + L <= stop; i += L) {
+        V gv = V::loadu(g + i);
+        if (RELU) gv = V::blendv(gv, zero, V::loadu(y + i) <= zero);
+        acc.a0 += gv;
+        acc.b0 = at::vec::fmadd(gv, V::loadu(x + i) - mv, acc.b0);
+      }
+    }
+    for (; i < stop; ++i) {
+      acc_t gv = static_cast<acc_t>(g[i]);
+      if (RELU) gv = relu_passes(static_cast<acc_t>(y[i])) ? gv : acc_t(0);
+      acc.t1 += gv;
+      acc.t2 += gv * (static_cast<acc_t>(x[i]) - mean);
+    }
+    acc.added(stop - base);
+  }
+}
+
+// y = relu?(x * scale + shift) over n contiguous elements.
+template <typename scalar_t, typename acc_t, bool RELU>
+inline void affine_row(const scalar_t* x, scalar_t* y, int64_t n, acc_t scale, acc_t shift) {
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t v = static_cast<acc_t>(x[i]) * scale + shift;
+    if (RELU) v = relu_keep_nan(v);
+    y[i] = static_cast<scalar_t>(v);
+  }
+}
+
+// Channels-last version: y[c] = relu?(x[c] * scale[c] + shift[c]) for one row of C.
+template <typename scalar_t, typename acc_t, bool RELU>
+inline void affine_cl_row(const scalar_t* x, scalar_t* y, int64_t C, const acc_t* scale,
+                          const acc_t* shift) {
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t v = static_cast<acc_t>(x[c]) * scale[c] + shift[c];
+    if (RELU) v = relu_keep_nan(v);
+    y[c] = static_cast<scalar_t>(v);
+  }
+}
+
+// dx = A * g' + B * (x - mean) + E over one channel's plane.
+template <typename scalar_t, typename acc_t, bool RELU>
+inline void dx_plane(const scalar_t* g, const scalar_t* x, const scalar_t* y, scalar_t* dx,
+                     int64_t n, acc_t A, acc_t B, acc_t E, acc_t mean) {
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t gv = static_cast<acc_t>(g[i]);
+    if (RELU) gv = relu_passes(static_cast<acc_t>(y[i])) ? gv : acc_t(0);
+    dx[i] = static_cast<scalar_t>(A * gv + B * (static_cast<acc_t>(x[i]) - mean) + E);
+  }
+}
+
+// The same over one channels-last row, coefficients per channel.
+template <typename scalar_t, typename acc_t, bool RELU>
+inline void dx_cl_row(const scalar_t* g, const scalar_t* x, const scalar_t* y, scalar_t* dx,
+                      int64_t C, const acc_t* __restrict A, const acc_t* __restrict B,
+                      const acc_t* __restrict E, const acc_t* __restrict mean) {
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t gv = static_cast<acc_t>(g[c]);
+    if (RELU) gv = relu_passes(static_cast<acc_t>(y[c])) ? gv : acc_t(0);
+    dx[c] = static_cast<scalar_t>(A[c] * gv + B[c] * (static_cast<acc_t>(x[c]) - mean[c]) + E[c]);
+  }
+}
+
+// Per-channel (sum d, sum d^2) with d = x - K[c], for an (N, C, HW) contiguous tensor.
+template <typename scalar_t, typename acc_t>
+void channel_stats_nchw(const scalar_t* x, int64_t N, int64_t C, int64_t HW, const acc_t* K,
+                        double* s1, double* s2) {
+  at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      PairSum<acc_t> acc;
+      for (int64_t n = 0; n < N; ++n) {
+        shifted_sums<scalar_t, acc_t>(x + (n * C + c) * HW, HW, K[c], acc);
+      }
+      acc.fold();
+      s1[c] = acc.s1;
+      s2[c] = acc.s2;
+    }
+  });
+}
+
+// Same for channels-last (rows of C): each chunk of rows keeps C-wide partials, folded from
+// the accumulation type into double every kFoldChunk / 8 rows, combined in chunk order.
+template <typename scalar_t, typename acc_t>
+void channel_stats_cl(const scalar_t* x, int64_t R, int64_t C, const acc_t* K, double* s1,
+                      double* s2) {
+  const int64_t chunks = chunk_count(R, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)));
+  std::vector<double> part(static_cast<size_t>(chunks) * 2 * C, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<acc_t> fa(C), fb(C);
+    for (int64_t i = i0; i < i1; ++i) {
+      auto [r0, r1] = chunk_range(R, chunks, i);
+      double* d1 = part.data() + i * 2 * C;
+      double* d2 = d1 + C;
+      constexpr int64_t fold_rows = kFoldChunk / 8;
+      for (int64_t rb = r0; rb < r1; rb += fold_rows) {
+        const int64_t re = std::min(r1, rb + fold_rows);
+        std::fill(fa.begin(), fa.end(), acc_t(0));
+        std::fill(fb.begin(), fb.end(), acc_t(0));
+        acc_t* __restrict pa = fa.data();
+        acc_t* __restrict pb = fb.data();
+        for (int64_t r = rb; r < re; ++r) {
+          const scalar_t* row = x + r * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t d = static_cast<acc_t>(row[c]) - K[c];
+            pa[c] += d;
+            pb[c] += d * d;
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          d1[c] += pa[c];
+          d2[c] += pb[c];
+        }
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double a = 0, b = 0;
+    for (int64_t i = 0; i < chunks; ++i) {
+      a += part[i * 2 * C + c];
+      b += part[i * 2 * C + C + c];
+    }
+    s1[c] = a;
+    s2[c] = b;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void normalize(const scalar_t* x, scalar_t* y, int64_t N, int64_t C, int64_t HW, bool cl,
+               const acc_t* scale, const acc_t* shift, bool relu) {
+  if (!cl) {
+    at::parallel_for(0, N * C, grain_for(HW), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t c = p % C;
+        if (relu) {
+          affine_row<scalar_t, acc_t, true>(x + p * HW, y + p * HW, HW, scale[c], shift[c]);
+        } else {
+          affine_row<scalar_t, acc_t, false>(x + p * HW, y + p * HW, HW, scale[c], shift[c]);
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, N * HW, grain_for(C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        if (relu) {
+          affine_cl_row<scalar_t, acc_t, true>(x + r * C, y + r * C, C, scale, shift);
+        } else {
+          affine_cl_row<scalar_t, acc_t, false>(x + r * C, y + r * C, C, scale, shift);
+        }
+      }
+    });
+  }
+}
+
+void check_channel_param(const std::optional<Tensor>& t, int64_t C, const char* name) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == C, "fastconv batch_norm: ", name,
+              " must have shape (", C, ",), got ", t->sizes());
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "fastconv batch_norm: ", name,
+              " must be floating point, got ", t->scalar_type());
+  TORCH_CHECK(t->device().is_cpu(), "fastconv batch_norm: ", name, " must be on CPU, got ",
+              t->device());
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(
+    const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+    bool training, double momentum, double eps, bool relu) {
+  check_4d(input, "input");
+  check_cpu_float(input, "input");
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t HW = H * W, M = N * HW;
+  check_channel_param(weight, C, "weight");
+  check_channel_param(bias, C, "bias");
+  check_channel_param(running_mean, C, "running_mean");
+  check_channel_param(running_var, C, "running_var");
+  const bool has_rm = running_mean.has_value() && running_mean->defined();
+  const bool has_rv = running_var.has_value() && running_var->defined();
+  TORCH_CHECK(has_rm == has_rv,
+              "fastconv batch_norm: running_mean and running_var must both be given or both None");
+  if (training) {
+    TORCH_CHECK(M > 1, "fastconv batch_norm: expected more than 1 value per channel when "
+                       "training, got input size ", input.sizes());
+  } else {
+    TORCH_CHECK(has_rm, "fastconv batch_norm: running_mean and running_var must be defined "
+                        "in evaluation mode");
+  }
+
+  const auto fmt = layout_of(input);
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const Tensor x = input.contiguous(fmt);
+  Tensor out = at::empty_like(x, x.options(), fmt);
+  auto f32 = x.options().dtype(at::kFloat);
+  Tensor save_mean = at::empty({C}, f32);
+  Tensor save_invstd = at::empty({C}, f32);
+
+  std::vector<double> mean(C), var(C);
+  if (training) {
+    FASTCONV_DISPATCH_FLOATING(x.scalar_type(), "fastconv_bn_stats", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      std::vector<acc_t> K(C, acc_t(0));
+      std::vector<double> s1(C, 0.0), s2(C, 0.0);
+      if (M > 0) {
+        // the shift: each channel's first element (row 0 in either layout)
+        for (int64_t c = 0; c < C; ++c) {
+          K[c] = static_cast<acc_t>(cl ? xp[c] : xp[c * HW]);
+        }
+        if (cl) {
+          channel_stats_cl<scalar_t, acc_t>(xp, M, C, K.data(), s1.data(), s2.data());
+        } else {
+          channel_stats_nchw<scalar_t, acc_t>(xp, N, C, HW, K.data(), s1.data(), s2.data());
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        const double m1 = s1[c] / M;
+        mean[c] = static_cast<double>(K[c]) + m1;
+        var[c] = s2[c] / M - m1 * m1;
+        if (var[c] < 0) var[c] = 0;  // rounding only; NaN stays NaN
+      }
+    });
+    if (has_rm) {
+      // r = (1 - momentum) * r + momentum * stat, with the unbiased variance
+      std::vector<double> rm = read_channels(running_mean, C, 0.0);
+      std::vector<double> rv = read_channels(running_var, C, 1.0);
+      for (int64_t c = 0; c < C; ++c) {
+        rm[c] = (1.0 - momentum) * rm[c] + momentum * mean[c];
+        rv[c] = (1.0 - momentum) * rv[c] + momentum * (var[c] * M / (M - 1));
+      }
+      write_channels(*running_mean, rm);
+      write_channels(*running_var, rv);
+    }
+  } else {
+    mean = read_channels(running_mean, C, 0.0);
+    var = read_channels(running_var, C, 1.0);
+  }
+
+  const std::vector<double> w = read_channels(weight, C, 1.0);
+  const std::vector<double> b = read_channels(bias, C, 0.0);
+  float* smp = save_mean.data_ptr<float>();
+  float* sip = save_invstd.data_ptr<float>();
+  FASTCONV_DISPATCH_FLOATING(x.scalar_type(), "fastconv_bn_normalize", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> scale(C), shift(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const double invstd = 1.0 / std::sqrt(var[c] + eps);
+      smp[c] = static_cast<float>(mean[c]);
+      sip[c] = static_cast<float>(invstd);
+      // folded as torch's CPU kernel does: y = x * (w * invstd) + (b - mean * w * invstd)
+      scale[c] = static_cast<acc_t>(w[c] * invstd);
+      shift[c] = static_cast<acc_t>(b[c] - mean[c] * w[c] * invstd);
+    }
+    normalize<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), N, C,
+                               HW, cl, scale.data(), shift.data(), relu);
+  });
+  return {out, save_mean, save_invstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
+    const Tensor& grad_output, const Tensor& input, const Tensor& output,
+    const std::optional<Tensor>& weight, const Tensor& save_mean, const Tensor& save_invstd,
+    bool training, bool relu, std::array<bool, 3> output_mask_ref) {
+  check_4d(input, "input");
+  check_cpu_float(input, "input");
+  check_cpu_float(grad_output, "grad_output");
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), "fastconv batch_norm_backward: grad_output "
+              "shape ", grad_output.sizes(), " does not match input shape ", input.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
+              "fastconv batch_norm_backward: grad_output dtype ", grad_output.scalar_type(),
+              " does not match input dtype ", input.scalar_type());
+  if (relu) {
+    TORCH_CHECK(output.sizes() == input.sizes() && output.scalar_type() == input.scalar_type(),
+                "fastconv batch_norm_backward: with relu=True, output must be the forward "
+                "output (shape ", input.sizes(), "), got ", output.sizes());
+  }
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t HW = H * W, M = N * HW;
+  check_channel_param(weight, C, "weight");
+  TORCH_CHECK(save_mean.numel() == C && save_invstd.numel() == C,
+              "fastconv batch_norm_backward: save_mean/save_invstd must have ", C, " elements");
+  const bool need_gi = output_mask_ref[0], need_gw = output_mask_ref[1],
+             need_gb = output_mask_ref[2];
+
+  const auto fmt = layout_of(input);
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const Tensor x = input.contiguous(fmt);
+  const Tensor g = grad_output.contiguous(fmt);
+  const Tensor y = relu ? output.contiguous(fmt) : Tensor();
+  const std::vector<double> mean = read_channels(save_mean, C, 0.0);
+  const std::vector<double> invstd = read_channels(save_invstd, C, 1.0);
+  const std::vector<double> w = read_channels(weight, C, 1.0);
+
+  // Reductions are needed for grad_weight/grad_bias, and for grad_input in training.
+  const bool need_sums = need_gw || need_gb || (need_gi && training);
+  std::vector<double> sum_g(C, 0.0), sum_gx(C, 0.0);
+  Tensor grad_input, grad_weight, grad_bias;
+  FASTCONV_DISPATCH_FLOATING(x.scalar_type(), "fastconv_bn_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* yp = relu ? y.const_data_ptr<scalar_t>() : nullptr;
+    if (need_sums && M > 0) {
+      if (!cl) {
+        at::parallel_for(0, C, grain_for(M), [&](int64_t c0, int64_t c1) {
+          for (int64_t c = c0; c < c1; ++c) {
+            PairSum<acc_t> acc;
+            const acc_t m = static_cast<acc_t>(mean[c]);
+            for (int64_t n = 0; n < N; ++n) {
+              const int64_t off = (n * C + c) * HW;
+              if (relu) {
+                grad_sums<scalar_t, acc_t, true>(gp + off, xp + off, yp + off, HW, m, acc);
+              } else {
+                grad_sums<scalar_t, acc_t, false>(gp + off, xp + off, nullptr, HW, m, acc);
+              }
+            }
+            acc.fold();
+            sum_g[c] = acc.s1;
+            sum_gx[c] = acc.s2;
+          }
+        });
+      } else {
+        const int64_t chunks = chunk_count(M, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)));
+        std::vector<double> part(static_cast<size_t>(chunks) * 2 * C, 0.0);
+        std::vector<acc_t> m(C);
+        for (int64_t c = 0; c < C; ++c) m[c] = static_cast<acc_t>(mean[c]);
+        at::parallel_for(0, chunks, 1, [&](int64_t i0, int64_t i1) {
+          std::vector<acc_t> fa(C), fb(C);
+          for (int64_t i = i0; i < i1; ++i) {
+            auto [r0, r1] = chunk_range(M, chunks, i);
+            double* d1 = part.data() + i * 2 * C;
+            double* d2 = d1 + C;
+            constexpr int64_t fold_rows = kFoldChunk / 8;
+            for (int64_t rb = r0; rb < r1; rb += fold_rows) {
+              const int64_t re = std::min(r1, rb + fold_rows);
+              std::fill(fa.begin(), fa.end(), acc_t(0));
+              std::fill(fb.begin(), fb.end(), acc_t(0));
+              acc_t* __restrict pa = fa.data();
+              acc_t* __restrict pb = fb.data();
+              const acc_t* __restrict pm = m.data();
+              for (int64_t r = rb; r < re; ++r) {
+                const scalar_t* gr = gp + r * C;
+                const scalar_t* xr = xp + r * C;
+                if (relu) {
+                  const scalar_t* yr = yp + r * C;
+                  for (int64_t c = 0; c < C; ++c) {
+                    const acc_t gv = relu_passes(static_cast<acc_t>(yr[c]))
+                                         ? static_cast<acc_t>(gr[c]) : acc_t(0);
+                    pa[c] += gv;
+                    pb[c] += gv * (static_cast<acc_t>(xr[c]) - pm[c]);
+                  }
+                } else {
+                  for (int64_t c = 0; c < C; ++c) {
+                    const acc_t gv = static_cast<acc_t>(gr[c]);
+                    pa[c] += gv;
+                    pb[c] += gv * (static_cast<acc_t>(xr[c]) - pm[c]);
+                  }
+                }
+              }
+              for (int64_t c = 0; c < C; ++c) {
+                d1[c] += pa[c];
+                d2[c] += pb[c];
+              }
+            }
+          }
+        });
+        for (int64_t c = 0; c < C; ++c) {
+          double a = 0, b = 0;
+          for (int64_t i = 0; i < chunks; ++i) {
+            a += part[i * 2 * C + c];
+            b += part[i * 2 * C + C + c];
+          }
+          sum_g[c] = a;
+          sum_gx[c] = b;
+        }
+      }
+    }
+
+    if (need_gi) {
+      grad_input = at::empty_like(x, x.options(), fmt);
+      scalar_t* gip = grad_input.data_ptr<scalar_t>();
+      // dx = A * g' + B * (x - mean) + E, per channel:
+      //   training: A = w * invstd, B = -A * invstd^2 * sum_gx / M, E = -A * sum_g / M
+      //   eval:     A = w * invstd, B = E = 0
+      std::vector<acc_t> A(C), B(C), E(C), m(C);
+      for (int64_t c = 0; c < C; ++c) {
+        const double a = w[c] * invstd[c];
+        A[c] = static_cast<acc_t>(a);
+        B[c] = training ? static_cast<acc_t>(-a * invstd[c] * invstd[c] * sum_gx[c] / M) : acc_t(0);
+        E[c] = training ? static_cast<acc_t>(-a * sum_g[c] / M) : acc_t(0);
+        m[c] = static_cast<acc_t>(mean[c]);
+      }
+      if (!cl) {
+        at::parallel_for(0, N * C, grain_for(HW), [&](int64_t p0, int64_t p1) {
+          for (int64_t p = p0; p < p1; ++p) {
+            const int64_t c = p % C, off = p * HW;
+            if (relu) {
+              dx_plane<scalar_t, acc_t, true>(gp + off, xp + off, yp + off, gip + off, HW, A[c],
+                                              B[c], E[c], m[c]);
+            } else {
+              dx_plane<scalar_t, acc_t, false>(gp + off, xp + off, nullptr, gip + off, HW, A[c],
+                                               B[c], E[c], m[c]);
+            }
+          }
+        });
+      } else {
+        at::parallel_for(0, M, grain_for(C), [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t off = r * C;
+            if (relu) {
+              dx_cl_row<scalar_t, acc_t, true>(gp + off, xp + off, yp + off, gip + off, C,
+                                               A.data(), B.data(), E.data(), m.data());
+            } else {
+              dx_cl_row<scalar_t, acc_t, false>(gp + off, xp + off, nullptr, gip + off, C,
+                                                A.data(), B.data(), E.data(), m.data());
+            }
+          }
+        });
+      }
+    }
+  });
+
+  auto param_opts = (weight.has_value() && weight->defined()) ? weight->options()
+                                                              : x.options();
+  auto to_tensor = [&](std::vector<double> v, bool scale_by_invstd) {
+    if (scale_by_invstd) {
+      for (int64_t c = 0; c < C; ++c) v[c] *= invstd[c];
+    }
+    Tensor t = at::empty({C}, param_opts);
+    write_channels(t, v);
+    return t;
+  };
+  grad_weight = need_gw ? to_tensor(sum_gx, true) : empty_grad(x);
+  grad_bias = need_gb ? to_tensor(sum_g, false) : empty_grad(x);
+  if (!need_gi) grad_input = empty_grad(x);
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastconv, CPU, m) {
+  m.impl("batch_norm", &batch_norm_cpu);
+  m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fastconv

@@ -1,0 +1,786 @@
+// Max pool (optional fused ReLU, compact window-local argmax) and the average pools on CPU.
+//
+// NCHW: one task per (n, c) plane, scalar window scans (the input planes are strided by the
+// pooling stride, so there is no contiguous vector to work on). Channels-last: one task per
+// output pixel (forward) or per (n, channel slab) (backward), vectorised over channels.
+#include "common.h"
+
+#include <torch/library.h>
+
+namespace fastconv {
+namespace cpu {
+namespace {
+
+struct Geom {
+  int64_t N, C, H, W, OH, OW;
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+};
+
+// Valid kernel taps of one output position along one axis: taps [k0, k1) land inside the input.
+struct Taps {
+  std::vector<int64_t> origin, k0, k1;  // origin = first input coordinate of the window
+};
+
+Taps taps_along(int64_t in, int64_t out, int64_t k, int64_t stride, int64_t pad, int64_t dil) {
+  Taps t;
+  t.origin.resize(out);
+  t.k0.resize(out);
+  t.k1.resize(out);
+  for (int64_t o = 0; o < out; ++o) {
+    const int64_t s = o * stride - pad;
+    t.origin[o] = s;
+    t.k0[o] = s < 0 ? div_up(-s, dil) : 0;
+    t.k1[o] = std::min<int64_t>(k, std::max<int64_t>(0, div_up(in - s, dil)));
+  }
+  return t;
+}
+
+void check_pool_args(c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                     c10::IntArrayRef padding, c10::IntArrayRef dilation, const char* op) {
+  check_pair(kernel_size, "kernel_size");
+  check_pair(stride, "stride");
+  check_pair(padding, "padding");
+  check_pair(dilation, "dilation");
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(kernel_size[i] > 0, "fastconv ", op, ": kernel_size must be positive, got ",
+                kernel_size);
+    TORCH_CHECK(stride[i] > 0, "fastconv ", op, ": stride must be positive, got ", stride);
+    TORCH_CHECK(dilation[i] > 0, "fastconv ", op, ": dilation must be positive, got ", dilation);
+    TORCH_CHECK(padding[i] >= 0 && padding[i] <= (dilation[i] * (kernel_size[i] - 1) + 1) / 2,
+                "fastconv ", op, ": padding should be at least 0 and at most half of the "
+                "effective kernel size, got padding=", padding, " kernel_size=", kernel_size,
+                " dilation=", dilation);
+  }
+}
+
+Geom make_geom(c10::IntArrayRef in, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+               c10::IntArrayRef padding, c10::IntArrayRef dilation, bool ceil_mode,
+               const char* op) {
+  Geom g{};
+  g.N = in[0];
+  g.C = in[1];
+  g.H = in[2];
+  g.W = in[3];
+  g.kh = kernel_size[0];
+  g.kw = kernel_size[1];
+  g.sh = stride[0];
+  g.sw = stride[1];
+  g.ph = padding[0];
+  g.pw = padding[1];
+  g.dh = dilation[0];
+  g.dw = dilation[1];
+  g.OH = pooled_size(g.H, g.kh, g.ph, g.sh, g.dh, ceil_mode);
+  g.OW = pooled_size(g.W, g.kw, g.pw, g.sw, g.dw, ceil_mode);
+  TORCH_CHECK(g.OH > 0 && g.OW > 0, "fastconv ", op, ": output size is too small (", g.OH, "x",
+              g.OW, ") for input ", in, " with kernel_size=", kernel_size, " stride=", stride,
+              " padding=", padding, " dilation=", dilation);
+  return g;
+}
+
+// Sizes of the input a backward op reconstructs: (N, C, H, W), or (H, W) with N, C taken
+// from grad_output.
+std::vector<int64_t> full_input_size(c10::IntArrayRef input_size, const Tensor& grad_output,
+                                     const char* op) {
+  TORCH_CHECK(input_size.size() == 4 || input_size.size() == 2, "fastconv ", op,
+              ": input_size must be (N, C, H, W) or (H, W), got ", input_size);
+  if (input_size.size() == 2) {
+    return {grad_output.size(0), grad_output.size(1), input_size[0], input_size[1]};
+  }
+  TORCH_CHECK(input_size[0] == grad_output.size(0) && input_size[1] == grad_output.size(1),
+              "fastconv ", op, ": input_size ", input_size, " does not match grad_output ",
+              grad_output.sizes(), " in batch and channels");
+  return input_size.vec();
+}
+
+// ---------------------------------------------------------------------------------------------
+// max pool
+
+// Running max over n consecutive outputs with torch's rule (strictly greater wins, so the
+// first maximum; a NaN always wins, so the last NaN): candidate value o is src[o * stride]
+// (after the optional ReLU), its index k0 + o * kstep. `avail` elements are readable from src.
+template <typename scalar_t, bool RELU, typename lane_t>
+inline void max_update(at::opmath_type<scalar_t>* __restrict best, lane_t* __restrict idx,
+                       const scalar_t* __restrict src, int64_t stride, int64_t n, int64_t avail,
+                       lane_t k0, lane_t kstep) {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t o = 0;
+  if constexpr (kVectorPath<scalar_t> && std::is_same_v<lane_t, scalar_t>) {
+    using V = Vec<scalar_t>;
+    constexpr int64_t L = V::size();
+    const V zero(0);
+    // stride 2 reads 2L values per L outputs: stop while the last load stays inside src
+    const int64_t nvec = stride == 2 ? std::min(n, avail / 2) : n;
+    for (; o + L <= nvec; o += L) {
+      V v;
+      if (stride == 1) {
+        v = V::loadu(src + o);
+      } else if (stride == 2) {
+        v = at::vec::deinterleave2(V::loadu(src + 2 * o), V::loadu(src + 2 * o + L)).first;
+      } else {
+        __at_align__ scalar_t buf[L];
+        for (int64_t l = 0; l < L; ++l) buf[l] = src[(o + l) * stride];
+        v = V::loadu(buf);
+      }
+      if (RELU) v = at::vec::maximum(v, zero);  // maximum propagates NaN, as torch.relu does
+      const V b = V::loadu(best + o);
+      const V take = (v > b) | (v != v);
+      V::blendv(b, v, take).store(best + o);
+      const V cand = V::arange(k0 + static_cast<scalar_t>(o) * kstep, kstep);
+      V::blendv(V::loadu(idx + o), cand, take).store(idx + o);
+    }
+    if (o < n) {
+      // the last (or only: pooled rows of 5 or 7) outputs as one partial vector, so narrow
+      // maps do not fall back to the scalar loop
+      const int64_t m = n - o;
+      __at_align__ scalar_t buf[L];
+      for (int64_t l = 0; l < m; ++l) buf[l] = src[(o + l) * stride];
+      V v = V::loadu(buf, m);
+      if (RELU) v = at::vec::maximum(v, zero);
+      const V b = V::loadu(best + o, m);
+      const V take = (v > b) | (v != v);
+      V::blendv(b, v, take).store(best + o, m);
+      const V cand = V::arange(k0 + static_cast<scalar_t>(o) * kstep, kstep);
+      V::blendv(V::loadu(idx + o, m), cand, take).store(idx + o, m);
+      return;
+    }
+  }
+  for (; o < n; ++o) {
+    acc_t v = static_cast<acc_t>(src[o * stride]);
+    if (RELU) v = relu_keep_nan(v);
+    const bool take = (v > best[o]) | (v != v);  // branch-free: the outcome is data-random
+    best[o] = take ? v : best[o];
+    idx[o] = take ? static_cast<lane_t>(k0 + o * kstep) : idx[o];
+  }
+}
+
+// Lane type for the running argmax. float/double carry the index in the value type, so one
+// comparison mask blends both value and index (no mask casts); exact while the largest index
+// is below 2^24 (float) or 2^53 (double). Others, and larger planes, use int64.
+template <typename scalar_t>
+using vec_lane_t = std::conditional_t<kVectorPath<scalar_t>, scalar_t, int64_t>;
+
+template <typename scalar_t>
+constexpr int64_t kExactIndexLimit = std::is_same_v<scalar_t, float> ? (int64_t{1} << 24)
+                                   : std::is_same_v<scalar_t, double> ? (int64_t{1} << 53)
+                                                                      : 0;
+
+// FLAT: indices are torch's flat ih * W + iw; otherwise the window-local tap i * kw + j.
+//
+// NCHW: for one output row, taps are visited in torch's order (kernel row, then column) and
+// each tap updates the running max of every output column it reaches at once: that inner
+// loop runs over consecutive outputs (input stride = pooling stride) and vectorises, where a
+// per-output window scan mispredicts its max-update branch about half the time.
+template <typename scalar_t, typename index_t, bool RELU, bool FLAT, typename lane_t>
+void max_fwd_nchw(const scalar_t* x, scalar_t* y, index_t* ind, const Geom& g, const Taps& th,
+                  const Taps& tw) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t H = g.H, W = g.W, OH = g.OH, OW = g.OW, HW = H * W, OHW = OH * OW;
+  // output columns [owa[j], owb[j]) are the ones kernel column j lands inside the input for
+  std::vector<int64_t> owa(g.kw), owb(g.kw);
+  for (int64_t j = 0; j < g.kw; ++j) {
+    const int64_t off = j * g.dw - g.pw;  // iw = ow * sw + off
+    const int64_t a = off >= 0 ? 0 : div_up(-off, g.sw);
+    const int64_t b = W - 1 - off >= 0 ? std::min(OW, (W - 1 - off) / g.sw + 1) : 0;
+    owa[j] = std::min(a, b);
+    owb[j] = b;
+  }
+  at::parallel_for(0, g.N * g.C, grain_for(OHW * g.kh * g.kw), [&](int64_t p0, int64_t p1) {
+    std::vector<acc_t> best_buf(OW);
+    std::vector<lane_t> idx_buf(OW);
+    acc_t* best = best_buf.data();
+    lane_t* bidx = idx_buf.data();
+    for (int64_t p = p0; p < p1; ++p) {
+      const scalar_t* xp = x + p * HW;
+      for (int64_t oh = 0; oh < OH; ++oh) {
+        const int64_t h0 = th.origin[oh], i0 = th.k0[oh], i1 = th.k1[oh];
+        // start like torch: -inf, index of the window's first valid element
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          best[ow] = -std::numeric_limits<acc_t>::infinity();
+          bidx[ow] = static_cast<lane_t>(FLAT ? (h0 + i0 * g.dh) * W + tw.origin[ow] + tw.k0[ow] * g.dw
+                                              : i0 * g.kw + tw.k0[ow]);
+        }
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t ih = h0 + i * g.dh;
+          for (int64_t j = 0; j < g.kw; ++j) {
+            const int64_t a = owa[j], n = owb[j] - a;
+            if (n <= 0) continue;
+            const int64_t first = a * g.sw + j * g.dw - g.pw;  // input column of output a
+            const lane_t k0 = static_cast<lane_t>(FLAT ? ih * W + first : i * g.kw + j);
+            max_update<scalar_t, RELU, lane_t>(best + a, bidx + a, xp + ih * W + first, g.sw, n,
+                                               W - first, k0,
+                                               static_cast<lane_t>(FLAT ? g.sw : 0));
+          }
+        }
+        scalar_t* yr = y + p * OHW + oh * OW;
+        index_t* ir = ind + p * OHW + oh * OW;
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          yr[ow] = static_cast<scalar_t>(best[ow]);
+          ir[ow] = static_cast<index_t>(bidx[ow]);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename index_t, bool RELU, bool FLAT, typename lane_t>
+void max_fwd_cl(const scalar_t* x, scalar_t* y, index_t* ind, const Geom& g, const Taps& th,
+                const Taps& tw) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = g.C;
+  at::parallel_for(0, g.N * g.OH * g.OW, grain_for(C * g.kh * g.kw), [&](int64_t r0, int64_t r1) {
+    std::vector<acc_t> best_buf(C);
+    std::vector<lane_t> idx_buf(C);
+    acc_t* best = best_buf.data();
+    lane_t* bidx = idx_buf.data();
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t ow = r % g.OW, oh = (r / g.OW) % g.OH, n = r / (g.OW * g.OH);
+      const int64_t h0 = th.origin[oh], i0 = th.k0[oh], i1 = th.k1[oh];
+      const int64_t w0 = tw.origin[ow], j0 = tw.k0[ow], j1 = tw.k1[ow];
+      const lane_t first = static_cast<lane_t>(FLAT ? (h0 + i0 * g.dh) * g.W + (w0 + j0 * g.dw)
+                                                    : i0 * g.kw + j0);
+      scalar_t* yr = y + r * C;
+      index_t* ir = ind + r * C;
+      int64_t c0 = 0;
+      if constexpr (kVectorPath<scalar_t> && std::is_same_v<lane_t, scalar_t>) {
+        // blocks of channel vectors keep their running max and argmax in registers over all
+        // taps; four independent blocks at a time hide the compare/blend latency chain
+        using V = Vec<scalar_t>;
+        constexpr int64_t L = V::size();
+        auto block = [&](auto unroll) {
+          constexpr int U = decltype(unroll)::value;
+          const V zero(0);
+          V b[U], bi[U];
+          for (int u = 0; u < U; ++u) {
+            b[u] = V(-std::numeric_limits<scalar_t>::infinity());
+            bi[u] = V(first);
+          }
+          for (int64_t i = i0; i < i1; ++i) {
+            const int64_t ih = h0 + i * g.dh;
+            for (int64_t j = j0; j < j1; ++j) {
+              const int64_t iw = w0 + j * g.dw;
+              const scalar_t* src = x + ((n * g.H + ih) * g.W + iw) * C + c0;
+              const V k(static_cast<scalar_t>(FLAT ? ih * g.W + iw : i * g.kw + j));
+              for (int u = 0; u < U; ++u) {
+                V v = V::loadu(src + u * L);
+                if (RELU) v = at::vec::maximum(v, zero);
+                const V take = (v > b[u]) | (v != v);
+                b[u] = V::blendv(b[u], v, take);
+                bi[u] = V::blendv(bi[u], k, take);
+              }
+            }
+          }
+          for (int u = 0; u < U; ++u) {
+            b[u].store(yr + c0 + u * L);
+            __at_align__ scalar_t buf[L];
+            bi[u].store(buf);
+            for (int64_t l = 0; l < L; ++l) ir[c0 + u * L + l] = static_cast<index_t>(buf[l]);
+          }
+          c0 += U * L;
+        };
+        while (c0 + 4 * L <= C) block(std::integral_constant<int, 4>{});
+        while (c0 + L <= C) block(std::integral_constant<int, 1>{});
+        if (c0 == C) continue;
+      }
+      // remaining channels (and half/bfloat16): running max in memory
+      const int64_t rest = C - c0;
+      std::fill(best, best + rest, -std::numeric_limits<acc_t>::infinity());
+      std::fill(bidx, bidx + rest, first);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t ih = h0 + i * g.dh;
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t iw = w0 + j * g.dw;
+          const lane_t k = static_cast<lane_t>(FLAT ? ih * g.W + iw : i * g.kw + j);
+          max_update<scalar_t, RELU, lane_t>(best, bidx,
+                                             x + ((n * g.H + ih) * g.W + iw) * C + c0, 1, rest,
+                                             rest, k, 0);
+        }
+      }
+      for (int64_t c = 0; c < rest; ++c) {
+        yr[c0 + c] = static_cast<scalar_t>(best[c]);
+        ir[c0 + c] = static_cast<index_t>(bidx[c]);
+      }
+    }
+  });
+}
+
+// Input offset of each window tap relative to the window's origin: decoding a local index is
+// then one table load (an integer division per output made this pass 3x slower than torch's).
+std::vector<int64_t> tap_offsets(const Geom& g, int64_t row_stride, int64_t col_stride) {
+  std::vector<int64_t> tap(g.kh * g.kw);
+  for (int64_t i = 0; i < g.kh; ++i) {
+    for (int64_t j = 0; j < g.kw; ++j) tap[i * g.kw + j] = i * g.dh * row_stride + j * g.dw * col_stride;
+  }
+  return tap;
+}
+
+// The ReLU mask is applied as a select, not a branch: its outcome is data-random.
+template <typename scalar_t, typename index_t, bool RELU, bool FLAT>
+void max_bwd_nchw(const scalar_t* go, const scalar_t* out, const index_t* ind, scalar_t* gi,
+                  const Geom& g) {
+  const int64_t HW = g.H * g.W, OHW = g.OH * g.OW;
+  const std::vector<int64_t> tap = tap_offsets(g, g.W, 1);
+  at::parallel_for(0, g.N * g.C, grain_for(HW + OHW), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      scalar_t* gp = gi + p * HW;
+      std::fill(gp, gp + HW, scalar_t(0));
+      const scalar_t* gop = go + p * OHW;
+      const scalar_t* op = RELU ? out + p * OHW : nullptr;
+      const index_t* ip = ind + p * OHW;
+      for (int64_t oh = 0; oh < g.OH; ++oh) {
+        const int64_t row = (oh * g.sh - g.ph) * g.W - g.pw;
+        for (int64_t ow = 0; ow < g.OW; ++ow) {
+          const int64_t o = oh * g.OW + ow;
+          const int64_t pos = FLAT ? static_cast<int64_t>(ip[o])
+                                   : row + ow * g.sw + tap[static_cast<int64_t>(ip[o])];
+          scalar_t v = gop[o];
+          if (RELU) v = relu_passes(op[o]) ? v : scalar_t(0);
+          gp[pos] += v;
+        }
+      }
+    }
+  });
+}
+
+// Channels-last backward tasks: (image, channel slab). With at least as many images as
+// threads a slab is all channels (contiguous zeroing, long inner loops); otherwise channels are
+// split so every thread has work.
+inline int64_t cl_slab(int64_t N, int64_t C) {
+  const int64_t per_image = div_up(at::get_num_threads(), std::max<int64_t>(N, 1));
+  return per_image <= 1 ? C : std::max<int64_t>(16, div_up(div_up(C, per_image), 16) * 16);
+}
+
+template <typename scalar_t, typename index_t, bool RELU, bool FLAT>
+void max_bwd_cl(const scalar_t* go, const scalar_t* out, const index_t* ind, scalar_t* gi,
+                const Geom& g) {
+  const int64_t C = g.C, HW = g.H * g.W, slab = cl_slab(g.N, C), slabs = div_up(C, slab);
+  const std::vector<int64_t> tap = tap_offsets(g, g.W, 1);
+  at::parallel_for(0, g.N * slabs, grain_for((HW + g.OH * g.OW) * std::min(C, slab)),
+                   [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / slabs, c0 = (t % slabs) * slab, c1 = std::min(C, c0 + slab);
+      scalar_t* gin = gi + n * HW * C;
+      if (c0 == 0 && c1 == C) {
+        std::fill(gin, gin + HW * C, scalar_t(0));
+      } else {
+        for (int64_t q = 0; q < HW; ++q) std::fill(gin + q * C + c0, gin + q * C + c1, scalar_t(0));
+      }
+      for (int64_t oh = 0; oh < g.OH; ++oh) {
+        const int64_t row = (oh * g.sh - g.ph) * g.W - g.pw;
+        for (int64_t ow = 0; ow < g.OW; ++ow) {
+          const int64_t o = ((n * g.OH + oh) * g.OW + ow) * C;
+          const int64_t base = row + ow * g.sw;
+          const index_t* __restrict ir = ind + o;
+          const scalar_t* __restrict gr = go + o;
+          for (int64_t c = c0; c < c1; ++c) {
+            const int64_t pos = FLAT ? static_cast<int64_t>(ir[c])
+                                     : base + tap[static_cast<int64_t>(ir[c])];
+            scalar_t v = gr[c];
+            if (RELU) v = relu_passes(out[o + c]) ? v : scalar_t(0);
+            gin[pos * C + c] += v;
+          }
+        }
+      }
+    }
+  });
+}
+
+// Calls f.template operator()<index_t>() with the index type the indices are stored in.
+template <typename F>
+void with_index_type(at::ScalarType t, const F& f) {
+  switch (t) {
+    case at::kChar: f(int8_t{}); break;
+    case at::kInt: f(int32_t{}); break;
+    case at::kLong: f(int64_t{}); break;
+    default: TORCH_CHECK(false, "fastconv max_pool2d: unsupported indices dtype ", t);
+  }
+}
+
+at::ScalarType local_index_dtype(int64_t kh, int64_t kw) {
+  return kh * kw <= 127 ? at::kChar : at::kInt;
+}
+
+std::tuple<Tensor, Tensor> max_pool2d_cpu(const Tensor& input, c10::IntArrayRef kernel_size,
+                                          c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                          c10::IntArrayRef dilation, bool ceil_mode,
+                                          bool return_indices, bool relu) {
+  check_4d(input, "input");
+  check_cpu_float(input, "input");
+  check_pool_args(kernel_size, stride, padding, dilation, "max_pool2d");
+  const Geom g = make_geom(input.sizes(), kernel_size, stride, padding, dilation, ceil_mode,
+                           "max_pool2d");
+  const auto fmt = layout_of(input);
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const Tensor x = input.contiguous(fmt);
+  Tensor out = at::empty({g.N, g.C, g.OH, g.OW}, x.options().memory_format(fmt));
+  const auto idx_dtype = return_indices ? at::kLong : local_index_dtype(g.kh, g.kw);
+  Tensor ind = at::empty({g.N, g.C, g.OH, g.OW}, x.options().dtype(idx_dtype).memory_format(fmt));
+  if (out.numel() == 0) return {out, ind};
+  const Taps th = taps_along(g.H, g.OH, g.kh, g.sh, g.ph, g.dh);
+  const Taps tw = taps_along(g.W, g.OW, g.kw, g.sw, g.pw, g.dw);
+  FASTCONV_DISPATCH_FLOATING(x.scalar_type(), "fastconv_max_pool2d", [&] {
+    with_index_type(idx_dtype, [&](auto tag) {
+      using index_t = decltype(tag);
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      scalar_t* yp = out.data_ptr<scalar_t>();
+      index_t* ip = ind.data_ptr<index_t>();
+      // (relu, flat) are compile-time so the scan loop is tight; lanes as wide as the value
+      // unless a flat index could overflow them
+      using fast_lane = vec_lane_t<scalar_t>;
+      const bool wide = !std::is_same_v<fast_lane, int64_t> &&
+                        (return_indices ? g.H * g.W : g.kh * g.kw) > kExactIndexLimit<scalar_t>;
+      auto run = [&](auto lane_tag) {
+        using lane_t = decltype(lane_tag);
+        if (cl) {
+          if (relu) {
+            return_indices ? max_fwd_cl<scalar_t, index_t, true, true, lane_t>(xp, yp, ip, g, th, tw)
+                           : max_fwd_cl<scalar_t, index_t, true, false, lane_t>(xp, yp, ip, g, th, tw);
+          } else {
+            return_indices ? max_fwd_cl<scalar_t, index_t, false, true, lane_t>(xp, yp, ip, g, th, tw)
+                           : max_fwd_cl<scalar_t, index_t, false, false, lane_t>(xp, yp, ip, g, th, tw);
+          }
+        } else {
+          if (relu) {
+            return_indices ? max_fwd_nchw<scalar_t, index_t, true, true, lane_t>(xp, yp, ip, g, th, tw)
+                           : max_fwd_nchw<scalar_t, index_t, true, false, lane_t>(xp, yp, ip, g, th, tw);
+          } else {
+            return_indices ? max_fwd_nchw<scalar_t, index_t, false, true, lane_t>(xp, yp, ip, g, th, tw)
+                           : max_fwd_nchw<scalar_t, index_t, false, false, lane_t>(xp, yp, ip, g, th, tw);
+          }
+        }
+      };
+      if (wide) {
+        run(int64_t{});
+      } else {
+        run(fast_lane{});
+      }
+    });
+  });
+  return {out, ind};
+}
+
+Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& output,
+                               const Tensor& indices, c10::IntArrayRef input_size,
+                               c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                               c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                               bool ceil_mode, bool return_indices, bool relu) {
+  check_4d(grad_output, "grad_output");
+  check_cpu_float(grad_output, "grad_output");
+  check_pool_args(kernel_size, stride, padding, dilation, "max_pool2d_backward");
+  const auto in_size = full_input_size(input_size, grad_output, "max_pool2d_backward");
+  const Geom g = make_geom(in_size, kernel_size, stride, padding, dilation, ceil_mode,
+                           "max_pool2d_backward");
+  TORCH_CHECK(grad_output.size(2) == g.OH && grad_output.size(3) == g.OW,
+              "fastconv max_pool2d_backward: grad_output shape ", grad_output.sizes(),
+              " does not match the pooled size (", g.OH, ", ", g.OW, ") of input ", in_size);
+  TORCH_CHECK(indices.sizes() == grad_output.sizes(), "fastconv max_pool2d_backward: indices "
+              "shape ", indices.sizes(), " does not match grad_output shape ", grad_output.sizes());
+  const auto want = return_indices ? at::kLong : local_index_dtype(g.kh, g.kw);
+  TORCH_CHECK(indices.scalar_type() == want, "fastconv max_pool2d_backward: indices must be ",
+              want, " for return_indices=", return_indices, " and kernel ", kernel_size,
+              ", got ", indices.scalar_type());
+  if (relu) {
+    TORCH_CHECK(output.sizes() == grad_output.sizes() &&
+                    output.scalar_type() == grad_output.scalar_type(),
+                "fastconv max_pool2d_backward: with relu=True, output must be the forward "
+                "output (shape ", grad_output.sizes(), "), got ", output.sizes());
+  }
+  const auto fmt = layout_of(grad_output);
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const Tensor go = grad_output.contiguous(fmt);
+  const Tensor ind = indices.contiguous(fmt);
+  const Tensor out = relu ? output.contiguous(fmt) : Tensor();
+  Tensor gi = at::empty(in_size, go.options().memory_format(fmt));
+  if (gi.numel() == 0) return gi;
+  FASTCONV_DISPATCH_FLOATING(go.scalar_type(), "fastconv_max_pool2d_backward", [&] {
+    with_index_type(want, [&](auto tag) {
+      using index_t = decltype(tag);
+      const scalar_t* gop = go.const_data_ptr<scalar_t>();
+      const scalar_t* op = relu ? out.const_data_ptr<scalar_t>() : nullptr;
+      const index_t* ip = ind.const_data_ptr<index_t>();
+      scalar_t* gip = gi.data_ptr<scalar_t>();
+      if (cl) {
+        if (relu) {
+          return_indices ? max_bwd_cl<scalar_t, index_t, true, true>(gop, op, ip, gip, g)
+                         : max_bwd_cl<scalar_t, index_t, true, false>(gop, op, ip, gip, g);
+        } else {
+          return_indices ? max_bwd_cl<scalar_t, index_t, false, true>(gop, op, ip, gip, g)
+                         : max_bwd_cl<scalar_t, index_t, false, false>(gop, op, ip, gip, g);
+        }
+      } else {
+        if (relu) {
+          return_indices ? max_bwd_nchw<scalar_t, index_t, true, true>(gop, op, ip, gip, g)
+                         : max_bwd_nchw<scalar_t, index_t, true, false>(gop, op, ip, gip, g);
+        } else {
+          return_indices ? max_bwd_nchw<scalar_t, index_t, false, true>(gop, op, ip, gip, g)
+                         : max_bwd_nchw<scalar_t, index_t, false, false>(gop, op, ip, gip, g);
+        }
+      }
+    });
+  });
+  return gi;
+}
+
+// ---------------------------------------------------------------------------------------------
+// average pools (avg_pool2d and adaptive_avg_pool2d share these: only the windows differ)
+
+struct AvgPlan {
+  int64_t N, C, H, W, OH, OW;
+  Windows wh, ww;
+  int64_t divisor_override;  // 0: none
+};
+
+template <typename scalar_t>
+void avg_fwd(const scalar_t* x, scalar_t* y, const AvgPlan& a, bool cl) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t H = a.H, W = a.W, C = a.C, OH = a.OH, OW = a.OW;
+  auto divisor = [&](int64_t oh, int64_t ow) -> acc_t {
+    return static_cast<acc_t>(a.divisor_override ? a.divisor_override
+                                                 : a.wh.count[oh] * a.ww.count[ow]);
+  };
+  if (!cl) {
+    const int64_t win = div_up(H, OH) * div_up(W, OW) + 1;
+    at::parallel_for(0, a.N * C, grain_for(OH * OW * win), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const scalar_t* xp = x + p * H * W;
+        scalar_t* yp = y + p * OH * OW;
+        for (int64_t oh = 0; oh < OH; ++oh) {
+          const int64_t hs = a.wh.start[oh], he = a.wh.end[oh];
+          for (int64_t ow = 0; ow < OW; ++ow) {
+            const int64_t ws = a.ww.start[ow], we = a.ww.end[ow];
+            if (hs >= he || ws >= we) {
+              yp[oh * OW + ow] = scalar_t(0);
+              continue;
+            }
+            acc_t sum = 0;
+            for (int64_t ih = hs; ih < he; ++ih) {
+              for (int64_t iw = ws; iw < we; ++iw) sum += static_cast<acc_t>(xp[ih * W + iw]);
+            }
+            yp[oh * OW + ow] = static_cast<scalar_t>(sum / divisor(oh, ow));
+          }
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, a.N * OH * OW, grain_for(C * 4), [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> acc_buf(C);
+      acc_t* __restrict acc = acc_buf.data();
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t ow = r % OW, oh = (r / OW) % OH, n = r / (OW * OH);
+        const int64_t hs = a.wh.start[oh], he = a.wh.end[oh];
+        const int64_t ws = a.ww.start[ow], we = a.ww.end[ow];
+        scalar_t* __restrict yr = y + r * C;
+        if (hs >= he || ws >= we) {
+          std::fill(yr, yr + C, scalar_t(0));
+          continue;
+        }
+        std::fill(acc, acc + C, acc_t(0));
+        for (int64_t ih = hs; ih < he; ++ih) {
+          for (int64_t iw = ws; iw < we; ++iw) {
+            const scalar_t* __restrict xr = x + ((n * H + ih) * W + iw) * C;
+            for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(xr[c]);
+          }
+        }
+        const acc_t d = divisor(oh, ow);
+        for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<scalar_t>(acc[c] / d);
+      }
+    });
+  }
+}
+
+template <typename scalar_t>
+void avg_bwd(const scalar_t* go, scalar_t* gi, const AvgPlan& a, bool cl) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t H = a.H, W = a.W, C = a.C, OH = a.OH, OW = a.OW;
+  auto divisor = [&](int64_t oh, int64_t ow) -> acc_t {
+    return static_cast<acc_t>(a.divisor_override ? a.divisor_override
+                                                 : a.wh.count[oh] * a.ww.count[ow]);
+  };
+  if (!cl) {
+    at::parallel_for(0, a.N * C, grain_for(H * W + OH * OW * 4), [&](int64_t p0, int64_t p1) {
+      // accumulate in acc_t so half/bfloat16 gradients do not round at every overlap
+      std::vector<acc_t> buf(H * W);
+      for (int64_t p = p0; p < p1; ++p) {
+        std::fill(buf.begin(), buf.end(), acc_t(0));
+        const scalar_t* gop = go + p * OH * OW;
+        for (int64_t oh = 0; oh < OH; ++oh) {
+          const int64_t hs = a.wh.start[oh], he = a.wh.end[oh];
+          for (int64_t ow = 0; ow < OW; ++ow) {
+            const int64_t ws = a.ww.start[ow], we = a.ww.end[ow];
+            if (hs >= he || ws >= we) continue;
+            const acc_t v = static_cast<acc_t>(gop[oh * OW + ow]) / divisor(oh, ow);
+            for (int64_t ih = hs; ih < he; ++ih) {
+              for (int64_t iw = ws; iw < we; ++iw) buf[ih * W + iw] += v;
+            }
+          }
+        }
+        scalar_t* gp = gi + p * H * W;
+        for (int64_t q = 0; q < H * W; ++q) gp[q] = static_cast<scalar_t>(buf[q]);
+      }
+    });
+  } else {
+    const int64_t slab = cl_slab(a.N, C), slabs = div_up(C, slab);
+    at::parallel_for(0, a.N * slabs, grain_for((H * W + OH * OW * 4) * std::min(C, slab)),
+                     [&](int64_t t0, int64_t t1) {
+      const int64_t S = std::min(C, slab);
+      std::vector<acc_t> buf(H * W * S);
+      std::vector<acc_t> val(S);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n = t / slabs, c0 = (t % slabs) * slab, c1 = std::min(C, c0 + slab);
+        const int64_t len = c1 - c0;
+        std::fill(buf.begin(), buf.end(), acc_t(0));
+        for (int64_t oh = 0; oh < OH; ++oh) {
+          const int64_t hs = a.wh.start[oh], he = a.wh.end[oh];
+          for (int64_t ow = 0; ow < OW; ++ow) {
+            const int64_t ws = a.ww.start[ow], we = a.ww.end[ow];
+            if (hs >= he || ws >= we) continue;
+            const acc_t d = divisor(oh, ow);
+            const scalar_t* gor = go + ((n * OH + oh) * OW + ow) * C + c0;
+            for (int64_t c = 0; c < len; ++c) val[c] = static_cast<acc_t>(gor[c]) / d;
+            for (int64_t ih = hs; ih < he; ++ih) {
+              for (int64_t iw = ws; iw < we; ++iw) {
+                acc_t* __restrict br = buf.data() + (ih * W + iw) * S;
+                const acc_t* __restrict vr = val.data();
+                for (int64_t c = 0; c < len; ++c) br[c] += vr[c];
+              }
+            }
+          }
+        }
+        for (int64_t q = 0; q < H * W; ++q) {
+          scalar_t* gr = gi + ((n * H * W) + q) * C + c0;
+          const acc_t* br = buf.data() + q * S;
+          for (int64_t c = 0; c < len; ++c) gr[c] = static_cast<scalar_t>(br[c]);
+        }
+      }
+    });
+  }
+}
+
+Tensor run_avg_fwd(const Tensor& input, AvgPlan& plan) {
+  const auto fmt = layout_of(input);
+  const Tensor x = input.contiguous(fmt);
+  Tensor out = at::empty({plan.N, plan.C, plan.OH, plan.OW}, x.options().memory_format(fmt));
+  if (out.numel() == 0) return out;
+  FASTCONV_DISPATCH_FLOATING(x.scalar_type(), "fastconv_avg_pool", [&] {
+    avg_fwd<scalar_t>(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), plan,
+                      fmt == at::MemoryFormat::ChannelsLast);
+  });
+  return out;
+}
+
+Tensor run_avg_bwd(const Tensor& grad_output, AvgPlan& plan) {
+  const auto fmt = layout_of(grad_output);
+  const Tensor go = grad_output.contiguous(fmt);
+  Tensor gi = at::empty({plan.N, plan.C, plan.H, plan.W}, go.options().memory_format(fmt));
+  if (gi.numel() == 0) return gi;
+  FASTCONV_DISPATCH_FLOATING(go.scalar_type(), "fastconv_avg_pool_backward", [&] {
+    avg_bwd<scalar_t>(go.const_data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(), plan,
+                      fmt == at::MemoryFormat::ChannelsLast);
+  });
+  return gi;
+}
+
+AvgPlan avg_plan(c10::IntArrayRef in, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                 c10::IntArrayRef padding, bool ceil_mode, bool count_include_pad,
+                 std::optional<int64_t> divisor_override, const char* op) {
+  check_pair(kernel_size, "kernel_size");
+  check_pair(stride, "stride");
+  check_pair(padding, "padding");
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(kernel_size[i] > 0, "fastconv ", op, ": kernel_size must be positive, got ",
+                kernel_size);
+    TORCH_CHECK(stride[i] > 0, "fastconv ", op, ": stride must be positive, got ", stride);
+    TORCH_CHECK(padding[i] >= 0 && padding[i] <= kernel_size[i] / 2, "fastconv ", op,
+                ": pad should be at least 0 and at most half of kernel size, got padding=",
+                padding, " kernel_size=", kernel_size);
+  }
+  TORCH_CHECK(!divisor_override.has_value() || *divisor_override != 0, "fastconv ", op,
+              ": divisor_override must be non-zero");
+  AvgPlan p{};
+  p.N = in[0];
+  p.C = in[1];
+  p.H = in[2];
+  p.W = in[3];
+  p.OH = pooled_size(p.H, kernel_size[0], padding[0], stride[0], 1, ceil_mode);
+  p.OW = pooled_size(p.W, kernel_size[1], padding[1], stride[1], 1, ceil_mode);
+  TORCH_CHECK(p.OH > 0 && p.OW > 0, "fastconv ", op, ": output size is too small (", p.OH, "x",
+              p.OW, ") for input ", in, " with kernel_size=", kernel_size, " stride=", stride,
+              " padding=", padding);
+  p.wh = avg_windows(p.H, p.OH, kernel_size[0], stride[0], padding[0], count_include_pad);
+  p.ww = avg_windows(p.W, p.OW, kernel_size[1], stride[1], padding[1], count_include_pad);
+  p.divisor_override = divisor_override.value_or(0);
+  return p;
+}
+
+AvgPlan adaptive_plan(c10::IntArrayRef in, c10::IntArrayRef output_size, const char* op) {
+  check_pair(output_size, "output_size");
+  TORCH_CHECK(output_size[0] > 0 && output_size[1] > 0, "fastconv ", op,
+              ": output_size must be positive, got ", output_size);
+  AvgPlan p{};
+  p.N = in[0];
+  p.C = in[1];
+  p.H = in[2];
+  p.W = in[3];
+  TORCH_CHECK(p.H > 0 && p.W > 0, "fastconv ", op, ": input spatial size must be positive, got ",
+              in);
+  p.OH = output_size[0];
+  p.OW = output_size[1];
+  p.wh = adaptive_windows(p.H, p.OH);
+  p.ww = adaptive_windows(p.W, p.OW);
+  p.divisor_override = 0;
+  return p;
+}
+
+Tensor avg_pool2d_cpu(const Tensor& input, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                      c10::IntArrayRef padding, bool ceil_mode, bool count_include_pad,
+                      std::optional<int64_t> divisor_override) {
+  check_4d(input, "input");
+  check_cpu_float(input, "input");
+  AvgPlan p = avg_plan(input.sizes(), kernel_size, stride, padding, ceil_mode, count_include_pad,
+                       divisor_override, "avg_pool2d");
+  return run_avg_fwd(input, p);
+}
+
+Tensor avg_pool2d_backward_cpu(const Tensor& grad_output, c10::IntArrayRef input_size,
+                               c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                               c10::IntArrayRef padding, bool ceil_mode, bool count_include_pad,
+                               std::optional<int64_t> divisor_override) {
+  check_4d(grad_output, "grad_output");
+  check_cpu_float(grad_output, "grad_output");
+  const auto in = full_input_size(input_size, grad_output, "avg_pool2d_backward");
+  AvgPlan p = avg_plan(in, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                       divisor_override, "avg_pool2d_backward");
+  TORCH_CHECK(grad_output.size(2) == p.OH && grad_output.size(3) == p.OW,
+              "fastconv avg_pool2d_backward: grad_output shape ", grad_output.sizes(),
+              " does not match the pooled size (", p.OH, ", ", p.OW, ") of input ", in);
+  return run_avg_bwd(grad_output, p);
+}
+
+Tensor adaptive_avg_pool2d_cpu(const Tensor& input, c10::IntArrayRef output_size) {
+  check_4d(input, "input");
+  check_cpu_float(input, "input");
+  AvgPlan p = adaptive_plan(input.sizes(), output_size, "adaptive_avg_pool2d");
+  return run_avg_fwd(input, p);
+}
+
+Tensor adaptive_avg_pool2d_backward_cpu(const Tensor& grad_output, c10::IntArrayRef input_size) {
+  check_4d(grad_output, "grad_output");
+  check_cpu_float(grad_output, "grad_output");
+  const auto in = full_input_size(input_size, grad_output, "adaptive_avg_pool2d_backward");
+  AvgPlan p = adaptive_plan(in, {grad_output.size(2), grad_output.size(3)},
+                            "adaptive_avg_pool2d_backward");
+  return run_avg_bwd(grad_output, p);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastconv, CPU, m) {
+  m.impl("max_pool2d", &max_pool2d_cpu);
+  m.impl("max_pool2d_backward", &max_pool2d_backward_cpu);
+  m.impl("avg_pool2d", &avg_pool2d_cpu);
+  m.impl("avg_pool2d_backward", &avg_pool2d_backward_cpu);
+  m.impl("adaptive_avg_pool2d", &adaptive_avg_pool2d_cpu);
+  m.impl("adaptive_avg_pool2d_backward", &adaptive_avg_pool2d_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fastconv

@@ -1,0 +1,646 @@
+// Conv2d + bias + ReLU on CUDA: forward, grad_input, grad_weight, grad_bias.
+//
+// Every pass is one implicit GEMM.
+//   forward   rows = output pixels (n, p, q)  cols = output channels   reduce over (c, r, s)
+//   dgrad     rows = input pixels (n, h, w)   cols = input channels    reduce over (k, r, s)
+//   wgrad     rows = output channels          cols = (c, r, s)         reduce over (n, p, q)
+// 16-bit inputs run on tensor cores (mma.sync m16n8k16, fp32 accumulators) with a 128x128x32
+// tile, 8 warps of 64x32 and a 3-stage shared-memory ring. Each GEMM operand has a loader:
+//   * cp.async 16-byte loaders where the operand is contiguous along the reduction
+//     (channels_last activations with channels % 8 == 0, prepacked weights);
+//   * register-staged 16-byte loaders where the data must be masked by the ReLU output or
+//     transposed on its way to shared memory (dgrad/wgrad);
+//   * a register-staged scalar gather with arbitrary strides for everything else (C = 1 or 3
+//     first layers, odd channel counts).
+// float32/float64 (and 16-bit on pre-sm_80 devices) use a SIMT tile kernel over the same gather
+// descriptions. grad_weight splits the pixel reduction over CTAs into a float workspace that a
+// second kernel sums in a fixed order; grad_bias is a two-level fixed-order reduction: both are
+// deterministic, no atomics anywhere.
+#include "conv_kernels.cuh"
+
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <array>
+#include <tuple>
+
+namespace fastconv_cuda {
+namespace {
+
+using at::Tensor;
+using namespace convk;
+
+
+// ----------------------------------------------------------------------------------------------
+// Kernels
+// ----------------------------------------------------------------------------------------------
+
+// One BK=32 slice of the 128x128 tile: warp (wm, wn) owns rows wm*64.. and cols wn*32..
+template <typename T>
+__device__ __forceinline__ void mma_slice(const uint16_t* sA, const uint16_t* sB,
+                                          float (&acc)[4][4][4], int wm, int wn, int lane) {
+#pragma unroll
+  for (int k16 = 0; k16 < 2; ++k16) {
+    uint32_t a[4][4], b[4][2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) ldmatrix_x4(a[i], sA + a_frag_off(wm, i, k16, lane));
+#pragma unroll
+    for (int jj = 0; jj < 2; ++jj) {
+      uint32_t r[4];
+      ldmatrix_x4(r, sB + b_frag_off(wn, jj, k16, lane));
+      b[jj * 2][0] = r[0];
+      b[jj * 2][1] = r[1];
+      b[jj * 2 + 1][0] = r[2];
+      b[jj * 2 + 1][1] = r[3];
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) Mma<T>::run(acc[i][j], a[i], b[j][0], b[j][1]);
+  }
+}
+
+template <typename T, class LA, class LB, class Epi>
+__global__ void __launch_bounds__(THREADS, 2)
+    mma_gemm_kernel(LA la, LB lb, const Epi epi, const Sched sc) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  // 3 stages x (A + B) x 128 x 32 halves = 48 KiB; reused by the epilogue (34 KiB).
+  __shared__ __align__(128) uint16_t smem[STAGES * (BM + BN) * BK];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp & 1, wn = warp >> 1;
+  // Column tiles vary fastest so that CTAs running together share their A rows in L2.
+  const int tn = blockIdx.x % sc.tiles_n, tm = blockIdx.x / sc.tiles_n;
+  const int grp = blockIdx.z / sc.splits, split = blockIdx.z % sc.splits;
+  const int kt0 = split * sc.kt_per_split;
+  const int nkt = max(0, min(sc.kt_total, kt0 + sc.kt_per_split) - kt0);
+  la.init(tm * BM, grp, kt0, tid);
+  lb.init(tn * BN, grp, kt0, tid);
+  auto sA = [&](int s) { return smem + s * (BM * BK); };
+  auto sB = [&](int s) { return smem + STAGES * BM * BK + s * (BN * BK); };
+
+  float acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nkt) {
+      la.issue(sA(s));
+      lb.issue(sB(s));
+      la.store(sA(s));
+      lb.store(sB(s));
+    }
+    cp_async_commit();
+  }
+  for (int it = 0; it < nkt; ++it) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // tile `it` visible to all; everyone is done with tile it-1's stage
+    const int nx = it + STAGES - 1, st = nx % STAGES;
+    if (nx < nkt) {
+      la.issue(sA(st));
+      lb.issue(sB(st));
+    }
+    cp_async_commit();
+    mma_slice<T>(sA(it % STAGES), sB(it % STAGES), acc, wm, wn, lane);
+    if (nx < nkt) {  // register-staged loads land after the math has hidden their latency
+      la.store(sA(st));
+      lb.store(sB(st));
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  epi.stage(acc, smem, tm * BM, tn * BN, grp, split, wm, wn, lane);
+  __syncthreads();
+  epi.flush(smem, tm * BM, tn * BN, grp, tid);
+#else
+  __trap();  // host code never launches this below sm_80
+#endif
+}
+
+// ----------------------------------------------------------------------------------------------
+// SIMT GEMM: 64x64x16 tiles, 4x4 outputs per thread, accumulation in Acc<T>.
+// ----------------------------------------------------------------------------------------------
+
+template <typename T, class DA, class DB, class Epi>
+__global__ void __launch_bounds__(THREADS) simt_gemm_kernel(DA da, DB db, const Epi epi,
+                                                            const Sched sc) {
+  using A = typename Acc<T>::type;
+  __shared__ A As[SBK][SBM];
+  __shared__ A Bs[SBK][SBN];
+  const int tid = threadIdx.x;
+  const int tn = blockIdx.x % sc.tiles_n, tm = blockIdx.x / sc.tiles_n;
+  const int grp = blockIdx.z / sc.splits, split = blockIdx.z % sc.splits;
+  const int kt0 = split * sc.kt_per_split;
+  const int kt1 = min(sc.kt_total, kt0 + sc.kt_per_split);
+  da.grp = grp;
+  db.grp = grp;
+  const auto ra = da.row(tm * SBM + (tid & 63));
+  const auto rb = db.row(tn * SBN + (tid & 63));
+  A acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
+  for (int kt = kt0; kt < kt1; ++kt) {
+    simt_stage<T>(da, db, ra, rb, kt, tid, As, Bs);
+    __syncthreads();
+    simt_math(As, Bs, tid, acc);
+    __syncthreads();
+  }
+  simt_store(epi, tm * SBM, tn * SBN, grp, split, tid, acc);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Reductions: grad_weight workspace -> grad_weight, grad_output -> grad_bias
+// ----------------------------------------------------------------------------------------------
+
+template <typename T, typename A>
+__global__ void wgrad_reduce_kernel(const A* __restrict__ ws, T* __restrict__ dw, int Kg, int Cg,
+                                    int R, int S, int splits, bool rsc, int64_t w0, int64_t w1,
+                                    int64_t w2, int64_t w3, int64_t total) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < total) wgrad_reduce_one(ws, dw, Kg, Cg, R, S, splits, rsc, w0, w1, w2, w3, i);
+}
+
+// Per-channel sum of the masked grad_output over (n, p, q). Stage 1: CTA (channel block,
+// split) sums a contiguous pixel range; 32 channels x 8 pixel lanes per CTA.
+template <typename T, typename A>
+__global__ void bias_partial_kernel(const T* __restrict__ dy, const T* __restrict__ y, bool relu,
+                                    Geom g, FastDiv dPQ, FastDiv dQ, int M, int per_split,
+                                    A* __restrict__ part) {
+  __shared__ A red[8][33];
+  const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+  const int k = blockIdx.x * 32 + tx;
+  const int m0 = blockIdx.y * per_split, m1 = min(M, m0 + per_split);
+  A s = 0;
+  if (k < g.K) {
+    for (int m = m0 + ty; m < m1; m += 8) {
+      uint32_t n, pq, p, q;
+      dPQ.divmod(m, n, pq);
+      dQ.divmod(pq, p, q);
+      const int64_t off = int64_t(n) * g.ys[0] + int64_t(k) * g.ys[1] + int64_t(p) * g.ys[2] +
+                          int64_t(q) * g.ys[3];
+      if (!relu || relu_passes(y[off])) s += to_acc(dy[off]);
+    }
+  }
+  red[ty][tx] = s;
+  __syncthreads();
+  if (ty == 0 && k < g.K) {
+    A t = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) t += red[j][tx];
+    part[int64_t(blockIdx.y) * g.K + k] = t;
+  }
+}
+
+template <typename T, typename A>
+__global__ void bias_final_kernel(const A* __restrict__ part, int K, int splits, T* __restrict__ db) {
+  const int k = blockIdx.x * blockDim.x + threadIdx.x;
+  if (k >= K) return;
+  A s = 0;
+  for (int sp = 0; sp < splits; ++sp) s += part[int64_t(sp) * K + k];
+  db[k] = from_acc<T>(s);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Host side
+// ----------------------------------------------------------------------------------------------
+
+Geom make_geom(const Tensor& x, const Tensor& w, int64_t P, int64_t Q, at::IntArrayRef stride,
+               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  Geom g;
+  g.N = int(x.size(0));
+  g.C = int(x.size(1));
+  g.H = int(x.size(2));
+  g.W = int(x.size(3));
+  g.K = int(w.size(0));
+  g.R = int(w.size(2));
+  g.S = int(w.size(3));
+  g.P = int(P);
+  g.Q = int(Q);
+  g.sh = int(stride[0]);
+  g.sw = int(stride[1]);
+  g.ph = int(padding[0]);
+  g.pw = int(padding[1]);
+  g.dh = int(dilation[0]);
+  g.dw = int(dilation[1]);
+  g.G = int(groups);
+  g.Cg = int(w.size(1));
+  g.Kg = int(g.K / groups);
+  for (int i = 0; i < 4; ++i) g.xs[i] = g.ys[i] = 0;
+  return g;
+}
+
+void set_strides(int64_t (&dst)[4], const Tensor& t) {
+  for (int i = 0; i < 4; ++i) dst[i] = t.stride(i);
+}
+
+void check_conv_args(const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_cuda(input, "input");
+  check_cuda(weight, "weight");
+  check_4d(input, "input");
+  check_4d(weight, "weight");
+  TORCH_CHECK(input.device() == weight.device(), "fastconv (CUDA): input is on ", input.device(),
+              " but weight is on ", weight.device());
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "fastconv (CUDA): stride, padding and dilation need 2 values each");
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 &&
+                  padding[0] >= 0 && padding[1] >= 0,
+              "fastconv (CUDA): bad stride ", stride, ", padding ", padding, " or dilation ",
+              dilation);
+  TORCH_CHECK(groups >= 1 && input.size(1) == weight.size(1) * groups &&
+                  weight.size(0) % groups == 0,
+              "fastconv (CUDA): input of shape ", input.sizes(), " and weight of shape ",
+              weight.sizes(), " do not match groups=", groups);
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "fastconv (CUDA): weight dtype ",
+              weight.scalar_type(), " differs from input dtype ", input.scalar_type());
+  const auto st = input.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "fastconv (CUDA): conv2d_relu supports float32, float64, float16 and bfloat16, got ",
+              st);
+}
+
+// Output length, or 0 when the dilated kernel does not fit the padded input.
+int64_t conv_out(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d) {
+  const int64_t num = in + 2 * p - d * (k - 1) - 1;
+  return num < 0 ? 0 : num / s + 1;
+}
+
+bool tensor_cores(const Tensor& t) {
+  const auto st = t.scalar_type();
+  return (st == at::kHalf || st == at::kBFloat16) &&
+         at::cuda::getDeviceProperties(t.device().index())->major >= 8;
+}
+
+// A copy in channels_last whose data pointer is 16-byte aligned (the vector loaders need it).
+Tensor cl_aligned(const Tensor& t) {
+  Tensor c = t.contiguous(at::MemoryFormat::ChannelsLast);
+  if (!aligned_to(c.data_ptr(), 16)) c = c.clone(at::MemoryFormat::ChannelsLast);
+  return c;
+}
+
+Tensor pad_last(const Tensor& t, int64_t to) {
+  const int64_t have = t.size(-1);
+  return (to == have ? t : at::constant_pad_nd(t, {0, to - have})).contiguous();
+}
+
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+void check_rows(int64_t rows, const char* what) {
+  TORCH_CHECK(rows < (int64_t(1) << 31), "fastconv (CUDA): ", what, " has ", rows,
+              " pixels; the kernels index pixels with 32-bit integers");
+}
+
+template <typename T, class LA, class LB, class Epi>
+void launch_mma(const LA& la, const LB& lb, const Epi& epi, int64_t rows, int64_t cols, int G,
+                int splits, int kt_total, int kt_per_split) {
+  const int64_t tm = ceil_div(rows, BM), tn = ceil_div(cols, BN);
+  TORCH_CHECK(tm * tn < (int64_t(1) << 31) && int64_t(G) * splits <= 65535,
+              "fastconv (CUDA): conv grid too large");
+  Sched sc{int(tn), splits, kt_total, kt_per_split};
+  dim3 grid(unsigned(tm * tn), 1, unsigned(G * splits));
+  mma_gemm_kernel<T, LA, LB, Epi><<<grid, THREADS, 0, stream()>>>(la, lb, epi, sc);
+  FC_LAUNCH_CHECK();
+}
+
+template <typename T, class DA, class DB, class Epi>
+void launch_simt(const DA& da, const DB& db, const Epi& epi, int64_t rows, int64_t cols, int G,
+                 int splits, int kt_total, int kt_per_split) {
+  const int64_t tm = ceil_div(rows, SBM), tn = ceil_div(cols, SBN);
+  TORCH_CHECK(tm * tn < (int64_t(1) << 31) && int64_t(G) * splits <= 65535,
+              "fastconv (CUDA): conv grid too large");
+  Sched sc{int(tn), splits, kt_total, kt_per_split};
+  dim3 grid(unsigned(tm * tn), 1, unsigned(G * splits));
+  simt_gemm_kernel<T, DA, DB, Epi><<<grid, THREADS, 0, stream()>>>(da, db, epi, sc);
+  FC_LAUNCH_CHECK();
+}
+
+template <typename T>
+EpiPixel<T> make_epi(const Tensor& out, int64_t rows, int H, int W, int chg,
+                     const typename Acc<T>::type* bias, bool relu) {
+  EpiPixel<T> e;
+  e.out = out.data_ptr<T>();
+  set_strides(e.os, out);
+  e.dHW = FastDiv(int64_t(H) * W);
+  e.dW = FastDiv(W);
+  e.M = int(rows);
+  e.chg = chg;
+  e.bias = bias;
+  e.relu = relu;
+  e.vec = e.os[1] == 1 && chg % 8 == 0 && out.size(1) % 8 == 0 && aligned_to(out.data_ptr(), 16);
+  if (e.vec)
+    for (int i : {0, 2, 3}) e.vec = e.vec && e.os[i] % 8 == 0;
+  return e;
+}
+
+// ---- forward ----
+
+template <typename T>
+void conv_fwd_impl(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                   Geom g, bool relu, const Tensor& out) {
+  using A = typename Acc<T>::type;
+  const int64_t M = int64_t(g.N) * g.P * g.Q;
+  Tensor b;
+  if (bias.has_value() && bias->defined())
+    b = bias->to(std::is_same<T, double>::value ? at::kDouble : at::kFloat).contiguous();
+  const A* bp = b.defined() ? b.data_ptr<A>() : nullptr;
+  const EpiPixel<T> epi = make_epi<T>(out, M, g.P, g.Q, g.Kg, bp, relu);
+
+  if constexpr (std::is_same<T, c10::Half>::value || std::is_same<T, c10::BFloat16>::value) {
+    if (tensor_cores(input)) {
+      if (g.Cg % 8 == 0) {
+        const Tensor x = cl_aligned(input);
+        const int64_t Cpad = round_up(g.Cg, BK);
+        const Tensor wp = pad_last(weight.reshape({g.G, g.Kg, g.Cg, g.R, g.S})
+                                       .permute({0, 1, 3, 4, 2})
+                                       .contiguous(),
+                                   Cpad);
+        Geom gx = g;
+        set_strides(gx.xs, x);
+        FwdAVec<T> la{x.data_ptr<T>(), gx, FastDiv(int64_t(g.P) * g.Q), FastDiv(g.Q), int(M),
+                      int(Cpad / BK)};
+        RowsCp<T> lb{wp.data_ptr<T>(), g.R * g.S * Cpad, g.Kg};
+        const int kt = int(g.R * g.S * Cpad / BK);
+        launch_mma<T>(la, lb, epi, M, g.Kg, g.G, 1, kt, kt);
+      } else {
+        const Tensor x = input.contiguous(out_format(input));
+        const int64_t KR = int64_t(g.Cg) * g.R * g.S, KRp = round_up(KR, BK);
+        const Tensor wp = pad_last(weight.reshape({g.K, KR}), KRp);
+        Geom gx = g;
+        set_strides(gx.xs, x);
+        FwdA<T> d{x.data_ptr<T>(), gx, FastDiv(int64_t(g.P) * g.Q), FastDiv(g.Q),
+                  FastDiv(int64_t(g.R) * g.S), FastDiv(g.S), int(M), 0};
+        GatherLd<T, FwdA<T>> la{};
+        la.d = d;
+        RowsCp<T> lb{wp.data_ptr<T>(), KRp, g.Kg};
+        const int kt = int(KRp / BK);
+        launch_mma<T>(la, lb, epi, M, g.Kg, g.G, 1, kt, kt);
+      }
+      return;
+    }
+  }
+  const Tensor x = input.contiguous(out_format(input));
+  Geom gx = g;
+  set_strides(gx.xs, x);
+  FwdA<T> da{x.data_ptr<T>(), gx, FastDiv(int64_t(g.P) * g.Q), FastDiv(g.Q),
+             FastDiv(int64_t(g.R) * g.S), FastDiv(g.S), int(M), 0};
+  FwdB<T> db;
+  db.w = weight.data_ptr<T>();
+  set_strides(db.ws, weight);
+  db.g = gx;
+  db.dRS = FastDiv(int64_t(g.R) * g.S);
+  db.dS = FastDiv(g.S);
+  db.grp = 0;
+  const int kt = int(ceil_div(int64_t(g.Cg) * g.R * g.S, SBK));
+  launch_simt<T>(da, db, epi, M, g.Kg, g.G, 1, kt, kt);
+}
+
+Tensor conv2d_relu_cuda(const Tensor& input, const Tensor& weight,
+                        const std::optional<Tensor>& bias, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                        bool relu) {
+  check_conv_args(input, weight, stride, padding, dilation, groups);
+  if (bias.has_value() && bias->defined()) {
+    check_cuda(*bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
+                "fastconv (CUDA): bias of shape ", bias->sizes(), " does not match ",
+                weight.size(0), " output channels");
+  }
+  c10::cuda::CUDAGuard guard(input.device());
+  const int64_t P = conv_out(input.size(2), weight.size(2), stride[0], padding[0], dilation[0]);
+  const int64_t Q = conv_out(input.size(3), weight.size(3), stride[1], padding[1], dilation[1]);
+  TORCH_CHECK(P > 0 && Q > 0, "fastconv (CUDA): input of shape ", input.sizes(),
+              " is too small for weight of shape ", weight.sizes());
+  Tensor out = at::empty({input.size(0), weight.size(0), P, Q},
+                         input.options().memory_format(out_format(input)));
+  if (out.numel() == 0) return out;
+  check_rows(input.size(0) * P * Q, "output");
+  check_rows(input.size(0) * input.size(2) * input.size(3), "input");
+  Geom g = make_geom(input, weight, P, Q, stride, padding, dilation, groups);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv2d_relu",
+                                  [&] { conv_fwd_impl<scalar_t>(input, weight, bias, g, relu, out); });
+  return out;
+}
+
+// ---- backward ----
+
+template <typename T>
+void conv_dgrad_impl(const Tensor& dy, const Tensor& y, const Tensor& weight, Geom g, bool relu,
+                     const Tensor& dx) {
+  const int64_t M = int64_t(g.N) * g.H * g.W;
+  const EpiPixel<T> epi = make_epi<T>(dx, M, g.H, g.W, g.Cg, nullptr, false);
+  if constexpr (std::is_same<T, c10::Half>::value || std::is_same<T, c10::BFloat16>::value) {
+    if (tensor_cores(dy)) {
+      if (g.Kg % 8 == 0) {
+        const Tensor dyc = cl_aligned(dy);
+        const Tensor yc = relu ? cl_aligned(y) : dyc;
+        const int64_t Kpad = round_up(g.Kg, BK);
+        const Tensor wp = pad_last(weight.reshape({g.G, g.Kg, g.Cg, g.R, g.S})
+                                       .permute({0, 2, 3, 4, 1})
+                                       .contiguous(),
+                                   Kpad);
+        Geom gy = g;
+        set_strides(gy.ys, dyc);
+        DgradAVec<T> la{dyc.data_ptr<T>(), yc.data_ptr<T>(), relu, gy,
+                        FastDiv(int64_t(g.H) * g.W), FastDiv(g.W), int(M), int(Kpad / BK)};
+        RowsCp<T> lb{wp.data_ptr<T>(), g.R * g.S * Kpad, g.Cg};
+        const int kt = int(g.R * g.S * Kpad / BK);
+        launch_mma<T>(la, lb, epi, M, g.Cg, g.G, 1, kt, kt);
+      } else {
+        const int64_t KR = int64_t(g.Kg) * g.R * g.S, KRp = round_up(KR, BK);
+        const Tensor wp = pad_last(weight.reshape({g.G, g.Kg, g.Cg, g.R, g.S})
+                                       .permute({0, 2, 1, 3, 4})
+                                       .reshape({g.G * g.Cg, KR}),
+                                   KRp);
+        Geom gy = g;
+        set_strides(gy.ys, dy);
+        GatherLd<T, DgradA<T>> la{};
+        la.d = DgradA<T>{dy.data_ptr<T>(), y.data_ptr<T>(), relu, gy, FastDiv(int64_t(g.H) * g.W),
+                         FastDiv(g.W), FastDiv(int64_t(g.R) * g.S), FastDiv(g.S), int(M), 0};
+        RowsCp<T> lb{wp.data_ptr<T>(), KRp, g.Cg};
+        const int kt = int(KRp / BK);
+        launch_mma<T>(la, lb, epi, M, g.Cg, g.G, 1, kt, kt);
+      }
+      return;
+    }
+  }
+  Geom gy = g;
+  set_strides(gy.ys, dy);
+  DgradA<T> da{dy.data_ptr<T>(), y.data_ptr<T>(), relu, gy, FastDiv(int64_t(g.H) * g.W),
+               FastDiv(g.W), FastDiv(int64_t(g.R) * g.S), FastDiv(g.S), int(M), 0};
+  DgradB<T> db;
+  db.w = weight.data_ptr<T>();
+  set_strides(db.ws, weight);
+  db.g = gy;
+  db.dRS = FastDiv(int64_t(g.R) * g.S);
+  db.dS = FastDiv(g.S);
+  db.grp = 0;
+  const int kt = int(ceil_div(int64_t(g.Kg) * g.R * g.S, SBK));
+  launch_simt<T>(da, db, epi, M, g.Cg, g.G, 1, kt, kt);
+}
+
+// Splits of the pixel reduction: about two waves of CTAs, at least 8 tiles per split, and a
+// workspace below 1 GiB.
+int wgrad_splits(int64_t tiles, int64_t kt_total, int64_t ws_per_split_bytes) {
+  const int64_t want = ceil_div(2 * int64_t(num_sms()), tiles);
+  int64_t s = std::max<int64_t>(1, std::min(want, kt_total / 8));
+  s = std::min<int64_t>(s, std::max<int64_t>(1, (int64_t(1) << 30) / ws_per_split_bytes));
+  return int(std::min<int64_t>(s, 4096));
+}
+
+template <typename T>
+void conv_wgrad_impl(const Tensor& dy, const Tensor& y, const Tensor& input, Geom g, bool relu,
+                     const Tensor& dw) {
+  using A = typename Acc<T>::type;
+  const int64_t M = int64_t(g.N) * g.P * g.Q;
+  const int64_t cols = int64_t(g.Cg) * g.R * g.S;
+  bool rsc = false;
+  Tensor ws;
+  int splits = 1;
+  auto make_ws = [&](int64_t tiles, int64_t kt_total) {
+    splits = wgrad_splits(tiles, kt_total, int64_t(g.Kg) * cols * g.G * sizeof(A));
+    ws = at::empty({int64_t(splits) * g.G * g.Kg * cols},
+                   dy.options().dtype(std::is_same<A, double>::value ? at::kDouble : at::kFloat));
+    return EpiWs<A>{ws.data_ptr<A>(), g.Kg, int(cols), splits};
+  };
+  const FastDiv dPQ(int64_t(g.P) * g.Q), dQ(g.Q), dRS(int64_t(g.R) * g.S), dS(g.S);
+
+  bool done = false;
+  if constexpr (std::is_same<T, c10::Half>::value || std::is_same<T, c10::BFloat16>::value) {
+    if (tensor_cores(dy)) {
+      const int64_t kt_total = ceil_div(M, BK);
+      const int64_t tiles = ceil_div(g.Kg, BM) * ceil_div(cols, BN) * g.G;
+      const auto epi = make_ws(tiles, kt_total);
+      const int kps = int(ceil_div(kt_total, splits));
+      splits = int(ceil_div(kt_total, kps));
+      const bool avec = g.Kg % 8 == 0, bvec = g.Cg % 8 == 0;
+      rsc = bvec;
+      const Tensor dyc = avec ? cl_aligned(dy) : dy;
+      const Tensor yc = relu ? (avec ? cl_aligned(y) : y) : dyc;
+      const Tensor xc = bvec ? cl_aligned(input) : input;
+      Geom gg = g;
+      set_strides(gg.ys, dyc);
+      set_strides(gg.xs, xc);
+      WgradAVec<T> av{dyc.data_ptr<T>(), yc.data_ptr<T>(), relu, gg, dPQ, dQ, int(M)};
+      GatherLd<T, WgradA<T>> ag{};
+      ag.d = WgradA<T>{dyc.data_ptr<T>(), yc.data_ptr<T>(), relu, gg, dPQ, dQ, 0};
+      WgradBVec<T> bv{xc.data_ptr<T>(), gg, dPQ, dQ, int(M)};
+      GatherLd<T, WgradB<T>> bg{};
+      bg.d = WgradB<T>{xc.data_ptr<T>(), gg, dPQ, dQ, dRS, dS, 0};
+      EpiWs<A> e = epi;
+      e.splits = splits;
+      if (avec && bvec)
+        launch_mma<T>(av, bv, e, g.Kg, cols, g.G, splits, int(kt_total), kps);
+      else if (avec)
+        launch_mma<T>(av, bg, e, g.Kg, cols, g.G, splits, int(kt_total), kps);
+      else if (bvec)
+        launch_mma<T>(ag, bv, e, g.Kg, cols, g.G, splits, int(kt_total), kps);
+      else
+        launch_mma<T>(ag, bg, e, g.Kg, cols, g.G, splits, int(kt_total), kps);
+      done = true;
+    }
+  }
+  if (!done) {
+    const int64_t kt_total = ceil_div(M, SBK);
+    const int64_t tiles = ceil_div(g.Kg, SBM) * ceil_div(cols, SBN) * g.G;
+    auto epi = make_ws(tiles, kt_total);
+    const int kps = int(ceil_div(kt_total, splits));
+    splits = int(ceil_div(kt_total, kps));
+    epi.splits = splits;
+    Geom gg = g;
+    set_strides(gg.ys, dy);
+    set_strides(gg.xs, input);
+    WgradA<T> da{dy.data_ptr<T>(), y.data_ptr<T>(), relu, gg, dPQ, dQ, 0};
+    WgradB<T> db{input.data_ptr<T>(), gg, dPQ, dQ, dRS, dS, 0};
+    launch_simt<T>(da, db, epi, g.Kg, cols, g.G, splits, int(kt_total), kps);
+  }
+  const int64_t total = dw.numel();
+  wgrad_reduce_kernel<T, A><<<unsigned(ceil_div(total, 256)), 256, 0, stream()>>>(
+      ws.data_ptr<A>(), dw.data_ptr<T>(), g.Kg, g.Cg, g.R, g.S, splits, rsc, dw.stride(0),
+      dw.stride(1), dw.stride(2), dw.stride(3), total);
+  FC_LAUNCH_CHECK();
+}
+
+template <typename T>
+void conv_bgrad_impl(const Tensor& dy, const Tensor& y, Geom g, bool relu, const Tensor& db) {
+  using A = typename Acc<T>::type;
+  const int64_t M = int64_t(g.N) * g.P * g.Q;
+  const int64_t cblocks = ceil_div(g.K, 32);
+  const int64_t want = ceil_div(4 * int64_t(num_sms()), cblocks);
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({want, ceil_div(M, 256), 65535}));
+  const int per = int(ceil_div(M, splits));
+  const int64_t sp = ceil_div(M, per);
+  Tensor part = at::empty({sp * g.K}, dy.options().dtype(
+                                          std::is_same<A, double>::value ? at::kDouble : at::kFloat));
+  Geom gy = g;
+  set_strides(gy.ys, dy);
+  bias_partial_kernel<T, A><<<dim3(unsigned(cblocks), unsigned(sp)), 256, 0, stream()>>>(
+      dy.data_ptr<T>(), y.data_ptr<T>(), relu, gy, FastDiv(int64_t(g.P) * g.Q), FastDiv(g.Q),
+      int(M), per, part.data_ptr<A>());
+  FC_LAUNCH_CHECK();
+  bias_final_kernel<T, A><<<unsigned(ceil_div(g.K, 256)), 256, 0, stream()>>>(
+      part.data_ptr<A>(), g.K, int(sp), db.data_ptr<T>());
+  FC_LAUNCH_CHECK();
+}
+
+std::tuple<Tensor, Tensor, Tensor> conv2d_relu_backward_cuda(
+    const Tensor& grad_output, const Tensor& input, const Tensor& weight, const Tensor& output,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    bool relu, std::array<bool, 3> output_mask) {
+  check_conv_args(input, weight, stride, padding, dilation, groups);
+  check_cuda(grad_output, "grad_output");
+  c10::cuda::CUDAGuard guard(input.device());
+  const int64_t P = conv_out(input.size(2), weight.size(2), stride[0], padding[0], dilation[0]);
+  const int64_t Q = conv_out(input.size(3), weight.size(3), stride[1], padding[1], dilation[1]);
+  const std::vector<int64_t> oshape{input.size(0), weight.size(0), P, Q};
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(oshape), "fastconv (CUDA): grad_output of shape ",
+              grad_output.sizes(), " does not match the output shape ", at::IntArrayRef(oshape));
+  TORCH_CHECK(!relu || output.sizes() == at::IntArrayRef(oshape), "fastconv (CUDA): output of shape ",
+              output.sizes(), " does not match the output shape ", at::IntArrayRef(oshape));
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() &&
+                  (!relu || output.scalar_type() == input.scalar_type()),
+              "fastconv (CUDA): grad_output/output dtype must match input dtype ",
+              input.scalar_type());
+  const auto fmt = out_format(input);
+  Tensor grad_input, grad_weight, grad_bias;
+  grad_input = output_mask[0] ? at::empty(input.sizes(), input.options().memory_format(fmt))
+                              : at::empty({0}, input.options());
+  grad_weight = output_mask[1] ? at::empty_like(weight) : at::empty({0}, input.options());
+  grad_bias = output_mask[2] ? at::empty({weight.size(0)}, input.options())
+                             : at::empty({0}, input.options());
+  const int64_t M = input.size(0) * P * Q;
+  if (M == 0 || input.numel() == 0 || weight.numel() == 0) {  // nothing to sum: zeros
+    if (output_mask[0]) grad_input.zero_();
+    if (output_mask[1]) grad_weight.zero_();
+    if (output_mask[2]) grad_bias.zero_();
+    return {grad_input, grad_weight, grad_bias};
+  }
+  check_rows(M, "output");
+  check_rows(input.size(0) * input.size(2) * input.size(3), "input");
+  const Tensor dy = grad_output.contiguous(fmt);
+  const Tensor y = relu ? output.contiguous(fmt) : dy;
+  const Tensor x = input.contiguous(fmt);
+  Geom g = make_geom(x, weight, P, Q, stride, padding, dilation, groups);
+  set_strides(g.xs, x);
+  set_strides(g.ys, dy);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "conv2d_relu_backward", [&] {
+    if (output_mask[0]) conv_dgrad_impl<scalar_t>(dy, y, weight, g, relu, grad_input);
+    if (output_mask[1]) conv_wgrad_impl<scalar_t>(dy, y, x, g, relu, grad_weight);
+    if (output_mask[2]) conv_bgrad_impl<scalar_t>(dy, y, g, relu, grad_bias);
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+}  // namespace fastconv_cuda
+
+TORCH_LIBRARY_IMPL(fastconv, CUDA, m) {
+  m.impl("conv2d_relu", &fastconv_cuda::conv2d_relu_cuda);
+  m.impl("conv2d_relu_backward", &fastconv_cuda::conv2d_relu_backward_cuda);
+}

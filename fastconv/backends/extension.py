@@ -1,0 +1,922 @@
+"""The "extension" backend: the C++ (CPU) and CUDA operators of ``csrc/``, built on first use.
+
+Build. ``torch.utils.cpp_extension.load`` (ninja, honours ``MAX_JOBS``) compiles
+``csrc/fastconv.cpp``, ``csrc/cpu/*.cpp`` and, when torch is a CUDA build and nvcc is found,
+``csrc/cuda/*.cu`` into the per-user cache, ``cache_dir("extension", <key>)``, where the key
+hashes the sources, the flags, the torch/CUDA/Python versions, the CUDA arch list and the CPU's
+features (the CPU code is compiled with ``-march=native``). A file lock keeps two processes from
+building the same key at once; a marker file says a build is complete, and later processes just
+load the library. Object files stay in that directory (``cuobjdump`` them there).
+
+Nothing is compiled at ``import fastconv``. The first real use (``unavailable_reason()``)
+builds and loads, unless ``FASTCONV_NO_EXTENSION_BUILD=1``, in which case an unbuilt extension
+reports itself unavailable. A failed build is remembered with its compiler output, in this
+process and on disk for the same key, and is retried only by an explicit ``build()``
+(``fastconv build-ext``).
+
+Environment: ``MAX_JOBS`` (parallel compile jobs), ``TORCH_CUDA_ARCH_LIST`` (default
+"8.0;9.0"), ``FASTCONV_EXTENSION_CUDA=0`` (build the CPU half only), ``CUDA_HOME``, ``CXX``,
+``FASTCONV_NO_EXTENSION_BUILD=1`` (never build lazily), ``FASTCONV_EXTENSION_SOURCES`` (another
+source tree of csrc/'s layout; the build tests use it).
+
+Builds of one configuration (flags, torch, CUDA, CPU) start from the newest earlier build's
+object files, so an edit of one source file recompiles that file only; the newest few builds
+per configuration are kept. The system CUDA toolkit may lack headers (cusparse.h) or the
+unversioned libcudart.so: those are linked in from the nvidia wheels that the CUDA build of
+torch installs (site-packages/nvidia/cu13/...), without shadowing the toolkit's own files.
+
+Python side. Right after the library is loaded, this module registers for every op a fake
+(meta) implementation giving shapes, dtypes and strides, and the autograd formulas, whose
+backward calls the registered ``*_backward`` ops. ``batch_norm`` mutates its running
+statistics, which ``torch.library.register_autograd`` refuses, so its Autograd kernel is
+registered directly, in the same way. (The ``*_backward`` ops themselves refuse double
+backward from C++, csrc/fastconv.cpp.)
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from .base import OPS, Backend
+
+_EXT_NAME = "fastconv_ext"
+_DEFAULT_ARCH_LIST = "8.0;9.0"
+_MARKER = "fastconv-build.json"
+_FAILED = "fastconv-build-failed.txt"
+_LOG = "fastconv-build.log"
+
+# dtypes the kernels serve, per device type (CUDA: as csrc/cuda dispatches them; its batch norm
+# has no float64 kernel)
+_CPU_DTYPES = ("float32", "float64", "bfloat16", "float16")
+_CUDA_DTYPES = ("float32", "float64", "float16", "bfloat16")
+_CUDA_DTYPES_BY_OP = {"batch_norm": ("float32", "float16", "bfloat16")}
+
+
+class ExtensionBuildError(RuntimeError):
+    """The extension could not be built or loaded; the message says why."""
+
+
+class _NotBuilt(ExtensionBuildError):
+    """Not built yet and building is not allowed here (not a failure: not remembered)."""
+
+
+# ------------------------------------------------------------------------------------------
+# build plan
+
+
+def source_root() -> Optional[Path]:
+    """``csrc/`` inside the package (wheel installs) or at the repository root (editable).
+
+    ``$FASTCONV_EXTENSION_SOURCES`` names another directory of the same layout (the build tests
+    use it to compile small or deliberately broken source trees).
+    """
+    here = Path(__file__).resolve()
+    override = os.environ.get("FASTCONV_EXTENSION_SOURCES")
+    candidates = [Path(override)] if override else [here.parents[1] / "csrc", here.parents[2] / "csrc"]
+    for root in candidates:
+        if (root / "fastconv.cpp").is_file():
+            return root
+    return None
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without its import-time CUDA_HOME warning (the
+    guess it warns about is replaced by _cuda_home())."""
+    import logging
+
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
+def _cuda_home() -> Optional[str]:
+    """The CUDA toolkit root: has bin/nvcc and include/cuda_runtime.h.
+
+    torch guesses CUDA_HOME from `which nvcc`, which is wrong when that is a wrapper script
+    (/usr/local/bin/nvcc -> CUDA_HOME=/usr/local); the toolkit's own layout decides here.
+    """
+    cpp_extension = _cpp_extension()
+
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                  cpp_extension.CUDA_HOME, "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in candidates:
+        if (home and os.path.exists(os.path.join(home, "bin", "nvcc"))
+                and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))):
+            return home
+    return None
+
+
+def _cuda_decision(cu_sources: list[Path]) -> tuple[bool, str]:
+    """Whether to compile the CUDA half, and why (not)."""
+    import torch
+
+    if os.environ.get("FASTCONV_EXTENSION_CUDA", "").strip() == "0":
+        return False, "disabled by FASTCONV_EXTENSION_CUDA=0"
+    if not cu_sources:
+        return False, "no CUDA sources in csrc/cuda"
+    if not torch.version.cuda:
+        return False, "torch is a CPU-only build"
+    if getattr(torch.version, "hip", None):
+        return False, "ROCm builds are not supported"
+    if _cuda_home() is None:
+        return False, "nvcc not found (set CUDA_HOME)"
+    return True, f"CUDA {torch.version.cuda}"
+
+
+def cuda_arch_flags() -> list[str]:
+    """nvcc -gencode flags for $TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), e.g. "8.0;9.0a+PTX"."""
+    text = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or _DEFAULT_ARCH_LIST
+    flags: list[str] = []
+    for item in re.split(r"[;\s]+", text):
+        if not item:
+            continue
+        m = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", item)
+        if not m:
+            raise ExtensionBuildError(
+                f"TORCH_CUDA_ARCH_LIST entry {item!r} is not of the form 8.0, 9.0a or 9.0+PTX")
+        num = f"{m.group(1)}{m.group(2)}{m.group(3)}"
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if m.group(4):
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    if not flags:
+        raise ExtensionBuildError("TORCH_CUDA_ARCH_LIST is empty")
+    return flags
+
+
+def _vec_flags() -> list[str]:
+    """at::vec's instruction set for the CPU kernels: the one torch itself runs with."""
+    import torch
+
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - very old torch, or a non-x86 build
+        cap = "DEFAULT"
+    # AVX2 even where torch runs AVX512: at::vec's AVX512 comparisons yield k-masks that
+    # blendv converts back and forth, and the blend-heavy max-pool loops measured 1.3-1.8x
+    # slower that way on this project's CPU machine (Zen, AVX512); plain loops still get
+    # AVX512 from -march=native.
+    if cap in ("AVX512", "AVX2"):
+        return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return []
+
+
+def _cpu_features() -> str:
+    """The CPU's feature flags: -march=native code must be rebuilt on a different CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _nvidia_wheel_dirs() -> list[Path]:
+    """site-packages/nvidia/<pkg> directories installed with the CUDA build of torch."""
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    out = []
+    for loc in spec.submodule_search_locations:
+        base = Path(loc)
+        # cu13 first: the CUDA 13 wheels put every component in one tree
+        for sub in sorted(base.iterdir(), key=lambda p: (p.name != "cu13", p.name)):
+            if sub.is_dir() and ((sub / "include").is_dir() or (sub / "lib").is_dir()):
+                out.append(sub)
+    return out
+
+
+def _fill_in_dir(dest: Path, sources: list[Path], present: Path, want) -> Optional[Path]:
+    """Links into ``dest`` the entries of ``sources`` that ``present`` lacks.
+
+    The system toolkit may lack headers (cusparse.h) or the unversioned libcudart.so that the
+    nvidia wheels carry; linking only the missing ones never shadows the toolkit's own files.
+    """
+    made = False
+    for src_dir in sources:
+        if not src_dir.is_dir():
+            continue
+        for entry in sorted(src_dir.iterdir()):
+            name = want(entry)
+            if name is None or (present / name).exists() or (dest / name).exists():
+                continue
+            dest.mkdir(parents=True, exist_ok=True)
+            try:
+                os.symlink(entry, dest / name)
+            except FileExistsError:  # another build of this config linked it meanwhile
+                pass
+            made = True
+    return dest if made or dest.is_dir() else None
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class _Plan:
+    """Everything that determines a build: sources, flags, and the cache key derived from them."""
+
+    def __init__(self) -> None:
+        import torch
+        from .. import _cache
+
+        root = source_root()
+        if root is None:
+            raise ExtensionBuildError(
+                "the C++ sources (csrc/fastconv.cpp) are not present next to the fastconv package")
+        self.root = root
+        self.cpp = [root / "fastconv.cpp"] + sorted((root / "cpu").glob("*.cpp"))
+        cu = sorted((root / "cuda").glob("*.cu"))
+        self.with_cuda, self.cuda_note = _cuda_decision(cu)
+        self.cu = cu if self.with_cuda else []
+        self.cflags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp",
+                       "-Wno-unknown-pragmas"] + _vec_flags()
+        self.ldflags = ["-fopenmp"]
+        self.cuda_cflags: list[str] = []
+        self.arch = ""
+        if self.with_cuda:
+            self.arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or _DEFAULT_ARCH_LIST
+            # no --use_fast_math: batch-norm statistics and NaN propagation need IEEE division
+            # and comparisons
+            self.cuda_cflags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + cuda_arch_flags()
+        headers = [p for p in sorted(root.rglob("*"))
+                   if p.suffix in (".h", ".hpp", ".cuh") and p.is_file()]
+        digest = hashlib.sha256()
+        for path in self.cpp + self.cu + headers:
+            digest.update(str(path.relative_to(root)).encode() + b"\0")
+            digest.update(path.read_bytes() + b"\0")
+        config_parts = {
+            "root": str(root), "files": [str(p.relative_to(root)) for p in self.cpp + self.cu],
+            "cflags": self.cflags, "ldflags": self.ldflags, "cuda_cflags": self.cuda_cflags,
+            "torch": torch.__version__, "cuda": torch.version.cuda if self.with_cuda else None,
+            "python": sys.version_info[:2], "cpu": _cpu_features(),
+            "cxx": os.environ.get("CXX", "c++"), "cuda_home": _cuda_home() if self.with_cuda else None,
+        }
+        # config: everything but the source contents. Builds of one config share the CUDA
+        # fill-in directories (so their compile commands are identical) and a new build
+        # starts from the previous one's object files: ninja recompiles only what changed.
+        self.config = _digest(config_parts)
+        self.key = _digest({"config": self.config, "sources": digest.hexdigest()})
+        self.dir = _cache.cache_dir("extension", self.key)
+        self.shared = _cache.cache_dir("extension", f"config-{self.config}")
+        self.library = self.dir / f"{_EXT_NAME}.so"
+
+
+# ------------------------------------------------------------------------------------------
+# build and load
+
+
+_lock = threading.RLock()
+_loaded: Optional[dict[str, Any]] = None  # the marker of the library loaded in this process
+_failure: Optional[str] = None  # why building/loading failed in this process
+
+
+def _toolchain_problem() -> Optional[str]:
+    cpp_extension = _cpp_extension()
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler: {cxx!r} is not on PATH (install g++ or set CXX)"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not available (pip install ninja)"
+    return None
+
+
+def _ninja_on_path() -> None:
+    # `pip install ninja` puts the binary next to the interpreter, which need not be on PATH
+    # when the venv is not activated.
+    if shutil.which("ninja") is None:
+        bindir = os.path.dirname(sys.executable)
+        if os.path.exists(os.path.join(bindir, "ninja")):
+            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+
+
+def _tail(text: str, lines: int = 40) -> str:
+    rows = [r for r in text.strip().splitlines() if r.strip()]
+    return "\n".join(rows[-lines:])
+
+
+def _compile(plan: _Plan, verbose: bool) -> None:
+    """Runs the ninja build into plan.dir (caller holds the file lock)."""
+    cpp_extension = _cpp_extension()
+
+    include_paths: list[str] = []
+    ldflags = list(plan.ldflags)
+    if plan.with_cuda:
+        home = Path(_cuda_home() or "")
+        wheels = _nvidia_wheel_dirs()
+        inc = _fill_in_dir(plan.shared / "cuda-extra-include", [w / "include" for w in wheels],
+                           home / "include", lambda p: p.name)
+        if inc is not None:
+            include_paths.append(str(inc))
+
+        def unversioned(p: Path) -> Optional[str]:
+            m = re.fullmatch(r"(lib[\w+-]+)\.so\.\d+", p.name)
+            return m.group(1) + ".so" if m else None
+
+        lib_present = home / "lib64" if (home / "lib64").is_dir() else home / "lib"
+        lib = _fill_in_dir(plan.shared / "cuda-extra-lib", [w / "lib" for w in wheels],
+                           lib_present, unversioned)
+        if lib is not None:
+            ldflags.append(f"-L{lib}")
+    stale = plan.dir / "lock"  # torch<2.12's lock file blocks forever if a build was killed
+    if stale.exists():
+        stale.unlink()
+    saved_home = cpp_extension.CUDA_HOME
+    if plan.with_cuda:
+        cpp_extension.CUDA_HOME = _cuda_home()  # torch reads this global when it builds
+    try:
+        _load_ext(cpp_extension, plan, include_paths, ldflags, verbose)
+    finally:
+        cpp_extension.CUDA_HOME = saved_home
+
+
+def _load_ext(cpp_extension, plan: _Plan, include_paths: list[str], ldflags: list[str],
+              verbose: bool) -> None:
+    cpp_extension.load(
+        name=_EXT_NAME,
+        sources=[str(p) for p in plan.cpp + plan.cu],
+        extra_cflags=plan.cflags,
+        extra_cuda_cflags=plan.cuda_cflags,
+        extra_ldflags=ldflags,
+        extra_include_paths=include_paths,
+        build_directory=str(plan.dir),
+        verbose=verbose,
+        with_cuda=plan.with_cuda,
+        is_python_module=False,
+    )
+
+
+def _seed_from_previous_build(plan: _Plan) -> bool:
+    """Copies the newest same-config build's object files and ninja logs into plan.dir.
+
+    copy2 keeps their times, so ninja rebuilds exactly the objects whose sources (or included
+    headers) changed since, and links; a first build of a config copies nothing.
+    """
+    from .. import _cache
+
+    if any(plan.dir.glob("*.o")):
+        return True
+    best, best_time = None, 0.0
+    for marker in plan.dir.parent.glob(f"*/{_MARKER}"):
+        info = _cache.read_json(marker)
+        if not info or info.get("config") != plan.config or marker.parent == plan.dir:
+            continue
+        t = marker.stat().st_mtime
+        if t > best_time:
+            best, best_time = marker.parent, t
+    if best is None:
+        return False
+    for src in [*best.glob("*.o"), best / ".ninja_deps", best / ".ninja_log"]:
+        if src.is_file():
+            shutil.copy2(src, plan.dir / src.name)
+    return True
+
+
+_KEEP_BUILDS = 3  # per config: each edit of csrc/ makes a new one (~25 MB with CUDA objects)
+
+
+def _prune_old_builds(plan: _Plan) -> None:
+    """Deletes all but the newest few completed builds of plan's config.
+
+    A process that already loaded a deleted library keeps its mapping (Linux semantics)."""
+    from .. import _cache
+
+    builds = []
+    for marker in plan.dir.parent.glob(f"*/{_MARKER}"):
+        info = _cache.read_json(marker)
+        if info and info.get("config") == plan.config and marker.parent != plan.dir:
+            builds.append((marker.stat().st_mtime, marker.parent))
+    for _, old in sorted(builds, reverse=True)[_KEEP_BUILDS - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
+        lock = old.parent / f"{old.name}.lock"
+        if lock.exists():
+            lock.unlink()
+
+
+def _build_and_load(plan: _Plan, *, allow_build: bool, retry_failed: bool, verbose: bool) -> None:
+    """Loads the cached build of ``plan``, building it first if needed. Raises ExtensionBuildError."""
+    global _loaded
+    from .. import _cache
+
+    marker = plan.dir / _MARKER
+    failed = plan.dir / _FAILED
+    info = _cache.read_json(marker)
+    if info is None or not plan.library.is_file():
+        if not retry_failed and failed.is_file():
+            raise ExtensionBuildError(
+                f"an earlier build of this extension failed (run `fastconv build-ext` to retry); "
+                f"its output ends with:\n{failed.read_text()}")
+        if not allow_build:
+            if _truthy("FASTCONV_NO_EXTENSION_BUILD"):
+                raise _NotBuilt("the C++ extension is not built and FASTCONV_NO_EXTENSION_BUILD "
+                                "forbids building it here; run `fastconv build-ext`")
+            raise _NotBuilt("the C++ extension is not built yet (it builds on first use, or "
+                            "run `fastconv build-ext`)")
+        problem = _toolchain_problem()
+        if problem:
+            raise ExtensionBuildError(problem)
+        with _cache.file_lock(plan.dir.parent / f"{plan.key}.lock"):
+            info = _cache.read_json(marker)  # another process may have finished meanwhile
+            if (info is None or not plan.library.is_file()) and not retry_failed \
+                    and failed.is_file():
+                raise ExtensionBuildError(
+                    f"the build of this extension failed (run `fastconv build-ext` to retry); "
+                    f"its output ends with:\n{failed.read_text()}")
+            if info is None or not plan.library.is_file():
+                what = "C++/CUDA" if plan.with_cuda else "C++"
+                if _seed_from_previous_build(plan):
+                    when = "sources changed: recompiling what changed"
+                else:
+                    when = f"first use, ~{'5-10' if plan.with_cuda else '2-4'} min"
+                print(f"fastconv: building the {what} extension ({when}) in {plan.dir} ...",
+                      file=sys.stderr, flush=True)
+                start = time.monotonic()
+                _ninja_on_path()
+                try:
+                    _compile(plan, verbose)
+                except Exception as exc:  # compiler errors arrive as RuntimeError text
+                    text = str(exc)
+                    _cache.atomic_write_text(plan.dir / _LOG, text + "\n")
+                    _cache.atomic_write_text(failed, _tail(text) + "\n")
+                    print(f"fastconv: the extension build failed; see {plan.dir / _LOG}",
+                          file=sys.stderr, flush=True)
+                    raise ExtensionBuildError(
+                        f"building the extension failed (full log: {plan.dir / _LOG}):\n"
+                        f"{_tail(text)}") from exc
+                info = {"library": str(plan.library), "cuda": plan.with_cuda,
+                        "cuda_note": plan.cuda_note, "arch": plan.arch, "key": plan.key,
+                        "config": plan.config, "seconds": round(time.monotonic() - start, 1)}
+                _cache.atomic_write_json(marker, info)
+                if failed.exists():
+                    failed.unlink()
+                _prune_old_builds(plan)
+                print(f"fastconv: extension built in {info['seconds']:.0f} s", file=sys.stderr,
+                      flush=True)
+                _loaded = info  # cpp_extension.load has loaded it already
+                _register_python_side()
+                return
+    _load_library(info)
+
+
+def _load_library(info: dict[str, Any]) -> None:
+    global _loaded
+    import torch
+
+    try:
+        torch.ops.load_library(info["library"])
+    except Exception as exc:
+        raise ExtensionBuildError(f"loading {info['library']} failed: {exc}") from exc
+    _loaded = info
+    _register_python_side()
+
+
+def _ensure(*, allow_build: bool, retry_failed: bool = False, verbose: bool = False) -> Optional[str]:
+    """Loads (building if allowed) once per process; returns None or why it is unavailable."""
+    global _failure
+    with _lock:
+        if _loaded is not None:
+            return None
+        if _failure is not None and not retry_failed:
+            return _failure
+        try:
+            plan = _Plan()
+            _build_and_load(plan, allow_build=allow_build, retry_failed=retry_failed,
+                            verbose=verbose)
+        except _NotBuilt as exc:
+            return str(exc)  # may still be built later in this process
+        except ExtensionBuildError as exc:
+            _failure = str(exc)
+            return _failure
+        except Exception as exc:  # an unsafe cache dir, a broken torch: never crash the caller
+            _failure = f"{type(exc).__name__}: {exc}"
+            return _failure
+        _failure = None
+        return None
+
+
+def build(verbose: bool = False) -> Path:
+    """Builds (or reuses) and loads the extension; returns the build directory.
+
+    Retries a build that failed before. Raises :class:`ExtensionBuildError` with the reason.
+    """
+    reason = _ensure(allow_build=True, retry_failed=True, verbose=verbose)
+    if reason is not None:
+        raise ExtensionBuildError(reason)
+    assert _loaded is not None
+    return Path(_loaded["library"]).parent
+
+
+def build_directory() -> Path:
+    """Where the current sources' build lives (or will): .so, ninja file, object files."""
+    return _Plan().dir
+
+
+def status(build: bool = False) -> tuple[bool, str]:
+    """``(available, description or reason)`` for ``fastconv info``.
+
+    Loads a build that is already cached; builds only when ``build`` is true.
+    """
+    if _loaded is None:
+        reason = _ensure(allow_build=build)
+        if reason is not None:
+            return False, reason
+    assert _loaded is not None
+    cuda = (f"CUDA kernels compiled in (TORCH_CUDA_ARCH_LIST={_loaded['arch']})"
+            if _loaded["cuda"] else f"no CUDA kernels ({_loaded['cuda_note']})")
+    return True, f"CPU kernels ({', '.join(_CPU_DTYPES)}); {cuda}; {Path(_loaded['library']).parent}"
+
+
+def loaded() -> bool:
+    return _loaded is not None
+
+
+def has_cuda_kernels() -> bool:
+    return _loaded is not None and bool(_loaded["cuda"])
+
+
+# ------------------------------------------------------------------------------------------
+# fake implementations and autograd (registered once the library is loaded)
+
+
+_registered = False
+_autograd_lib = None  # keeps the batch_norm Autograd registration alive
+
+
+def layout_of(t) -> Any:
+    """The memory format an op's output takes from tensor ``t`` (c10's suggest_memory_format)."""
+    import torch
+
+    try:
+        from torch._prims_common import suggest_memory_format
+    except ImportError:  # pragma: no cover - older torch
+        suggest_memory_format = None
+    if suggest_memory_format is not None:
+        return suggest_memory_format(t)
+    if t.dim() != 4 or t.stride(1) == 0:
+        return torch.contiguous_format
+    lo = 0
+    for d in (1, 3, 2, 0):
+        if t.shape[d] == 0 or t.stride(d) < lo or (d == 0 and lo == t.stride(1)):
+            return torch.contiguous_format
+        lo = t.stride(d) * (t.shape[d] if t.shape[d] > 1 else 1)
+    return torch.channels_last
+
+
+def _pooled(size, k, pad, stride, dil, ceil_mode):
+    num = size + 2 * pad - dil * (k - 1) - 1 + (stride - 1 if ceil_mode else 0)
+    out = num // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out = out - 1
+    return out
+
+
+def _full_input_size(input_size, grad_output):
+    if len(input_size) == 2:
+        return [grad_output.shape[0], grad_output.shape[1], *input_size]
+    return list(input_size)
+
+
+def _local_index_dtype(kernel_size):
+    import torch
+
+    return torch.int8 if kernel_size[0] * kernel_size[1] <= 127 else torch.int32
+
+
+def _register_python_side() -> None:
+    global _registered, _autograd_lib
+    if _registered:
+        return
+    _registered = True
+    import torch
+    from torch.library import register_autograd, register_fake
+
+    ops = torch.ops.fastconv
+
+    def empty(shape, like, fmt, dtype=None):
+        return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
+
+    def nothing(like, dtype=None):
+        return torch.empty((0,), dtype=dtype or like.dtype, device=like.device)
+
+    # ---- fakes: shapes, dtypes and strides exactly as the kernels produce them
+
+    @register_fake("fastconv::conv2d_relu")
+    def _(input, weight, bias, stride, padding, dilation, groups, relu):
+        oh = (input.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
+        ow = (input.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
+        return empty((input.shape[0], weight.shape[0], oh, ow), input, layout_of(input))
+
+    @register_fake("fastconv::conv2d_relu_backward")
+    def _(grad_output, input, weight, output, stride, padding, dilation, groups, relu, output_mask):
+        gi = empty(input.shape, input, layout_of(input)) if output_mask[0] else nothing(input)
+        gw = empty(weight.shape, weight, layout_of(weight)) if output_mask[1] else nothing(weight)
+        gb = (torch.empty((weight.shape[0],), dtype=grad_output.dtype, device=grad_output.device)
+              if output_mask[2] else nothing(weight))
+        return gi, gw, gb
+
+    @register_fake("fastconv::max_pool2d")
+    def _(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, relu):
+        oh = _pooled(input.shape[2], kernel_size[0], padding[0], stride[0], dilation[0], ceil_mode)
+        ow = _pooled(input.shape[3], kernel_size[1], padding[1], stride[1], dilation[1], ceil_mode)
+        shape = (input.shape[0], input.shape[1], oh, ow)
+        fmt = layout_of(input)
+        idx = torch.int64 if return_indices else _local_index_dtype(kernel_size)
+        return empty(shape, input, fmt), empty(shape, input, fmt, dtype=idx)
+
+    @register_fake("fastconv::max_pool2d_backward")
+    def _(grad_output, output, indices, input_size, kernel_size, stride, padding, dilation,
+          ceil_mode, return_indices, relu):
+        return empty(_full_input_size(input_size, grad_output), grad_output, layout_of(grad_output))
+
+    @register_fake("fastconv::batch_norm")
+    def _(input, weight, bias, running_mean, running_var, training, momentum, eps, relu):
+        c = input.shape[1]
+        stat = torch.empty((c,), dtype=torch.float32, device=input.device)
+        return empty(input.shape, input, layout_of(input)), stat, torch.empty_like(stat)
+
+    @register_fake("fastconv::batch_norm_backward")
+    def _(grad_output, input, output, weight, save_mean, save_invstd, training, relu, output_mask):
+        c = input.shape[1]
+        pdtype = weight.dtype if weight is not None else input.dtype
+        gi = empty(input.shape, input, layout_of(input)) if output_mask[0] else nothing(input)
+        gw = (torch.empty((c,), dtype=pdtype, device=input.device) if output_mask[1]
+              else nothing(input))
+        gb = (torch.empty((c,), dtype=pdtype, device=input.device) if output_mask[2]
+              else nothing(input))
+        return gi, gw, gb
+
+    @register_fake("fastconv::avg_pool2d")
+    def _(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+        oh = _pooled(input.shape[2], kernel_size[0], padding[0], stride[0], 1, ceil_mode)
+        ow = _pooled(input.shape[3], kernel_size[1], padding[1], stride[1], 1, ceil_mode)
+        return empty((input.shape[0], input.shape[1], oh, ow), input, layout_of(input))
+
+    @register_fake("fastconv::avg_pool2d_backward")
+    def _(grad_output, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad,
+          divisor_override):
+        return empty(_full_input_size(input_size, grad_output), grad_output, layout_of(grad_output))
+
+    @register_fake("fastconv::adaptive_avg_pool2d")
+    def _(input, output_size):
+        return empty((input.shape[0], input.shape[1], *output_size), input, layout_of(input))
+
+    @register_fake("fastconv::adaptive_avg_pool2d_backward")
+    def _(grad_output, input_size):
+        return empty(_full_input_size(input_size, grad_output), grad_output, layout_of(grad_output))
+
+    # ---- autograd: backward formulas call the registered backward ops
+
+    def conv_setup(ctx, inputs, output):
+        input, weight, bias, stride, padding, dilation, groups, relu = inputs
+        ctx.args = (stride, padding, dilation, groups, relu)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(input, weight, output if relu else None)
+
+    def conv_backward(ctx, grad):
+        input, weight, output = ctx.saved_tensors
+        stride, padding, dilation, groups, relu = ctx.args
+        need = ctx.needs_input_grad
+        mask = [bool(need[0]), bool(need[1]), bool(ctx.has_bias and need[2])]
+        if output is None:
+            output = grad.new_empty((0,))
+        gi, gw, gb = ops.conv2d_relu_backward(grad, input, weight, output, stride, padding,
+                                              dilation, groups, relu, mask)
+        return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
+                None, None, None, None, None)
+
+    register_autograd("fastconv::conv2d_relu", conv_backward, setup_context=conv_setup)
+
+    def max_setup(ctx, inputs, output):
+        input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, relu = inputs
+        out, indices = output
+        ctx.mark_non_differentiable(indices)
+        ctx.args = (list(input.shape), kernel_size, stride, padding, dilation, ceil_mode,
+                    return_indices, relu)
+        ctx.fmt = layout_of(input)
+        ctx.save_for_backward(out if relu else None, indices)
+
+    def max_backward(ctx, grad, _grad_indices):
+        out, indices = ctx.saved_tensors
+        input_size, kernel_size, stride, padding, dilation, ceil_mode, return_indices, relu = ctx.args
+        if out is None:
+            out = grad.new_empty((0,))
+        gi = ops.max_pool2d_backward(grad.contiguous(memory_format=ctx.fmt), out, indices,
+                                     input_size, kernel_size, stride, padding, dilation,
+                                     ceil_mode, return_indices, relu)
+        return gi.contiguous(memory_format=ctx.fmt), None, None, None, None, None, None, None
+
+    register_autograd("fastconv::max_pool2d", max_backward, setup_context=max_setup)
+
+    def avg_setup(ctx, inputs, output):
+        input = inputs[0]
+        ctx.args = (list(input.shape), *inputs[1:])
+        ctx.fmt = layout_of(input)
+
+    def avg_backward(ctx, grad):
+        gi = ops.avg_pool2d_backward(grad.contiguous(memory_format=ctx.fmt), *ctx.args)
+        return gi.contiguous(memory_format=ctx.fmt), None, None, None, None, None, None
+
+    register_autograd("fastconv::avg_pool2d", avg_backward, setup_context=avg_setup)
+
+    def adaptive_setup(ctx, inputs, output):
+        ctx.input_size = list(inputs[0].shape)
+        ctx.fmt = layout_of(inputs[0])
+
+    def adaptive_backward(ctx, grad):
+        gi = ops.adaptive_avg_pool2d_backward(grad.contiguous(memory_format=ctx.fmt), ctx.input_size)
+        return gi.contiguous(memory_format=ctx.fmt), None
+
+    register_autograd("fastconv::adaptive_avg_pool2d", adaptive_backward,
+                      setup_context=adaptive_setup)
+
+    # batch_norm mutates running_mean/var: register_autograd refuses such schemas, so its
+    # Autograd kernel is registered directly, built the way register_autograd builds one.
+    bn = ops.batch_norm.default
+    below_autograd = torch._C._after_autograd_keyset
+
+    class BatchNormFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, keyset, input, weight, bias, running_mean, running_var, training,
+                    momentum, eps, relu):
+            with torch._C._AutoDispatchBelowAutograd():
+                out, save_mean, save_invstd = bn.redispatch(
+                    keyset & below_autograd, input, weight, bias, running_mean, running_var,
+                    training, momentum, eps, relu)
+            ctx.mark_non_differentiable(save_mean, save_invstd)
+            ctx.args = (training, relu, weight is not None, bias is not None)
+            ctx.save_for_backward(input, weight, out if relu else None, save_mean, save_invstd)
+            return out, save_mean, save_invstd
+
+        @staticmethod
+        def backward(ctx, grad, _gm, _gi):
+            input, weight, out, save_mean, save_invstd = ctx.saved_tensors
+            training, relu, has_weight, has_bias = ctx.args
+            need = ctx.needs_input_grad  # (keyset, input, weight, bias, ...)
+            mask = [bool(need[1]), bool(has_weight and need[2]), bool(has_bias and need[3])]
+            if out is None:
+                out = grad.new_empty((0,))
+            gi, gw, gb = ops.batch_norm_backward(grad, input, out, weight, save_mean,
+                                                 save_invstd, training, relu, mask)
+            return (None, gi if mask[0] else None, gw if mask[1] else None,
+                    gb if mask[2] else None, None, None, None, None, None, None)
+
+    def bn_autograd(keyset, input, weight, bias, running_mean, running_var, training, momentum,
+                    eps, relu):
+        if torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (input, weight, bias)):
+            return BatchNormFunction.apply(keyset, input, weight, bias, running_mean,
+                                           running_var, training, momentum, eps, relu)
+        with torch._C._AutoDispatchBelowAutograd():
+            return bn.redispatch(keyset & below_autograd, input, weight, bias, running_mean,
+                                 running_var, training, momentum, eps, relu)
+
+    _autograd_lib = torch.library.Library("fastconv", "IMPL")
+    _autograd_lib.impl("batch_norm", bn_autograd, "Autograd", with_keyset=True)
+
+    # (the backward ops' Autograd kernels, which refuse double backward, are in fastconv.cpp)
+
+
+# ------------------------------------------------------------------------------------------
+# the backend
+
+
+def _dtype_name(t) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+class ExtensionBackend(Backend):
+    """Runs the ops through ``torch.ops.fastconv.*`` (C++ CPU kernels, CUDA kernels if built)."""
+
+    name = "extension"
+
+    def unavailable_reason(self) -> Optional[str]:
+        if _loaded is not None:
+            return None
+        import torch
+
+        if torch.compiler.is_compiling():
+            # never build or load inside a trace; convert() calls prepare() beforehand
+            return "the extension was not loaded before torch.compile (call fastconv.convert " \
+                   "or fastconv.dispatch.prepare() first)"
+        return _ensure(allow_build=not _truthy("FASTCONV_NO_EXTENSION_BUILD"))
+
+    def prepare(self) -> None:
+        """Load the extension now (building it on first use unless forbidden)."""
+        self.unavailable_reason()
+
+    def why_not(self, op: str, args: dict[str, Any]) -> Optional[str]:
+        reason = self.unavailable_reason()
+        if reason:
+            return reason
+        if op not in OPS:
+            return f"extension has no {op} kernel"
+        import torch
+
+        x = args["input"]
+        device = x.device.type
+        if device == "cuda":
+            if not _loaded["cuda"]:
+                return f"extension built without CUDA ({_loaded['cuda_note']})"
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastconv::{op}", "CUDA"):
+                return f"extension has no CUDA kernel for {op}"
+            dtypes = _CUDA_DTYPES_BY_OP.get(op, _CUDA_DTYPES)
+        elif device == "cpu":
+            dtypes = _CPU_DTYPES
+        else:
+            return f"extension has no kernels for {device} tensors"
+        if _dtype_name(x) not in dtypes:
+            return f"extension {op} on {device} takes {', '.join(dtypes)}, got {_dtype_name(x)}"
+        if op == "conv2d_relu" and args["weight"].dtype != x.dtype:
+            return (f"extension conv2d_relu needs weight dtype == input dtype, got "
+                    f"{_dtype_name(args['weight'])} and {_dtype_name(x)}")
+        if op == "batch_norm":
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                t = args.get(name)
+                if t is not None and not t.is_floating_point():
+                    return f"extension batch_norm needs a floating-point {name}, got {_dtype_name(t)}"
+        return None
+
+    def conv2d_relu(self, input, weight, bias, stride, padding, dilation, groups, relu):
+        import torch
+
+        return torch.ops.fastconv.conv2d_relu(input, weight, bias, list(stride), list(padding),
+                                              list(dilation), int(groups), bool(relu))
+
+    def max_pool2d(self, input, kernel_size, stride, padding, dilation, ceil_mode,
+                   return_indices, relu):
+        import torch
+
+        out, indices = torch.ops.fastconv.max_pool2d(
+            input, list(kernel_size), list(stride), list(padding), list(dilation),
+            bool(ceil_mode), bool(return_indices), bool(relu))
+        return (out, indices) if return_indices else out
+
+    def batch_norm(self, input, running_mean, running_var, weight, bias, training, momentum,
+                   eps, relu):
+        import torch
+
+        return torch.ops.fastconv.batch_norm(input, weight, bias, running_mean, running_var,
+                                             bool(training), float(momentum), float(eps),
+                                             bool(relu))[0]
+
+    def avg_pool2d(self, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                   divisor_override):
+        import torch
+
+        return torch.ops.fastconv.avg_pool2d(input, list(kernel_size), list(stride),
+                                             list(padding), bool(ceil_mode),
+                                             bool(count_include_pad), divisor_override)
+
+    def adaptive_avg_pool2d(self, input, output_size):
+        import torch
+
+        return torch.ops.fastconv.adaptive_avg_pool2d(input, list(output_size))
+
+
+def _register_if_already_loaded() -> None:
+    """If another path loaded the library (torch.ops.load_library), register the Python side.
+
+    torch imports this module when it needs a fake kernel of a fastconv op (set_python_module
+    in csrc/fastconv.cpp), so this keeps compile/export working in that case too.
+    """
+    global _loaded
+    if "torch" not in sys.modules:
+        return
+    import torch
+
+    try:
+        has = torch._C._dispatch_has_kernel_for_dispatch_key("fastconv::conv2d_relu", "CPU")
+    except Exception:
+        return
+    if has and _loaded is None:
+        cuda = torch._C._dispatch_has_kernel_for_dispatch_key("fastconv::conv2d_relu", "CUDA")
+        _loaded = {"library": "(loaded elsewhere)", "cuda": cuda,
+                   "cuda_note": "loaded by another path", "arch": "?"}
+        _register_python_side()
+
+
+_register_if_already_loaded()
