@@ -26,13 +26,20 @@ Usage::
             num_warps=4, num_stages=1, main=True,
             expect_wgmma=None)]                             # True: must use wgmma; None: don't care
 
-    res = compile_spec(spec)          # -> AotResult(registers, spill_bytes, stack_bytes, shared_bytes, wgmma, ...)
+    res = compile_spec(spec)          # -> AotResult(registers, spill_bytes, stack_bytes, shared_bytes, wgmma,
+                                      #              loop_instructions, loop_sync_loads, ...)
     results = compile_modules(["conv", "pool", "batchnorm"], main_only=True)
 
 Pointers are marked 16-byte aligned (torch allocations are); integer arguments are not unless
 written ``"i32:16"``; an integer the JIT would see as 1 (a unit stride) belongs in ``constexprs``
 (``{"sxc": 1}``), since the JIT specialises it so. Type strings are Triton's: ``*fp16``, ``*bf16``, ``*fp32``, ``*i64``, ``i32``,
 ``i64``, ``fp32``, ``i1``.
+
+Besides resources, the SASS of the hottest loop (the longest backward branch) is summarised: its
+instruction count, its synchronous global loads (``LDG``: an MMA operand routed through registers
+instead of ``cp.async``/TMA into shared memory) and whether it drains the wgmma queue every
+iteration. These are what separate a pipelined GEMM loop from a stalled one, readable without a GPU
+(tests/test_triton_aot.py holds the conv kernels to the forward's figures).
 
 ``@triton.jit`` returns an interpreter object when ``TRITON_INTERPRET=1`` was set at import, which
 cannot be compiled. :func:`compile_modules` therefore compiles in child processes with the
@@ -92,6 +99,12 @@ class AotResult:
     shared_bytes: Optional[int] = None  # dynamic shared memory Triton requests + static
     wgmma: Optional[bool] = None
     expect_wgmma: Optional[bool] = None
+    # the hottest loop (the longest backward-branch body in the SASS): its length, synchronous
+    # global loads in it (an MMA operand going through registers: no cp.async pipelining), and
+    # whether it waits for every wgmma to finish (no MMA/MMA overlap). None: no SASS or no loop.
+    loop_instructions: Optional[int] = None
+    loop_sync_loads: Optional[int] = None
+    loop_wgmma_wait_all: Optional[bool] = None
     main: bool = False
     seconds: float = 0.0
     order: int = 0
@@ -179,7 +192,7 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return {"registers": reg, "stack": stack, "static_shared": shared, "local": local}
 
 
-def _sass_has_gmma(cubin: bytes) -> Optional[bool]:
+def _sass(cubin: bytes) -> Optional[str]:
     tool = _tool("cuobjdump")
     if tool is None:
         return None
@@ -187,9 +200,36 @@ def _sass_has_gmma(cubin: bytes) -> Optional[bool]:
         f.write(cubin)
         f.flush()
         res = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=False)
-    if res.returncode != 0:
+    return res.stdout if res.returncode == 0 else None
+
+
+def main_loop(sass: str) -> Optional[dict]:
+    """The longest loop of a SASS listing (a backward ``BRA``'s body): ``instructions``,
+    ``sync_loads`` (``LDG``: global loads into registers, as opposed to ``LDGSTS`` cp.async or
+    TMA copies into shared memory) and ``wgmma_wait_all`` (a ``WARPGROUP.DEPBAR.LE gsb0, 0x0``:
+    the loop drains the tensor-core queue every iteration)."""
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2).strip()))
+    index = {addr: i for i, (addr, _) in enumerate(ins)}
+    best = None
+    for i, (addr, text) in enumerate(ins):
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if not m:
+            continue
+        start = index.get(int(m.group(1), 16))
+        if start is None or start >= i or (best and i - start <= best[1] - best[0]):
+            continue
+        best = (start, i)
+    if best is None:
         return None
-    return "GMMA" in res.stdout  # HGMMA (16-bit, tf32) / IGMMA / QGMMA on sm_90
+    body = [t for _, t in ins[best[0]:best[1] + 1]]
+    return dict(instructions=len(body),
+                sync_loads=sum(1 for t in body if re.search(r"\bLDG\.", t)),
+                wgmma_wait_all=any(re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", t)
+                                   for t in body))
 
 
 def compile_spec(spec: KernelSpec, module: str = "", arch: int = 90, order: int = 0) -> AotResult:
@@ -210,8 +250,14 @@ def compile_spec(spec: KernelSpec, module: str = "", arch: int = 90, order: int 
         res.stack_bytes = usage.get("stack")
         res.shared_bytes = int(ck.metadata.shared) + usage.get("static_shared", 0)
         in_ptx = "wgmma.mma_async" in ck.asm.get("ptx", "")
-        in_sass = _sass_has_gmma(cubin)
-        res.wgmma = in_ptx if in_sass is None else (in_ptx and in_sass)
+        sass = _sass(cubin)
+        # HGMMA (16-bit, tf32) / IGMMA / QGMMA on sm_90
+        res.wgmma = in_ptx if sass is None else (in_ptx and "GMMA" in sass)
+        loop = main_loop(sass) if sass is not None else None
+        if loop is not None:
+            res.loop_instructions = loop["instructions"]
+            res.loop_sync_loads = loop["sync_loads"]
+            res.loop_wgmma_wait_all = loop["wgmma_wait_all"]
         res.ok = True
     except Exception as exc:  # report, do not abort the whole batch
         res.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
@@ -315,20 +361,25 @@ def compile_modules(modules: Iterable[str] = MODULES, main_only: bool = False,
 
 
 def markdown_table(results: list[AotResult]) -> str:
-    lines = ["| module | kernel | main | config | registers | spill / stack (B) | shared (KB) | wgmma | ok |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| module | kernel | main | config | registers | spill / stack (B) | shared (KB) | wgmma "
+             "| loop: SASS / LDG / wait-all | ok |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         main = "main" if r.main else ""
         if r.ok:
             wg = "yes" if r.wgmma else "no"
             if r.expect_wgmma and not r.wgmma:
                 wg += " (expected)"
+            loop = ""
+            if r.loop_instructions is not None:
+                loop = (f"{r.loop_instructions} / {r.loop_sync_loads} / "
+                        f"{'yes' if r.loop_wgmma_wait_all else 'no'}")
             probs = r.problems()
             lines.append(f"| {r.module} | {r.name} | {main} | {r.config} | {r.registers} | "
                          f"{r.spill_bytes} / {r.stack_bytes} | {r.shared_bytes / 1024:.1f} | {wg} | "
-                         f"{'yes' if not probs else '; '.join(probs)} |")
+                         f"{loop} | {'yes' if not probs else '; '.join(probs)} |")
         else:
-            lines.append(f"| {r.module} | {r.name} | {main} | {r.config} | | | | | {r.error} |")
+            lines.append(f"| {r.module} | {r.name} | {main} | {r.config} | | | | | | {r.error} |")
     return "\n".join(lines) + "\n"
 
 

@@ -6,8 +6,7 @@ GEMM views (per group ``g``; ``C``/``K`` are channels per group):
 * grad_input  dX[m=(n,h,w), c] = sum_{(r,s,k)} G[n, k, (h+ph-r*dh)/sh, (w+pw-s*dw)/sw] * W[k, c, r, s]
 * grad_weight dW[k, j=(r,s,c)] = sum_{m=(n,p,q)} G[n, k, p, q] * X[n, c, p*sh-ph+r*dh, q*sw-pw+s*dw]
 
-with ``G = grad_output * (output > 0)`` when ``relu``: the mask is read from the saved output
-inside the kernels, so there is neither a mask tensor nor a recomputed forward.
+with ``G = grad_output * (output > 0)`` when ``relu``.
 
 Nothing is copied into an im2col buffer: every kernel reads activations through their four
 strides, so NCHW, channels_last and sliced inputs take the same code (channels_last makes the
@@ -25,14 +24,24 @@ once per tile; each step adds a scalar tap offset. Two reduction modes:
   small (C=1 first layers: AlexNet's 11x11 conv reduces over only 121 values, which a
   channel-block loop would pad to 121*16).
 
-grad_input is a transposed conv. With stride > 1 only every ``stride``-th tap reaches a given
-input pixel, so the input pixels are split into stride_h*stride_w phases (``h mod stride``) and
-each phase is one launch that loops over exactly its valid taps: no masked-out MMA work.
+Backward (what the first H100 run taught: sm_90 SASS of the old kernels, which masked G inside
+the GEMMs, showed the ReLU mask forcing the masked operand through registers: unvectorised 2-byte
+loads, no cp.async pipelining, wgmma waited on every k-step; grad_weight's loop also divided pixel
+indices by P and Q and reduced grad_bias across warps on every step: 731 SASS instructions per
+128x128x64 step against the forward's 200, and ~1/4 of the forward's TFLOP/s):
 
-grad_weight reduces over N*P*Q, which is long (up to 6.4M for VGG's first layer at batch 128):
-it is split over ``grid[2]`` into float32 partial sums reduced afterwards by ``sum(0)``
-(deterministic, no atomics). grad_bias rides along: in FLAT mode as one extra reduction column
-whose input is 1, in tap mode as a row sum of G by the programs that own the first column tile.
+1. ``_relu_grad_kernel``: one pass over grad_output writes the masked G channels_last and the
+   per-program column sums that become grad_bias. Both GEMMs then read plain G from memory.
+2. grad_input of stride-1 convs *is* the forward kernel: a conv of G with the mirrored weight
+   (``FLIP``), padding ``dh*(R-1) - ph``, the weight's two channel strides swapped. Same tiling,
+   same configurations, same pipelined loop. Strided convs split the input pixels into
+   stride_h*stride_w phases (``h mod stride``), one launch each, looping over exactly that
+   phase's taps: no masked-out MMA work.
+3. grad_weight reduces over N*P*Q, which is long (up to 6.4M for VGG's first layer at batch 128):
+   it is split over ``grid[2]`` into float32 partial sums (a cost model picks the split that fills
+   the SMs in whole waves), then ``_sum_slices_kernel`` adds the slices in a fixed order
+   (deterministic, no atomics) and writes the weight's dtype and layout. The pixel indices of a
+   slice are divided out once and then advanced with carries.
 """
 import math
 from contextlib import contextmanager
@@ -67,7 +76,7 @@ def _mma(a, b, acc, DOT: tl.constexpr):
 _FWD_NOSPEC = ["N", "H", "W", "P", "Q", "pad_h", "pad_w"]
 _DGRAD_NOSPEC = ["N", "H", "W", "P", "Q", "h_first", "w_first", "HA", "WA", "r_first", "s_first",
                  "NR", "NS", "r_step", "s_step", "p_base", "q_base", "dp", "dq"]
-_WGRAD_NOSPEC = ["N", "H", "W", "P", "Q", "pad_h", "pad_w", "NCOL"]
+_WGRAD_NOSPEC = ["N", "H", "W", "P", "Q", "pad_h", "pad_w", "M_PER_SPLIT"]
 
 
 @triton.jit(do_not_specialize=_FWD_NOSPEC)
@@ -75,14 +84,16 @@ def _conv_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     N, C, H, W, K, P, Q,
     sxn, sxc, sxh, sxw,
-    swk, swc, swr, sws,
+    swg, swk, swc, swr, sws,
     syn, syc, syh, syw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr,
-    FLAT: tl.constexpr, PADDED: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
-    DOT: tl.constexpr, INDEX64: tl.constexpr,
+    FLAT: tl.constexpr, PADDED: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    RELU: tl.constexpr, DOT: tl.constexpr, INDEX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Also grad_input of stride-1 convs: x = masked grad_output, FLIP reads the weight taps
+    # mirrored and the caller swaps the weight's channel strides (swk <-> swc).
     if INDEX64:
         sxn = tl.cast(sxn, tl.int64)
         sxc = tl.cast(sxc, tl.int64)
@@ -112,7 +123,7 @@ def _conv_fwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < K
-    w_col = w_ptr + (grp * K + offs_n) * swk
+    w_col = w_ptr + grp * swg + offs_n * swk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FLAT:
@@ -131,10 +142,23 @@ def _conv_fwd_kernel(
                 a_mask = a_mask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
             a_off = r * dil_h * sxh + s * dil_w * sxw + c * sxc
             a = tl.load(x_row[:, None] + a_off[None, :], mask=a_mask, other=0.0)
-            b = tl.load(w_col[None, :] + (r * swr + s * sws + c * swc)[:, None],
-                        mask=j_ok[:, None] & n_ok[None, :], other=0.0)
+            if FLIP:
+                w_off = (R - 1 - r) * swr + (S - 1 - s) * sws + c * swc
+            else:
+                w_off = r * swr + s * sws + c * swc
+            b = tl.load(w_col[None, :] + w_off[:, None], mask=j_ok[:, None] & n_ok[None, :],
+                        other=0.0)
             acc = _mma(a, b, acc, DOT)
     else:
+        if PADDED and R * S <= 31:
+            # which taps of each row fall inside the image, as bits (computed once per tile): a
+            # step then tests one bit instead of four bounds (~10% of the loop's instructions)
+            tap_bits = tl.zeros((BLOCK_M,), dtype=tl.int32)
+            for tap in tl.static_range(R * S):
+                hh = h0 + (tap // S) * dil_h
+                ww = w0 + (tap % S) * dil_w
+                inside = m_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+                tap_bits = tap_bits | (inside.to(tl.int32) << tap)
         num_cb = tl.cdiv(C, BLOCK_K)
         for it in range(0, R * S * num_cb):
             cb = it % num_cb
@@ -145,12 +169,19 @@ def _conv_fwd_kernel(
             c_ok = c < C
             row_ok = m_ok
             if PADDED:
-                hh = h0 + r * dil_h
-                ww = w0 + s * dil_w
-                row_ok = row_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+                if R * S <= 31:
+                    row_ok = ((tap_bits >> rs) & 1) != 0
+                else:
+                    hh = h0 + r * dil_h
+                    ww = w0 + s * dil_w
+                    row_ok = row_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
             a = tl.load(x_row[:, None] + (r * dil_h * sxh + s * dil_w * sxw) + (c * sxc)[None, :],
                         mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-            b = tl.load(w_col[None, :] + (r * swr + s * sws) + (c * swc)[:, None],
+            if FLIP:
+                w_tap = (R - 1 - r) * swr + (S - 1 - s) * sws
+            else:
+                w_tap = r * swr + s * sws
+            b = tl.load(w_col[None, :] + w_tap + (c * swc)[:, None],
                         mask=c_ok[:, None] & n_ok[None, :], other=0.0)
             acc = _mma(a, b, acc, DOT)
 
@@ -166,19 +197,19 @@ def _conv_fwd_kernel(
 
 @triton.jit(do_not_specialize=_DGRAD_NOSPEC)
 def _conv_dgrad_kernel(
-    g_ptr, y_ptr, w_ptr, dx_ptr,
+    g_ptr, w_ptr, dx_ptr,
     N, C, H, W, K, P, Q,
     sgn, sgk, sgp, sgq,
-    syn, syk, syp, syq,
     swk, swc, swr, sws,
     sdn, sdc, sdh, sdw,
     h_first, w_first, HA, WA,
     r_first, s_first, NR, NS, r_step, s_step,
     p_base, q_base, dp, dq,
     stride_h, stride_w,
-    RELU: tl.constexpr, DOT: tl.constexpr, INDEX64: tl.constexpr,
+    DOT: tl.constexpr, INDEX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # grad_input of strided convs (stride 1 runs the forward kernel), g already ReLU-masked.
     # One phase of the transposed conv: input pixels h = h_first + th*stride_h (same for w),
     # whose valid taps are r = r_first + jr*r_step (jr < NR), reading output row p = th+p_base-jr*dp.
     if INDEX64:
@@ -186,10 +217,6 @@ def _conv_dgrad_kernel(
         sgk = tl.cast(sgk, tl.int64)
         sgp = tl.cast(sgp, tl.int64)
         sgq = tl.cast(sgq, tl.int64)
-        syn = tl.cast(syn, tl.int64)
-        syk = tl.cast(syk, tl.int64)
-        syp = tl.cast(syp, tl.int64)
-        syq = tl.cast(syq, tl.int64)
         sdn = tl.cast(sdn, tl.int64)
         sdc = tl.cast(sdc, tl.int64)
         sdh = tl.cast(sdh, tl.int64)
@@ -209,7 +236,6 @@ def _conv_dgrad_kernel(
     p0 = th + p_base
     q0 = tw + q_base
     g_row = g_ptr + grp * K * sgk + nb * sgn + p0 * sgp + q0 * sgq
-    y_row = y_ptr + grp * K * syk + nb * syn + p0 * syp + q0 * syq
 
     offs_k = tl.arange(0, BLOCK_K)
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -228,13 +254,8 @@ def _conv_dgrad_kernel(
         row_ok = m_ok & (p >= 0) & (p < P) & (q >= 0) & (q < Q)
         k = kb * BLOCK_K + offs_k
         k_ok = k < K
-        mask = row_ok[:, None] & k_ok[None, :]
         g = tl.load(g_row[:, None] + (-(jr * dp) * sgp - (js * dq) * sgq) + (k * sgk)[None, :],
-                    mask=mask, other=0.0)
-        if RELU:
-            y = tl.load(y_row[:, None] + (-(jr * dp) * syp - (js * dq) * syq) + (k * syk)[None, :],
-                        mask=mask, other=0.0)
-            g = tl.where(y > 0, g, tl.zeros_like(g))
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         r = r_first + jr * r_step
         s = s_first + js * s_step
         wt = tl.load(w_col[None, :] + (r * swr + s * sws) + (k * swk)[:, None],
@@ -250,28 +271,30 @@ def _conv_dgrad_kernel(
 
 @triton.jit(do_not_specialize=_WGRAD_NOSPEC)
 def _conv_wgrad_kernel(
-    g_ptr, y_ptr, x_ptr, dw_ptr,
+    g_ptr, x_ptr, part_ptr,
     N, C, H, W, K, P, Q,
     sgn, sgk, sgp, sgq,
-    syn, syk, syp, syq,
     sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    NCOL, M_PER_SPLIT,
+    M_PER_SPLIT,
     R: tl.constexpr, S: tl.constexpr,
-    FLAT: tl.constexpr, PADDED: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    FLAT: tl.constexpr, PADDED: tl.constexpr, G_ROWS: tl.constexpr, X_ROWS: tl.constexpr,
     DOT: tl.constexpr, INDEX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # dw_ptr: float32 partials [SPLIT, G, K, NCOL], columns j = (r*S + s)*C + c, then the bias.
+    # dW[k, j=(r,s,c)] = sum_m G[m, k] X[m, j]: output channels x columns, reduced over the
+    # pixels m of one split. part_ptr: float32 partials [SPLIT, G, K, R*S*C], j = (r*S + s)*C + c.
+    # G is already ReLU-masked (and channels_last in the fast path): both operands go straight
+    # from global to shared memory, like the forward's. G_ROWS: G's pixels are rows of one
+    # stride (sgn = P*Q*sgq, sgp = Q*sgq; the masked G always is), so its tile pointer just
+    # advances by BLOCK_K rows per step. X_ROWS (taps mode): the same for X, whose pixel for
+    # output pixel m is then m + a constant per tap (stride 1, H = P, W = Q: "same" padding);
+    # only the padding masks still need (p, q).
     if INDEX64:
         sgn = tl.cast(sgn, tl.int64)
         sgk = tl.cast(sgk, tl.int64)
         sgp = tl.cast(sgp, tl.int64)
         sgq = tl.cast(sgq, tl.int64)
-        syn = tl.cast(syn, tl.int64)
-        syk = tl.cast(syk, tl.int64)
-        syp = tl.cast(syp, tl.int64)
-        syq = tl.cast(syq, tl.int64)
         sxn = tl.cast(sxn, tl.int64)
         sxc = tl.cast(sxc, tl.int64)
         sxh = tl.cast(sxh, tl.int64)
@@ -281,7 +304,7 @@ def _conv_wgrad_kernel(
     split = tl.program_id(2)
     RSC = R * S * C
     if FLAT:
-        num_col = tl.cdiv(NCOL, BLOCK_N)
+        num_col = tl.cdiv(RSC, BLOCK_N)
     else:
         num_cb = tl.cdiv(C, BLOCK_N)
         num_col = R * S * num_cb
@@ -295,79 +318,163 @@ def _conv_wgrad_kernel(
         j_ok = j < RSC
         c = j % C
         rs = j // C
-        r = rs // S
-        s = rs % S
-        col_dh = r * dil_h
-        col_dw = s * dil_w
+        col_dh = (rs // S) * dil_h
+        col_dw = (rs % S) * dil_w
         x_col = col_dh * sxh + col_dw * sxw + c * sxc
     else:
         cb = pid_c % num_cb
         tap = pid_c // num_cb
-        r = tap // S
-        s = tap % S
+        tap_dh = (tap // S) * dil_h
+        tap_dw = (tap % S) * dil_w
         c = cb * BLOCK_N + tl.arange(0, BLOCK_N)
         j_ok = c < C
         j = tap * C + c
-        x_col = r * dil_h * sxh + s * dil_w * sxw + c * sxc
+        x_col = c * sxc
 
     g_base = g_ptr + grp * K * sgk
-    y_base = y_ptr + grp * K * syk
     x_base = x_ptr + grp * C * sxc
-    offs_r = tl.arange(0, BLOCK_K)
     m_start = split * M_PER_SPLIT
     m_end = tl.minimum(N * P * Q, m_start + M_PER_SPLIT)
+    # Pixel coordinates are divided out once; each step then advances them by BLOCK_K with
+    # carries: div/mod by runtime P, Q in the loop cost more issue slots than the MMA itself.
+    m = m_start + tl.arange(0, BLOCK_K)
+    q = m % Q
+    t = m // Q
+    p = t % P
+    nb = t // P
+    step_q = BLOCK_K % Q
+    step_p = (BLOCK_K // Q) % P
+    step_n = BLOCK_K // (P * Q)
+
+    if G_ROWS:
+        g_ptrs = g_base + (m * sgq)[:, None] + (offs_k * sgk)[None, :]
+        g_step = BLOCK_K * sgq
+    if not FLAT:
+        if X_ROWS:
+            x_ptrs = x_base + ((m + (tap_dh - pad_h) * W + (tap_dw - pad_w)) * sxw)[:, None] \
+                + x_col[None, :]
+            x_step = BLOCK_K * sxw
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    bacc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for m0 in range(m_start, m_end, BLOCK_K):
-        m = m0 + offs_r
+    for _ in range(m_start, m_end, BLOCK_K):
         m_ok = m < m_end
-        q = m % Q
-        t = m // Q
-        p = t % P
-        nb = t // P
-        gk_mask = m_ok[:, None] & k_ok[None, :]
-        g = tl.load(g_base + (nb * sgn + p * sgp + q * sgq)[:, None] + (offs_k * sgk)[None, :],
-                    mask=gk_mask, other=0.0)
-        if RELU:
-            y = tl.load(y_base + (nb * syn + p * syp + q * syq)[:, None] + (offs_k * syk)[None, :],
-                        mask=gk_mask, other=0.0)
-            g = tl.where(y > 0, g, tl.zeros_like(g))
+        if G_ROWS:
+            g = tl.load(g_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            g_ptrs += g_step
+        else:
+            g = tl.load(g_base + (nb * sgn + p * sgp + q * sgq)[:, None] + (offs_k * sgk)[None, :],
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         h0 = p * stride_h - pad_h
         w0 = q * stride_w - pad_w
-        x_row = nb * sxn + h0 * sxh + w0 * sxw
         if FLAT:
             x_mask = m_ok[:, None] & j_ok[None, :]
             if PADDED:
                 hh = h0[:, None] + col_dh[None, :]
                 ww = w0[:, None] + col_dw[None, :]
                 x_mask = x_mask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            xt = tl.load(x_base + x_row[:, None] + x_col[None, :], mask=x_mask, other=0.0)
-            if HAS_BIAS:
-                # column RSC sums G against ones: grad_bias for free in the padding columns
-                ones = (m_ok[:, None] & (j == RSC)[None, :]).to(xt.dtype)
-                xt = xt + ones
+            xt = tl.load(x_base + (nb * sxn + h0 * sxh + w0 * sxw)[:, None] + x_col[None, :],
+                         mask=x_mask, other=0.0)
         else:
+            hh = h0 + tap_dh
+            ww = w0 + tap_dw
             row_ok = m_ok
             if PADDED:
-                hh = h0 + r * dil_h
-                ww = w0 + s * dil_w
                 row_ok = row_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            xt = tl.load(x_base + x_row[:, None] + x_col[None, :],
-                         mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-            if HAS_BIAS:
-                if pid_c == 0:
-                    bacc += tl.sum(g.to(tl.float32), axis=0)
+            if X_ROWS:
+                xt = tl.load(x_ptrs, mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+                x_ptrs += x_step
+            else:
+                xt = tl.load(x_base + (nb * sxn + hh * sxh + ww * sxw)[:, None] + x_col[None, :],
+                             mask=row_ok[:, None] & j_ok[None, :], other=0.0)
         acc = _mma(tl.trans(g), xt, acc, DOT)
+        m += BLOCK_K
+        q += step_q
+        carry = q >= Q
+        q = tl.where(carry, q - Q, q)
+        p += step_p + carry.to(tl.int32)
+        carry = p >= P
+        p = tl.where(carry, p - P, p)
+        nb += step_n + carry.to(tl.int32)
 
-    dw_row = dw_ptr + ((split * tl.num_programs(1) + grp) * K + offs_k).to(tl.int64) * NCOL
-    if FLAT:
-        tl.store(dw_row[:, None] + j[None, :], acc, mask=k_ok[:, None] & (j < NCOL)[None, :])
-    else:
-        tl.store(dw_row[:, None] + j[None, :], acc, mask=k_ok[:, None] & j_ok[None, :])
-        if HAS_BIAS:
-            if pid_c == 0:
-                tl.store(dw_row + RSC, bacc, mask=k_ok)
+    part_row = part_ptr + ((split * tl.num_programs(1) + grp) * K + offs_k).to(tl.int64) * RSC
+    tl.store(part_row[:, None] + j[None, :], acc, mask=k_ok[:, None] & j_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "P", "Q", "ROWS"])
+def _relu_grad_kernel(
+    g_ptr, y_ptr, gm_ptr, bpart_ptr,
+    M, K, P, Q,
+    sgn, sgk, sgp, sgq,
+    syn, syk, syp, syq,
+    smn, smk, smp, smq,
+    ROWS,
+    RELU: tl.constexpr, WRITE: tl.constexpr, BIAS: tl.constexpr, INDEX64: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # One pass over grad_output: G = grad * (output > 0) written channels_last (the layout both
+    # GEMMs read fastest), and per-program column sums of G for grad_bias. Masking here rather
+    # than inside the GEMMs keeps their operands out of registers (see the module docstring).
+    if INDEX64:
+        sgn = tl.cast(sgn, tl.int64)
+        sgp = tl.cast(sgp, tl.int64)
+        sgq = tl.cast(sgq, tl.int64)
+        syn = tl.cast(syn, tl.int64)
+        syp = tl.cast(syp, tl.int64)
+        syq = tl.cast(syq, tl.int64)
+        smn = tl.cast(smn, tl.int64)
+        smp = tl.cast(smp, tl.int64)
+        smq = tl.cast(smq, tl.int64)
+    pid = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < K
+    r0 = pid * ROWS
+    r1 = tl.minimum(M, r0 + ROWS)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for m0 in range(r0, r1, BLOCK_R):
+        m = m0 + tl.arange(0, BLOCK_R)
+        q = m % Q
+        t = m // Q
+        p = t % P
+        n = t // P
+        mask = (m < r1)[:, None] & c_ok[None, :]
+        g = tl.load(g_ptr + (n * sgn + p * sgp + q * sgq)[:, None] + (offs_c * sgk)[None, :],
+                    mask=mask, other=0.0)
+        if RELU:
+            y = tl.load(y_ptr + (n * syn + p * syp + q * syq)[:, None] + (offs_c * syk)[None, :],
+                        mask=mask, other=0.0)
+            g = tl.where(y > 0, g, tl.zeros_like(g))
+        if WRITE:
+            tl.store(gm_ptr + (n * smn + p * smp + q * smq)[:, None] + (offs_c * smk)[None, :], g,
+                     mask=mask)
+        if BIAS:
+            acc += g.to(tl.float32)
+    if BIAS:
+        tl.store(bpart_ptr + pid * K + offs_c, tl.sum(acc, axis=0), mask=c_ok)
+
+
+@triton.jit(do_not_specialize=["SPLIT", "NUMEL", "NCOL", "C", "S"])
+def _sum_slices_kernel(part_ptr, out_ptr, SPLIT, NUMEL, NCOL, C, S, sok, soc, sor, sos,
+                       BLOCK_S: tl.constexpr, BLOCK: tl.constexpr):
+    # out[kk, c, r, s] = sum over slices (fixed order: deterministic) of part[:, kk, (r*S+s)*C+c],
+    # cast to the output dtype and written through its strides (any weight layout). BLOCK_S
+    # slices load at once: a loop of one dependent load per slice would be latency-bound.
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < NUMEL
+    sl = tl.arange(0, BLOCK_S)
+    step = tl.cast(NUMEL, tl.int64) * BLOCK_S
+    ptrs = part_ptr + sl.to(tl.int64)[:, None] * NUMEL + i[None, :]
+    acc = tl.zeros((BLOCK_S, BLOCK), dtype=tl.float32)
+    for s0 in range(0, SPLIT, BLOCK_S):
+        acc += tl.load(ptrs, mask=((s0 + sl) < SPLIT)[:, None] & ok[None, :], other=0.0)
+        ptrs += step
+    total = tl.sum(acc, axis=0)
+    kk = i // NCOL
+    j = i % NCOL
+    c = j % C
+    rs = j // C
+    tl.store(out_ptr + kk * sok + c * soc + (rs // S) * sor + (rs % S) * sos,
+             total.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -495,7 +602,10 @@ def _cfg(bm, bn, bk, warps, stages, **extra) -> dict:
 
 
 def _heuristic(kind: str, pb: dict) -> dict:
-    """Default launch configuration when nothing is cached: good, never terrible."""
+    """Default launch configuration when nothing is cached: good, never terrible.
+
+    ``dgrad`` of a stride-1 conv runs the forward kernel and takes the forward's defaults.
+    """
     m_dim, n_dim, red, flat = pb["gemm_m"], pb["gemm_n"], pb["red"], pb["flat"]
     bits = pb["bits"]
     if pb["device"] == "cpu":
@@ -506,7 +616,7 @@ def _heuristic(kind: str, pb: dict) -> dict:
         bm = _pow2(n_dim, 16, 128)          # output channels
         bn = _pow2(pb["cols"], 16, 128)     # (r, s, c) columns (or c within a tap)
         warps = 8 if bm * bn >= 128 * 128 else 4
-        return _cfg(bm, bn, bk, warps, 3)
+        return _cfg(bm, bn, bk, warps, 4 if bits == 16 and not flat else 3)
     bn = _pow2(n_dim, 16, 128)
     if flat:
         bk = 32 if red <= 128 else bk
@@ -521,39 +631,81 @@ def _heuristic(kind: str, pb: dict) -> dict:
 
 
 def _candidates(kind: str, pb: dict) -> list[dict]:
-    """Configurations the autotuner tries (and aot_specs compiles: all build for sm_90 without
-    spilling; 256-wide tiles that spill in fp32 or in dgrad, where two row bases are live, are
-    left out)."""
+    """Configurations the autotuner tries, most promising first (``--max-configs`` keeps a
+    prefix). ``aot_specs`` compiles every one for sm_90: none spills, all fit in shared memory.
+    ``dgrad`` with stride 1 is the forward kernel and tries the forward's list; the strided
+    (phase) grad_input kernel leaves out the largest tiles. 64-channel blocks when C allows:
+    a 128-deep step halves the per-step address and mask work per MMA (sm_90 SASS: 223
+    instructions per 128x128x128 step against 147 per 128x128x64)."""
     bits, flat = pb["bits"], pb["flat"]
     bk = 64 if bits == 16 else 32
+    strided_dgrad = kind == "dgrad" and pb["stride"] != "1x1"
+    cap_k = 1 << 30
     if kind == "wgrad":
-        # flat columns carry per-column (r, s, c) vectors: 4 warps spill there, 8 do not
-        w4 = 8 if flat else 4
-        raw = [_cfg(128, 128, bk, 8, 3), _cfg(128, 128, bk // 2, 8, 4), _cfg(64, 128, bk, w4, 3),
-               _cfg(128, 64, bk, w4, 3), _cfg(64, 64, bk, 4, 4), _cfg(128, 128, bk, 8, 3, split_mult=2)]
+        if flat:
+            # flat columns carry per-column (r, s, c) vectors: 4 warps spill there, 8 do not
+            raw = [_cfg(128, 128, bk, 8, 3), _cfg(128, 128, bk // 2, 8, 4), _cfg(64, 128, bk, 8, 3),
+                   _cfg(128, 64, bk, 8, 3), _cfg(64, 64, bk, 4, 4)]
+        elif bits == 16:
+            # 256 output channels x 128 columns: the fewest X rows per thread, whose per-step
+            # address and mask work dominates this loop (sm_90: 321 SASS per 256x128x64 step,
+            # 395 per 128x256x64, 2 x 215 per 128x128x64)
+            raw = [_cfg(128, 128, bk, 8, 4), _cfg(256, 128, bk, 8, 3), _cfg(128, 256, bk, 8, 3),
+                   _cfg(128, 64, bk, 8, 4), _cfg(128, 128, 2 * bk, 8, 3),
+                   _cfg(128, 128, bk, 8, 4, split_mult=2), _cfg(128, 128, bk, 8, 4, split_mult=0.5),
+                   _cfg(64, 128, bk, 4, 4), _cfg(64, 64, bk, 4, 4)]
+        else:
+            raw = [_cfg(128, 128, bk, 8, 3), _cfg(128, 64, bk, 8, 4), _cfg(64, 128, bk, 4, 4),
+                   _cfg(128, 128, bk, 8, 3, split_mult=2), _cfg(64, 64, bk, 4, 4)]
         cap_m, cap_n = _pow2(pb["gemm_n"], 16, 256), _pow2(pb["cols"], 16, 256)
     elif flat:
         raw = [_cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 4, 3), _cfg(64, 128, 32, 4, 3),
                _cfg(256, 64, 32, 8, 3), _cfg(128, 128, 64, 8, 3), _cfg(128, 32, 32, 4, 3)]
         cap_m, cap_n = 1 << 30, _pow2(pb["gemm_n"], 16, 256)
     else:
-        raw = [_cfg(128, 128, bk, 8, 3), _cfg(128, 128, bk, 8, 4), _cfg(128, 64, bk, 4, 4),
-               _cfg(64, 128, bk, 4, 4), _cfg(64, 64, bk, 4, 4)]
-        if bits == 16:
-            raw += [_cfg(128, 256, bk, 8, 3), _cfg(128, 128, bk // 2, 4, 4)]
-            if kind == "fwd":
-                raw.append(_cfg(256, 128, bk, 8, 3))
-        elif kind == "fwd":
-            raw += [_cfg(256, 128, bk, 8, 3), _cfg(128, 128, bk // 2, 4, 4)]
+        if bits == 16 and not strided_dgrad:
+            raw = [_cfg(128, 128, bk, 8, 3), _cfg(128, 256, bk, 8, 3), _cfg(128, 128, 2 * bk, 8, 3),
+                   _cfg(64, 128, bk, 4, 4), _cfg(256, 128, bk, 8, 3), _cfg(128, 128, bk, 8, 4),
+                   _cfg(128, 64, bk, 4, 4), _cfg(64, 64, bk, 4, 4), _cfg(128, 128, bk // 2, 4, 4)]
+        elif bits == 16:
+            raw = [_cfg(128, 128, bk, 8, 3), _cfg(128, 256, bk, 8, 3), _cfg(64, 128, bk, 4, 4),
+                   _cfg(128, 128, bk, 8, 4), _cfg(128, 64, bk, 4, 4), _cfg(64, 64, bk, 4, 4),
+                   _cfg(128, 128, bk // 2, 4, 4)]
+        else:  # fp32 tiles larger than 128x128 sit at 255 registers and use a stack frame
+            raw = [_cfg(128, 128, bk, 8, 3), _cfg(128, 128, bk, 8, 4), _cfg(128, 64, bk, 4, 4),
+                   _cfg(64, 128, bk, 4, 4), _cfg(64, 64, bk, 4, 4)]
         cap_m, cap_n = 1 << 30, _pow2(pb["gemm_n"], 16, 256)
+        cap_k = _pow2(pb["chan"], 16, 128)  # no channel block wider than C
     seen, out = set(), []
     for c in raw:
-        c = dict(c, BLOCK_M=min(c["BLOCK_M"], cap_m), BLOCK_N=min(c["BLOCK_N"], cap_n))
+        c = dict(c, BLOCK_M=min(c["BLOCK_M"], cap_m), BLOCK_N=min(c["BLOCK_N"], cap_n),
+                 BLOCK_K=min(c["BLOCK_K"], cap_k))
         key = tuple(sorted(c.items()))
         if key not in seen:
             seen.add(key)
             out.append(c)
     return out
+
+
+def _wgrad_split(M: int, bk: int, tiles: int, bm: int, bn: int, sms: int, mult: float = 1) -> int:
+    """How many slices grad_weight's pixel reduction is cut into.
+
+    Few output tiles (a 512x4608 weight is 144 tiles of 128x128) leave most of 132 SMs idle or
+    end on a partial wave; every slice adds a float32 partial tile to write and sum. Minimise
+    waves * (steps per slice + partial write) + partial read, in microseconds, with an SM doing
+    ~4 TFLOP/s (530 TFLOP/s over 132 SMs) and ~2.5 TB/s of memory bandwidth in all.
+    """
+    steps = _cdiv(M, bk)
+    t_step = 2.0 * bm * bn * bk / 4.0e6            # us per reduction step on one SM
+    tile_us = bm * bn * 4 / 2.5e6                  # us to move one partial tile at full bandwidth
+    best, best_cost = 1, None
+    for s in range(1, min(steps, 8 * sms) + 1):
+        waves = _cdiv(tiles * s, sms)
+        cost = (waves * (_cdiv(steps, s) * t_step + min(tiles * s, sms) * tile_us)
+                + tiles * s * tile_us)
+        if best_cost is None or cost < best_cost * 0.999:
+            best, best_cost = s, cost
+    return max(1, min(steps, int(round(best * mult))))
 
 
 def _key(kind: str, pb: dict) -> str:
@@ -642,6 +794,38 @@ def _plan(key: Optional[tuple], build: Callable[[], dict]) -> dict:
     return plan
 
 
+def _gemm_plan(kind: str, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
+               y: torch.Tensor, C: int, K: int, R: int, S: int, w_strides: tuple, stride, padding,
+               dilation, groups: int, flip: bool, relu: bool, real: bool) -> dict:
+    """Plan for ``_conv_fwd_kernel``: the forward (``kind="fwd"``) and, with the weight's
+    channel strides swapped and its taps mirrored, grad_input of stride-1 convs (``"dgrad"``).
+    ``C``/``K``: reduction / output channels per group; ``w_strides``: (group, output channel,
+    reduction channel, r, s) strides of ``w``."""
+    N, _, H, W = x.shape
+    P, Q = y.shape[2], y.shape[3]
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    flat = _use_flat(C, R, S)
+    M = N * P * Q
+    pb = dict(kind=kind, device=x.device.type, bits=x.element_size() * 8,
+              dtype=_TORCH_TO_TL[x.dtype], layout=_layout(x), chan=C, kout=K, R=R, S=S,
+              stride=f"{sh}x{sw}", dil=f"{dh}x{dw}", padded=(ph != 0 or pw != 0), groups=groups,
+              gemm_m=M, gemm_n=K, red=C * R * S, flat=flat, dot=_dot_mode(x.dtype))
+    scalars = (N, C, H, W, K, P, Q, *x.stride(), *w_strides, *y.stride(), sh, sw, ph, pw, dh, dw)
+    index64 = _needs_index64(x, y)
+
+    def launch(cfg, x, w, b, y, real):
+        consts = dict(R=R, S=S, FLAT=cfg.get("flat", flat), PADDED=pb["padded"], FLIP=flip,
+                      HAS_BIAS=b is not None, RELU=relu, DOT=pb["dot"], INDEX64=index64)
+        grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(K, cfg["BLOCK_N"]), groups)
+        _run(_conv_fwd_kernel, grid, (x, w, w if b is None else b, y, *scalars),
+             _meta(consts, cfg), real)
+
+    cfg = None
+    if M > 0:
+        cfg = _select(kind, pb, lambda c: launch(c, x, w, b, y, real), x.device, real)
+    return dict(cfg=cfg, launch=launch)
+
+
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              stride, padding, dilation, groups: int, relu: bool) -> torch.Tensor:
     real = _is_real(x)
@@ -659,28 +843,10 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         fmt = _conv_memory_format(x, weight)
         y = torch.empty((N, KT, P, Q), device=x.device, dtype=x.dtype, memory_format=fmt)
         w = weight.contiguous(memory_format=torch.channels_last)
-        flat = _use_flat(C, R, S)
-        M = N * P * Q
-        pb = dict(kind="fwd", device=x.device.type, bits=x.element_size() * 8,
-                  dtype=_TORCH_TO_TL[x.dtype], layout=_layout(x), chan=C, kout=K, R=R, S=S,
-                  stride=f"{sh}x{sw}", dil=f"{dh}x{dw}", padded=(ph > 0 or pw > 0), groups=groups,
-                  gemm_m=M, gemm_n=K, red=C * R * S, flat=flat, dot=_dot_mode(x.dtype))
-        scalars = (N, C, H, W, K, P, Q, *x.stride(), *w.stride(), *y.stride(),
-                   sh, sw, ph, pw, dh, dw)
-        index64 = _needs_index64(x, y)
-
-        def launch(cfg, x, w, b, y, real):
-            consts = dict(R=R, S=S, FLAT=cfg.get("flat", flat), PADDED=pb["padded"],
-                          HAS_BIAS=b is not None, RELU=relu, DOT=pb["dot"], INDEX64=index64)
-            grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(K, cfg["BLOCK_N"]), groups)
-            _run(_conv_fwd_kernel, grid, (x, w, w if b is None else b, y, *scalars),
-                 _meta(consts, cfg), real)
-
-        if M == 0:
-            cfg = None
-        else:
-            cfg = _select("fwd", pb, lambda c: launch(c, x, w, bias, y, real), x.device, real)
-        return dict(y_shape=y.shape, fmt=fmt, cfg=cfg, launch=launch)
+        sw_ = w.stride()
+        plan = _gemm_plan("fwd", x, w, bias, y, C, K, R, S, (K * sw_[0], *sw_), stride, padding,
+                          dilation, groups, False, relu, real)
+        return dict(plan, y_shape=y.shape, fmt=fmt)
 
     plan = _plan(key, build)
     y = _empty(plan["y_shape"], x, memory_format=plan["fmt"])
@@ -688,6 +854,67 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         w = weight.contiguous(memory_format=torch.channels_last)
         plan["launch"](plan["cfg"], x, w, bias, y, real)
     return y
+
+
+def _grad_output(grad: torch.Tensor, output: Optional[torch.Tensor], bias_grad: bool,
+                 write: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G, grad_bias)`` from one pass over grad_output: ``G = grad * (output > 0)`` (or a copy
+    of grad when ``output`` is None) written channels_last when ``write``, else an empty tensor;
+    grad_bias = the sum of G over (N, H, W) when ``bias_grad``, else an empty tensor."""
+    real = _is_real(grad)
+    N, KT, P, Q = grad.shape
+    key = None
+    if real:
+        key = ("gout", grad.shape, grad.stride(), None if output is None else output.stride(),
+               grad.dtype, grad.device, bias_grad, write)
+
+    def build() -> dict:
+        M = N * P * Q
+        gpu = grad.device.type == "cuda"
+        block_c = _pow2(KT, 16, 128 if gpu else 32)
+        block_r = max(16, (8192 if gpu else 512) // block_c)
+        ncb = _cdiv(KT, block_c)
+        # two 8-warp programs per SM keep ~64 KB of loads in flight there (enough for the
+        # bandwidth), each looping over its rows; few programs keep the bias partials short
+        progs = max(1, min(_cdiv(M, block_r), max(1, 2 * _num_sms(grad.device) // ncb)))
+        rows = _cdiv(_cdiv(M, progs), block_r) * block_r
+        progs = _cdiv(M, rows) if M else 0
+        fmt = torch.channels_last
+        gm = torch.empty((N, KT, P, Q) if write else (0,), device=grad.device, dtype=grad.dtype,
+                         memory_format=fmt if write else torch.contiguous_format)
+        y = output if output is not None else grad
+        scalars = (M, KT, P, Q, *grad.stride(), *y.stride(),
+                   *(gm.stride() if write else (0, 0, 0, 0)), rows)
+        meta = dict(RELU=output is not None, WRITE=write, BIAS=bias_grad,
+                    INDEX64=_needs_index64(grad, y, gm), BLOCK_R=block_r, BLOCK_C=block_c,
+                    num_warps=8 if gpu and block_r * block_c >= 8192 else 4)
+        return dict(progs=progs, ncb=ncb, scalars=scalars, meta=meta, gm_shape=gm.shape,
+                    fmt=fmt if write else torch.contiguous_format)
+
+    plan = _plan(key, build)
+    gm = _empty(plan["gm_shape"], grad, memory_format=plan["fmt"])
+    gb = _empty((KT,) if bias_grad else (0,), grad)
+    progs = plan["progs"]
+    if progs == 0 or KT == 0 or not (write or bias_grad):
+        if bias_grad:
+            gb.zero_()
+        return gm, gb
+    bpart = _empty((progs, KT) if bias_grad else (0,), grad, dtype=torch.float32)
+    y = output if output is not None else grad
+    _run(_relu_grad_kernel, (progs, plan["ncb"]), (grad, y, gm, bpart, *plan["scalars"]),
+         plan["meta"], real)
+    if bias_grad:
+        _sum_slices(bpart, gb, progs, KT, 1, 1, 1, (1, 0, 0, 0), real)
+    return gm, gb
+
+
+def _sum_slices(part, out, split: int, numel: int, ncol: int, C: int, S: int, out_strides,
+                real: bool) -> None:
+    block_s = _pow2(split, 1, 32)
+    block = max(64, (4096 if out.device.type == "cuda" else 1024) // block_s)
+    _run(_sum_slices_kernel, (_cdiv(numel, block),),
+         (part, out, split, numel, ncol, C, S, *out_strides),
+         dict(BLOCK_S=block_s, BLOCK=block, num_warps=4), real)
 
 
 def _phases(size: int, k: int, stride: int, pad: int, dil: int):
@@ -706,16 +933,15 @@ def _phases(size: int, k: int, stride: int, pad: int, dil: int):
     return out
 
 
-def _grad_input(grad: torch.Tensor, weight: torch.Tensor, output: Optional[torch.Tensor],
-                input_size, channels_last: bool, stride, padding, dilation,
-                groups: int) -> torch.Tensor:
+def _grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size, channels_last: bool,
+                stride, padding, dilation, groups: int) -> torch.Tensor:
+    """grad_input from the (already ReLU-masked) gradient ``grad``."""
     real = _is_real(grad)
-    y = output if output is not None else grad
     key = None
     if real and not _FORCED:
-        key = ("dgrad", grad.shape, grad.stride(), y.stride(), output is None, grad.dtype,
-               grad.device, weight.shape, weight.stride(), *input_size, channels_last, *stride,
-               *padding, *dilation, groups, _dot_mode(grad.dtype))
+        key = ("dgrad", grad.shape, grad.stride(), grad.dtype, grad.device, weight.shape,
+               weight.stride(), *input_size, channels_last, *stride, *padding, *dilation, groups,
+               _dot_mode(grad.dtype))
 
     def build() -> dict:
         N, CT, H, W = input_size
@@ -729,28 +955,38 @@ def _grad_input(grad: torch.Tensor, weight: torch.Tensor, output: Optional[torch
         if dx.numel() == 0 or plan["zero"]:
             return plan
         w = weight.contiguous(memory_format=torch.channels_last)
+        s0, s1, s2, s3 = w.stride()
+        if sh == 1 and sw == 1:
+            # a stride-1 conv's transpose is a stride-1 conv of G with the mirrored, channel-
+            # transposed weight: the forward kernel, tiles and configurations included
+            sub = _gemm_plan("dgrad", grad, w, None, dx, K, C, R, S, (K * s0, s1, s0, s2, s3),
+                             (1, 1), (dh * (R - 1) - ph, dw * (S - 1) - pw), (dh, dw), groups,
+                             True, False, real)
+            plan["cfg"] = sub["cfg"]
+            plan["launch"] = lambda cfg, g, w, dx, real: sub["launch"](cfg, g, w, None, dx, real)
+            return plan
         pb = dict(kind="dgrad", device=grad.device.type, bits=grad.element_size() * 8,
                   dtype=_TORCH_TO_TL[grad.dtype], layout=_layout(grad), chan=K, kout=C, R=R, S=S,
                   stride=f"{sh}x{sw}", dil=f"{dh}x{dw}", padded=(ph > 0 or pw > 0), groups=groups,
                   gemm_m=N * H * W // max(1, sh * sw), gemm_n=C, red=K * R * S, flat=False,
                   dot=_dot_mode(grad.dtype))
-        consts = dict(RELU=output is not None, DOT=pb["dot"], INDEX64=_needs_index64(grad, y, dx))
+        consts = dict(DOT=pb["dot"], INDEX64=_needs_index64(grad, dx))
         phases = []  # one launch per (row residue, column residue) with its exact taps
         for (h0, HA, r0, NR, rstep, pbase, dp) in _phases(H, R, sh, ph, dh):
-            for (w0, WA, s0, NS, sstep, qbase, dq) in _phases(W, S, sw, pw, dw):
-                scalars = (N, C, H, W, K, P, Q, *grad.stride(), *y.stride(), *w.stride(),
-                           *dx.stride(), h0, w0, HA, WA, r0, s0, NR, NS, rstep, sstep, pbase,
-                           qbase, dp, dq, sh, sw)
+            for (w0, WA, s0_, NS, sstep, qbase, dq) in _phases(W, S, sw, pw, dw):
+                scalars = (N, C, H, W, K, P, Q, *grad.stride(), *w.stride(), *dx.stride(),
+                           h0, w0, HA, WA, r0, s0_, NR, NS, rstep, sstep, pbase, qbase, dp, dq,
+                           sh, sw)
                 phases.append((N * HA * WA, scalars))
 
-        def launch(cfg, g, y, w, dx, real):
+        def launch(cfg, g, w, dx, real):
             meta = _meta(consts, cfg)
             for MA, scalars in phases:
                 grid = (_cdiv(MA, cfg["BLOCK_M"]) * _cdiv(C, cfg["BLOCK_N"]), groups)
-                _run(_conv_dgrad_kernel, grid, (g, y, w, dx, *scalars), meta, real)
+                _run(_conv_dgrad_kernel, grid, (g, w, dx, *scalars), meta, real)
 
         plan["launch"] = launch
-        plan["cfg"] = _select("dgrad", pb, lambda c: launch(c, grad, y, w, dx, real), grad.device,
+        plan["cfg"] = _select("dgrad", pb, lambda c: launch(c, grad, w, dx, real), grad.device,
                               real)
         return plan
 
@@ -760,20 +996,19 @@ def _grad_input(grad: torch.Tensor, weight: torch.Tensor, output: Optional[torch
         return dx.zero_()
     if plan["cfg"] is not None:
         w = weight.contiguous(memory_format=torch.channels_last)
-        plan["launch"](plan["cfg"], grad, y, w, dx, real)
+        plan["launch"](plan["cfg"], grad, w, dx, real)
     return dx
 
 
-def _grad_weight(grad: torch.Tensor, x: torch.Tensor, output: Optional[torch.Tensor],
-                 weight_size, weight_channels_last: bool, stride, padding, dilation,
-                 groups: int, bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _grad_weight(grad: torch.Tensor, x: torch.Tensor, weight_size, weight_channels_last: bool,
+                 stride, padding, dilation, groups: int) -> torch.Tensor:
+    """grad_weight from the (already ReLU-masked) gradient ``grad``."""
     real = _is_real(grad)
-    y = output if output is not None else grad
     key = None
     if real and not _FORCED:
-        key = ("wgrad", grad.shape, grad.stride(), y.stride(), output is None, grad.dtype,
-               grad.device, x.shape, x.stride(), *weight_size, weight_channels_last, *stride,
-               *padding, *dilation, groups, bias_grad, _dot_mode(x.dtype))
+        key = ("wgrad", grad.shape, grad.stride(), grad.dtype, grad.device, x.shape, x.stride(),
+               *weight_size, weight_channels_last, *stride, *padding, *dilation, groups,
+               _dot_mode(x.dtype))
     N, _, H, W = x.shape
     KT, C, R, S = weight_size
     K = KT // groups
@@ -784,54 +1019,56 @@ def _grad_weight(grad: torch.Tensor, x: torch.Tensor, output: Optional[torch.Ten
         (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
         P, Q = grad.shape[2], grad.shape[3]
         M = N * P * Q
-        plan = dict(cfg=None)
+        gw = torch.empty(tuple(weight_size), device=x.device, dtype=x.dtype, memory_format=fmt)
+        plan = dict(cfg=None, gw_strides=gw.stride())
         if M == 0 or KT * RSC == 0:
             return plan
-        ncol = RSC + (1 if bias_grad else 0)
         flat = _use_flat(C, R, S)
         pb = dict(kind="wgrad", device=x.device.type, bits=x.element_size() * 8,
                   dtype=_TORCH_TO_TL[x.dtype], layout=_layout(x), chan=C, kout=K, R=R, S=S,
                   stride=f"{sh}x{sw}", dil=f"{dh}x{dw}", padded=(ph > 0 or pw > 0), groups=groups,
-                  gemm_m=M, gemm_n=K, red=M, cols=ncol if flat else C, flat=flat,
+                  gemm_m=M, gemm_n=K, red=M, cols=RSC if flat else C, flat=flat,
                   dot=_dot_mode(x.dtype))
-        scalars = (N, C, H, W, K, P, Q, *grad.stride(), *y.stride(), *x.stride(),
-                   sh, sw, ph, pw, dh, dw, ncol)
-        consts = dict(R=R, S=S, PADDED=pb["padded"], HAS_BIAS=bias_grad, RELU=output is not None,
-                      DOT=pb["dot"], INDEX64=_needs_index64(grad, y, x))
+        scalars = (N, C, H, W, K, P, Q, *grad.stride(), *x.stride(), sh, sw, ph, pw, dh, dw)
+        gs, xs = grad.stride(), x.stride()
+        consts = dict(R=R, S=S, PADDED=pb["padded"], DOT=pb["dot"],
+                      G_ROWS=gs[0] == P * Q * gs[3] and gs[2] == Q * gs[3],
+                      X_ROWS=(sh, sw, H, W) == (1, 1, P, Q) and xs[0] == H * W * xs[3]
+                      and xs[2] == W * xs[3], INDEX64=_needs_index64(grad, x))
         sms = _num_sms(x.device)
+        shapes: dict[tuple, tuple] = {}  # per config: (grid, split, pixels per split)
 
-        def launch(cfg, g, y, x, real) -> torch.Tensor:
-            use_flat = cfg.get("flat", flat)
-            bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-            cols = _cdiv(ncol, bn) if use_flat else R * S * _cdiv(C, bn)
-            tiles = _cdiv(K, bm) * cols
-            split = cfg.get("split")
-            if split is None:
-                # about two waves of programs, each with at least 8 reduction steps
-                split = max(1, min(2 * sms * cfg.get("split_mult", 1) // (tiles * groups),
-                                   _cdiv(M, 8 * bk)))
-            m_per = _cdiv(_cdiv(M, split), bk) * bk
-            split = _cdiv(M, m_per)
-            part = _empty((split, groups, K, ncol), x, dtype=torch.float32)
-            _run(_conv_wgrad_kernel, (tiles, groups, split), (g, y, x, part, *scalars, m_per),
-                 _meta(dict(consts, FLAT=use_flat), cfg), real)
+        def geometry(cfg) -> tuple:
+            ck = tuple(sorted(cfg.items()))
+            if ck not in shapes:
+                bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+                cols = _cdiv(RSC, bn) if cfg.get("flat", flat) else R * S * _cdiv(C, bn)
+                tiles = _cdiv(K, bm) * cols
+                split = cfg.get("split") or _wgrad_split(M, bk, tiles * groups, bm, bn, sms,
+                                                         cfg.get("split_mult", 1))
+                m_per = _cdiv(_cdiv(M, split), bk) * bk
+                split = _cdiv(M, m_per)
+                shapes[ck] = ((tiles, groups, split), split, m_per)
+            return shapes[ck]
+
+        def launch(cfg, g, x, gw, real) -> None:
+            grid, split, m_per = geometry(cfg)
+            part = _empty((split, KT, RSC), x, dtype=torch.float32)
+            _run(_conv_wgrad_kernel, grid, (g, x, part, *scalars, m_per),
+                 _meta(dict(consts, FLAT=cfg.get("flat", flat)), cfg), real)
             # fixed-order reduction of the slices: deterministic (and part of what tuning times)
-            return part[0] if split == 1 else part.sum(0)
+            _sum_slices(part, gw, split, KT * RSC, RSC, C, S, plan["gw_strides"], real)
 
         plan["launch"] = launch
-        plan["cfg"] = _select("wgrad", pb, lambda c: launch(c, grad, y, x, real), x.device, real)
+        plan["cfg"] = _select("wgrad", pb, lambda c: launch(c, grad, x, gw, real), x.device, real)
         return plan
 
     plan = _plan(key, build)
-    gw = torch.empty(tuple(weight_size), device=x.device, dtype=x.dtype, memory_format=fmt)
-    gb = torch.empty((KT,) if bias_grad else (0,), device=x.device, dtype=x.dtype)
+    gw = _empty(tuple(weight_size), x, memory_format=fmt)
     if plan["cfg"] is None:
-        return gw.zero_(), gb.zero_()
-    total = plan["launch"](plan["cfg"], grad, y, x, real)
-    gw.copy_(total[:, :, :RSC].reshape(KT, R, S, C).permute(0, 3, 1, 2))
-    if bias_grad:
-        gb.copy_(total[:, :, RSC].reshape(KT))
-    return gw, gb
+        return gw.zero_()
+    plan["launch"](plan["cfg"], grad, x, gw, real)
+    return gw
 
 
 # ----------------------------------------------------------------------------------------------
@@ -861,35 +1098,44 @@ def _conv_fake(input, weight, bias, stride, padding, dilation, groups, relu):
         memory_format=_conv_memory_format(input, weight))
 
 
-def _grad_input_op(grad_output: torch.Tensor, weight: torch.Tensor, output: Optional[torch.Tensor],
-                   input_size: list[int], channels_last: bool, stride: list[int],
-                   padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
-    return _grad_input(grad_output, weight, output, input_size, channels_last, stride, padding,
-                       dilation, groups)
+def _grad_output_op(grad_output: torch.Tensor, output: Optional[torch.Tensor], bias_grad: bool,
+                    write: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _grad_output(grad_output, output, bias_grad, write)
 
 
-def _grad_input_fake(grad_output, weight, output, input_size, channels_last, stride, padding,
-                     dilation, groups):
+def _grad_output_fake(grad_output, output, bias_grad, write):
+    gm = (grad_output.new_empty(grad_output.shape).contiguous(memory_format=torch.channels_last)
+          if write else grad_output.new_empty((0,)))
+    return gm, grad_output.new_empty((grad_output.shape[1],) if bias_grad else (0,))
+
+
+def _grad_input_op(grad: torch.Tensor, weight: torch.Tensor, input_size: list[int],
+                   channels_last: bool, stride: list[int], padding: list[int],
+                   dilation: list[int], groups: int) -> torch.Tensor:
+    return _grad_input(grad, weight, input_size, channels_last, stride, padding, dilation, groups)
+
+
+def _grad_input_fake(grad, weight, input_size, channels_last, stride, padding, dilation, groups):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return grad_output.new_empty(input_size).contiguous(memory_format=fmt)
+    return grad.new_empty(input_size).contiguous(memory_format=fmt)
 
 
-def _grad_weight_op(grad_output: torch.Tensor, input: torch.Tensor, output: Optional[torch.Tensor],
-                    weight_size: list[int], weight_channels_last: bool, stride: list[int],
-                    padding: list[int], dilation: list[int], groups: int,
-                    bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _grad_weight(grad_output, input, output, weight_size, weight_channels_last, stride,
-                        padding, dilation, groups, bias_grad)
+def _grad_weight_op(grad: torch.Tensor, input: torch.Tensor, weight_size: list[int],
+                    weight_channels_last: bool, stride: list[int], padding: list[int],
+                    dilation: list[int], groups: int) -> torch.Tensor:
+    return _grad_weight(grad, input, weight_size, weight_channels_last, stride, padding, dilation,
+                        groups)
 
 
-def _grad_weight_fake(grad_output, input, output, weight_size, weight_channels_last, stride,
-                      padding, dilation, groups, bias_grad):
+def _grad_weight_fake(grad, input, weight_size, weight_channels_last, stride, padding, dilation,
+                      groups):
     fmt = torch.channels_last if weight_channels_last else torch.contiguous_format
-    gw = input.new_empty(weight_size).contiguous(memory_format=fmt)
-    return gw, input.new_empty((weight_size[0],) if bias_grad else (0,))
+    return input.new_empty(weight_size).contiguous(memory_format=fmt)
 
 
 conv2d_relu_op = _register("triton_conv2d_relu", _conv_op, _conv_fake)
+# grad_output -> (G masked by the ReLU, channels_last; grad_bias); G feeds the two GEMMs below
+grad_output_op = _register("triton_conv2d_relu_grad_output", _grad_output_op, _grad_output_fake)
 grad_input_op = _register("triton_conv2d_relu_grad_input", _grad_input_op, _grad_input_fake)
 grad_weight_op = _register("triton_conv2d_relu_grad_weight", _grad_weight_op, _grad_weight_fake)
 
@@ -912,18 +1158,19 @@ def _backward(ctx, grad):
     # tracing (fake/functional tensors): the registered ops, so graphs show fastconv ops
     eager = _is_real(grad)
     gi = gw = gb = None
+    g = grad
+    mask = output is not None and (need_x or need_w)
+    if mask or need_b:
+        # one pass: the ReLU mask applied once for both GEMMs, grad_bias on the way
+        gm, gb_ = (_grad_output if eager else grad_output_op)(grad, output, bool(need_b), mask)
+        g = gm if mask else grad
+        gb = gb_ if need_b else None
     if need_x:
         fn = _grad_input if eager else grad_input_op
-        gi = fn(grad, weight, output, ctx.input_size, ctx.input_cl, stride, padding, dilation,
-                groups)
+        gi = fn(g, weight, ctx.input_size, ctx.input_cl, stride, padding, dilation, groups)
     if need_w:
         fn = _grad_weight if eager else grad_weight_op
-        gw, gb_ = fn(grad, input, output, list(weight.shape), ctx.weight_cl, stride, padding,
-                     dilation, groups, bool(need_b))
-        gb = gb_ if need_b else None
-    elif need_b:  # frozen weight, trained bias: a plain reduction is all that is needed
-        g = torch.where(output > 0, grad, 0) if output is not None else grad
-        gb = g.sum((0, 2, 3), dtype=torch.float32).to(grad.dtype)
+        gw = fn(g, input, list(weight.shape), ctx.weight_cl, stride, padding, dilation, groups)
     return gi, gw, gb, None, None, None, None, None
 
 
@@ -955,8 +1202,12 @@ def _declare_kernels() -> None:
         table = getattr(lib, "triton_ops_to_kernels", None)
         if isinstance(table, dict) and isinstance(_conv_fwd_kernel, JITFunction):
             table["fastconv::triton_conv2d_relu"] = [_conv_fwd_kernel]
-            table["fastconv::triton_conv2d_relu_grad_input"] = [_conv_dgrad_kernel]
-            table["fastconv::triton_conv2d_relu_grad_weight"] = [_conv_wgrad_kernel]
+            table["fastconv::triton_conv2d_relu_grad_output"] = [_relu_grad_kernel,
+                                                                 _sum_slices_kernel]
+            table["fastconv::triton_conv2d_relu_grad_input"] = [_conv_fwd_kernel,
+                                                                _conv_dgrad_kernel]
+            table["fastconv::triton_conv2d_relu_grad_weight"] = [_conv_wgrad_kernel,
+                                                                 _sum_slices_kernel]
     except Exception:  # private registry: best effort only
         pass
 
@@ -1030,6 +1281,63 @@ def _sig(names: str, ptr_types: dict[str, str], int16: set[str]) -> dict[str, st
     return out
 
 
+def _shipped_specs(KernelSpec, fwd_names, dgrad_names, wgrad_names, strides16) -> list:
+    """One spec per configuration in conv_configs.json (any device), compiled for the layer shape
+    its key names, channels_last: what fastconv runs on a machine without its own tuning."""
+    import json
+
+    try:
+        data = json.loads(_tune.shipped_path("conv").read_text())
+    except (OSError, ValueError):
+        return []
+    specs, seen = [], set()
+    for table in data.get("entries", {}).values():
+        for key, entry in sorted(table.items()):
+            parts = key.split("|")
+            cfg = entry.get("config") if isinstance(entry, dict) else None
+            if len(parts) != 12 or not isinstance(cfg, dict):
+                continue
+            kind, dt, _, chan, kout, rs, st, _, pad, _, _, dot = parts
+            R, S = (int(v) for v in rs[1:].split("S"))
+            C = int(chan[1:])
+            dot = int(dot[3:])
+            ptr = {n: f"*{dt}" for n in ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "g_ptr", "dx_ptr")}
+            ptr["part_ptr"] = "*fp32"
+            flat = cfg.get("flat", _use_flat(C, R, S))
+            i16 = strides16 if C % 16 == 0 else strides16 - {"C"}
+            tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+            padded = pad == "pad1"
+            if kind == "wgrad":
+                name, kernel, names = "conv_wgrad", _conv_wgrad_kernel, wgrad_names
+                consts = dict(R=R, S=S, FLAT=flat, PADDED=padded, G_ROWS=True,
+                              X_ROWS=not flat and st == "st1x1", DOT=dot, INDEX64=False, sgk=1,
+                              sxc=1, **tiles)
+                i16 = i16 | {"M_PER_SPLIT"}
+            elif kind == "dgrad" and st != "st1x1":
+                name, kernel, names = "conv_dgrad_strided", _conv_dgrad_kernel, dgrad_names
+                consts = dict(DOT=dot, INDEX64=False, sgk=1, swc=1, sdc=1, **tiles)
+            else:
+                name, kernel = ("conv_fwd", _conv_fwd_kernel) if kind == "fwd" else \
+                    ("conv_dgrad", _conv_fwd_kernel)
+                consts = dict(R=R, S=S, FLAT=flat, PADDED=padded, FLIP=kind == "dgrad",
+                              HAS_BIAS=kind == "fwd", RELU=kind == "fwd", DOT=dot, INDEX64=False,
+                              sxc=1, syc=1, **tiles)
+                consts["swc" if kind == "fwd" else "swk"] = 1
+                names = fwd_names + (" swk" if kind == "fwd" else " swc")
+            if C == 1 and "C" in names.split():
+                consts["C"] = 1
+            label = f"{name} {dt} {R}x{S}{' C=1' if C == 1 else ''} (shipped)"
+            ident = (label, tuple(sorted(consts.items())), cfg["num_warps"], cfg["num_stages"])
+            if ident in seen:
+                continue
+            seen.add(ident)
+            specs.append(KernelSpec(
+                name=label, kernel=kernel, signature=_sig(names, ptr, i16), constexprs=consts,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                expect_wgmma=True if dt in ("bf16", "fp16") else None))
+    return specs
+
+
 def aot_specs():
     """Every configuration the heuristic or the autotuner can pick, for bf16/fp16/fp32-tf32.
 
@@ -1040,71 +1348,102 @@ def aot_specs():
 
     specs = []
     dtypes = (("bf16", 16, 0), ("fp16", 16, 0), ("fp32", 32, 1))
-    fwd_names = ("x_ptr w_ptr b_ptr y_ptr N C H W K P Q sxn sxh sxw swk swr sws syn syh syw "
+    fwd_names = ("x_ptr w_ptr b_ptr y_ptr N C H W K P Q sxn sxh sxw swg swr sws syn syh syw "
                  "stride_h stride_w pad_h pad_w dil_h dil_w")
-    dgrad_names = ("g_ptr y_ptr w_ptr dx_ptr N C H W K P Q sgn sgp sgq syn syp syq swk swr sws "
-                   "sdn sdh sdw h_first w_first HA WA r_first s_first NR NS r_step s_step "
-                   "p_base q_base dp dq stride_h stride_w")
-    wgrad_names = ("g_ptr y_ptr x_ptr dw_ptr N C H W K P Q sgn sgp sgq syn syp syq sxn sxh sxw "
-                   "stride_h stride_w pad_h pad_w dil_h dil_w NCOL M_PER_SPLIT")
-    strides16 = {"C", "K", "sxn", "sxh", "sxw", "swk", "swr", "sws", "syn", "syh", "syw", "sgn",
-                 "sgp", "sgq", "sdn", "sdh", "sdw"}
-    unit = {"sxc": 1, "swc": 1, "syc": 1, "sgk": 1, "syk": 1, "sdc": 1}
+    dgrad_names = ("g_ptr w_ptr dx_ptr N C H W K P Q sgn sgp sgq swk swr sws sdn sdh sdw "
+                   "h_first w_first HA WA r_first s_first NR NS r_step s_step p_base q_base dp dq "
+                   "stride_h stride_w")
+    wgrad_names = ("g_ptr x_ptr part_ptr N C H W K P Q sgn sgp sgq sxn sxh sxw "
+                   "stride_h stride_w pad_h pad_w dil_h dil_w M_PER_SPLIT")
+    strides16 = {"C", "K", "sxn", "sxh", "sxw", "swg", "swk", "swc", "swr", "sws", "syn", "syh",
+                 "syw", "sgn", "sgp", "sgq", "sdn", "sdh", "sdw", "smn", "smp", "smq"}
+
+    def gemm_cfgs(kind, pb):
+        heur = _heuristic(kind, pb)
+        return [heur] + [c for c in _candidates(kind, pb) if c != heur], heur
+
     for dt, bits, dot in dtypes:
         wgmma = True if bits == 16 else None
         main_dt = dt == "bf16"
         ptr = {n: f"*{dt}" for n in ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "g_ptr", "dx_ptr")}
-        # forward: a padded 3x3 layer (taps), a 1x1 layer (plain GEMM), an 11x11 C=1 layer (flat)
-        cases = [("3x3", 3, 3, False, True, 256, 256), ("1x1", 1, 1, False, False, 192, 256),
-                 ("11x11 C=1", 11, 11, True, False, 1, 96)]
-        for label, R, S, flat, padded, C, K in cases:
+        # forward: a padded 3x3 layer (taps), a 1x1 layer (plain GEMM), an 11x11 C=1 layer (flat);
+        # grad_input of stride-1 layers: the same kernel with mirrored taps and the weight read
+        # along its output channels (swk=1 instead of swc=1)
+        cases = [("conv_fwd", "3x3", 3, 3, False, True, 256, 256),
+                 ("conv_fwd", "1x1", 1, 1, False, False, 192, 256),
+                 ("conv_fwd", "11x11 C=1", 11, 11, True, False, 1, 96),
+                 ("conv_dgrad", "3x3", 3, 3, False, True, 256, 256),
+                 ("conv_dgrad", "1x1", 1, 1, False, False, 256, 192)]
+        for kname, label, R, S, flat, padded, C, K in cases:
+            kind = "fwd" if kname == "conv_fwd" else "dgrad"
             pb = dict(device="cuda", bits=bits, gemm_m=1 << 20, gemm_n=K, red=C * R * S, flat=flat,
-                      chan=C)
-            heur = _heuristic("fwd", pb)
-            for cfg in [heur] + [c for c in _candidates("fwd", pb) if c != heur]:
-                consts = dict(R=R, S=S, FLAT=flat, PADDED=padded, HAS_BIAS=True, RELU=True, DOT=dot,
-                              INDEX64=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                              BLOCK_K=cfg["BLOCK_K"], sxc=1, swc=1, syc=1)
+                      chan=C, stride="1x1")
+            cfgs, heur = gemm_cfgs(kind, pb)
+            for cfg in cfgs:
+                consts = dict(R=R, S=S, FLAT=flat, PADDED=padded, FLIP=kind == "dgrad",
+                              HAS_BIAS=kind == "fwd", RELU=kind == "fwd", DOT=dot, INDEX64=False,
+                              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                              sxc=1, syc=1)
+                consts["swc" if kind == "fwd" else "swk"] = 1
+                names = fwd_names + (" swk" if kind == "fwd" else " swc")
                 if C == 1:
                     consts["C"] = 1  # the JIT specialises ints equal to 1
                 specs.append(KernelSpec(
-                    name=f"conv_fwd {dt} {label}", kernel=_conv_fwd_kernel,
-                    signature=_sig(fwd_names, ptr, strides16 if not flat else strides16 - {"C"}),
+                    name=f"{kname} {dt} {label}", kernel=_conv_fwd_kernel,
+                    signature=_sig(names, ptr, strides16 if not flat else strides16 - {"C"}),
                     constexprs=consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                     main=(cfg is heur and (main_dt or label == "3x3")), expect_wgmma=wgmma))
-        pb = dict(device="cuda", bits=bits, gemm_m=1 << 20, gemm_n=256, red=256 * 9, flat=False,
-                  chan=256)
-        heur = _heuristic("dgrad", pb)
-        for cfg in [heur] + [c for c in _candidates("dgrad", pb) if c != heur]:
-            consts = dict(RELU=True, DOT=dot, INDEX64=False, BLOCK_M=cfg["BLOCK_M"],
-                          BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], sgk=1, syk=1, swc=1, sdc=1)
+        # grad_input of strided convs: the phase kernel
+        pb = dict(device="cuda", bits=bits, gemm_m=1 << 18, gemm_n=256, red=256 * 4, flat=False,
+                  chan=256, stride="2x2")
+        cfgs, heur = gemm_cfgs("dgrad", pb)
+        for cfg in cfgs:
+            consts = dict(DOT=dot, INDEX64=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                          BLOCK_K=cfg["BLOCK_K"], sgk=1, swc=1, sdc=1)
             specs.append(KernelSpec(
-                name=f"conv_dgrad {dt} 3x3", kernel=_conv_dgrad_kernel,
+                name=f"conv_dgrad_strided {dt} 3x3/2", kernel=_conv_dgrad_kernel,
                 signature=_sig(dgrad_names, ptr, strides16), constexprs=consts,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], main=cfg is heur,
-                expect_wgmma=wgmma))
-        ptr["dw_ptr"] = "*fp32"
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                main=cfg is heur and main_dt, expect_wgmma=wgmma))
+        ptr["part_ptr"] = "*fp32"
         for label, R, S, flat, padded, C, K in (("3x3", 3, 3, False, True, 256, 256),
                                                 ("11x11 C=1", 11, 11, True, False, 1, 96)):
-            ncol = C * R * S + 1
             pb = dict(device="cuda", bits=bits, gemm_m=1 << 20, gemm_n=K, red=1 << 20, flat=flat,
-                      chan=C, cols=ncol if flat else C)
-            heur = _heuristic("wgrad", pb)
-            for cfg in [heur] + [c for c in _candidates("wgrad", pb) if c != heur]:
-                consts = dict(R=R, S=S, FLAT=flat, PADDED=padded, HAS_BIAS=True, RELU=True, DOT=dot,
-                              INDEX64=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                              BLOCK_K=cfg["BLOCK_K"], sgk=1, syk=1, sxc=1)
+                      chan=C, cols=C * R * S if flat else C, stride="1x1")
+            cfgs, heur = gemm_cfgs("wgrad", pb)
+            for cfg in cfgs:
+                consts = dict(R=R, S=S, FLAT=flat, PADDED=padded, G_ROWS=True, X_ROWS=not flat,
+                              DOT=dot, INDEX64=False, BLOCK_M=cfg["BLOCK_M"],
+                              BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], sgk=1, sxc=1)
                 if C == 1:
                     consts["C"] = 1
-                sig = _sig(wgrad_names, ptr, (strides16 if not flat else strides16 - {"C"}) | {"M_PER_SPLIT"})
+                sig = _sig(wgrad_names, ptr,
+                           (strides16 if not flat else strides16 - {"C"}) | {"M_PER_SPLIT"})
                 specs.append(KernelSpec(
                     name=f"conv_wgrad {dt} {label}", kernel=_conv_wgrad_kernel, signature=sig,
                     constexprs=consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                     main=(cfg is heur and (main_dt or label == "3x3")), expect_wgmma=wgmma))
+        # the ReLU-mask + grad_bias pass and the slice sum, as their launchers configure them
+        gout = ("g_ptr y_ptr gm_ptr bpart_ptr M K P Q sgn sgp sgq syn syp syq smn smp smq ROWS")
+        specs.append(KernelSpec(
+            name=f"conv_relu_grad {dt}", kernel=_relu_grad_kernel,
+            signature=_sig(gout, dict(ptr, y_ptr=f"*{dt}", gm_ptr=f"*{dt}", bpart_ptr="*fp32"),
+                           strides16 | {"K", "syn", "syp", "syq"}),
+            constexprs=dict(RELU=True, WRITE=True, BIAS=True, INDEX64=False, BLOCK_R=64,
+                            BLOCK_C=128, sgk=1, syk=1, smk=1),
+            num_warps=8, num_stages=3, main=main_dt))
+        specs.append(KernelSpec(
+            name=f"conv_sum_slices {dt}", kernel=_sum_slices_kernel,
+            signature=_sig("part_ptr out_ptr SPLIT NUMEL NCOL C S sok soc sor sos",
+                           {"part_ptr": "*fp32", "out_ptr": f"*{dt}"}, set()),
+            constexprs=dict(BLOCK_S=16, BLOCK=256), num_warps=4, num_stages=3, main=main_dt))
+    # the shipped table's configurations (tuned on an H100) with their layers' kernel shapes
+    specs += _shipped_specs(KernelSpec, fwd_names, dgrad_names, wgrad_names, strides16)
     # tensors of 2**31 elements or more: 64-bit offsets (heuristic configs, bf16)
     big = []
     for s in specs:
-        if s.main and s.name.startswith("conv_") and " bf16 " in s.name and "1x1" not in s.name:
+        if (s.main and s.name.startswith(("conv_fwd", "conv_dgrad", "conv_wgrad"))
+                and " bf16 " in s.name and not s.name.endswith(" 1x1")):
             big.append(KernelSpec(name=s.name + " index64", kernel=s.kernel, signature=s.signature,
                                   constexprs=dict(s.constexprs, INDEX64=True), num_warps=s.num_warps,
                                   num_stages=s.num_stages, main=False, expect_wgmma=s.expect_wgmma))
