@@ -19,8 +19,11 @@ pool = pytest.importorskip("fastconv.backends.triton.pool")
 
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 EPS = 1e-5
+# tiny tiles, many chunks per channel block (the ticketed last-program merge), never the
+# single-program path: what the GPU does on large layers
 SMALL = {"tile": 64, "reduce_tile": 32, "max_channel_block": 4, "programs_per_sm": 24,
-         "num_warps": 4, "reduce_warps": 4}
+         "num_warps": 4, "reduce_warps": 4, "fused_elements": 0, "min_chunk_tiles": 1,
+         "max_chunks": 1 << 20}
 
 
 @pytest.fixture(autouse=True)
@@ -119,6 +122,69 @@ def test_batch_norm_model_shapes(case, training, relu, channels_last):
         assert not torch.equal(rm, rm0) and not torch.equal(rv, rv0)
     else:
         assert torch.equal(rm, rm0) and torch.equal(rv, rv0), "eval must not touch the stats"
+
+
+# the launch structures the planner picks from (see batchnorm.py): one program per channel
+# block that also normalises / computes dx (small layers), several chunks merged by the last
+# program of each channel block (large layers), and a single chunk left by the chunk planner
+PATHS = {
+    "one-program": dict(SMALL, fused_elements=1 << 30),
+    "chunked": dict(SMALL),
+    "chunked-wide": dict(SMALL, reduce_tile=256, max_channel_block=16, programs_per_sm=3,
+                         min_chunk_tiles=2, max_chunks=3),
+}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("shape", [(4, 6, 5, 7), (3, 10, 2, 2), (5, 3, 9, 4)], ids=str)
+def test_launch_paths(monkeypatch, path, shape, channels_last):
+    monkeypatch.setitem(bn.TUNING, "cpu", PATHS[path])
+    x, w, b, rm, rv, grad = _data(shape, channels_last=channels_last, seed=40)
+    red = bn._reduce_plan(shape, channels_last, x.device, x.element_size())
+    if path == "one-program":
+        assert red["single"] and red["grid"][0] == 1
+    elif path == "chunked":
+        assert not red["single"] and red["chunks"] > 1
+    for training, relu in ((True, True), (True, False), (False, True)):
+        _check(x, w, b, rm.clone(), rv.clone(), grad, training, relu,
+               f"{path} training={training} relu={relu}")
+    # every launch leaves its tickets zeroed for the next one
+    assert all(int(t.abs().sum()) == 0 for t in bn._TICKETS.values())
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_eager_path_matches_ops(channels_last):
+    # eager calls run the launchers under one autograd.Function; the registered ops (what
+    # torch.compile sees) run the same kernels: bitwise equal results and statistics
+    x, w, b, rm, rv, grad = _data((3, 6, 5, 5), channels_last=channels_last, seed=41)
+    for training in (True, False):
+        xe, we, be = (t.clone().requires_grad_(True) for t in (x, w, b))
+        rme, rve = rm.clone(), rv.clone()
+        ye = bn.batch_norm(xe, rme, rve, we, be, training, 0.1, EPS, True)
+        assert type(ye.grad_fn).__name__ == "_BatchNormFnBackward"
+        ge = torch.autograd.grad(ye, [xe, we, be], grad)
+        xo, wo, bo = (t.clone().requires_grad_(True) for t in (x, w, b))
+        rmo, rvo = rm.clone(), rv.clone()
+        centre, _, invstd = torch.ops.fastconv.triton_batch_norm_stats(
+            xo.detach(), rmo, rvo, training, 0.1, EPS)
+        yo = torch.ops.fastconv.triton_batch_norm(xo, wo, bo, centre, invstd, training, True)
+        go = torch.autograd.grad(yo, [xo, wo, bo], grad)
+        assert torch.equal(ye, yo) and all(torch.equal(a, c) for a, c in zip(ge, go))
+        assert torch.equal(rme, rmo) and torch.equal(rve, rvo)
+        with torch.no_grad():  # inference: one launch straight from the running statistics
+            yi = bn.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, EPS, True)
+        assert yi.grad_fn is None
+        ref, _ = _reference(x, w, b, rm.double(), rv.double(), grad, training, True)
+        assert_close(yi, ref, dtype=torch.float32, what=f"no-grad training={training}")
+
+
+def test_running_stats_version_bumped():
+    # as torch's in-place update: autograd sees the running statistics change
+    x, w, b, rm, rv, _ = _data((2, 4, 3, 3), seed=42)
+    v0, v1 = rm._version, rv._version
+    bn.batch_norm(x.requires_grad_(True), rm, rv, w, b, True, 0.1, EPS, False)
+    assert rm._version > v0 and rv._version > v1
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -359,3 +425,69 @@ def test_gpu_opcheck_and_compile():
     torch.testing.assert_close(rm_e, rm_c)  # the in-place update survives functionalization
     torch.testing.assert_close(rv_e, rv_c)
 
+
+
+@requires_cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", [(128, 512, 4, 4), (128, 512, 7, 7), (128, 256, 8, 8),
+                                   (32, 64, 112, 112)], ids=str)
+def test_gpu_bf16_full_batch_paths(shape, channels_last):
+    # batch-128 layers on both sides of the one-program / chunked boundary (GPU tuning)
+    x, w, b, rm, rv, grad = _data(shape, torch.bfloat16, channels_last, seed=35)
+    _check(x, w, b, rm, rv, grad, True, True, f"bf16 {shape}")
+    assert all(int(t.abs().sum()) == 0 for t in bn._TICKETS.values())
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", [(32, 64, 28, 28), (64, 512, 2, 2)], ids=str)
+def test_gpu_cuda_graph_and_streams(shape):
+    # graph capture fails on any host synchronisation: the eager path has none. Replays with
+    # new data match eager runs; two streams running at once keep separate tickets.
+    x, w, b, rm, rv, grad = _data(shape, torch.bfloat16, True, seed=36)
+    static_x = x.clone().requires_grad_(True)
+    rm_g, rv_g = rm.clone(), rv.clone()
+
+    def step():
+        y = bn.batch_norm(static_x, rm_g, rv_g, w, b, True, 0.1, EPS, True)
+        return y, torch.autograd.grad(y, [static_x], grad)[0]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        y_g, dx_g = step()
+    for seed in (37, 38):
+        x2, *_ = _data(shape, torch.bfloat16, True, seed=seed)
+        with torch.no_grad():
+            static_x.copy_(x2)
+        graph.replay()
+        xe = x2.clone().requires_grad_(True)
+        ye = bn.batch_norm(xe, rm.clone(), rv.clone(), w, b, True, 0.1, EPS, True)
+        (dxe,) = torch.autograd.grad(ye, [xe], grad)
+        torch.cuda.synchronize()
+        assert torch.equal(y_g, ye) and torch.equal(dx_g, dxe)
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    inputs = [_data(shape, torch.bfloat16, True, seed=40 + i)[0] for i in range(2)]
+    want = [bn.batch_norm(t, None, None, w, b, True, 0.1, EPS, True) for t in inputs]
+    for _ in range(20):
+        got = []
+        for s, t in zip(streams, inputs):
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                got.append(bn.batch_norm(t, None, None, w, b, True, 0.1, EPS, True))
+        torch.cuda.synchronize()
+        assert all(torch.equal(g, r) for g, r in zip(got, want))
+
+
+def test_inference_mode_training_batch_norm():
+    # inference tensors have no version counter: the running-stat update must not try to bump it
+    x, w, b, rm, rv, grad = _data((3, 5, 4, 4), seed=43)
+    with torch.inference_mode():
+        rmi, rvi = rm.clone(), rv.clone()
+        y = bn.batch_norm(x, rmi, rvi, w, b, True, 0.1, EPS, True)
+    ref, _ = _reference(x, w, b, rm.double(), rv.double(), grad, True, True)
+    assert_close(y, ref, dtype=torch.float32, what="inference-mode output")
+    assert not torch.equal(rmi, rm)

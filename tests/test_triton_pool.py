@@ -55,6 +55,11 @@ MAX_CASES = [
     ("stem 3/2/1 odd ceil", (1, 3, 11, 13), 3, 2, 1, 1, True),
     ("dilated ceil", (1, 3, 11, 10), (3, 2), (2, 1), (1, 1), (2, 3), True),
     ("asymmetric", (1, 2, 9, 8), (1, 3), (1, 2), (0, 1), 1, False),
+    # the backward gathers over 2x2 cells for strides <= 2, per input element beyond
+    ("5/2/2: first cells outside", (1, 2, 11, 9), 5, 2, 2, 1, False),
+    ("stride 3 (per-input gather)", (2, 3, 10, 11), 3, 3, 0, 1, False),
+    ("k2 s3: inputs in no window", (1, 3, 8, 10), 2, 3, 0, 1, True),
+    ("k3 s(3,2) mixed", (1, 2, 10, 9), 3, (3, 2), 1, 1, True),
 ]
 
 
@@ -224,6 +229,44 @@ def test_max_pool2d_default_tiles(monkeypatch):
         _check_max_pool(x, 3, 2, 0, 1, False, True, False, "gpu tiles")
 
 
+def test_max_pool2d_eager_path_matches_ops():
+    # eager calls bypass the custom-op dispatcher (autograd.Function + cached launch plans);
+    # the registered ops run the same launchers: results must be bitwise equal
+    for cl in (False, True):
+        x = _input((2, 5, 11, 11), channels_last=cl, seed=5)
+        g = _input((2, 5, 5, 5), channels_last=cl, seed=6)
+        xe = x.clone().requires_grad_(True)
+        out = pool.max_pool2d(xe, (3, 3), (2, 2), (0, 0), (1, 1), False, False, True)
+        assert type(out.grad_fn).__name__ == "_MaxPool2dFnBackward"
+        (ge,) = torch.autograd.grad(out, xe, g)
+        xo = x.clone().requires_grad_(True)
+        ref, idx = torch.ops.fastconv.triton_max_pool2d(xo, [3, 3], [2, 2], [0, 0], [1, 1],
+                                                        False, False, True)
+        (go,) = torch.autograd.grad(ref, xo, g)
+        assert torch.equal(out, ref) and torch.equal(ge, go)
+        with torch.no_grad():  # no autograd node at all without grad mode
+            assert pool.max_pool2d(xe, (3, 3), (2, 2), (0, 0), (1, 1), False, False,
+                                   True).grad_fn is None
+
+
+def test_launch_plans_are_cached_and_follow_tuning(monkeypatch):
+    built = []
+    plan = pool._max_pool2d_plan
+    monkeypatch.setattr(pool, "_max_pool2d_plan", lambda *a: built.append(1) or plan(*a))
+    pool._PLANS.clear()
+    x = _input((2, 3, 9, 9), channels_last=True)
+    args = ((2, 2), (2, 2), (0, 0), (1, 1), False, False, False)
+    first = pool.max_pool2d(x, *args)
+    second = pool.max_pool2d(x, *args)
+    assert len(built) == 1 and torch.equal(first, second)
+    pool.max_pool2d(x.contiguous(), *args)  # other strides: another plan
+    assert len(built) == 2
+    # a changed tuning table invalidates every plan, even when mutated in place
+    pool.TUNING["cpu"]["tile"] = pool.TUNING["cpu"]["tile"] * 2
+    third = pool.max_pool2d(x, *args)
+    assert len(built) == 3 and torch.equal(first, third)
+
+
 # --------------------------------------------------------------------------- average pools
 def _check_avg(fn, ref_fn, x, what, tol=None):
     xt = x.detach().clone().requires_grad_(True)
@@ -286,6 +329,22 @@ def test_adaptive_avg_pool2d(case, channels_last):
     x = _input(shape, channels_last=channels_last)
     _check_avg(lambda t: pool.adaptive_avg_pool2d(t, size),
                lambda t: F.adaptive_avg_pool2d(t, size), x, name)
+
+
+def test_avg_pools_eager_path_matches_ops():
+    x = _input((2, 4, 9, 9), channels_last=True, seed=7)
+    for fn, op, size in (
+            (lambda t: pool.avg_pool2d(t, (3, 3), (2, 2), (1, 1), True, False, None),
+             lambda t: torch.ops.fastconv.triton_avg_pool2d(t, [3, 3], [2, 2], [1, 1], True,
+                                                            False, None), (2, 4, 5, 5)),
+            (lambda t: pool.adaptive_avg_pool2d(t, (2, 3)),
+             lambda t: torch.ops.fastconv.triton_adaptive_avg_pool2d(t, [2, 3]), (2, 4, 2, 3))):
+        g = _input(size, seed=8)
+        xe, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ye, yo = fn(xe), op(xo)
+        assert type(ye.grad_fn).__name__.endswith("FnBackward")
+        assert torch.equal(ye, yo)
+        assert torch.equal(torch.autograd.grad(ye, xe, g)[0], torch.autograd.grad(yo, xo, g)[0])
 
 
 def test_adaptive_avg_pool2d_float16():
@@ -402,3 +461,38 @@ def test_gpu_large_tensor_int64_offsets():
     tail = x[-3:].float()
     _exact(out[-3:], F.max_pool2d(tail, 2), "tail of a >2**31-element tensor")
 
+
+
+@requires_cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", [("alexnet pool1", (128, 96, 54, 54), 3, 2, 0),
+                                  ("vgg 512x4x4", (128, 512, 4, 4), 2, 2, 0),
+                                  ("resnet stem", (32, 64, 112, 112), 3, 2, 1)],
+                         ids=lambda c: c[0] if isinstance(c, tuple) else None)
+def test_gpu_bf16_full_batch(case, channels_last):
+    name, shape, k, s, p = case
+    x = _input(shape, torch.bfloat16, channels_last, seed=9)
+    _check_max_pool(x, k, s, p, 1, False, True, False, f"bf16 {name}")
+
+
+@requires_cuda
+def test_gpu_cuda_graph_capture():
+    # no host synchronisation on the eager path: a CUDA graph captures forward and backward
+    x = _input((16, 64, 27, 27), torch.bfloat16, True, seed=10).requires_grad_(True)
+    g = _input((16, 64, 13, 13), torch.bfloat16, True, seed=11)
+
+    def step():
+        y = pool.max_pool2d(x, (3, 3), (2, 2), (0, 0), (1, 1), False, False, True)
+        return y, torch.autograd.grad(y, x, g)[0]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y_e, dx_e = step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        y_g, dx_g = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_g, y_e) and torch.equal(dx_g, dx_e)

@@ -8,28 +8,39 @@ custom ops (torch.library gives no autograd to ops that mutate inputs, hence the
   -> output``: normalise (+ReLU); functional, with ``register_autograd``.
 * ``fastconv::triton_batch_norm_backward(...) -> (grad_input, grad_weight, grad_bias)``.
 
-``batch_norm()`` below chains the first two: the backend entry point.
+Those ops serve tracing and torch.compile. An eager call (real tensors, not compiling) runs the
+same launchers under one ``torch.autograd.Function`` instead: the op dispatcher costs ~120 us
+of host time per call, more than the GPU time of most of VGG's and ResNet's BN layers.
 
-Passes over the (N, C, H, W) tensor, each reading or writing it once:
+Launches (the first H100 sweep: small layers cost 0.3-1.5 ms of host time whatever their size):
 
-* training forward: stats (read x) -> tiny finalize -> normalise(+ReLU) (read x, write y);
-* eval forward: tiny finalize -> normalise (read x, write y);
-* backward: reduce sum(dy), sum(dy * (x - mean)) (read dy, x [, y]) -> tiny finalize ->
-  dx (read dy, x [, y], write dx); in eval mode dx needs only dy (and y for the ReLU mask),
-  and the reduction runs only when grad_weight/grad_bias are asked for.
+* training forward: ``_bn_stats_kernel`` then ``_bn_apply_kernel``. The statistics are split
+  over (chunk of rows, channel block) programs; the last program of a channel block to finish
+  (an atomic ticket) merges the chunks in a fixed order and finalises the statistics and the
+  running averages, so there is no separate finalize launch and the result is deterministic.
+  When one program per channel block suffices (small layers, ``fused_elements``), that program
+  also normalises: the whole forward is one launch.
+* eval forward: one ``_bn_apply_kernel`` reading the running statistics (plus a tiny stats
+  kernel when a backward will need them).
+* backward: ``_bn_bwd_reduce_kernel`` (sum dy', sum dy' * (x - mean), last program finalises
+  grad_weight, grad_bias and the dx coefficients) then ``_bn_bwd_dx_kernel``; again one launch
+  for small layers. In eval mode with only grad_input wanted, the dx kernel alone.
 
-Both layouts are a dense 2-D matrix to the kernels, so neither is copied: channels_last is
-[N*H*W rows, C columns] (channel = column, 16-byte vectors along C), NCHW is [N*C rows, H*W
-columns] (channel = row % C). The reductions split the rows into chunks, one program per
-(chunk, channel block), and a finalize kernel merges the chunks in a fixed tree order, so
-results are deterministic (no atomics).
+The tickets live in a per-(device, stream) int32 buffer that the finalising program resets to
+zero, so no launch needs a zero fill (traced calls use a fresh ``torch.zeros`` instead).
 
-Statistics are float32 whatever the input dtype. The mean and variance come from a per-lane
-Welford recurrence on ``x - shift`` (shift = x[0, c, 0, 0], one sample of the channel) merged
-with Chan's formula: values of a channel offset by 1e4 keep their full float32 precision, and
-the normalisation itself computes ``((x - shift) - mean_shifted) * scale + bias`` so the large
-offset cancels exactly before any rounding of small quantities. The running statistics are
-updated inside the finalize kernel (unbiased variance, ``(1 - momentum) * r + momentum * s``).
+Both layouts are read without copies: channels_last is [N*H*W rows, C columns] (channel =
+column, 16-byte vectors along C); NCHW is [N*C rows, H*W columns], which the reductions tile in
+3-D as [samples, channels, pixels] so one program covers several planes of small layers.
+
+Statistics are float32 whatever the input dtype. Mean and variance come from per-lane Welford
+recurrences on ``x - shift`` (shift = x[0, c, 0, 0], one sample of the channel) merged with
+Chan's formula: values of a channel offset by 1e4 keep their float32 precision, and the
+normalisation computes ``((x - shift) - mean_shifted) * scale + bias`` so the large offset
+cancels exactly before any rounding of small quantities. The Welford step divides by the lane's
+count; counts are equal for every live lane of a tile iteration, so one scalar reciprocal per
+iteration replaces a per-element IEEE division (the sm_90 SASS of the old loop spent ~33
+instructions per element, compute-bound below copy bandwidth; now ~10).
 """
 from typing import List, Optional, Tuple
 
@@ -37,19 +48,32 @@ import torch
 import triton
 import triton.language as tl
 
-from .pool import (alloc, cols_block, common_why_not, define_op, device_tuning,
-                   is_channels_last, launch, memory_format, needs_int64, next_pow2)
+from .pool import (PlanCache, alloc, cdiv, cols_block, common_why_not, declare_kernels,
+                   define_op, dense_needs_int64, device_tuning, eager, grad_needed,
+                   int_signature, is_channels_last, is_real, memory_format, next_pow2,
+                   num_sms, run)
+from . import pool as _pool
 
-# Elements per program for the streaming passes, programs per SM for the reductions, and
-# warps, by device kind; the H100 sweep (scripts/gpu_pool_bn_sweep.py) overrides them.
+# Per device kind: elements per program of the streaming passes (``tile``) and of the
+# reductions (``reduce_tile``), widest channel block, reduction programs per SM, warps,
+# ``fused_elements``: the largest channel column (elements) one program reduces and
+# normalises by itself (single-launch forward/backward), ``min_chunk_tiles``: tiles per chunk
+# at least, ``max_chunks``: chunks per channel block at most (the finalising program merges
+# them serially). GPU sizes are for 2-byte dtypes (float32 halves them). The H100 sweep
+# (scripts/gpu_pool_bn_sweep.py --tune) overrides them.
 TUNING = {
     "cuda": {"tile": 2048, "reduce_tile": 2048, "max_channel_block": 64,
-             "programs_per_sm": 4, "num_warps": 4, "reduce_warps": 4},
+             "programs_per_sm": 4, "num_warps": 4, "reduce_warps": 4,
+             "fused_elements": 16384, "min_chunk_tiles": 2, "max_chunks": 160},
+    # the interpreter runs programs one after another: one program per channel block
     "cpu": {"tile": 16384, "reduce_tile": 16384, "max_channel_block": 64,
-            "programs_per_sm": 1, "num_warps": 4, "reduce_warps": 4},
+            "programs_per_sm": 1, "num_warps": 4, "reduce_warps": 4,
+            "fused_elements": 1 << 30, "min_chunk_tiles": 1, "max_chunks": 1 << 20},
 }
-_FINALIZE_BLOCK_C = 64
-_FINALIZE_BLOCK_K = 32
+_FINALIZE_BLOCK_C = 64  # eval statistics kernel
+_FINALIZE_BLOCK_K = 32  # chunks merged per step by the finalising program
+# Software pipelining of the reduction loops' plain loads (sm_90 AOT: see aot_specs)
+NUM_STAGES = 1
 # With relu=True the backward masks dy where the output is <= 0. True: read the saved output
 # (exactly torch's mask). False: recompute the output's sign from x in registers, which saves
 # two of the ten passes of a training step (forward 3, backward 7 -> 5); the masks differ only
@@ -81,121 +105,67 @@ def _welford_reduce(mean, m2, cnt, axis: tl.constexpr):
 
 
 @triton.jit
-def _welford_step(cnt, mean, m2, v, ok):
-    cnt = cnt + ok.to(tl.float32)
+def _welford_step(mean, m2, v, ok, inv):
+    # inv = 1 / (this lane's count including v), the same for every live lane of the tile
     d = v - mean
-    mean = mean + tl.where(ok, d / tl.maximum(cnt, 1.0), 0.0)
-    m2 = m2 + tl.where(ok, d * (v - mean), 0.0)
-    return cnt, mean, m2
+    mean = tl.where(ok, mean + d * inv, mean)
+    m2 = tl.where(ok, m2 + d * (v - mean), m2)
+    return mean, m2
 
 
 @triton.jit
-def _bn_stats_kernel(x_ptr, part_ptr, C, HW, ROWS, ROWS_PER_CHUNK, NUM_CHUNKS,
-                     CHANNELS_LAST: tl.constexpr, USE_I64: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Per (chunk of rows, channel block): Welford summary of x - shift -> part[3, chunks, C]."""
-    chunk = tl.program_id(0)
-    r = tl.arange(0, BLOCK_R)[:, None]
-    s = tl.arange(0, BLOCK_S)[None, :]
-    row0 = chunk * ROWS_PER_CHUNK
-    row_end = tl.minimum(row0 + ROWS_PER_CHUNK, ROWS)
-    cnt = tl.zeros([BLOCK_R, BLOCK_S], tl.float32)
-    mean = tl.zeros([BLOCK_R, BLOCK_S], tl.float32)
-    m2 = tl.zeros([BLOCK_R, BLOCK_S], tl.float32)
+def _chunk_merge_stats(part_ptr, cv, c_ok, C, HW, ROWS, ROWS_PER_CHUNK, NUM_CHUNKS,
+                       CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """The finalising program: merge every chunk's (mean, m2) of these channels, in chunk
+    order. Counts are implied by the chunk sizes. ``.cg`` loads: the partials were written by
+    other SMs during this launch, so they must come from L2, not a stale L1 line."""
     plane = NUM_CHUNKS * C
-    if CHANNELS_LAST:
-        # rows are pixels (n, h, w), columns channels
-        c = tl.program_id(1) * BLOCK_S + s
-        c_ok = c < C
-        shift = tl.load(x_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        for r0 in range(row0, row_end, BLOCK_R):
-            rows = r0 + r
-            ok = (rows < row_end) & c_ok
-            if USE_I64:
-                rows = rows.to(tl.int64)
-            v = tl.load(x_ptr + rows * C + c, mask=ok, other=0.0).to(tl.float32) - shift
-            cnt, mean, m2 = _welford_step(cnt, mean, m2, v, ok)
-        mean, m2, cnt = _welford_reduce(mean, m2, cnt, 0)
-        out = part_ptr + chunk * C + tl.arange(0, BLOCK_S) + tl.program_id(1) * BLOCK_S
-        c_ok1 = tl.arange(0, BLOCK_S) + tl.program_id(1) * BLOCK_S < C
-        tl.store(out, mean, mask=c_ok1)
-        tl.store(out + plane, m2, mask=c_ok1)
-        tl.store(out + 2 * plane, cnt, mask=c_ok1)
-    else:
-        # one channel; rows are samples n, columns the pixels of its (n, c) plane
-        c = tl.program_id(1)
-        if USE_I64:
-            c = c.to(tl.int64)
-        shift = tl.load(x_ptr + c * HW).to(tl.float32)
-        for n0 in range(row0, row_end, BLOCK_R):
-            n = n0 + r
-            n_ok = n < row_end
-            if USE_I64:
-                n = n.to(tl.int64)
-            base = x_ptr + (n * C + c) * HW
-            for hw0 in range(0, HW, BLOCK_S):
-                hw = hw0 + s
-                ok = n_ok & (hw < HW)
-                v = tl.load(base + hw, mask=ok, other=0.0).to(tl.float32) - shift
-                cnt, mean, m2 = _welford_step(cnt, mean, m2, v, ok)
-        mean, m2, cnt = _welford_reduce(mean, m2, cnt, 1)
-        mean, m2, cnt = _welford_reduce(mean, m2, cnt, 0)
-        out = part_ptr + chunk * C + c
-        tl.store(out, mean)
-        tl.store(out + plane, m2)
-        tl.store(out + 2 * plane, cnt)
+    k = tl.arange(0, BLOCK_K)[:, None]
+    cvk = cv[None, :]
+    okc = c_ok[None, :]
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    cnt = tl.zeros([BLOCK_C], tl.float32)
+    for k0 in range(0, NUM_CHUNKS, BLOCK_K):
+        kk = k0 + k
+        ok = (kk < NUM_CHUNKS) & okc
+        off = kk * C + cvk
+        pm = tl.load(part_ptr + off, mask=ok, other=0.0, cache_modifier=".cg")
+        pq = tl.load(part_ptr + plane + off, mask=ok, other=0.0, cache_modifier=".cg")
+        rows_k = tl.minimum(ROWS - kk * ROWS_PER_CHUNK, ROWS_PER_CHUNK).to(tl.float32)
+        if not CHANNELS_LAST:
+            rows_k = rows_k * HW  # NCHW chunks are samples of HW pixels
+        pn = tl.where(ok, rows_k, 0.0)
+        bm, bq, bn = _welford_reduce(pm, pq, pn, 0)
+        mean, m2, cnt = _welford_combine(mean, m2, cnt, bm, bq, bn)
+    return mean, m2, cnt
 
 
 @triton.jit
-def _bn_finalize_kernel(part_ptr, x_ptr, rm_ptr, rv_ptr, centre_ptr, mean_ptr, invstd_ptr,
-                        C, HW, NUM_CHUNKS, momentum, eps,
-                        TRAINING: tl.constexpr, HAS_RUNNING: tl.constexpr,
-                        CHANNELS_LAST: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
-    """Per channel: merge the chunks (training) or read the running stats (eval); write
-    centre = [shift, mean - shift], save_mean, save_invstd and the updated running stats."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    if TRAINING:
-        plane = NUM_CHUNKS * C
-        k = tl.arange(0, BLOCK_K)[:, None]
-        mean_s = tl.zeros([BLOCK_C], tl.float32)
-        m2 = tl.zeros([BLOCK_C], tl.float32)
-        cnt = tl.zeros([BLOCK_C], tl.float32)
-        for k0 in range(0, NUM_CHUNKS, BLOCK_K):
-            ok = (k0 + k < NUM_CHUNKS) & c_ok[None, :]
-            off = (k0 + k) * C + c[None, :]
-            pm = tl.load(part_ptr + off, mask=ok, other=0.0)
-            pq = tl.load(part_ptr + plane + off, mask=ok, other=0.0)
-            pn = tl.load(part_ptr + 2 * plane + off, mask=ok, other=0.0)
-            bm, bq, bn = _welford_reduce(pm, pq, pn, 0)
-            mean_s, m2, cnt = _welford_combine(mean_s, m2, cnt, bm, bq, bn)
-        if CHANNELS_LAST:
-            shift = tl.load(x_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        else:
-            shift = tl.load(x_ptr + c.to(tl.int64) * HW, mask=c_ok, other=0.0).to(tl.float32)
-        cnt = tl.where(c_ok, cnt, 2.0)  # keep lanes past C finite
-        var = m2 / cnt
-        mean = shift + mean_s
-        invstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
-        if HAS_RUNNING:
-            unbiased = m2 / (cnt - 1.0)
-            rm = tl.load(rm_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-            rv = tl.load(rv_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-            rm = (1.0 - momentum) * rm + momentum * mean
-            rv = (1.0 - momentum) * rv + momentum * unbiased
-            tl.store(rm_ptr + c, rm.to(rm_ptr.dtype.element_ty), mask=c_ok)
-            tl.store(rv_ptr + c, rv.to(rv_ptr.dtype.element_ty), mask=c_ok)
-    else:
-        mean = tl.load(rm_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        var = tl.load(rv_ptr + c, mask=c_ok, other=1.0).to(tl.float32)
-        invstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
-        shift = mean
-        mean_s = tl.zeros([BLOCK_C], tl.float32)
-    tl.store(centre_ptr + c, shift, mask=c_ok)
-    tl.store(centre_ptr + C + c, mean_s, mask=c_ok)
-    tl.store(mean_ptr + c, mean, mask=c_ok)
-    tl.store(invstd_ptr + c, invstd, mask=c_ok)
+def _bn_finish(mean_s, m2, cnt, shift, cv, c_ok, rm_ptr, rv_ptr, centre_ptr, mean_ptr,
+               invstd_ptr, C, momentum, eps, HAS_RUNNING: tl.constexpr,
+               WRITE_MEAN: tl.constexpr):
+    """Statistics of these channels from their merged summary: write centre = [shift,
+    mean - shift], save_mean, save_invstd and update the running statistics."""
+    cnt = tl.where(c_ok, cnt, 2.0)  # keep lanes past C finite
+    var = m2 / cnt
+    invstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+    mean = shift + mean_s
+    if HAS_RUNNING:
+        unbiased = m2 / (cnt - 1.0)
+        rm = tl.load(rm_ptr + cv, mask=c_ok, other=0.0).to(tl.float32)
+        rv = tl.load(rv_ptr + cv, mask=c_ok, other=0.0).to(tl.float32)
+        rm = (1.0 - momentum) * rm + momentum * mean
+        rv = (1.0 - momentum) * rv + momentum * unbiased
+        tl.store(rm_ptr + cv, rm.to(rm_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(rv_ptr + cv, rv.to(rv_ptr.dtype.element_ty), mask=c_ok)
+    tl.store(centre_ptr + cv, shift, mask=c_ok)
+    tl.store(centre_ptr + C + cv, mean_s, mask=c_ok)
+    if WRITE_MEAN:
+        tl.store(mean_ptr + cv, mean, mask=c_ok)
+    tl.store(invstd_ptr + cv, invstd, mask=c_ok)
+    return invstd
 
 
 @triton.jit
@@ -207,6 +177,168 @@ def _load_channel(ptr, ch, ok, other: tl.constexpr, PRESENT: tl.constexpr):
 
 
 @triton.jit
+def _bn_affine(v, shift, mean_s, scale, bias):
+    """The normalisation; the backward recomputes the ReLU mask with this same expression."""
+    return ((v - shift) - mean_s) * scale + bias
+
+
+@triton.jit
+def _relu_grad(dy, y):
+    # torch's ReLU backward: zero where the output is <= 0 (NaN outputs pass). Written as a
+    # positive test: `where(y <= 0, 0, dy)` crashes Triton 3.8's LLVM lowering for float32
+    # [32, 64] tiles (sm_90).
+    return tl.where((y > 0) | (y != y), dy, 0.0)
+
+
+@triton.jit
+def _nchw_pass_count(nb, hb, NHW, ss, rem):
+    """1 / count of a live NCHW lane after tile (n-block nb, pixel-block hb): lanes with
+    pixel offset s < rem see all NHW pixel blocks of a sample, the others NHW - 1."""
+    inv_a = 1.0 / (nb * NHW + hb + 1).to(tl.float32)
+    inv_b = 1.0 / (nb * (NHW - 1) + hb + 1).to(tl.float32)
+    return tl.where(ss < rem, inv_a, inv_b)
+
+
+@triton.jit
+def _bn_stats_kernel(x_ptr, y_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, centre_ptr, mean_ptr,
+                     invstd_ptr, part_ptr, ticket_ptr,
+                     C, HW, ROWS, ROWS_PER_CHUNK, NUM_CHUNKS, momentum, eps,
+                     HAS_RUNNING: tl.constexpr, WRITE_MEAN: tl.constexpr, SINGLE: tl.constexpr,
+                     APPLY: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                     RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr, USE_I64: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """Program (chunk, channel block): Welford summary of x - shift over the chunk's rows
+    (NHWC: pixels; NCHW: samples). SINGLE (one chunk): finalise at once and, with APPLY, also
+    write y. Otherwise store the summary; the last program of the channel block finalises."""
+    chunk = tl.program_id(0)
+    cv = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cv < C
+    if USE_I64:
+        cv = cv.to(tl.int64)
+    row0 = chunk * ROWS_PER_CHUNK
+    row_end = tl.minimum(row0 + ROWS_PER_CHUNK, ROWS)
+    if CHANNELS_LAST:
+        shift = tl.load(x_ptr + cv, mask=c_ok, other=0.0).to(tl.float32)
+        r = tl.arange(0, BLOCK_R)[:, None]
+        c2 = cv[None, :]
+        ok_c = c_ok[None, :]
+        sh = shift[None, :]
+        mean = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        m2 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        for r0 in range(row0, row_end, BLOCK_R):
+            rows = r0 + r
+            ok = (rows < row_end) & ok_c
+            if USE_I64:
+                rows = rows.to(tl.int64)
+            v = tl.load(x_ptr + rows * C + c2, mask=ok, other=0.0).to(tl.float32) - sh
+            inv = 1.0 / ((r0 - row0) // BLOCK_R + 1).to(tl.float32)
+            mean, m2 = _welford_step(mean, m2, v, ok, inv)
+        tiles = tl.maximum((row_end - row0 - r + BLOCK_R - 1) // BLOCK_R, 0)
+        cnt = tl.where(ok_c, tiles.to(tl.float32), 0.0)
+        mean_c, m2_c, cnt_c = _welford_reduce(mean, m2, cnt, 0)
+    else:
+        shift = tl.load(x_ptr + cv * HW, mask=c_ok, other=0.0).to(tl.float32)
+        nr = tl.arange(0, BLOCK_R)[:, None, None]
+        ss = tl.arange(0, BLOCK_S)[None, None, :]
+        c3 = cv[None, :, None]
+        ok_c = c_ok[None, :, None]
+        sh = shift[None, :, None]
+        NHW = (HW + BLOCK_S - 1) // BLOCK_S
+        rem = HW - (NHW - 1) * BLOCK_S
+        mean = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], tl.float32)
+        m2 = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], tl.float32)
+        for n0 in range(row0, row_end, BLOCK_R):
+            n = n0 + nr
+            n_ok = (n < row_end) & ok_c
+            if USE_I64:
+                n = n.to(tl.int64)
+            base = (n * C + c3) * HW
+            nb = (n0 - row0) // BLOCK_R
+            for hw0 in range(0, HW, BLOCK_S):
+                hw = hw0 + ss
+                ok = n_ok & (hw < HW)
+                v = tl.load(x_ptr + base + hw, mask=ok, other=0.0).to(tl.float32) - sh
+                inv = _nchw_pass_count(nb, hw0 // BLOCK_S, NHW, ss, rem)
+                mean, m2 = _welford_step(mean, m2, v, ok, inv)
+        tiles = tl.maximum((row_end - row0 - nr + BLOCK_R - 1) // BLOCK_R, 0)
+        cnt = tl.where(ok_c, (tiles * tl.where(ss < rem, NHW, NHW - 1)).to(tl.float32), 0.0)
+        mean_c, m2_c, cnt_c = _welford_reduce(mean, m2, cnt, 2)
+        mean_c, m2_c, cnt_c = _welford_reduce(mean_c, m2_c, cnt_c, 0)
+    if SINGLE:
+        invstd = _bn_finish(mean_c, m2_c, cnt_c, shift, cv, c_ok, rm_ptr, rv_ptr, centre_ptr,
+                            mean_ptr, invstd_ptr, C, momentum, eps, HAS_RUNNING, WRITE_MEAN)
+        if APPLY:
+            scale = invstd * _load_channel(w_ptr, cv, c_ok, 1.0, HAS_W)
+            bias = _load_channel(b_ptr, cv, c_ok, 0.0, HAS_B)
+            if CHANNELS_LAST:
+                ms = mean_c[None, :]
+                sc = scale[None, :]
+                bi = bias[None, :]
+                for r0 in range(row0, row_end, BLOCK_R):
+                    rows = r0 + r
+                    ok = (rows < row_end) & ok_c
+                    if USE_I64:
+                        rows = rows.to(tl.int64)
+                    off = rows * C + c2
+                    v = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
+                    y = _bn_affine(v, sh, ms, sc, bi)
+                    if RELU:
+                        y = tl.where(y < 0, 0.0, y)  # NaN stays NaN, as torch.relu
+                    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=ok)
+            else:
+                ms = mean_c[None, :, None]
+                sc = scale[None, :, None]
+                bi = bias[None, :, None]
+                for n0 in range(row0, row_end, BLOCK_R):
+                    n = n0 + nr
+                    n_ok = (n < row_end) & ok_c
+                    if USE_I64:
+                        n = n.to(tl.int64)
+                    base = (n * C + c3) * HW
+                    for hw0 in range(0, HW, BLOCK_S):
+                        hw = hw0 + ss
+                        ok = n_ok & (hw < HW)
+                        v = tl.load(x_ptr + base + hw, mask=ok, other=0.0).to(tl.float32)
+                        y = _bn_affine(v, sh, ms, sc, bi)
+                        if RELU:
+                            y = tl.where(y < 0, 0.0, y)
+                        tl.store(y_ptr + base + hw, y.to(y_ptr.dtype.element_ty), mask=ok)
+    else:
+        plane = NUM_CHUNKS * C
+        tl.store(part_ptr + chunk * C + cv, mean_c, mask=c_ok)
+        tl.store(part_ptr + plane + chunk * C + cv, m2_c, mask=c_ok)
+        # every thread's partials are stored before the one thread that takes the ticket
+        # releases them (gpu scope); the winner's acquire orders its reads after all of them
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr + tl.program_id(1), 1, sem="acq_rel", scope="gpu")
+        if ticket == NUM_CHUNKS - 1:
+            mean_t, m2_t, cnt_t = _chunk_merge_stats(part_ptr, cv, c_ok, C, HW, ROWS,
+                                                     ROWS_PER_CHUNK, NUM_CHUNKS, CHANNELS_LAST,
+                                                     BLOCK_C, BLOCK_K)
+            _bn_finish(mean_t, m2_t, cnt_t, shift, cv, c_ok, rm_ptr, rv_ptr, centre_ptr,
+                       mean_ptr, invstd_ptr, C, momentum, eps, HAS_RUNNING, WRITE_MEAN)
+            tl.store(ticket_ptr + tl.program_id(1), 0)  # ready for the next launch
+
+
+@triton.jit
+def _bn_eval_stats_kernel(rm_ptr, rv_ptr, centre_ptr, mean_ptr, invstd_ptr, C, eps,
+                          WRITE_MEAN: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Eval mode, when a backward will need them: centre = [running_mean, 0], save_mean,
+    save_invstd from the running statistics."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    mean = tl.load(rm_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    var = tl.load(rv_ptr + c, mask=c_ok, other=1.0).to(tl.float32)
+    invstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+    tl.store(centre_ptr + c, mean, mask=c_ok)
+    tl.store(centre_ptr + C + c, tl.zeros([BLOCK_C], tl.float32), mask=c_ok)
+    if WRITE_MEAN:
+        tl.store(mean_ptr + c, mean, mask=c_ok)
+    tl.store(invstd_ptr + c, invstd, mask=c_ok)
+
+
+@triton.jit
 def _channel_of(rows, cols, C, CHANNELS_LAST: tl.constexpr):
     if CHANNELS_LAST:
         return cols
@@ -215,16 +347,13 @@ def _channel_of(rows, cols, C, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _bn_affine(v, shift, mean_s, scale, bias):
-    """The normalisation; the backward recomputes the ReLU mask with this same expression."""
-    return ((v - shift) - mean_s) * scale + bias
-
-
-@triton.jit
-def _bn_apply_kernel(x_ptr, y_ptr, centre_ptr, invstd_ptr, w_ptr, b_ptr, C, ROWS, COLS,
-                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, RELU: tl.constexpr,
-                     CHANNELS_LAST: tl.constexpr, USE_I64: tl.constexpr,
+def _bn_apply_kernel(x_ptr, y_ptr, centre_ptr, invstd_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr,
+                     C, ROWS, COLS, eps,
+                     FROM_RUNNING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                     RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr, USE_I64: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """y = normalise(x) (+ReLU) over the dense [ROWS, COLS] view; FROM_RUNNING (eval,
+    inference): the per-channel statistics come straight from the running buffers."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     cols = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
     r_ok = rows < ROWS
@@ -235,9 +364,17 @@ def _bn_apply_kernel(x_ptr, y_ptr, centre_ptr, invstd_ptr, w_ptr, b_ptr, C, ROWS
         ch_ok = s_ok
     else:
         ch_ok = r_ok
-    shift = tl.load(centre_ptr + ch, mask=ch_ok, other=0.0)
-    mean_s = tl.load(centre_ptr + C + ch, mask=ch_ok, other=0.0)
-    scale = tl.load(invstd_ptr + ch, mask=ch_ok, other=0.0)
+    if FROM_RUNNING:
+        shift = tl.load(rm_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
+        var = tl.load(rv_ptr + ch, mask=ch_ok, other=1.0).to(tl.float32)
+        # per element (channels broadcast along the tile): the approximate rsqrt (2 ulp) costs
+        # 1 instruction, the IEEE 1/sqrt ~30 and made this kernel compute-bound on sm_90
+        scale = tl.math.rsqrt(var + eps)
+        mean_s = tl.zeros_like(shift)
+    else:
+        shift = tl.load(centre_ptr + ch, mask=ch_ok, other=0.0)
+        mean_s = tl.load(centre_ptr + C + ch, mask=ch_ok, other=0.0)
+        scale = tl.load(invstd_ptr + ch, mask=ch_ok, other=0.0)
     scale = scale * _load_channel(w_ptr, ch, ch_ok, 1.0, HAS_W)
     bias = _load_channel(b_ptr, ch, ch_ok, 0.0, HAS_B)
     if USE_I64:
@@ -251,130 +388,189 @@ def _bn_apply_kernel(x_ptr, y_ptr, centre_ptr, invstd_ptr, w_ptr, b_ptr, C, ROWS
 
 
 @triton.jit
-def _relu_grad(dy, y):
-    # torch's ReLU backward: zero where the output is <= 0 (NaN outputs pass). Written as a
-    # positive test: `where(y <= 0, 0, dy)` crashes Triton 3.8's LLVM lowering for float32
-    # [32, 64] tiles (sm_90).
-    return tl.where((y > 0) | (y != y), dy, 0.0)
+def _bwd_terms(dy_ptr, x_ptr, y_ptr, off, ok, sh, ms, sc, bi, RELU: tl.constexpr,
+               RELU_FROM_X: tl.constexpr):
+    """(dy', x - mean) at ``off``: dy masked by the ReLU, from the saved output or recomputed
+    from x with the forward's own expression. Masked lanes give (0, finite)."""
+    dy = tl.load(dy_ptr + off, mask=ok, other=0.0).to(tl.float32)
+    xc = (tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32) - sh) - ms
+    if RELU:
+        if RELU_FROM_X:
+            dy = _relu_grad(dy, xc * sc + bi)
+        else:
+            dy = _relu_grad(dy, tl.load(y_ptr + off, mask=ok, other=0.0))
+    return dy, xc
 
 
 @triton.jit
-def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, y_ptr, centre_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
-                          C, HW, ROWS, ROWS_PER_CHUNK, NUM_CHUNKS, RELU: tl.constexpr,
-                          RELU_FROM_X: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                          CHANNELS_LAST: tl.constexpr, USE_I64: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Per (chunk, channel block): sum(dy') and sum(dy' * (x - mean)) -> part[2, chunks, C],
-    dy' being dy masked by the ReLU (from the saved output, or with RELU_FROM_X recomputed
-    from x); x - mean is (x - shift) - (mean - shift), as in the forward."""
-    chunk = tl.program_id(0)
-    r = tl.arange(0, BLOCK_R)[:, None]
-    s = tl.arange(0, BLOCK_S)[None, :]
-    row0 = chunk * ROWS_PER_CHUNK
-    row_end = tl.minimum(row0 + ROWS_PER_CHUNK, ROWS)
-    sdy = tl.zeros([BLOCK_R, BLOCK_S], tl.float32)
-    sdyx = tl.zeros([BLOCK_R, BLOCK_S], tl.float32)
-    plane = NUM_CHUNKS * C
-    if CHANNELS_LAST:
-        c = tl.program_id(1) * BLOCK_S + s
-        c_ok = c < C
-    else:
-        c = tl.program_id(1)
-        c_ok = c < C
-        if USE_I64:
-            c = c.to(tl.int64)
-    shift = tl.load(centre_ptr + c, mask=c_ok, other=0.0)
-    mean_s = tl.load(centre_ptr + C + c, mask=c_ok, other=0.0)
-    if RELU_FROM_X:
-        scale = tl.load(invstd_ptr + c, mask=c_ok, other=0.0)
-        scale = scale * _load_channel(w_ptr, c, c_ok, 1.0, HAS_W)
-        bias = _load_channel(b_ptr, c, c_ok, 0.0, HAS_B)
-    if CHANNELS_LAST:
-        for r0 in range(row0, row_end, BLOCK_R):
-            rows = r0 + r
-            ok = (rows < row_end) & c_ok
-            if USE_I64:
-                rows = rows.to(tl.int64)
-            off = rows * C + c
-            dy = tl.load(dy_ptr + off, mask=ok, other=0.0).to(tl.float32)
-            x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
-            if RELU:
-                if RELU_FROM_X:
-                    dy = _relu_grad(dy, _bn_affine(x, shift, mean_s, scale, bias))
-                else:
-                    dy = _relu_grad(dy, tl.load(y_ptr + off, mask=ok, other=0.0))
-            sdy += dy
-            sdyx += dy * tl.where(ok, (x - shift) - mean_s, 0.0)
-        c1 = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-        tl.store(part_ptr + chunk * C + c1, tl.sum(sdy, 0), mask=c1 < C)
-        tl.store(part_ptr + plane + chunk * C + c1, tl.sum(sdyx, 0), mask=c1 < C)
-    else:
-        for n0 in range(row0, row_end, BLOCK_R):
-            n = n0 + r
-            n_ok = n < row_end
-            if USE_I64:
-                n = n.to(tl.int64)
-            base = (n * C + c) * HW
-            for hw0 in range(0, HW, BLOCK_S):
-                hw = hw0 + s
-                ok = n_ok & (hw < HW)
-                off = base + hw
-                dy = tl.load(dy_ptr + off, mask=ok, other=0.0).to(tl.float32)
-                x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
-                if RELU:
-                    if RELU_FROM_X:
-                        dy = _relu_grad(dy, _bn_affine(x, shift, mean_s, scale, bias))
-                    else:
-                        dy = _relu_grad(dy, tl.load(y_ptr + off, mask=ok, other=0.0))
-                sdy += dy
-                sdyx += dy * tl.where(ok, (x - shift) - mean_s, 0.0)
-        tl.store(part_ptr + chunk * C + c, tl.sum(tl.sum(sdy, 1), 0))
-        tl.store(part_ptr + plane + chunk * C + c, tl.sum(tl.sum(sdyx, 1), 0))
-
-
-@triton.jit
-def _bn_bwd_finalize_kernel(part_ptr, w_ptr, invstd_ptr, dw_ptr, db_ptr, coef_ptr,
-                            C, NUM_CHUNKS, inv_count,
-                            TRAINING: tl.constexpr, HAS_W: tl.constexpr,
-                            REDUCED: tl.constexpr, WRITE_DW: tl.constexpr,
-                            WRITE_DB: tl.constexpr, BLOCK_K: tl.constexpr,
-                            BLOCK_C: tl.constexpr):
-    """Per channel: grad_weight, grad_bias, and coef = [a, k2, k3] for
-    dx = a * dy' + k2 * (x - mean) + k3 (training: the batch statistics' own gradient)."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    sdy = tl.zeros([BLOCK_C], tl.float32)
-    sdyx = tl.zeros([BLOCK_C], tl.float32)
-    if REDUCED:
-        plane = NUM_CHUNKS * C
-        k = tl.arange(0, BLOCK_K)[:, None]
-        for k0 in range(0, NUM_CHUNKS, BLOCK_K):
-            ok = (k0 + k < NUM_CHUNKS) & c_ok[None, :]
-            off = (k0 + k) * C + c[None, :]
-            sdy += tl.sum(tl.load(part_ptr + off, mask=ok, other=0.0), 0)
-            sdyx += tl.sum(tl.load(part_ptr + plane + off, mask=ok, other=0.0), 0)
-    invstd = tl.load(invstd_ptr + c, mask=c_ok, other=0.0)
-    a = invstd * _load_channel(w_ptr, c, c_ok, 1.0, HAS_W)
+def _bwd_finish(sdy, sdyx, cv, c_ok, invstd, w_ptr, dw_ptr, db_ptr, coef_ptr, C, inv_count,
+                TRAINING: tl.constexpr, HAS_W: tl.constexpr, WRITE_DW: tl.constexpr,
+                WRITE_DB: tl.constexpr, WRITE_COEF: tl.constexpr):
+    """grad_weight, grad_bias and dx = a * dy' + k2 * (x - mean) + k3 (training: the batch
+    statistics' own gradient) from the two per-channel sums."""
+    a = invstd * _load_channel(w_ptr, cv, c_ok, 1.0, HAS_W)
     if WRITE_DW:
-        tl.store(dw_ptr + c, (sdyx * invstd).to(dw_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(dw_ptr + cv, (sdyx * invstd).to(dw_ptr.dtype.element_ty), mask=c_ok)
     if WRITE_DB:
-        tl.store(db_ptr + c, sdy.to(db_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(db_ptr + cv, sdy.to(db_ptr.dtype.element_ty), mask=c_ok)
     if TRAINING:
         k2 = -a * invstd * invstd * sdyx * inv_count
         k3 = -a * sdy * inv_count
     else:
-        k2 = tl.zeros([BLOCK_C], tl.float32)
-        k3 = tl.zeros([BLOCK_C], tl.float32)
-    tl.store(coef_ptr + c, a, mask=c_ok)
-    tl.store(coef_ptr + C + c, k2, mask=c_ok)
-    tl.store(coef_ptr + 2 * C + c, k3, mask=c_ok)
+        k2 = tl.zeros_like(a)
+        k3 = tl.zeros_like(a)
+    if WRITE_COEF:
+        tl.store(coef_ptr + cv, a, mask=c_ok)
+        tl.store(coef_ptr + C + cv, k2, mask=c_ok)
+        tl.store(coef_ptr + 2 * C + cv, k3, mask=c_ok)
+    return a, k2, k3
 
 
 @triton.jit
-def _bn_bwd_dx_kernel(dy_ptr, x_ptr, y_ptr, centre_ptr, coef_ptr, b_ptr, dx_ptr, C, ROWS, COLS,
-                      RELU: tl.constexpr, RELU_FROM_X: tl.constexpr, HAS_B: tl.constexpr,
-                      TRAINING: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                      USE_I64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, y_ptr, dx_ptr, centre_ptr, invstd_ptr, w_ptr, b_ptr,
+                          dw_ptr, db_ptr, coef_ptr, part_ptr, ticket_ptr,
+                          C, HW, ROWS, ROWS_PER_CHUNK, NUM_CHUNKS, inv_count,
+                          TRAINING: tl.constexpr, RELU: tl.constexpr, RELU_FROM_X: tl.constexpr,
+                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, WRITE_DW: tl.constexpr,
+                          WRITE_DB: tl.constexpr, WRITE_COEF: tl.constexpr,
+                          SINGLE: tl.constexpr, DX: tl.constexpr,
+                          CHANNELS_LAST: tl.constexpr, USE_I64: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    """Program (chunk, channel block): sum(dy') and sum(dy' * (x - mean)) over its rows.
+    SINGLE: finalise at once and, with DX, also write dx. Otherwise store the sums; the last
+    program of the channel block adds the chunks in order and finalises."""
+    chunk = tl.program_id(0)
+    cv = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cv < C
+    if USE_I64:
+        cv = cv.to(tl.int64)
+    row0 = chunk * ROWS_PER_CHUNK
+    row_end = tl.minimum(row0 + ROWS_PER_CHUNK, ROWS)
+    shift = tl.load(centre_ptr + cv, mask=c_ok, other=0.0)
+    mean_s = tl.load(centre_ptr + C + cv, mask=c_ok, other=0.0)
+    invstd = tl.load(invstd_ptr + cv, mask=c_ok, other=0.0)
+    if RELU_FROM_X:
+        scale = invstd * _load_channel(w_ptr, cv, c_ok, 1.0, HAS_W)
+        bias = _load_channel(b_ptr, cv, c_ok, 0.0, HAS_B)
+    else:
+        scale = invstd
+        bias = invstd
+    if CHANNELS_LAST:
+        r = tl.arange(0, BLOCK_R)[:, None]
+        c2 = cv[None, :]
+        ok_c = c_ok[None, :]
+        sh = shift[None, :]
+        ms = mean_s[None, :]
+        sc = scale[None, :]
+        bi = bias[None, :]
+        sdy = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        sdyx = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        for r0 in range(row0, row_end, BLOCK_R):
+            rows = r0 + r
+            ok = (rows < row_end) & ok_c
+            if USE_I64:
+                rows = rows.to(tl.int64)
+            dy, xc = _bwd_terms(dy_ptr, x_ptr, y_ptr, rows * C + c2, ok, sh, ms, sc, bi, RELU,
+                                RELU_FROM_X)
+            sdy += dy
+            sdyx += dy * xc
+        sdy_c = tl.sum(sdy, 0)
+        sdyx_c = tl.sum(sdyx, 0)
+    else:
+        nr = tl.arange(0, BLOCK_R)[:, None, None]
+        ss = tl.arange(0, BLOCK_S)[None, None, :]
+        c3 = cv[None, :, None]
+        ok_c = c_ok[None, :, None]
+        sh = shift[None, :, None]
+        ms = mean_s[None, :, None]
+        sc = scale[None, :, None]
+        bi = bias[None, :, None]
+        sdy = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], tl.float32)
+        sdyx = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], tl.float32)
+        for n0 in range(row0, row_end, BLOCK_R):
+            n = n0 + nr
+            n_ok = (n < row_end) & ok_c
+            if USE_I64:
+                n = n.to(tl.int64)
+            base = (n * C + c3) * HW
+            for hw0 in range(0, HW, BLOCK_S):
+                hw = hw0 + ss
+                dy, xc = _bwd_terms(dy_ptr, x_ptr, y_ptr, base + hw, n_ok & (hw < HW), sh, ms,
+                                    sc, bi, RELU, RELU_FROM_X)
+                sdy += dy
+                sdyx += dy * xc
+        sdy_c = tl.sum(tl.sum(sdy, 2), 0)
+        sdyx_c = tl.sum(tl.sum(sdyx, 2), 0)
+    if SINGLE:
+        a, k2, k3 = _bwd_finish(sdy_c, sdyx_c, cv, c_ok, invstd, w_ptr, dw_ptr, db_ptr,
+                                coef_ptr, C, inv_count, TRAINING, HAS_W, WRITE_DW, WRITE_DB,
+                                WRITE_COEF)
+        if DX:
+            if CHANNELS_LAST:
+                a2 = a[None, :]
+                k22 = k2[None, :]
+                k32 = k3[None, :]
+                for r0 in range(row0, row_end, BLOCK_R):
+                    rows = r0 + r
+                    ok = (rows < row_end) & ok_c
+                    if USE_I64:
+                        rows = rows.to(tl.int64)
+                    off = rows * C + c2
+                    dy, xc = _bwd_terms(dy_ptr, x_ptr, y_ptr, off, ok, sh, ms, sc, bi, RELU,
+                                        RELU_FROM_X)
+                    dx = a2 * dy + k22 * xc + k32
+                    tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+            else:
+                a3 = a[None, :, None]
+                k23 = k2[None, :, None]
+                k33 = k3[None, :, None]
+                for n0 in range(row0, row_end, BLOCK_R):
+                    n = n0 + nr
+                    n_ok = (n < row_end) & ok_c
+                    if USE_I64:
+                        n = n.to(tl.int64)
+                    base = (n * C + c3) * HW
+                    for hw0 in range(0, HW, BLOCK_S):
+                        hw = hw0 + ss
+                        ok = n_ok & (hw < HW)
+                        dy, xc = _bwd_terms(dy_ptr, x_ptr, y_ptr, base + hw, ok, sh, ms, sc,
+                                            bi, RELU, RELU_FROM_X)
+                        dx = a3 * dy + k23 * xc + k33
+                        tl.store(dx_ptr + base + hw, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    else:
+        plane = NUM_CHUNKS * C
+        tl.store(part_ptr + chunk * C + cv, sdy_c, mask=c_ok)
+        tl.store(part_ptr + plane + chunk * C + cv, sdyx_c, mask=c_ok)
+        tl.debug_barrier()  # see _bn_stats_kernel
+        ticket = tl.atomic_add(ticket_ptr + tl.program_id(1), 1, sem="acq_rel", scope="gpu")
+        if ticket == NUM_CHUNKS - 1:
+            k = tl.arange(0, BLOCK_K)[:, None]
+            cvk = cv[None, :]
+            okc = c_ok[None, :]
+            tdy = tl.zeros([BLOCK_C], tl.float32)
+            tdyx = tl.zeros([BLOCK_C], tl.float32)
+            for k0 in range(0, NUM_CHUNKS, BLOCK_K):
+                ok = (k0 + k < NUM_CHUNKS) & okc
+                off = (k0 + k) * C + cvk
+                tdy += tl.sum(tl.load(part_ptr + off, mask=ok, other=0.0,
+                                      cache_modifier=".cg"), 0)
+                tdyx += tl.sum(tl.load(part_ptr + plane + off, mask=ok, other=0.0,
+                                       cache_modifier=".cg"), 0)
+            _bwd_finish(tdy, tdyx, cv, c_ok, invstd, w_ptr, dw_ptr, db_ptr, coef_ptr, C,
+                        inv_count, TRAINING, HAS_W, WRITE_DW, WRITE_DB, WRITE_COEF)
+            tl.store(ticket_ptr + tl.program_id(1), 0)
+
+
+@triton.jit
+def _bn_bwd_dx_kernel(dy_ptr, x_ptr, y_ptr, centre_ptr, coef_ptr, invstd_ptr, w_ptr, b_ptr,
+                      dx_ptr, C, ROWS, COLS,
+                      RELU: tl.constexpr, RELU_FROM_X: tl.constexpr, HAS_W: tl.constexpr,
+                      HAS_B: tl.constexpr, TRAINING: tl.constexpr, FROM_STATS: tl.constexpr,
+                      CHANNELS_LAST: tl.constexpr, USE_I64: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """dx = a * dy' + k2 * (x - mean) + k3 over the dense [ROWS, COLS] view; FROM_STATS (eval,
+    no reduction): a = invstd * weight, k2 = k3 = 0."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     cols = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
     r_ok = rows < ROWS
@@ -385,7 +581,11 @@ def _bn_bwd_dx_kernel(dy_ptr, x_ptr, y_ptr, centre_ptr, coef_ptr, b_ptr, dx_ptr,
         ch_ok = s_ok
     else:
         ch_ok = r_ok
-    a = tl.load(coef_ptr + ch, mask=ch_ok, other=0.0)  # = invstd * weight, the forward scale
+    if FROM_STATS:
+        a = tl.load(invstd_ptr + ch, mask=ch_ok, other=0.0)
+        a = a * _load_channel(w_ptr, ch, ch_ok, 1.0, HAS_W)
+    else:
+        a = tl.load(coef_ptr + ch, mask=ch_ok, other=0.0)  # = invstd * weight
     if USE_I64:
         rows = rows.to(tl.int64)
     off = rows * COLS + cols
@@ -409,15 +609,9 @@ def _bn_bwd_dx_kernel(dy_ptr, x_ptr, y_ptr, centre_ptr, coef_ptr, b_ptr, dx_ptr,
 
 
 # --------------------------------------------------------------------------- launch geometry
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132 if device.type == "cuda" else 1  # an H100, for ahead-of-time planning
-
-
-def _matrix(x: torch.Tensor, channels_last: bool):
+def _matrix(shape, channels_last: bool):
     """(ROWS, COLS) of the dense 2-D view the streaming kernels use."""
-    n, c, h, w = x.shape
+    n, c, h, w = shape
     return (n * h * w, c) if channels_last else (n * c, h * w)
 
 
@@ -428,6 +622,7 @@ def _elements(device: torch.device, tile: int, element_size: int) -> int:
 
 def _stream_tile(rows: int, cols: int, channels_last: bool, device: torch.device,
                  element_size: int = 2):
+    """(grid, BLOCK_R, BLOCK_S, warps) of the apply and dx kernels."""
     cfg = device_tuning(device, TUNING)
     tile = _elements(device, cfg["tile"], element_size)
     if channels_last:
@@ -435,34 +630,236 @@ def _stream_tile(rows: int, cols: int, channels_last: bool, device: torch.device
     else:  # rows of H*W pixels: whole rows when short, else >= 64-element segments
         bs = cols_block(cols, tile, 64)
     br = max(1, min(tile // bs, next_pow2(rows)))
-    return (triton.cdiv(rows, br), triton.cdiv(cols, bs)), br, bs, cfg["num_warps"]
+    return (cdiv(rows, br), cdiv(cols, bs)), br, bs, cfg["num_warps"]
 
 
-def _reduce_plan(x: torch.Tensor, channels_last: bool, device: Optional[torch.device] = None):
-    """(grid, rows, rows per chunk, chunks, BLOCK_R, BLOCK_S, warps) for the reductions."""
-    n, c, h, w = x.shape
-    device = device or x.device
+def _reduce_plan(shape, channels_last: bool, device: torch.device, element_size: int = 2):
+    """Geometry of the reductions: dict(grid, rows, per_chunk, chunks, BLOCK_R, BLOCK_C,
+    BLOCK_S, warps, single). Rows are pixels (NHWC) or samples (NCHW). ``single``: one chunk
+    per channel block, whose program also does the elementwise pass (one launch)."""
+    n, c, h, w = shape
+    hw = h * w
     cfg = device_tuning(device, TUNING)
-    target = cfg["programs_per_sm"] * _num_sms(device)
-    tile = _elements(device, cfg["reduce_tile"], x.element_size())
+    tile = _elements(device, cfg["reduce_tile"], element_size)
+    fused_max = _elements(device, cfg["fused_elements"], element_size)
+    sms = num_sms(device)
     if channels_last:
-        rows = n * h * w
-        bs = cols_block(c, cfg["max_channel_block"], 16)
-        cblocks = triton.cdiv(c, bs)
-        br = max(1, min(tile // bs, next_pow2(rows)))
+        rows, per_row, least = n * hw, 1, min(8, next_pow2(c))  # >= 16 bytes of bf16 a row
+        bc = cols_block(c, cfg["max_channel_block"], 16)
     else:
-        rows = n
-        cblocks = c
-        bs = cols_block(h * w, tile, 64)
-        br = max(1, min(tile // bs, next_pow2(rows)))
-    chunks = max(1, min(triton.cdiv(target, cblocks), triton.cdiv(rows, br)))
-    per_chunk = triton.cdiv(rows, chunks)
+        rows, per_row, least = n, hw, 1
+        bs = cols_block(hw, tile, 64)
+        bc = max(1, min(tile // bs, next_pow2(c), cfg["max_channel_block"]))
+    column = rows * per_row  # elements of one channel
+    narrow = bc
+    while column * narrow > fused_max and narrow > least:
+        narrow //= 2
+    if column * narrow <= fused_max:
+        # small layer: one program per channel block reduces and normalises its columns;
+        # narrower blocks while that leaves SMs idle (512 x 4 x 4 x 128 NHWC: 64 programs)
+        while cdiv(c, narrow) < sms and narrow > least:
+            narrow //= 2
+        bc, chunks = narrow, 1
+    else:
+        # chunked: the finalising program of a channel block merges all its chunks, so keep
+        # chunks per block <= max_chunks by narrowing the block (C=64 NHWC: 4 blocks of 16
+        # channels x 128 chunks rather than 1 x 528, a 4x shorter serial merge)
+        target = cfg["programs_per_sm"] * sms
+        while cdiv(target, cdiv(c, bc)) > cfg["max_chunks"] and bc > max(least, 16):
+            bc //= 2
+        chunks = None
     if channels_last:
-        per_chunk = triton.cdiv(per_chunk, br) * br  # whole tiles per chunk
+        bs = 1
+        br = max(1, min(tile // bc, next_pow2(rows)))
     else:
-        br = max(1, min(br, next_pow2(per_chunk)))
-    chunks = triton.cdiv(rows, per_chunk)
-    return (chunks, cblocks), rows, per_chunk, chunks, br, bs, cfg["reduce_warps"]
+        br = max(1, min(tile // (bs * bc), next_pow2(rows)))
+    cblocks = cdiv(c, bc)
+    if chunks is None:
+        most = cdiv(rows, br * max(1, cfg["min_chunk_tiles"]))
+        chunks = max(1, min(cdiv(target, cblocks), cfg["max_chunks"], most))
+    per_chunk = cdiv(rows, chunks)
+    per_chunk = cdiv(per_chunk, br) * br  # whole tiles per chunk
+    chunks = cdiv(rows, per_chunk)
+    return dict(grid=(chunks, cblocks), rows=rows, per_chunk=per_chunk, chunks=chunks,
+                BLOCK_R=br, BLOCK_C=bc, BLOCK_S=bs, warps=cfg["reduce_warps"],
+                single=chunks == 1)
+
+
+_TICKETS: dict = {}
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _tickets(device: torch.device, count: int, real: bool) -> torch.Tensor:
+    """Zeroed int32 tickets for ``count`` channel blocks. Real calls share a buffer per
+    (device, stream) that every launch leaves zeroed (streams would race on one buffer);
+    traced calls get a fresh zero tensor (a graph cannot hold a global buffer)."""
+    if not real:
+        return torch.zeros(count, dtype=torch.int32, device=device)
+    stream = 0
+    if device.type == "cuda" and _raw_stream is not None:
+        stream = _raw_stream(device.index if device.index is not None
+                             else torch.cuda.current_device())
+    key = (device.type, device.index, stream)
+    buf = _TICKETS.get(key)
+    if buf is None or buf.numel() < count:
+        buf = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        _TICKETS[key] = buf
+    return buf
+
+
+def _plans_state():
+    return (tuple(TUNING["cuda"].values()), tuple(TUNING["cpu"].values()),
+            _pool.FORCE_INT64_INDEXING, _FINALIZE_BLOCK_K)
+
+
+_PLANS = PlanCache(_plans_state)
+_increment_version = getattr(torch.autograd.graph, "increment_version", None)
+
+
+def _layout(x: torch.Tensor):
+    """(channels_last, dense): the output format torch would pick, and whether x is already
+    dense in it (the kernels index the [ROWS, COLS] view; anything else is copied first)."""
+    cl = is_channels_last(x)
+    return cl, x.is_contiguous(memory_format=memory_format(cl))
+
+
+def _bn_plan(x: torch.Tensor) -> dict:
+    cl, dense = _layout(x)
+    rows, cols = _matrix(x.shape, cl)
+    grid, br, bs, warps = _stream_tile(rows, cols, cl, x.device, x.element_size())
+    red = _reduce_plan(x.shape, cl, x.device, x.element_size())
+    return dict(cl=cl, dense=dense, fmt=memory_format(cl), rows=rows, cols=cols,
+                use_i64=_pool.FORCE_INT64_INDEXING or dense_needs_int64(x.numel()),
+                stream=dict(grid=grid, BLOCK_R=br, BLOCK_S=bs, num_warps=warps),
+                red=red, hw=x.shape[2] * x.shape[3], inv_count=1.0 / max(1, rows * cols //
+                                                                          x.shape[1]))
+
+
+def _plan_of(x: torch.Tensor, real: bool) -> dict:
+    key = (x.shape, x.stride(), x.dtype, x.device) if real else None
+    return _PLANS.get(key, lambda: _bn_plan(x))
+
+
+def _red_meta(plan: dict) -> dict:
+    red = plan["red"]
+    return dict(CHANNELS_LAST=plan["cl"], USE_I64=plan["use_i64"], BLOCK_R=red["BLOCK_R"],
+                BLOCK_C=red["BLOCK_C"], BLOCK_S=red["BLOCK_S"], BLOCK_K=_FINALIZE_BLOCK_K,
+                num_warps=red["warps"], num_stages=NUM_STAGES)
+
+
+def _stream_meta(plan: dict) -> dict:
+    s = plan["stream"]
+    return dict(CHANNELS_LAST=plan["cl"], USE_I64=plan["use_i64"], BLOCK_R=s["BLOCK_R"],
+                BLOCK_S=s["BLOCK_S"], num_warps=s["num_warps"], num_stages=NUM_STAGES)
+
+
+# --------------------------------------------------------------------------- launchers
+def _bn_statistics(x, plan, real, running_mean, running_var, training, momentum, eps,
+                   want_mean, y=None, weight=None, bias=None, relu=False):
+    """(centre, save_mean or None, save_invstd) of dense ``x``; in training the running
+    statistics are updated. With ``y`` given (training only) the single-chunk plan also
+    writes the normalised output and the return says so: (..., applied)."""
+    c = x.shape[1]
+    dev = x.device
+    centre = alloc((2, c), torch.float32, dev)
+    save_mean = alloc((c,), torch.float32, dev) if want_mean else None
+    invstd = alloc((c,), torch.float32, dev)
+    has_running = running_mean is not None
+    if not training:
+        run(_bn_eval_stats_kernel, (cdiv(c, _FINALIZE_BLOCK_C),),
+            (running_mean, running_var, centre, save_mean, invstd, c, float(eps)),
+            dict(WRITE_MEAN=bool(want_mean), BLOCK_C=_FINALIZE_BLOCK_C, num_warps=4), real)
+        return centre, save_mean, invstd, False
+    red = plan["red"]
+    apply = y is not None and red["single"]
+    part = tickets = None
+    if not red["single"]:
+        part = alloc((2, red["chunks"], c), torch.float32, dev)
+        tickets = _tickets(dev, red["grid"][1], real)
+    run(_bn_stats_kernel, red["grid"],
+        (x, y if apply else None, weight, bias, running_mean, running_var, centre, save_mean,
+         invstd, part, tickets, c, plan["hw"], red["rows"], red["per_chunk"], red["chunks"],
+         float(momentum), float(eps)),
+        dict(_red_meta(plan), HAS_RUNNING=has_running, WRITE_MEAN=bool(want_mean),
+             SINGLE=red["single"], APPLY=apply, HAS_W=weight is not None,
+             HAS_B=bias is not None, RELU=bool(relu)), real)
+    if (has_running and real and _increment_version is not None
+            and not running_mean.is_inference()):  # inference tensors have no version
+        _increment_version(running_mean)  # as torch's in-place update would
+        _increment_version(running_var)
+    return centre, save_mean, invstd, apply
+
+
+def _bn_apply(x, plan, real, weight, bias, centre, invstd, relu, y=None, running=None,
+              eps=0.0):
+    """y = normalise(x) (+ReLU); ``running=(mean, var)``: eval statistics read in-kernel."""
+    if y is None:
+        y = alloc(x.shape, x.dtype, x.device, plan["fmt"])
+    if y.numel() == 0:
+        return y
+    rm, rv = running if running is not None else (None, None)
+    run(_bn_apply_kernel, plan["stream"]["grid"],
+        (x, y, centre, invstd, weight, bias, rm, rv, x.shape[1], plan["rows"], plan["cols"],
+         float(eps)),
+        dict(_stream_meta(plan), FROM_RUNNING=running is not None, HAS_W=weight is not None,
+             HAS_B=bias is not None, RELU=bool(relu)), real)
+    return y
+
+
+def _dense(t: Optional[torch.Tensor], fmt) -> Optional[torch.Tensor]:
+    return t if t is None or t.is_contiguous(memory_format=fmt) else t.contiguous(
+        memory_format=fmt)
+
+
+def _bn_backward(dy, x, y, weight, bias, centre, invstd, training, relu, output_mask):
+    """-> (grad_input, grad_weight, grad_bias); those not asked for are empty. ``y``: the
+    saved output for the ReLU mask, or None to recompute the mask from ``x``."""
+    real = is_real(x)
+    plan = _plan_of(x, real)
+    fmt = plan["fmt"]
+    x = x if plan["dense"] else x.contiguous(memory_format=fmt)
+    dy = _dense(dy, fmt)
+    y = _dense(y, fmt) if relu else None
+    relu_from_x = bool(relu) and y is None
+    c = x.shape[1]
+    dev = x.device
+    want_dx, want_dw, want_db = (bool(m) for m in output_mask)
+    want_dw = want_dw and weight is not None
+    want_db = want_db and bias is not None
+    dx = alloc(x.shape if want_dx else (0,), x.dtype, dev, fmt if want_dx else
+               torch.contiguous_format)
+    dw = alloc((c if want_dw else 0,), weight.dtype if weight is not None else torch.float32,
+               dev)
+    db = alloc((c if want_db else 0,), bias.dtype if bias is not None else torch.float32, dev)
+    if not (want_dx or want_dw or want_db):
+        return dx, dw, db
+    if x.numel() == 0:
+        return dx, dw.zero_(), db.zero_()
+    red = plan["red"]
+    common = dict(RELU=bool(relu), RELU_FROM_X=relu_from_x, HAS_W=weight is not None,
+                  HAS_B=bias is not None, TRAINING=bool(training))
+    reduce = want_dw or want_db or (want_dx and training)
+    coef = None
+    if reduce:
+        fused_dx = want_dx and red["single"]
+        if want_dx and not fused_dx:
+            coef = alloc((3, c), torch.float32, dev)
+        part = tickets = None
+        if not red["single"]:
+            part = alloc((2, red["chunks"], c), torch.float32, dev)
+            tickets = _tickets(dev, red["grid"][1], real)
+        run(_bn_bwd_reduce_kernel, red["grid"],
+            (dy, x, y, dx if fused_dx else None, centre, invstd, weight, bias,
+             dw if want_dw else None, db if want_db else None, coef, part, tickets, c,
+             plan["hw"], red["rows"], red["per_chunk"], red["chunks"], plan["inv_count"]),
+            dict(_red_meta(plan), **common, WRITE_DW=want_dw, WRITE_DB=want_db,
+                 WRITE_COEF=coef is not None, SINGLE=red["single"], DX=fused_dx), real)
+        if not want_dx or fused_dx:
+            return dx, dw, db
+    run(_bn_bwd_dx_kernel, plan["stream"]["grid"],
+        (dy, x, y, centre, coef, invstd, weight, bias, dx, c, plan["rows"], plan["cols"]),
+        dict(_stream_meta(plan), **common, FROM_STATS=coef is None), real)
+    return dx, dw, db
 
 
 # --------------------------------------------------------------------------- ops
@@ -479,32 +876,18 @@ def _batch_norm_stats_op(input: torch.Tensor, running_mean: Optional[torch.Tenso
                          eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (centre [2, C] = [shift, mean - shift], save_mean, save_invstd), float32; in
     training the running statistics are updated in place."""
-    n, c, h, w = input.shape
-    cl = is_channels_last(input)
-    x = input.contiguous(memory_format=memory_format(cl))
-    dev = x.device
-    centre = alloc((2, c), torch.float32, dev)
-    save_mean = alloc((c,), torch.float32, dev)
-    save_invstd = alloc((c,), torch.float32, dev)
-    has_running = running_mean is not None
-    if not training and not has_running:
+    if not training and running_mean is None:
         raise ValueError("triton_batch_norm_stats: eval mode needs running_mean and "
                          "running_var")
-    if training and x.numel() == 0:
+    if training and input.numel() == 0:
         raise ValueError(f"triton_batch_norm_stats: no values per channel to normalise in "
-                         f"input of shape {tuple(x.shape)}")
-    part, chunks = None, 1
-    if training:
-        grid, rows, per_chunk, chunks, br, bs, warps = _reduce_plan(x, cl)
-        part = alloc((3, chunks, c), torch.float32, dev)
-        launch(_bn_stats_kernel, grid, x, part, c, h * w, rows, per_chunk, chunks,
-               CHANNELS_LAST=cl, USE_I64=needs_int64(x), BLOCK_R=br, BLOCK_S=bs,
-               num_warps=warps)
-    launch(_bn_finalize_kernel, (triton.cdiv(c, _FINALIZE_BLOCK_C),), part, x, running_mean,
-           running_var, centre, save_mean, save_invstd, c, h * w, chunks, float(momentum),
-           float(eps), TRAINING=bool(training), HAS_RUNNING=has_running, CHANNELS_LAST=cl,
-           BLOCK_K=_FINALIZE_BLOCK_K, BLOCK_C=_FINALIZE_BLOCK_C, num_warps=4)
-    return centre, save_mean, save_invstd
+                         f"input of shape {tuple(input.shape)}")
+    real = is_real(input)
+    plan = _plan_of(input, real)
+    x = input if plan["dense"] else input.contiguous(memory_format=plan["fmt"])
+    centre, save_mean, invstd, _ = _bn_statistics(x, plan, real, running_mean, running_var,
+                                                  bool(training), momentum, eps, True)
+    return centre, save_mean, invstd
 
 
 @define_op("triton_batch_norm",
@@ -515,17 +898,10 @@ def _batch_norm_op(input: torch.Tensor, weight: Optional[torch.Tensor],
                    training: bool, relu: bool) -> torch.Tensor:
     """Normalise (+ReLU) with the statistics of ``triton_batch_norm_stats``; ``training``
     only selects the backward formula."""
-    cl = is_channels_last(input)
-    x = input.contiguous(memory_format=memory_format(cl))
-    y = alloc(x.shape, x.dtype, x.device, memory_format(cl))
-    if y.numel() == 0:
-        return y
-    rows, cols = _matrix(x, cl)
-    grid, br, bs, warps = _stream_tile(rows, cols, cl, x.device, x.element_size())
-    launch(_bn_apply_kernel, grid, x, y, centre, save_invstd, weight, bias, x.shape[1], rows,
-           cols, HAS_W=weight is not None, HAS_B=bias is not None, RELU=bool(relu),
-           CHANNELS_LAST=cl, USE_I64=needs_int64(x), BLOCK_R=br, BLOCK_S=bs, num_warps=warps)
-    return y
+    real = is_real(input)
+    plan = _plan_of(input, real)
+    x = input if plan["dense"] else input.contiguous(memory_format=plan["fmt"])
+    return _bn_apply(x, plan, real, weight, bias, centre, save_invstd, relu)
 
 
 @define_op("triton_batch_norm_backward",
@@ -541,48 +917,8 @@ def _batch_norm_backward_op(grad_output: torch.Tensor, input: torch.Tensor,
     masks grad_output where the output is <= 0: the saved ``output`` when given, else the
     output recomputed from ``input`` with the forward's own expression (``bias`` is then
     needed; this saves two passes over the tensor)."""
-    n, c, h, w = input.shape
-    cl = is_channels_last(input)
-    fmt = memory_format(cl)
-    x = input.contiguous(memory_format=fmt)
-    dy = grad_output.contiguous(memory_format=fmt)
-    dev = x.device
-    y = output.contiguous(memory_format=fmt) if relu and output is not None else None
-    relu_from_x = bool(relu) and y is None
-    want_dx, want_dw, want_db = (bool(m) for m in output_mask)
-    want_dw = want_dw and weight is not None
-    param_dtype = weight.dtype if weight is not None else torch.float32
-    dx = alloc(x.shape if want_dx else (0,), x.dtype, dev, fmt if want_dx else
-               torch.contiguous_format)
-    dw = alloc((c if want_dw else 0,), param_dtype, dev)
-    db = alloc((c if want_db else 0,), param_dtype, dev)
-    if not (want_dx or want_dw or want_db):
-        return dx, dw, db
-    if x.numel() == 0:
-        return dx, dw.zero_(), db.zero_()
-    use_i64 = needs_int64(x)
-    reduce = want_dw or want_db or (want_dx and training)
-    coef = alloc((3, c), torch.float32, dev)
-    part, chunks = None, 1
-    if reduce:
-        grid, rows, per_chunk, chunks, br, bs, warps = _reduce_plan(x, cl)
-        part = alloc((2, chunks, c), torch.float32, dev)
-        launch(_bn_bwd_reduce_kernel, grid, dy, x, y, centre, save_invstd, weight, bias, part,
-               c, h * w, rows, per_chunk, chunks, RELU=bool(relu), RELU_FROM_X=relu_from_x,
-               HAS_W=weight is not None, HAS_B=bias is not None, CHANNELS_LAST=cl,
-               USE_I64=use_i64, BLOCK_R=br, BLOCK_S=bs, num_warps=warps)
-    launch(_bn_bwd_finalize_kernel, (triton.cdiv(c, _FINALIZE_BLOCK_C),), part, weight,
-           save_invstd, dw if want_dw else None, db if want_db else None, coef, c, chunks,
-           1.0 / max(1, n * h * w), TRAINING=bool(training), HAS_W=weight is not None,
-           REDUCED=reduce, WRITE_DW=want_dw, WRITE_DB=want_db, BLOCK_K=_FINALIZE_BLOCK_K,
-           BLOCK_C=_FINALIZE_BLOCK_C, num_warps=4)
-    if want_dx:
-        rows, cols = _matrix(x, cl)
-        grid, br, bs, warps = _stream_tile(rows, cols, cl, dev, x.element_size())
-        launch(_bn_bwd_dx_kernel, grid, dy, x, y, centre, coef, bias, dx, c, rows, cols,
-               RELU=bool(relu), RELU_FROM_X=relu_from_x, HAS_B=bias is not None,
-               TRAINING=bool(training), CHANNELS_LAST=cl, USE_I64=use_i64, BLOCK_R=br,
-               BLOCK_S=bs, num_warps=warps)
+    dx, dw, db = _bn_backward(grad_output, input, output, weight, bias, centre, save_invstd,
+                              training, relu, output_mask)
     return dx, dw, db
 
 
@@ -593,34 +929,86 @@ def _batch_norm_setup(ctx, inputs, output):
     # recomputes the mask from x instead.
     keep_y = relu and RELU_MASK_FROM_OUTPUT
     ctx.save_for_backward(x, output if keep_y else None, weight, bias, centre, save_invstd)
-    ctx.flags = (bool(training), bool(relu), weight is not None, bias is not None,
-                 None if bias is None else bias.dtype)
+    ctx.flags = (bool(training), bool(relu))
 
 
-def _batch_norm_backward(ctx, grad_y):
+def _batch_norm_op_backward(ctx, grad_y):
     x, y, weight, bias, centre, save_invstd = ctx.saved_tensors
-    training, relu, has_w, has_b, bias_dtype = ctx.flags
+    training, relu = ctx.flags
     need = ctx.needs_input_grad
-    mask = [bool(need[0]), bool(need[1]) and has_w, bool(need[2]) and has_b]
+    mask = [bool(need[0]), bool(need[1]) and weight is not None,
+            bool(need[2]) and bias is not None]
     if grad_y is None or not any(mask):
         return (None,) * 7
     dx, dw, db = torch.ops.fastconv.triton_batch_norm_backward(
         grad_y, x, y, weight, bias, centre, save_invstd, training, relu, mask)
-    if mask[2] and db.dtype != bias_dtype:
-        db = db.to(bias_dtype)
     return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
             None, None, None, None)
 
 
-_batch_norm_op.register_autograd(_batch_norm_backward, setup_context=_batch_norm_setup)
+_batch_norm_op.register_autograd(_batch_norm_op_backward, setup_context=_batch_norm_setup)
+declare_kernels({"triton_batch_norm_stats": [_bn_stats_kernel, _bn_eval_stats_kernel],
+                 "triton_batch_norm": [_bn_apply_kernel],
+                 "triton_batch_norm_backward": [_bn_bwd_reduce_kernel, _bn_bwd_dx_kernel]})
+
+
+# --------------------------------------------------------------------------- eager path
+def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps, relu,
+             need_stats):
+    """Eager forward: -> (y, centre, save_invstd, x made dense); the statistics only when
+    ``need_stats`` (a backward follows) or training (they are computed anyway)."""
+    plan = _plan_of(x, True)
+    if not plan["dense"]:
+        x = x.contiguous(memory_format=plan["fmt"])
+    if not training and not need_stats:  # inference: one launch
+        return _bn_apply(x, plan, True, weight, bias, None, None, relu,
+                         running=(running_mean, running_var), eps=eps), None, None, x
+    y = alloc(x.shape, x.dtype, x.device, plan["fmt"])
+    centre, _, invstd, applied = _bn_statistics(x, plan, True, running_mean, running_var,
+                                                training, momentum, eps, False, y, weight,
+                                                bias, relu)
+    if not applied:
+        _bn_apply(x, plan, True, weight, bias, centre, invstd, relu, y=y)
+    return y, centre, invstd, x
+
+
+class _BatchNormFn(torch.autograd.Function):
+    """The two ops' autograd formula without the dispatcher, for eager calls."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps,
+                relu):
+        y, centre, invstd, xd = _forward(x, weight, bias, running_mean, running_var, training,
+                                         momentum, eps, relu, True)
+        keep_y = relu and RELU_MASK_FROM_OUTPUT
+        ctx.save_for_backward(xd, y if keep_y else None, weight, bias, centre, invstd)
+        ctx.flags = (training, relu)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, y, weight, bias, centre, invstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = (need[0], need[1] and weight is not None, need[2] and bias is not None)
+        dx, dw, db = _bn_backward(grad_y, x, y, weight, bias, centre, invstd, *ctx.flags, mask)
+        return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
+                None, None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------- backend entry points
 def batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu):
+    training, relu, momentum, eps = bool(training), bool(relu), float(momentum), float(eps)
+    if eager(input):
+        if grad_needed(input, weight, bias):
+            return _BatchNormFn.apply(input, weight, bias, running_mean, running_var, training,
+                                      momentum, eps, relu)
+        return _forward(input, weight, bias, running_mean, running_var, training, momentum,
+                        eps, relu, False)[0]
     centre, _, save_invstd = torch.ops.fastconv.triton_batch_norm_stats(
-        input.detach(), running_mean, running_var, bool(training), float(momentum), float(eps))
+        input.detach(), running_mean, running_var, training, momentum, eps)
     return torch.ops.fastconv.triton_batch_norm(input, weight, bias, centre, save_invstd,
-                                                bool(training), bool(relu))
+                                                training, relu)
 
 
 def why_not_batch_norm(args) -> Optional[str]:
@@ -646,77 +1034,114 @@ def why_not_batch_norm(args) -> Optional[str]:
 # --------------------------------------------------------------------------- ahead of time
 def aot_specs():
     """The kernels of a bf16 (and fp32) training step, channels_last and NCHW, configured as
-    the launchers above configure them for ResNet-18's first stage (64 x 56 x 56, batch 128)."""
+    the launchers configure them for ResNet-18's first stage (128 x 64 x 56 x 56: chunked
+    reductions with the ticketed merge, separate elementwise passes) and VGG-16-BN's
+    512 x 4 x 4 layer (one program per channel block: single-launch forward and backward),
+    plus the eval-mode kernels."""
     from .aot import KernelSpec
 
+    dev = torch.device("cuda")
     specs = []
-    cfg = TUNING["cuda"]
-    ints = lambda *names: {a: "i32" for a in names}  # noqa: E731
-    for ty in ("bf16", "fp32"):
+    for ty, esize in (("bf16", 2), ("fp32", 4)):
+        main_ty = ty == "bf16"
         for cl in (True, False):
             layout = "NHWC" if cl else "NCHW"
-            main = ty == "bf16"
-            c, hw = 64, 56 * 56
-            rows, cols = (128 * hw, c) if cl else (128 * c, hw)
-            esize = 2 if ty == "bf16" else 4
-            _, sbr, sbs, swarps = _stream_tile(rows, cols, cl, torch.device("cuda"), esize)
-            x = torch.empty((128, c, 56, 56), device="meta",
-                            dtype=torch.bfloat16 if esize == 2 else torch.float32)
-            cuda_plan = _reduce_plan(x, cl, torch.device("cuda"))
-            rbr, rbs = cuda_plan[4], cuda_plan[5]
-            specs.append(KernelSpec(
-                name=f"bn_stats {ty} {layout}", kernel=_bn_stats_kernel,
-                signature={"x_ptr": f"*{ty}", "part_ptr": "*fp32",
-                           **ints("C", "HW", "ROWS", "ROWS_PER_CHUNK", "NUM_CHUNKS")},
-                constexprs=dict(CHANNELS_LAST=cl, USE_I64=False, BLOCK_R=rbr, BLOCK_S=rbs),
-                num_warps=cfg["reduce_warps"], num_stages=1, main=main))
-            specs.append(KernelSpec(
-                name=f"bn_finalize training {ty} {layout}", kernel=_bn_finalize_kernel,
-                signature={"part_ptr": "*fp32", "x_ptr": f"*{ty}", "rm_ptr": "*fp32",
-                           "rv_ptr": "*fp32", "centre_ptr": "*fp32", "mean_ptr": "*fp32",
-                           "invstd_ptr": "*fp32", **ints("C", "HW", "NUM_CHUNKS"),
-                           "momentum": "fp32", "eps": "fp32"},
-                constexprs=dict(TRAINING=True, HAS_RUNNING=True, CHANNELS_LAST=cl,
-                                BLOCK_K=_FINALIZE_BLOCK_K, BLOCK_C=_FINALIZE_BLOCK_C),
-                num_warps=4, num_stages=1, main=main and cl))
-            for relu in (True, False):
+            for label, shape in (("64x56x56", (128, 64, 56, 56)), ("512x4x4", (128, 512, 4, 4))):
+                n, c, h, w = shape
+                red = _reduce_plan(shape, cl, dev, esize)
+                single = red["single"]
+                tag = f"{ty} {layout} {label}"
+                ints, iconsts = int_signature(dict(
+                    C=c, HW=h * w, ROWS=red["rows"], ROWS_PER_CHUNK=red["per_chunk"],
+                    NUM_CHUNKS=red["chunks"]))
+                rconsts = dict(iconsts, CHANNELS_LAST=cl, USE_I64=False,
+                               BLOCK_R=red["BLOCK_R"], BLOCK_C=red["BLOCK_C"],
+                               BLOCK_S=red["BLOCK_S"], BLOCK_K=_FINALIZE_BLOCK_K)
+                io = {"x_ptr": f"*{ty}", "w_ptr": "*fp32", "b_ptr": "*fp32", "rm_ptr": "*fp32",
+                      "rv_ptr": "*fp32", "centre_ptr": "*fp32", "invstd_ptr": "*fp32"}
+                chunked = {} if single else {"part_ptr": "*fp32", "ticket_ptr": "*i32"}
+                nones = dict(mean_ptr=None, **({"part_ptr": None, "ticket_ptr": None}
+                                               if single else {"y_ptr": None}))
                 specs.append(KernelSpec(
-                    name=f"bn_apply relu={relu} {ty} {layout}", kernel=_bn_apply_kernel,
-                    signature={"x_ptr": f"*{ty}", "y_ptr": f"*{ty}", "centre_ptr": "*fp32",
-                               "invstd_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
-                               **ints("C", "ROWS", "COLS")},
-                    constexprs=dict(HAS_W=True, HAS_B=True, RELU=relu, CHANNELS_LAST=cl,
-                                    USE_I64=False, BLOCK_R=sbr, BLOCK_S=sbs),
-                    num_warps=swarps, num_stages=1, main=main and relu and cl))
-            for relu, from_x in ((True, False), (True, True), (False, False)):
-                tag = f"relu={relu}{' mask-from-x' if from_x else ''} {ty} {layout}"
-                specs.append(KernelSpec(
-                    name=f"bn_bwd_reduce {tag}", kernel=_bn_bwd_reduce_kernel,
-                    signature={"dy_ptr": f"*{ty}", "x_ptr": f"*{ty}", "y_ptr": f"*{ty}",
-                               "centre_ptr": "*fp32", "invstd_ptr": "*fp32", "w_ptr": "*fp32",
-                               "b_ptr": "*fp32", "part_ptr": "*fp32",
-                               **ints("C", "HW", "ROWS", "ROWS_PER_CHUNK", "NUM_CHUNKS")},
-                    constexprs=dict(RELU=relu, RELU_FROM_X=from_x, HAS_W=True, HAS_B=True,
-                                    CHANNELS_LAST=cl, USE_I64=False, BLOCK_R=rbr,
-                                    BLOCK_S=rbs),
-                    num_warps=cfg["reduce_warps"], num_stages=1,
-                    main=main and relu and not from_x))
-                specs.append(KernelSpec(
-                    name=f"bn_bwd_dx {tag}", kernel=_bn_bwd_dx_kernel,
-                    signature={"dy_ptr": f"*{ty}", "x_ptr": f"*{ty}", "y_ptr": f"*{ty}",
-                               "centre_ptr": "*fp32", "coef_ptr": "*fp32", "b_ptr": "*fp32",
-                               "dx_ptr": f"*{ty}", **ints("C", "ROWS", "COLS")},
-                    constexprs=dict(RELU=relu, RELU_FROM_X=from_x, HAS_B=True, TRAINING=True,
-                                    CHANNELS_LAST=cl, USE_I64=False, BLOCK_R=sbr,
-                                    BLOCK_S=sbs),
-                    num_warps=swarps, num_stages=1, main=main and relu and not from_x and cl))
-            specs.append(KernelSpec(
-                name=f"bn_bwd_finalize {ty} {layout}", kernel=_bn_bwd_finalize_kernel,
-                signature={"part_ptr": "*fp32", "w_ptr": "*fp32", "invstd_ptr": "*fp32",
-                           "dw_ptr": "*fp32", "db_ptr": "*fp32", "coef_ptr": "*fp32",
-                           **ints("C", "NUM_CHUNKS"), "inv_count": "fp32"},
-                constexprs=dict(TRAINING=True, HAS_W=True, REDUCED=True, WRITE_DW=True,
-                                WRITE_DB=True, BLOCK_K=_FINALIZE_BLOCK_K,
-                                BLOCK_C=_FINALIZE_BLOCK_C),
-                num_warps=4, num_stages=1, main=main and cl))
+                    name=f"bn_stats {tag}", kernel=_bn_stats_kernel,
+                    signature=dict(io, **chunked, **({"y_ptr": f"*{ty}"} if single else {}),
+                                   **ints, momentum="fp32", eps="fp32"),
+                    constexprs=dict(rconsts, **nones, HAS_RUNNING=True, WRITE_MEAN=False,
+                                    SINGLE=single, APPLY=single, HAS_W=True, HAS_B=True,
+                                    RELU=True),
+                    num_warps=red["warps"], num_stages=NUM_STAGES, main=main_ty))
+                for relu, from_x in ((True, False), (True, True), (False, False)):
+                    rtag = f"relu={relu}{' mask-from-x' if from_x else ''} {tag}"
+                    main = main_ty and relu and not from_x
+                    bsig = {"dy_ptr": f"*{ty}", "x_ptr": f"*{ty}", "centre_ptr": "*fp32",
+                            "invstd_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
+                            "dw_ptr": "*fp32", "db_ptr": "*fp32", **chunked, **ints,
+                            "inv_count": "fp32"}
+                    bnone = {} if single else {"dx_ptr": None}
+                    if single:
+                        bsig["dx_ptr"] = f"*{ty}"
+                        bnone.update(coef_ptr=None, part_ptr=None, ticket_ptr=None)
+                    else:
+                        bsig["coef_ptr"] = "*fp32"
+                    if relu and not from_x:
+                        bsig["y_ptr"] = f"*{ty}"
+                    else:
+                        bnone["y_ptr"] = None
+                    specs.append(KernelSpec(
+                        name=f"bn_bwd_reduce {rtag}", kernel=_bn_bwd_reduce_kernel,
+                        signature=bsig,
+                        constexprs=dict(rconsts, **bnone, TRAINING=True, RELU=relu,
+                                        RELU_FROM_X=from_x, HAS_W=True, HAS_B=True,
+                                        WRITE_DW=True, WRITE_DB=True, WRITE_COEF=not single,
+                                        SINGLE=single, DX=single),
+                        num_warps=red["warps"], num_stages=NUM_STAGES, main=main))
+                if single:
+                    continue
+                # the separate elementwise passes of a chunked layer
+                rows, cols = _matrix(shape, cl)
+                _, br, bs, warps = _stream_tile(rows, cols, cl, dev, esize)
+                sints, sconsts = int_signature(dict(C=c, ROWS=rows, COLS=cols))
+                sconsts = dict(sconsts, CHANNELS_LAST=cl, USE_I64=False, BLOCK_R=br,
+                               BLOCK_S=bs)
+                for relu in (True, False):
+                    for from_running in (False, True):
+                        specs.append(KernelSpec(
+                            name=f"bn_apply relu={relu}{' eval' if from_running else ''} {tag}",
+                            kernel=_bn_apply_kernel,
+                            signature={"x_ptr": f"*{ty}", "y_ptr": f"*{ty}", "w_ptr": "*fp32",
+                                       "b_ptr": "*fp32", **sints, "eps": "fp32",
+                                       **({"rm_ptr": "*fp32", "rv_ptr": "*fp32"}
+                                          if from_running else
+                                          {"centre_ptr": "*fp32", "invstd_ptr": "*fp32"})},
+                            constexprs=dict(sconsts, FROM_RUNNING=from_running, HAS_W=True,
+                                            HAS_B=True, RELU=relu,
+                                            **({"centre_ptr": None, "invstd_ptr": None}
+                                               if from_running else
+                                               {"rm_ptr": None, "rv_ptr": None})),
+                            num_warps=warps, num_stages=NUM_STAGES,
+                            main=main_ty and relu and not from_running))
+                for relu, from_x, training in ((True, False, True), (True, True, True),
+                                               (False, False, True), (True, False, False)):
+                    dsig = {"dy_ptr": f"*{ty}", "x_ptr": f"*{ty}", "centre_ptr": "*fp32",
+                            "w_ptr": "*fp32", "b_ptr": "*fp32", "dx_ptr": f"*{ty}", **sints}
+                    dnone = {}
+                    if training:
+                        dsig["coef_ptr"] = "*fp32"
+                        dnone["invstd_ptr"] = None
+                    else:
+                        dsig["invstd_ptr"] = "*fp32"
+                        dnone["coef_ptr"] = None
+                    if relu and not from_x:
+                        dsig["y_ptr"] = f"*{ty}"
+                    else:
+                        dnone["y_ptr"] = None
+                    specs.append(KernelSpec(
+                        name=f"bn_bwd_dx relu={relu}{' mask-from-x' if from_x else ''}"
+                             f"{'' if training else ' eval'} {tag}",
+                        kernel=_bn_bwd_dx_kernel, signature=dsig,
+                        constexprs=dict(sconsts, **dnone, RELU=relu, RELU_FROM_X=from_x,
+                                        HAS_W=True, HAS_B=True, TRAINING=training,
+                                        FROM_STATS=not training),
+                        num_warps=warps, num_stages=NUM_STAGES,
+                        main=main_ty and relu and not from_x and training))
     return specs

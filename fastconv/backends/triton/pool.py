@@ -17,8 +17,16 @@ Max-pool keeps, for the backward, only the window-local argmax ``kh * KW + kw`` 
 for windows of more than 127 taps) unless ``return_indices`` asks for torch's int64 flat
 indices. With ``relu=True`` a window whose maximum is <= 0 stores -1, so the backward needs
 neither the output nor the input to apply the ReLU mask.
+
+Host path. The first H100 sweep showed small layers costing 0.2-1.5 ms whatever their size:
+host time, mostly the custom-op dispatcher (~120 us per ``triton_op`` call, twice more through
+``register_autograd``). So, as the conv does, an eager call (real tensors, not compiling) runs
+the launchers directly under a ``torch.autograd.Function``; only tracing and torch.compile go
+through the registered ops, whose bodies call the same launchers. Everything a launch derives
+from shapes, strides, dtype and flags (output shape, grid, tiles, constexprs, scalars) is a
+plan cached per such key, so a call is: look up the plan, allocate outputs, launch once.
 """
-from typing import List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import triton
@@ -28,8 +36,9 @@ import triton.language as tl
 # sweep (scripts/gpu_pool_bn_sweep.py) overrides these to compare configurations. The
 # interpreter runs one program at a time in numpy, so it wants few, large programs.
 TUNING = {
-    # 1024 / 512 keep the 3x3 kernels at 143 / 62 registers (sm_90 AOT); 2048 spills
-    "cuda": {"tile": 1024, "bwd_tile": 512, "max_cols": 64, "nchw_max_cols": 128,
+    # bf16 3x3/2 with these tiles (sm_90 AOT): forward 53 registers, backward (2x2 cells,
+    # bwd_tile counts input elements) 40; no spills
+    "cuda": {"tile": 1024, "bwd_tile": 2048, "max_cols": 64, "nchw_max_cols": 128,
              "num_warps": 4},
     "cpu": {"tile": 8192, "bwd_tile": 8192, "max_cols": 64, "nchw_max_cols": 128,
             "num_warps": 4},
@@ -41,6 +50,8 @@ MAX_UNROLLED_TAPS = 16
 # Unrolled windows shrink the tile so that taps x elements per thread stays in registers.
 _TAP_ELEMENTS = 12288
 MAX_MAX_POOL_TAPS = 1024
+# No loop in these kernels pipelines; 1 keeps the compile (and the AOT specs) honest
+NUM_STAGES = 1
 # Tests set these: the 64-bit index path on small tensors, and buffers filled with NaN (or
 # an impossible index) when allocated, so an element a kernel forgets to write shows up.
 FORCE_INT64_INDEXING = False
@@ -52,6 +63,11 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # --------------------------------------------------------------------------- shared helpers
 # (batchnorm.py imports these too)
+def cdiv(a: int, b: int) -> int:
+    # not triton.cdiv: that is a JIT function in Triton 3.8, ~4 us per host call
+    return -(-a // b)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -65,7 +81,7 @@ def cols_block(cols: int, cap: int, min_block: int = 1) -> int:
     b = min(next_pow2(cols), max(1, min_block), top)
     waste = {}
     while b <= top:
-        waste[b] = triton.cdiv(cols, b) * b / cols - 1.0
+        waste[b] = cdiv(cols, b) * b / cols - 1.0
         b *= 2
     least = min(waste.values())
     return max(b for b, w in waste.items() if w <= least + 0.05)
@@ -90,6 +106,11 @@ def _max_offset(t: torch.Tensor) -> int:
     return sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) + 1
 
 
+def dense_needs_int64(numel: int) -> bool:
+    """needs_int64 for a tensor allocated dense (in either memory format) by the caller."""
+    return FORCE_INT64_INDEXING or numel > _INT32_LIMIT
+
+
 def alloc(shape, dtype: torch.dtype, device: torch.device,
           fmt: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     t = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
@@ -108,22 +129,46 @@ def _is_fake(t: torch.Tensor) -> bool:
     return is_fake(t)
 
 
+def is_real(t: Optional[torch.Tensor]) -> bool:
+    """False for fake, functional (torch.compile tracing) and meta tensors: no data to run on."""
+    if t is None:
+        return True
+    if type(t) is torch.Tensor:  # fast path: fake and functional tensors are subclasses
+        return t.device.type != "meta" and not torch._is_functional_tensor(t)
+    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return not (is_fake(t) or isinstance(t, FunctionalTensor) or t.device.type == "meta")
+
+
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+
+def eager(t: torch.Tensor) -> bool:
+    """True when a backend entry point may skip the custom ops and launch directly: real
+    tensors, not under torch.compile (which must see the registered ops)."""
+    return not _is_compiling() and is_real(t)
+
+
+def grad_needed(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 _HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 
 
-def launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch ``kernel`` through ``wrap_triton`` so make_fx/torch.compile can trace it.
+def run(kernel, grid, args: tuple, meta: dict, real: bool) -> None:
+    """Launch ``kernel[grid](*args, **meta)`` now (real tensors), or record it for the
+    compiler through ``wrap_triton`` (fake/functional tensors while tracing).
 
     The interpreter's kernels cannot be traced (wrap_triton hands them back unwrapped), and
-    without ``triton_op`` the op's fake implementation is this same Python function: in those
+    without ``triton_op`` the op's fake implementation is this same Python code: in those
     cases fake or meta tensors only need their outputs allocated, so nothing is launched.
     """
-    traced = _HAS_TRITON_OP and not _interpreted(kernel)
-    if not traced and any(isinstance(a, torch.Tensor) and _is_fake(a) for a in args):
-        return
-    if _HAS_TRITON_OP:
-        kernel = torch.library.wrap_triton(kernel)
-    kernel[grid](*args, **kwargs)
+    if real:
+        kernel[grid](*args, **meta)  # what triton_op does in eager mode, minus the dispatcher
+    elif _HAS_TRITON_OP and not _interpreted(kernel):
+        torch.library.wrap_triton(kernel)[grid](*args, **meta)
 
 
 def _interpreted(kernel) -> bool:
@@ -131,6 +176,37 @@ def _interpreted(kernel) -> bool:
     from triton.runtime.autotuner import Autotuner
 
     return not isinstance(kernel, (JITFunction, Autotuner))
+
+
+class PlanCache:
+    """Launch plans (grid, tiles, constexprs, scalar arguments) per key of shapes, strides,
+    dtype, device and flags. ``state()`` returns the module settings plans depend on (tuning
+    tables, test switches); when it changes, every plan is dropped."""
+
+    _MAX = 4096
+
+    def __init__(self, state: Callable[[], Any]):
+        self._state_fn = state
+        self._state: Any = None
+        self._plans: dict = {}
+
+    def get(self, key: Optional[tuple], build: Callable[[], dict]) -> dict:
+        """The plan for ``key``; ``key=None`` (symbolic shapes while tracing) builds afresh."""
+        if key is None:
+            return build()
+        state = self._state_fn()
+        if state != self._state:
+            self._plans.clear()
+            self._state = state
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= self._MAX:
+                self._plans.clear()
+            plan = self._plans[key] = build()
+        return plan
+
+    def clear(self) -> None:
+        self._plans.clear()
 
 
 def define_op(name: str, schema: str, mutates_args=()):
@@ -150,8 +226,39 @@ def define_op(name: str, schema: str, mutates_args=()):
     return deco
 
 
+def declare_kernels(table: dict) -> None:
+    """Name the kernels each op launches for AOTAutograd's cache key (torch finds them by
+    reading ``wrap_triton(<global>)`` calls in the op body; ours launch through ``run``).
+    Best effort: a private registry."""
+    try:
+        from torch._library import triton as lib
+        from triton.runtime.jit import JITFunction
+
+        registry = getattr(lib, "triton_ops_to_kernels", None)
+        if isinstance(registry, dict):
+            for name, kernels in table.items():
+                if all(isinstance(k, JITFunction) for k in kernels):
+                    registry[f"fastconv::{name}"] = list(kernels)
+    except Exception:
+        pass
+
+
 def device_tuning(device: torch.device, table: dict) -> dict:
     return table["cuda" if device.type == "cuda" else "cpu"]
+
+
+_SMS: dict = {}
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (132 for planning a CUDA launch without one)."""
+    key = (device.type, device.index)
+    if key not in _SMS:
+        if device.type == "cuda" and torch.cuda.is_available():
+            _SMS[key] = torch.cuda.get_device_properties(device).multi_processor_count
+        else:
+            _SMS[key] = 132 if device.type == "cuda" else 1  # an H100, for AOT planning
+    return _SMS[key]
 
 
 def common_why_not(x: torch.Tensor, op: str) -> Optional[str]:
@@ -199,14 +306,26 @@ def _tile_coords(pid0, pid1, N, C, OH, OW, CHANNELS_LAST: tl.constexpr, USE_I64:
 
 
 @triton.jit
+def _first_tap(i0, D: tl.constexpr, CHECK_BOUNDS: tl.constexpr):
+    """Index of the first tap of a window starting at ``i0`` that lies at or after 0."""
+    if CHECK_BOUNDS:
+        return tl.maximum((-i0 + D - 1) // D, 0)
+    else:
+        return tl.zeros_like(i0)
+
+
+@triton.jit
 def _max_pool2d_fwd_kernel(
         x_ptr, y_ptr, idx_ptr,
         N, C, H, W, OH, OW,
         sxn, sxc, sxh, sxw, syn, syc, syh, syw,
         SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
         DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-        RELU: tl.constexpr, FLAT_INDICES: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-        USE_I64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+        RELU: tl.constexpr, FLAT_INDICES: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr, USE_I64: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_S: tl.constexpr):
+    # CHECK_BOUNDS=False (no padding, floor mode): every window lies inside the input, so taps
+    # need no bounds tests (sm_90: ~100 -> ~60 instructions per 3x3 output)
     n, c, oh, ow, mask = _tile_coords(tl.program_id(0), tl.program_id(1), N, C, OH, OW,
                                       CHANNELS_LAST, USE_I64, BLOCK_R, BLOCK_S)
     x_base = x_ptr + n * sxn + c * sxc
@@ -216,20 +335,34 @@ def _max_pool2d_fwd_kernel(
     arg = tl.full([BLOCK_R, BLOCK_S], -1, tl.int32)
     for kh in tl.static_range(KH):
         ih = ih0 + kh * DH
-        h_ok = (ih >= 0) & (ih < H)
+        if CHECK_BOUNDS:
+            h_ok = mask & (ih >= 0) & (ih < H)
+        else:
+            h_ok = mask
         for kw in tl.static_range(KW):
             iw = iw0 + kw * DW
-            ok = mask & h_ok & (iw >= 0) & (iw < W)
+            if CHECK_BOUNDS:
+                ok = h_ok & (iw >= 0) & (iw < W)
+            else:
+                ok = h_ok
             v = tl.load(x_base + ih * sxh + iw * sxw, mask=ok, other=float("-inf"))
             v = v.to(tl.float32)
             # torch's rule: a strictly larger value or any NaN replaces the current pick (so
-            # the last NaN wins); the first in-bounds tap is taken even when it is -inf.
-            take = ok & ((v > best) | (v != v) | (arg < 0))
+            # the last NaN wins); out-of-bounds taps read -inf and never win
+            take = (v > best) | (v != v)
             best = tl.where(take, v, best)
             if FLAT_INDICES:
                 arg = tl.where(take, ih * W + iw, arg)
             else:
                 arg = tl.where(take, kh * KW + kw, arg)
+    # a window of -inf only: torch reports its first in-bounds tap
+    kh0 = _first_tap(ih0, DH, CHECK_BOUNDS)
+    kw0 = _first_tap(iw0, DW, CHECK_BOUNDS)
+    if FLAT_INDICES:
+        first = (ih0 + kh0 * DH) * W + (iw0 + kw0 * DW)
+    else:
+        first = kh0 * KW + kw0
+    arg = tl.where(arg < 0, first, arg)
     out = best
     if RELU:
         out = tl.where(best < 0, 0.0, best)  # NaN stays NaN, as torch.relu
@@ -241,7 +374,88 @@ def _max_pool2d_fwd_kernel(
 
 
 @triton.jit
+def _cell_grad(acc, a, g, ih, iw, W, U: tl.constexpr, V: tl.constexpr, J: tl.constexpr,
+               K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
+               DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+               FLAT_INDICES: tl.constexpr):
+    """Add window (ch - J, cw - K)'s gradient to the cell's input (U, V) when that input is
+    the window's argmax ``a``. Whether the input lies in the window at all is known at
+    compile time: it is tap ((U + J*SH) / DH, (V + K*SW) / DW) when those divide exactly."""
+    if (U + J * SH) % DH == 0 and (U + J * SH) // DH < KH:
+        if (V + K * SW) % DW == 0 and (V + K * SW) // DW < KW:
+            if FLAT_INDICES:
+                want = ih * W + iw
+            else:
+                want = ((U + J * SH) // DH) * KW + (V + K * SW) // DW
+            acc += tl.where(a == want, g, 0.0)
+    return acc
+
+
+@triton.jit
 def _max_pool2d_bwd_kernel(
+        g_ptr, idx_ptr, y_ptr, dx_ptr,
+        N, C, H, W, OH, OW, CH, CW,
+        sgn, sgc, sgh, sgw, sin, sic, sih, siw, syn, syc, syh, syw, sdn, sdc, sdh, sdw,
+        SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+        DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+        NOH: tl.constexpr, NOW: tl.constexpr, RELU_FROM_OUTPUT: tl.constexpr,
+        FLAT_INDICES: tl.constexpr, CHANNELS_LAST: tl.constexpr, USE_I64: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Gather over cells (strides up to 2): cell (ch, cw) is the SH x SW block of inputs at
+    rows ch*SH - PH + [0, SH), columns cw*SW - PW + [0, SW). All its inputs see the same
+    NOH x NOW candidate windows (ch - j, cw - k), so each window's argmax and gradient are
+    loaded once per cell, not once per input (3x3/2: 4 loads per 4 inputs instead of 16;
+    sm_90: ~76 -> ~25 instructions per input element)."""
+    n, c, ch, cw, mask = _tile_coords(tl.program_id(0), tl.program_id(1), N, C, CH, CW,
+                                      CHANNELS_LAST, USE_I64, BLOCK_R, BLOCK_S)
+    g_base = g_ptr + n * sgn + c * sgc
+    i_base = idx_ptr + n * sin + c * sic
+    ih = ch * SH - PH
+    iw = cw * SW - PW
+    acc00 = tl.zeros([BLOCK_R, BLOCK_S], tl.float32)
+    acc01 = tl.zeros([BLOCK_R, BLOCK_S], tl.float32)
+    acc10 = tl.zeros([BLOCK_R, BLOCK_S], tl.float32)
+    acc11 = tl.zeros([BLOCK_R, BLOCK_S], tl.float32)
+    for j in tl.static_range(NOH):
+        oh = ch - j
+        h_ok = mask & (oh >= 0) & (oh < OH)
+        for k in tl.static_range(NOW):
+            ow = cw - k
+            ok = h_ok & (ow >= 0) & (ow < OW)
+            a = tl.load(i_base + oh * sih + ow * siw, mask=ok, other=-1).to(tl.int32)
+            g = tl.load(g_base + oh * sgh + ow * sgw, mask=ok, other=0.0).to(tl.float32)
+            if RELU_FROM_OUTPUT:
+                yv = tl.load(y_ptr + n * syn + c * syc + oh * syh + ow * syw, mask=ok,
+                             other=0.0)
+                g = tl.where((yv > 0) | (yv != yv), g, 0.0)  # torch's ReLU backward
+            acc00 = _cell_grad(acc00, a, g, ih, iw, W, 0, 0, j, k, SH, SW, DH, DW, KH, KW,
+                               FLAT_INDICES)
+            if SW > 1:
+                acc01 = _cell_grad(acc01, a, g, ih, iw + 1, W, 0, 1, j, k, SH, SW, DH, DW,
+                                   KH, KW, FLAT_INDICES)
+            if SH > 1:
+                acc10 = _cell_grad(acc10, a, g, ih + 1, iw, W, 1, 0, j, k, SH, SW, DH, DW,
+                                   KH, KW, FLAT_INDICES)
+                if SW > 1:
+                    acc11 = _cell_grad(acc11, a, g, ih + 1, iw + 1, W, 1, 1, j, k, SH, SW, DH,
+                                       DW, KH, KW, FLAT_INDICES)
+    d_base = dx_ptr + n * sdn + c * sdc
+    h0 = mask & (ih >= 0) & (ih < H)
+    w0 = (iw >= 0) & (iw < W)
+    ty = dx_ptr.dtype.element_ty
+    tl.store(d_base + ih * sdh + iw * sdw, acc00.to(ty), mask=h0 & w0)
+    if SW > 1:
+        w1 = (iw + 1 >= 0) & (iw + 1 < W)
+        tl.store(d_base + ih * sdh + (iw + 1) * sdw, acc01.to(ty), mask=h0 & w1)
+    if SH > 1:
+        h1 = mask & (ih + 1 >= 0) & (ih + 1 < H)
+        tl.store(d_base + (ih + 1) * sdh + iw * sdw, acc10.to(ty), mask=h1 & w0)
+        if SW > 1:
+            tl.store(d_base + (ih + 1) * sdh + (iw + 1) * sdw, acc11.to(ty), mask=h1 & w1)
+
+
+@triton.jit
+def _max_pool2d_bwd_gather_kernel(
         g_ptr, idx_ptr, y_ptr, dx_ptr,
         N, C, H, W, OH, OW,
         sgn, sgc, sgh, sgw, sin, sic, sih, siw, syn, syc, syh, syw, sdn, sdc, sdh, sdw,
@@ -250,7 +464,7 @@ def _max_pool2d_bwd_kernel(
         NOH: tl.constexpr, NOW: tl.constexpr, RELU_FROM_OUTPUT: tl.constexpr,
         FLAT_INDICES: tl.constexpr, CHANNELS_LAST: tl.constexpr, USE_I64: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
-    # the tile covers input positions; each gathers from the windows that can contain it
+    """Strides above 2: each input element gathers from the windows that can contain it."""
     n, c, ih, iw, mask = _tile_coords(tl.program_id(0), tl.program_id(1), N, C, H, W,
                                       CHANNELS_LAST, USE_I64, BLOCK_R, BLOCK_S)
     g_base = g_ptr + n * sgn + c * sgc
@@ -405,22 +619,22 @@ def _pool_out_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -
 
 def _tile(n: int, c: int, oh: int, ow: int, channels_last: bool, device: torch.device,
           backward: bool = False, block_s: Optional[int] = None, taps: int = 1,
-          element_size: int = 2):
+          element_size: int = 2, cell: int = 1):
     """(grid, BLOCK_R, BLOCK_S, num_warps) for an (n, c, oh, ow) grid of positions, each
-    loading ``taps`` elements (unrolled) of ``element_size`` bytes."""
+    loading ``taps`` elements (unrolled) of ``element_size`` bytes and writing ``cell``."""
     cfg = device_tuning(device, TUNING)
-    tile = cfg["bwd_tile" if backward else "tile"]
+    tile = max(1, cfg["bwd_tile" if backward else "tile"] // cell)
     if device.type == "cuda":  # tiles are sized for 2-byte dtypes: float32 halves them
-        tile = max(32, tile * 2 // element_size)
+        tile = max(32 // cell, tile * 2 // element_size)
         tile = min(tile, max(128, 1 << (_TAP_ELEMENTS // taps).bit_length() - 1))
     if channels_last:
         bs = block_s or cols_block(c, cfg["max_cols"], 16)
         br = max(1, min(tile // bs, next_pow2(n * oh * ow)))
-        grid = (triton.cdiv(n * oh * ow, br), triton.cdiv(c, bs))
+        grid = (cdiv(n * oh * ow, br), cdiv(c, bs))
     else:
         bs = block_s or cols_block(ow, cfg["nchw_max_cols"], 32)
         br = max(1, min(tile // bs, next_pow2(n * c)))
-        grid = (triton.cdiv(n * c, br) * oh, triton.cdiv(ow, bs))
+        grid = (cdiv(n * c, br) * oh, cdiv(ow, bs))
     return grid, br, bs, cfg["num_warps"]
 
 
@@ -428,31 +642,135 @@ def _index_dtype(kh: int, kw: int) -> torch.dtype:
     return torch.int8 if kh * kw <= 127 else torch.int32
 
 
-# --------------------------------------------------------------------------- max_pool2d op
+def _plans_state():
+    return (tuple(TUNING["cuda"].values()), tuple(TUNING["cpu"].values()),
+            FORCE_INT64_INDEXING)
+
+
+_PLANS = PlanCache(_plans_state)
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (int(v[0]), int(v[1]))
+
+
+# --------------------------------------------------------------------------- max_pool2d
+def _max_pool2d_plan(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
+                     relu) -> dict:
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    oh = _pool_out_size(h, kh, sh, ph, dh, ceil_mode)
+    ow = _pool_out_size(w, kw, sw, pw, dw, ceil_mode)
+    cl = is_channels_last(x)
+    plan = dict(shape=(n, c, oh, ow), fmt=memory_format(cl), cl=cl, grid=None,
+                idx_dtype=torch.int64 if return_indices else _index_dtype(kh, kw))
+    if n * c * oh * ow == 0:
+        return plan
+    grid, br, bs, warps = _tile(n, c, oh, ow, cl, x.device, taps=kh * kw,
+                                element_size=x.element_size())
+    plan.update(grid=grid, scalars=(n, c, h, w, oh, ow, *x.stride()), meta=dict(
+        SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw, KH=kh, KW=kw, RELU=bool(relu),
+        FLAT_INDICES=bool(return_indices), CHECK_BOUNDS=_check_bounds(padding, ceil_mode),
+        CHANNELS_LAST=cl,
+        USE_I64=needs_int64(x) or dense_needs_int64(n * c * oh * ow), BLOCK_R=br,
+        BLOCK_S=bs, num_warps=warps, num_stages=NUM_STAGES))
+    return plan
+
+
+def _max_pool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
+                        relu):
+    """-> (output, indices, plan); geometry arguments are tuples of two ints."""
+    real = is_real(x)
+    key = None
+    if real:
+        key = (x.shape, x.stride(), x.dtype, x.device, kernel_size, stride, padding, dilation,
+               ceil_mode, return_indices, relu)
+    plan = _PLANS.get(key, lambda: _max_pool2d_plan(x, kernel_size, stride, padding, dilation,
+                                                    ceil_mode, return_indices, relu))
+    out = alloc(plan["shape"], x.dtype, x.device, plan["fmt"])
+    idx = alloc(plan["shape"], plan["idx_dtype"], x.device, plan["fmt"])
+    if plan["grid"] is not None:
+        run(_max_pool2d_fwd_kernel, plan["grid"], (x, out, idx, *plan["scalars"], *out.stride()),
+            plan["meta"], real)
+    return out, idx, plan
+
+
+def _check_bounds(padding, ceil_mode) -> bool:
+    # without padding and in floor mode every window lies inside the input
+    return bool(padding[0] or padding[1] or ceil_mode)
+
+
+def _bwd_geometry(input_size, kernel_size, stride, padding, dilation):
+    """(cells, (rows, cols) of the grid the backward tiles, NOH, NOW): 2x2-or-smaller cells
+    of inputs sharing their candidate windows (strides up to 2), else single inputs."""
+    n, c, h, w = input_size
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    noh, now = (kh - 1) * dh // sh + 1, (kw - 1) * dw // sw + 1
+    cells = sh <= 2 and sw <= 2
+    grid_hw = (cdiv(h + ph, sh), cdiv(w + pw, sw)) if cells else (h, w)
+    return cells, grid_hw, noh, now
+
+
+def _max_pool2d_backward_plan(g, y, indices, input_size, kernel_size, stride, padding,
+                              dilation, return_indices, relu, channels_last) -> dict:
+    n, c, h, w = input_size
+    oh, ow = g.shape[2:]
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    plan = dict(shape=(n, c, h, w), fmt=memory_format(channels_last), grid=None)
+    if n * c * h * w == 0:
+        return plan
+    cells, (gh, gw), noh, now = _bwd_geometry(input_size, kernel_size, stride, padding,
+                                              dilation)
+    grid, br, bs, warps = _tile(n, c, gh, gw, channels_last, g.device, backward=True,
+                                taps=noh * now, element_size=g.element_size(),
+                                cell=sh * sw if cells else 1)
+    y_strides = y.stride() if y is not None else (0, 0, 0, 0)
+    plan.update(grid=grid, kernel=_max_pool2d_bwd_kernel if cells else
+                _max_pool2d_bwd_gather_kernel,
+                scalars=(n, c, h, w, oh, ow, *((gh, gw) if cells else ()), *g.stride(),
+                         *indices.stride(), *y_strides), meta=dict(
+        SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw, KH=kh, KW=kw, NOH=noh, NOW=now,
+        RELU_FROM_OUTPUT=y is not None, FLAT_INDICES=bool(return_indices),
+        CHANNELS_LAST=bool(channels_last),
+        USE_I64=needs_int64(g, indices, y) or dense_needs_int64(n * c * h * w),
+        BLOCK_R=br, BLOCK_S=bs, num_warps=warps, num_stages=NUM_STAGES))
+    return plan
+
+
+def _max_pool2d_backward(g, output, indices, input_size, kernel_size, stride, padding,
+                         dilation, return_indices, relu, channels_last):
+    """grad_input of max_pool2d; ``output`` is needed (and read) only for relu with
+    return_indices, where the saved flat indices carry no ReLU mask."""
+    relu_from_output = bool(relu and return_indices)
+    if relu_from_output and output is None:
+        raise ValueError("triton_max_pool2d_backward: relu with return_indices needs the "
+                         "forward output to mask the gradient")
+    y = output if relu_from_output else None
+    real = is_real(g)
+    key = None
+    if real:
+        key = (g.shape, g.stride(), g.dtype, g.device, indices.stride(), indices.dtype,
+               None if y is None else y.stride(), tuple(input_size), kernel_size, stride,
+               padding, dilation, return_indices, relu, channels_last)
+    plan = _PLANS.get(key, lambda: _max_pool2d_backward_plan(
+        g, y, indices, input_size, kernel_size, stride, padding, dilation, return_indices,
+        relu, channels_last))
+    dx = alloc(plan["shape"], g.dtype, g.device, plan["fmt"])
+    if plan["grid"] is not None:
+        run(plan["kernel"], plan["grid"], (g, indices, y, dx, *plan["scalars"], *dx.stride()),
+            plan["meta"], real)
+    return dx
+
+
 @define_op("triton_max_pool2d",
            "(Tensor input, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
            "bool ceil_mode, bool return_indices, bool relu) -> (Tensor, Tensor)")
 def _max_pool2d_op(input: torch.Tensor, kernel_size: List[int], stride: List[int],
                    padding: List[int], dilation: List[int], ceil_mode: bool, return_indices: bool,
                    relu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    n, c, h, w = input.shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    oh = _pool_out_size(h, kh, sh, ph, dh, ceil_mode)
-    ow = _pool_out_size(w, kw, sw, pw, dw, ceil_mode)
-    cl = is_channels_last(input)
-    fmt = memory_format(cl)
-    out = alloc((n, c, oh, ow), input.dtype, input.device, fmt)
-    idx_dtype = torch.int64 if return_indices else _index_dtype(kh, kw)
-    idx = alloc((n, c, oh, ow), idx_dtype, input.device, fmt)
-    if out.numel() == 0:
-        return out, idx
-    grid, br, bs, warps = _tile(n, c, oh, ow, cl, input.device, taps=kh * kw,
-                                element_size=input.element_size())
-    launch(_max_pool2d_fwd_kernel, grid, input, out, idx, n, c, h, w, oh, ow,
-           *input.stride(), *out.stride(),
-           SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw, KH=kh, KW=kw, RELU=bool(relu),
-           FLAT_INDICES=bool(return_indices), CHANNELS_LAST=cl,
-           USE_I64=needs_int64(input, out), BLOCK_R=br, BLOCK_S=bs, num_warps=warps)
+    out, idx, _ = _max_pool2d_forward(input, _pair(kernel_size), _pair(stride), _pair(padding),
+                                      _pair(dilation), bool(ceil_mode), bool(return_indices),
+                                      bool(relu))
     return out, idx
 
 
@@ -465,29 +783,10 @@ def _max_pool2d_backward_op(grad_output: torch.Tensor, output: Optional[torch.Te
                             stride: List[int], padding: List[int], dilation: List[int],
                             ceil_mode: bool, return_indices: bool, relu: bool,
                             channels_last: bool) -> torch.Tensor:
-    n, c, h, w = input_size
-    oh, ow = grad_output.shape[2:]
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    dx = alloc((n, c, h, w), grad_output.dtype, grad_output.device,
-               memory_format(channels_last))
-    if dx.numel() == 0:
-        return dx
-    relu_from_output = bool(relu and return_indices)
-    if relu_from_output and output is None:
-        raise ValueError("triton_max_pool2d_backward: relu with return_indices needs the "
-                         "forward output to mask the gradient")
-    y = output if relu_from_output else None
-    y_strides = y.stride() if y is not None else (0, 0, 0, 0)
-    noh, now = (kh - 1) * dh // sh + 1, (kw - 1) * dw // sw + 1
-    grid, br, bs, warps = _tile(n, c, h, w, channels_last, dx.device, backward=True,
-                                taps=noh * now, element_size=dx.element_size())
-    launch(_max_pool2d_bwd_kernel, grid, grad_output, indices, y, dx, n, c, h, w, oh, ow,
-           *grad_output.stride(), *indices.stride(), *y_strides, *dx.stride(),
-           SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw, KH=kh, KW=kw,
-           NOH=noh, NOW=now, RELU_FROM_OUTPUT=relu_from_output, FLAT_INDICES=bool(return_indices),
-           CHANNELS_LAST=bool(channels_last), USE_I64=needs_int64(grad_output, indices, dx),
-           BLOCK_R=br, BLOCK_S=bs, num_warps=warps)
-    return dx
+    return _max_pool2d_backward(grad_output, output, indices, tuple(input_size),
+                                _pair(kernel_size), _pair(stride), _pair(padding),
+                                _pair(dilation), bool(return_indices), bool(relu),
+                                bool(channels_last))
 
 
 def _max_pool2d_setup(ctx, inputs, output):
@@ -502,7 +801,7 @@ def _max_pool2d_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(idx)
 
 
-def _max_pool2d_backward(ctx, grad_out, grad_idx):
+def _max_pool2d_op_backward(ctx, grad_out, grad_idx):
     out, idx = ctx.saved_tensors
     if grad_out is None:
         return (None,) * 8
@@ -510,47 +809,113 @@ def _max_pool2d_backward(ctx, grad_out, grad_idx):
     return (gx,) + (None,) * 7
 
 
-_max_pool2d_op.register_autograd(_max_pool2d_backward, setup_context=_max_pool2d_setup)
+_max_pool2d_op.register_autograd(_max_pool2d_op_backward, setup_context=_max_pool2d_setup)
+
+
+class _MaxPool2dFn(torch.autograd.Function):
+    """The op's autograd formula without the dispatcher, for eager calls."""
+
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
+                relu):
+        out, idx, plan = _max_pool2d_forward(x, kernel_size, stride, padding, dilation,
+                                             ceil_mode, return_indices, relu)
+        ctx.save_for_backward(out if relu and return_indices else None, idx)
+        ctx.args = (tuple(x.shape), kernel_size, stride, padding, dilation, return_indices,
+                    relu, plan["cl"])
+        ctx.mark_non_differentiable(idx)
+        return out, idx
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_idx):
+        out, idx = ctx.saved_tensors
+        return (_max_pool2d_backward(grad_out, out, idx, *ctx.args),) + (None,) * 7
 
 
 # --------------------------------------------------------------------------- avg pools
-def _avg_launch_args(kernel_size, stride, padding):
+def _avg_geometry(kernel_size, stride, padding):
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
     return dict(SH=sh, SW=sw, PH=ph, PW=pw, KH=kh, KW=kw)
 
 
-def _avg_forward(input, oh, ow, geom, count_include_pad, divisor, adaptive):
-    n, c, h, w = input.shape
-    cl = is_channels_last(input)
-    out = alloc((n, c, oh, ow), input.dtype, input.device, memory_format(cl))
-    if out.numel() == 0:
-        return out
+def _avg_forward_plan(x, oh, ow, geom, count_include_pad, divisor, adaptive) -> dict:
+    n, c, h, w = x.shape
+    cl = is_channels_last(x)
+    plan = dict(shape=(n, c, oh, ow), fmt=memory_format(cl), cl=cl, grid=None)
+    if n * c * oh * ow == 0:
+        return plan
     taps = 1 if adaptive else geom["KH"] * geom["KW"]
-    grid, br, bs, warps = _tile(n, c, oh, ow, cl, input.device, taps=taps,
-                                element_size=input.element_size())
-    launch(_avg_pool2d_fwd_kernel, grid, input, out, n, c, h, w, oh, ow,
-           *input.stride(), *out.stride(), **geom, COUNT_PAD=bool(count_include_pad),
-           DIVISOR=int(divisor or 0), ADAPTIVE=adaptive, CHANNELS_LAST=cl,
-           USE_I64=needs_int64(input, out), BLOCK_R=br, BLOCK_S=bs, num_warps=warps)
-    return out
+    grid, br, bs, warps = _tile(n, c, oh, ow, cl, x.device, taps=taps,
+                                element_size=x.element_size())
+    plan.update(grid=grid, scalars=(n, c, h, w, oh, ow, *x.stride()), meta=dict(
+        geom, COUNT_PAD=bool(count_include_pad), DIVISOR=int(divisor or 0), ADAPTIVE=adaptive,
+        CHANNELS_LAST=cl, USE_I64=needs_int64(x) or dense_needs_int64(n * c * oh * ow),
+        BLOCK_R=br, BLOCK_S=bs, num_warps=warps, num_stages=NUM_STAGES))
+    return plan
 
 
-def _avg_backward(grad_output, input_size, geom, noh, now, count_include_pad, divisor,
-                  adaptive, channels_last):
+def _avg_forward(x, key, build):
+    real = is_real(x)
+    plan = _PLANS.get((x.shape, x.stride(), x.dtype, x.device) + key if real else None, build)
+    out = alloc(plan["shape"], x.dtype, x.device, plan["fmt"])
+    if plan["grid"] is not None:
+        run(_avg_pool2d_fwd_kernel, plan["grid"], (x, out, *plan["scalars"], *out.stride()),
+            plan["meta"], real)
+    return out, plan
+
+
+def _avg_backward_plan(g, input_size, geom, noh, now, count_include_pad, divisor, adaptive,
+                       channels_last) -> dict:
     n, c, h, w = input_size
-    oh, ow = grad_output.shape[2:]
-    dx = alloc((n, c, h, w), grad_output.dtype, grad_output.device,
-               memory_format(channels_last))
-    if dx.numel() == 0:
-        return dx
-    grid, br, bs, warps = _tile(n, c, h, w, channels_last, dx.device, backward=True,
-                                taps=noh * now, element_size=dx.element_size())
-    launch(_avg_pool2d_bwd_kernel, grid, grad_output, dx, n, c, h, w, oh, ow,
-           *grad_output.stride(), *dx.stride(), **geom, NOH=noh, NOW=now,
-           COUNT_PAD=bool(count_include_pad), DIVISOR=int(divisor or 0), ADAPTIVE=adaptive,
-           CHANNELS_LAST=bool(channels_last), USE_I64=needs_int64(grad_output, dx),
-           BLOCK_R=br, BLOCK_S=bs, num_warps=warps)
+    oh, ow = g.shape[2:]
+    plan = dict(shape=(n, c, h, w), fmt=memory_format(channels_last), grid=None)
+    if n * c * h * w == 0:
+        return plan
+    grid, br, bs, warps = _tile(n, c, h, w, channels_last, g.device, backward=True,
+                                taps=noh * now, element_size=g.element_size())
+    plan.update(grid=grid, scalars=(n, c, h, w, oh, ow, *g.stride()), meta=dict(
+        geom, NOH=noh, NOW=now, COUNT_PAD=bool(count_include_pad), DIVISOR=int(divisor or 0),
+        ADAPTIVE=adaptive, CHANNELS_LAST=bool(channels_last),
+        USE_I64=needs_int64(g) or dense_needs_int64(n * c * h * w), BLOCK_R=br, BLOCK_S=bs,
+        num_warps=warps, num_stages=NUM_STAGES))
+    return plan
+
+
+def _avg_backward(g, key, build):
+    real = is_real(g)
+    plan = _PLANS.get((g.shape, g.stride(), g.dtype, g.device) + key if real else None, build)
+    dx = alloc(plan["shape"], g.dtype, g.device, plan["fmt"])
+    if plan["grid"] is not None:
+        run(_avg_pool2d_bwd_kernel, plan["grid"], (g, dx, *plan["scalars"], *dx.stride()),
+            plan["meta"], real)
     return dx
+
+
+def _avg_pool2d_forward(x, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                        divisor_override):
+    def build():
+        h, w = x.shape[2:]
+        oh = _pool_out_size(h, kernel_size[0], stride[0], padding[0], 1, ceil_mode)
+        ow = _pool_out_size(w, kernel_size[1], stride[1], padding[1], 1, ceil_mode)
+        return _avg_forward_plan(x, oh, ow, _avg_geometry(kernel_size, stride, padding),
+                                 count_include_pad, divisor_override, False)
+
+    return _avg_forward(x, ("avg", kernel_size, stride, padding, ceil_mode, count_include_pad,
+                            divisor_override), build)
+
+
+def _avg_pool2d_backward(g, input_size, kernel_size, stride, padding, count_include_pad,
+                         divisor_override, channels_last):
+    def build():
+        noh = (kernel_size[0] - 1) // stride[0] + 1
+        now = (kernel_size[1] - 1) // stride[1] + 1
+        return _avg_backward_plan(g, input_size, _avg_geometry(kernel_size, stride, padding),
+                                  noh, now, count_include_pad, divisor_override, False,
+                                  channels_last)
+
+    return _avg_backward(g, ("avgb", input_size, kernel_size, stride, padding,
+                             count_include_pad, divisor_override, channels_last), build)
 
 
 @define_op("triton_avg_pool2d",
@@ -559,11 +924,8 @@ def _avg_backward(grad_output, input_size, geom, noh, now, count_include_pad, di
 def _avg_pool2d_op(input: torch.Tensor, kernel_size: List[int], stride: List[int],
                    padding: List[int], ceil_mode: bool, count_include_pad: bool,
                    divisor_override: Optional[int]) -> torch.Tensor:
-    h, w = input.shape[2:]
-    oh = _pool_out_size(h, kernel_size[0], stride[0], padding[0], 1, ceil_mode)
-    ow = _pool_out_size(w, kernel_size[1], stride[1], padding[1], 1, ceil_mode)
-    return _avg_forward(input, oh, ow, _avg_launch_args(kernel_size, stride, padding),
-                        count_include_pad, divisor_override, False)
+    return _avg_pool2d_forward(input, _pair(kernel_size), _pair(stride), _pair(padding),
+                               bool(ceil_mode), bool(count_include_pad), divisor_override)[0]
 
 
 @define_op("triton_avg_pool2d_backward",
@@ -574,11 +936,9 @@ def _avg_pool2d_backward_op(grad_output: torch.Tensor, input_size: List[int],
                             kernel_size: List[int], stride: List[int], padding: List[int],
                             ceil_mode: bool, count_include_pad: bool,
                             divisor_override: Optional[int], channels_last: bool) -> torch.Tensor:
-    noh = (kernel_size[0] - 1) // stride[0] + 1
-    now = (kernel_size[1] - 1) // stride[1] + 1
-    return _avg_backward(grad_output, input_size,
-                         _avg_launch_args(kernel_size, stride, padding), noh, now,
-                         count_include_pad, divisor_override, False, channels_last)
+    return _avg_pool2d_backward(grad_output, tuple(input_size), _pair(kernel_size),
+                                _pair(stride), _pair(padding), bool(count_include_pad),
+                                divisor_override, bool(channels_last))
 
 
 def _avg_pool2d_setup(ctx, inputs, output):
@@ -587,12 +947,28 @@ def _avg_pool2d_setup(ctx, inputs, output):
                 count_include_pad, divisor_override, is_channels_last(x))
 
 
-def _avg_pool2d_backward(ctx, grad_out):
+def _avg_pool2d_op_backward(ctx, grad_out):
     gx = torch.ops.fastconv.triton_avg_pool2d_backward(grad_out, *ctx.args)
     return (gx,) + (None,) * 6
 
 
-_avg_pool2d_op.register_autograd(_avg_pool2d_backward, setup_context=_avg_pool2d_setup)
+_avg_pool2d_op.register_autograd(_avg_pool2d_op_backward, setup_context=_avg_pool2d_setup)
+
+
+class _AvgPool2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                divisor_override):
+        out, plan = _avg_pool2d_forward(x, kernel_size, stride, padding, ceil_mode,
+                                        count_include_pad, divisor_override)
+        ctx.args = (tuple(x.shape), kernel_size, stride, padding, count_include_pad,
+                    divisor_override, plan["cl"])
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        return (_avg_pool2d_backward(grad_out, *ctx.args),) + (None,) * 6
 
 
 def _adaptive_plan(size: int, out: int):
@@ -619,23 +995,35 @@ def _adaptive_geometry(h, w, oh, ow):
     return True, dict(SH=1, SW=1, PH=0, PW=0, KH=ph[1], KW=pw[1]), noh, now
 
 
+def _adaptive_forward(x, output_size):
+    def build():
+        h, w = x.shape[2:]
+        adaptive, geom, _, _ = _adaptive_geometry(h, w, *output_size)
+        return _avg_forward_plan(x, *output_size, geom, True, None, adaptive)
+
+    return _avg_forward(x, ("adaptive", output_size), build)
+
+
+def _adaptive_backward(g, input_size, channels_last):
+    def build():
+        h, w = input_size[2:]
+        adaptive, geom, noh, now = _adaptive_geometry(h, w, *g.shape[2:])
+        return _avg_backward_plan(g, input_size, geom, noh, now, True, None, adaptive,
+                                  channels_last)
+
+    return _avg_backward(g, ("adaptiveb", input_size, channels_last), build)
+
+
 @define_op("triton_adaptive_avg_pool2d", "(Tensor input, int[] output_size) -> Tensor")
 def _adaptive_avg_pool2d_op(input: torch.Tensor, output_size: List[int]) -> torch.Tensor:
-    h, w = input.shape[2:]
-    oh, ow = output_size
-    adaptive, geom, _, _ = _adaptive_geometry(h, w, oh, ow)
-    return _avg_forward(input, oh, ow, geom, True, None, adaptive)
+    return _adaptive_forward(input, _pair(output_size))[0]
 
 
 @define_op("triton_adaptive_avg_pool2d_backward",
            "(Tensor grad_output, int[] input_size, bool channels_last) -> Tensor")
 def _adaptive_avg_pool2d_backward_op(grad_output: torch.Tensor, input_size: List[int],
                                      channels_last: bool) -> torch.Tensor:
-    h, w = input_size[2:]
-    oh, ow = grad_output.shape[2:]
-    adaptive, geom, noh, now = _adaptive_geometry(h, w, oh, ow)
-    return _avg_backward(grad_output, input_size, geom, noh, now, True, None, adaptive,
-                         channels_last)
+    return _adaptive_backward(grad_output, tuple(input_size), bool(channels_last))
 
 
 def _adaptive_setup(ctx, inputs, output):
@@ -643,30 +1031,71 @@ def _adaptive_setup(ctx, inputs, output):
     ctx.args = (list(x.shape), is_channels_last(x))
 
 
-def _adaptive_backward(ctx, grad_out):
+def _adaptive_op_backward(ctx, grad_out):
     return torch.ops.fastconv.triton_adaptive_avg_pool2d_backward(grad_out, *ctx.args), None
 
 
-_adaptive_avg_pool2d_op.register_autograd(_adaptive_backward, setup_context=_adaptive_setup)
+_adaptive_avg_pool2d_op.register_autograd(_adaptive_op_backward, setup_context=_adaptive_setup)
+
+
+class _AdaptiveAvgPool2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, output_size):
+        out, plan = _adaptive_forward(x, output_size)
+        ctx.args = (tuple(x.shape), plan["cl"])
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        return _adaptive_backward(grad_out, *ctx.args), None
+
+
+declare_kernels({
+    "triton_max_pool2d": [_max_pool2d_fwd_kernel],
+    "triton_max_pool2d_backward": [_max_pool2d_bwd_kernel, _max_pool2d_bwd_gather_kernel],
+    "triton_avg_pool2d": [_avg_pool2d_fwd_kernel],
+    "triton_avg_pool2d_backward": [_avg_pool2d_bwd_kernel],
+    "triton_adaptive_avg_pool2d": [_avg_pool2d_fwd_kernel],
+    "triton_adaptive_avg_pool2d_backward": [_avg_pool2d_bwd_kernel],
+})
 
 
 # --------------------------------------------------------------------------- backend entry points
+# Eager calls (real tensors, not compiling) run the launchers under the autograd.Functions
+# above; tracing and torch.compile see the registered ops, which run the same launchers.
 def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, relu):
-    out, idx = torch.ops.fastconv.triton_max_pool2d(
-        input, list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode),
-        bool(return_indices), bool(relu))
+    args = (_pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation), bool(ceil_mode),
+            bool(return_indices), bool(relu))
+    if not eager(input):
+        out, idx = torch.ops.fastconv.triton_max_pool2d(input, *[list(a) for a in args[:4]],
+                                                        *args[4:])
+    elif grad_needed(input):
+        out, idx = _MaxPool2dFn.apply(input, *args)
+    else:
+        out, idx, _ = _max_pool2d_forward(input, *args)
     return (out, idx) if return_indices else out
 
 
 def avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
                divisor_override):
-    return torch.ops.fastconv.triton_avg_pool2d(
-        input, list(kernel_size), list(stride), list(padding), bool(ceil_mode),
-        bool(count_include_pad), divisor_override)
+    args = (_pair(kernel_size), _pair(stride), _pair(padding), bool(ceil_mode),
+            bool(count_include_pad), None if divisor_override is None else int(divisor_override))
+    if not eager(input):
+        return torch.ops.fastconv.triton_avg_pool2d(input, *[list(a) for a in args[:3]],
+                                                    *args[3:])
+    if grad_needed(input):
+        return _AvgPool2dFn.apply(input, *args)
+    return _avg_pool2d_forward(input, *args)[0]
 
 
 def adaptive_avg_pool2d(input, output_size):
-    return torch.ops.fastconv.triton_adaptive_avg_pool2d(input, list(output_size))
+    size = _pair(output_size)
+    if not eager(input):
+        return torch.ops.fastconv.triton_adaptive_avg_pool2d(input, list(size))
+    if grad_needed(input):
+        return _AdaptiveAvgPool2dFn.apply(input, size)
+    return _adaptive_forward(input, size)[0]
 
 
 def _geometry_why_not(args, op) -> Optional[str]:
@@ -707,77 +1136,119 @@ def why_not_adaptive_avg_pool2d(args) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- ahead of time
+def int_signature(values: dict) -> Tuple[dict, dict]:
+    """(signature, constexprs) of integer kernel arguments as Triton's JIT specialises them at
+    launch: a value of 1 becomes a constant (unit strides: what makes loads vectorise), a
+    multiple of 16 is marked divisible."""
+    sig, consts = {}, {}
+    for name, v in values.items():
+        if v == 1:
+            consts[name] = 1
+        else:
+            sig[name] = "i32:16" if v % 16 == 0 else "i32"
+    return sig, consts
+
+
+def _dense_strides(shape, channels_last: bool):
+    return torch.empty(shape, device="meta", memory_format=memory_format(channels_last)).stride()
+
+
 def aot_specs():
     """Configurations the H100 runs most: the AlexNet/VGG/ResNet pools in bf16 (and fp32),
-    channels_last and NCHW, forward and backward, tiled as the launchers above tile them."""
+    channels_last and NCHW, forward and backward, tiled and specialised (unit strides,
+    divisibility) as the launchers and the JIT do for AlexNet's first pool (96 x 54 x 54,
+    batch 128) and ResNet's stem pool (64 x 112 x 112)."""
     from .aot import KernelSpec
 
     dev = torch.device("cuda")
-    i32 = lambda *names: {a: "i32" for a in names}  # noqa: E731
-    dims = i32("N", "C", "H", "W", "OH", "OW")
     specs = []
-    geoms = [("3/2", (3, 3), (2, 2), (0, 0)), ("2/2", (2, 2), (2, 2), (0, 0)),
-             ("3/2/1", (3, 3), (2, 2), (1, 1)), ("3/1/1", (3, 3), (1, 1), (1, 1))]
+    geoms = [("3/2", (3, 3), (2, 2), (0, 0), (96, 54)), ("2/2", (2, 2), (2, 2), (0, 0), (64, 32)),
+             ("3/2/1", (3, 3), (2, 2), (1, 1), (64, 112)),
+             ("3/1/1", (3, 3), (1, 1), (1, 1), (192, 28))]
     for ty, esize in (("bf16", 2), ("fp32", 4)):
         for cl in (True, False):
             layout = "NHWC" if cl else "NCHW"
-            for name, k, s, p in geoms:
+            for name, k, s, p, (c, hw) in geoms:
                 # main (compiled by tests/test_triton_aot.py): the bf16 fused-ReLU training
-                # kernels of AlexNet's 3/2 pool (both layouts) and VGG's 2/2 (channels_last)
-                main = ty == "bf16" and (name == "3/2" or (name == "2/2" and cl))
+                # kernels of AlexNet's 3/2 pool and ResNet's 3/2/1 stem (both layouts) and
+                # VGG's 2/2 (channels_last)
+                main = ty == "bf16" and (name in ("3/2", "3/2/1") or (name == "2/2" and cl))
+                n = 128
+                oh = _pool_out_size(hw, k[0], s[0], p[0], 1, False)
                 noh, now = (k[0] - 1) // s[0] + 1, (k[1] - 1) // s[1] + 1
-                # AlexNet's first pool: 96 channels, 54x54 -> 26x26
-                _, br, bs, warps = _tile(128, 96, 26, 26, cl, dev, taps=k[0] * k[1],
+                _, br, bs, warps = _tile(n, c, oh, oh, cl, dev, taps=k[0] * k[1],
                                          element_size=esize)
-                _, bbr, bbs, bwarps = _tile(128, 96, 54, 54, cl, dev, backward=True,
-                                            taps=noh * now, element_size=esize)
-                geo = dict(SH=s[0], SW=s[1], PH=p[0], PW=p[1], KH=k[0], KW=k[1])
+                cells, (gh, gw), _, _ = _bwd_geometry((n, c, hw, hw), k, s, p, (1, 1))
+                _, bbr, bbs, bwarps = _tile(n, c, gh, gw, cl, dev, backward=True,
+                                            taps=noh * now, element_size=esize,
+                                            cell=s[0] * s[1])
+                xs = _dense_strides((n, c, hw, hw), cl)
+                ys = _dense_strides((n, c, oh, oh), cl)
+                dims = dict(N=n, C=c, H=hw, W=hw, OH=oh, OW=oh)
+                geo = dict(SH=s[0], SW=s[1], PH=p[0], PW=p[1], KH=k[0], KW=k[1], DH=1, DW=1)
+                fsig, fconst = int_signature(dict(
+                    dims, **dict(zip(("sxn", "sxc", "sxh", "sxw"), xs)),
+                    **dict(zip(("syn", "syc", "syh", "syw"), ys))))
                 for relu, flat in ((True, False), (False, True)):
                     idx_ty = "*i64" if flat else "*i8"
                     tag = f"{name} {ty} {layout} relu={relu} flat={flat}"
                     specs.append(KernelSpec(
                         name=f"max_pool2d_fwd {tag}", kernel=_max_pool2d_fwd_kernel,
                         signature={"x_ptr": f"*{ty}", "y_ptr": f"*{ty}", "idx_ptr": idx_ty,
-                                   **dims, **i32("sxn", "sxc", "sxh", "sxw",
-                                                 "syn", "syc", "syh", "syw")},
-                        constexprs=dict(geo, DH=1, DW=1, RELU=relu, FLAT_INDICES=flat,
+                                   **fsig},
+                        constexprs=dict(fconst, **geo, RELU=relu, FLAT_INDICES=flat,
+                                        CHECK_BOUNDS=_check_bounds(p, False),
                                         CHANNELS_LAST=cl, USE_I64=False, BLOCK_R=br,
                                         BLOCK_S=bs),
-                        num_warps=warps, num_stages=1, main=main and relu))
+                        num_warps=warps, num_stages=NUM_STAGES, main=main and relu))
+                    y_from = relu and flat
+                    bvals = dict(dims, CH=gh, CW=gw, **dict(zip(("sgn", "sgc", "sgh", "sgw"), ys)),
+                                 **dict(zip(("sin", "sic", "sih", "siw"), ys)),
+                                 **dict(zip(("sdn", "sdc", "sdh", "sdw"), xs)),
+                                 **dict(zip(("syn", "syc", "syh", "syw"),
+                                            ys if y_from else (0, 0, 0, 0))))
+                    bsig, bconst = int_signature(bvals)
+                    if not y_from:
+                        bconst["y_ptr"] = None
                     specs.append(KernelSpec(
                         name=f"max_pool2d_bwd {tag}", kernel=_max_pool2d_bwd_kernel,
-                        signature={"g_ptr": f"*{ty}", "idx_ptr": idx_ty, "y_ptr": f"*{ty}",
-                                   "dx_ptr": f"*{ty}", **dims,
-                                   **i32("sgn", "sgc", "sgh", "sgw", "sin", "sic", "sih",
-                                         "siw", "syn", "syc", "syh", "syw", "sdn", "sdc",
-                                         "sdh", "sdw")},
-                        constexprs=dict(geo, DH=1, DW=1, NOH=noh, NOW=now,
-                                        RELU_FROM_OUTPUT=relu and flat, FLAT_INDICES=flat,
+                        signature={"g_ptr": f"*{ty}", "idx_ptr": idx_ty, "dx_ptr": f"*{ty}",
+                                   **({"y_ptr": f"*{ty}"} if y_from else {}), **bsig},
+                        constexprs=dict(bconst, **geo, NOH=noh, NOW=now,
+                                        RELU_FROM_OUTPUT=y_from, FLAT_INDICES=flat,
                                         CHANNELS_LAST=cl, USE_I64=False, BLOCK_R=bbr,
                                         BLOCK_S=bbs),
-                        num_warps=bwarps, num_stages=1, main=main and relu))
+                        num_warps=bwarps, num_stages=NUM_STAGES, main=main and relu))
             # LeNet's 2x2 average pool, and global average pooling 7x7 -> 1 (run-time loops)
             for name, geo, adaptive, size, out in (
                     ("avg_pool2d 2/2", dict(SH=2, SW=2, PH=0, PW=0, KH=2, KW=2), False, 28, 14),
                     ("adaptive_avg_pool2d 7x7->1", dict(SH=1, SW=1, PH=0, PW=0, KH=7, KW=7),
                      True, 7, 1)):
+                n, c = 128, 512
                 taps = 1 if adaptive else geo["KH"] * geo["KW"]
-                _, br, bs, warps = _tile(128, 512, out, out, cl, dev, taps=taps,
+                _, br, bs, warps = _tile(n, c, out, out, cl, dev, taps=taps,
                                          element_size=esize)
-                _, bbr, bbs, bwarps = _tile(128, 512, size, size, cl, dev, backward=True,
+                _, bbr, bbs, bwarps = _tile(n, c, size, size, cl, dev, backward=True,
                                             element_size=esize)
+                xs = _dense_strides((n, c, size, size), cl)
+                ys = _dense_strides((n, c, out, out), cl)
+                dims = dict(N=n, C=c, H=size, W=size, OH=out, OW=out)
+                fsig, fconst = int_signature(dict(
+                    dims, **dict(zip(("sxn", "sxc", "sxh", "sxw"), xs)),
+                    **dict(zip(("syn", "syc", "syh", "syw"), ys))))
+                bsig, bconst = int_signature(dict(
+                    dims, **dict(zip(("sgn", "sgc", "sgh", "sgw"), ys)),
+                    **dict(zip(("sdn", "sdc", "sdh", "sdw"), xs))))
                 consts = dict(geo, COUNT_PAD=True, DIVISOR=0, ADAPTIVE=adaptive,
                               CHANNELS_LAST=cl, USE_I64=False)
                 specs.append(KernelSpec(
                     name=f"{name} fwd {ty} {layout}", kernel=_avg_pool2d_fwd_kernel,
-                    signature={"x_ptr": f"*{ty}", "y_ptr": f"*{ty}", **dims,
-                               **i32("sxn", "sxc", "sxh", "sxw", "syn", "syc", "syh", "syw")},
-                    constexprs=dict(consts, BLOCK_R=br, BLOCK_S=bs),
-                    num_warps=warps, num_stages=1, main=False))
+                    signature={"x_ptr": f"*{ty}", "y_ptr": f"*{ty}", **fsig},
+                    constexprs=dict(consts, **fconst, BLOCK_R=br, BLOCK_S=bs),
+                    num_warps=warps, num_stages=NUM_STAGES, main=False))
                 specs.append(KernelSpec(
                     name=f"{name} bwd {ty} {layout}", kernel=_avg_pool2d_bwd_kernel,
-                    signature={"g_ptr": f"*{ty}", "dx_ptr": f"*{ty}", **dims,
-                               **i32("sgn", "sgc", "sgh", "sgw", "sdn", "sdc", "sdh", "sdw")},
-                    constexprs=dict(consts, NOH=1, NOW=1, BLOCK_R=bbr, BLOCK_S=bbs),
-                    num_warps=bwarps, num_stages=1, main=False))
+                    signature={"g_ptr": f"*{ty}", "dx_ptr": f"*{ty}", **bsig},
+                    constexprs=dict(consts, **bconst, NOH=1, NOW=1, BLOCK_R=bbr, BLOCK_S=bbs),
+                    num_warps=bwarps, num_stages=NUM_STAGES, main=False))
     return specs
