@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional as FF
+from .checks import check_batch_norm
 
 __all__ = ["Conv2dReLU", "MaxPool2d", "BatchNorm2d", "AvgPool2d", "AdaptiveAvgPool2d",
            "AbsorbedReLU", "FoldedBatchNorm"]
@@ -180,12 +181,14 @@ class BatchNorm2d(nn.BatchNorm2d):
         use_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_running else None
         running_var = self.running_var if use_running else None
-        # validate everything before any state (num_batches_tracked, running stats) changes
-        args = FF._check_batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                    bn_training, factor, self.eps, relu=self.relu)
+        # validate everything before any state (num_batches_tracked, running stats) changes,
+        # and count the batch only once the op has run: a refused or failed call counts nothing
+        args = check_batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                bn_training, factor, self.eps, relu=self.relu)
+        out = FF._run("batch_norm", args, self.backend)
         if track:
             self.num_batches_tracked.add_(1)
-        return FF._run("batch_norm", args, self.backend)
+        return out
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_extra(self.relu, self.backend)}"

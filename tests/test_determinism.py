@@ -140,11 +140,6 @@ def test_converted_model_training_is_bitwise_reproducible(backend):
 
 
 @requires_cuda
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: with FASTCONV_AUTOTUNE on, the Triton conv tunes even under "
-    "torch.use_deterministic_algorithms(True); the timing-picked configuration (its split-K "
-    "slice count) changes the rounding of grad_weight from one fresh process to the next. "
-    "Inductor skips autotuning in deterministic mode; triton/conv.py _select should too"))
 def test_no_autotuning_in_deterministic_mode(monkeypatch):
     require("triton")
     from fastconv.backends.triton import autotune, conv

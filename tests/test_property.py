@@ -4,8 +4,7 @@ Hypothesis draws a configuration (shapes, kernel, stride, padding, dilation, gro
 layout, dtype), builds fresh random inputs, and checks the output, every gradient, the indices
 and the running statistics against torch.nn.functional on float64 copies (the helpers and
 tolerances of test_reliability_numerics.py: a few unit roundoffs of the dtype, or twice
-torch's own error where the problem is ill-conditioned). A known bug pinned by an xfail test
-elsewhere skips only the one comparison it breaks (``known_bug`` in that module).
+torch's own error where the problem is ill-conditioned).
 
 Derandomised (the same examples every run, so CI is reproducible), no deadline, and few
 examples: 20 per op for torch and the extension, 5 for the Triton interpreter. Set
@@ -148,7 +147,6 @@ def test_random_configurations_match_torch(op, backend):
     def check(config, seed):
         shape, dtype, params = config
         args = make_case(op, shape, dtype, seed=seed, **dict(params))
-        check_against_reference(op, args, backend, what=f"{backend} {op} {shape} {params}",
-                                tolerate_known_bugs=True)
+        check_against_reference(op, args, backend, what=f"{backend} {op} {shape} {params}")
 
     check()

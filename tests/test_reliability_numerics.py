@@ -223,23 +223,7 @@ def _bn_grad_input_scale(args: dict, g: torch.Tensor) -> torch.Tensor:
                          + xhat.abs() * (ga * xhat.abs()).mean(dims, keepdim=True))
 
 
-# Known bugs pinned by their own xfail tests (below); the property tests skip only the one
-# comparison each of them breaks, so they keep checking everything else.
-EXT_CPU_RELU_INDICES = (
-    "bug: csrc/cpu/pool.cpp max_update takes the argmax of relu(x), so with relu=True and "
-    "return_indices=True a window whose values are all <= 0 returns the first index instead "
-    "of the index of its maximum (the contract, torch's and Triton's answer)")
-
-
-def known_bug(op: str, args: dict, backend: str) -> str | None:
-    if (op == "max_pool2d" and backend == "extension" and args["input"].device.type == "cpu"
-            and args.get("relu") and args.get("return_indices")):
-        return EXT_CPU_RELU_INDICES
-    return None
-
-
-def check_against_reference(op, args, backend, what="", tol=None, grads=True,
-                            tolerate_known_bugs=False):
+def check_against_reference(op, args, backend, what="", tol=None, grads=True):
     """Output, indices, every gradient and the running statistics against float64 torch."""
     dtype = args["input"].dtype
     probe, *_ = call(op, args, "torch")  # the output shape, for the gradient
@@ -252,10 +236,7 @@ def check_against_reference(op, args, backend, what="", tol=None, grads=True,
     if out.numel():
         assert_close(out, ref, tol=_tol(dtype, own, ref, tol), what=f"{what} output")
     if ref_idx is not None:
-        keep = torch.ones_like(ref_idx, dtype=torch.bool)
-        if tolerate_known_bugs and known_bug(op, args, backend) == EXT_CPU_RELU_INDICES:
-            keep = ref > 0
-        assert torch.equal(idx[keep].cpu(), ref_idx[keep].cpu()), (
+        assert torch.equal(idx.cpu(), ref_idx.cpu()), (
             f"{what}: indices differ from torch's")
     for name, r in ref_gr.items():
         got = gr[name]
@@ -395,16 +376,7 @@ def test_auto_serves_an_empty_training_batch_like_torch(request):
         assert torch.equal(stats[n], before[n]), n
 
 
-COUNTER_BUG = ("bug: fastconv.nn.BatchNorm2d.forward adds 1 to num_batches_tracked before "
-               "the backend runs, and this backend then raises on an empty training batch")
-
-
-@pytest.mark.parametrize("bk", [
-    "torch",
-    pytest.param("extension", marks=pytest.mark.xfail(strict=True, reason=COUNTER_BUG)),
-    pytest.param("triton", marks=pytest.mark.xfail(strict=True, reason=COUNTER_BUG + (
-        " (the Triton backend refuses it: BackendUnavailableError)"))),
-])
+@pytest.mark.parametrize("bk", ["torch", "extension", "triton"])
 def test_batchnorm_module_empty_batch_keeps_counter(bk):
     """A module call that raises changes no state; one that runs counts the batch exactly as
     torch.nn.BatchNorm2d does (torch counts empty batches too)."""
@@ -444,19 +416,6 @@ def assert_same_specials(got, ref, what):
 
 
 SPECIAL_VALUES = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
-TRITON_CONV_NAN_MASK = (
-    "bug: triton conv2d_relu's backward masks grad_output with (output > 0) "
-    "(fastconv/backends/triton/conv.py, _relu_grad_kernel: tl.where(y > 0, g, 0)), which "
-    "drops the gradient where the output is NaN; torch's ReLU backward (threshold_backward: "
-    "zero only where output <= 0) passes it there")
-TRITON_BN_EVAL_INF = (
-    "bug: fastconv/backends/triton/batchnorm.py, eval-mode backward when grad_weight or "
-    "grad_bias is also asked for: grad_input comes out as a*dy' + k2*(x - mean) + k3 with "
-    "k2 = 0, so an Inf/NaN input gives NaN in grad_input where torch's is finite (without "
-    "a weight gradient the FROM_STATS path is right)")
-EXT_CPU_BN_EVAL_INF = (
-    "bug: csrc/cpu/batchnorm.cpp dx_plane/dx_cl_row compute A*g + B*(x - mean) + E with B = 0 "
-    "in eval mode, so an Inf/NaN input gives a NaN grad_input where torch's is finite")
 
 
 @numpy_specials
@@ -476,13 +435,6 @@ EXT_CPU_BN_EVAL_INF = (
 def test_special_values_propagate_like_torch(op, shape, params, value, backend, request):
     """One NaN/Inf in the input, a second in another channel's corner: outputs, gradients and
     running statistics carry NaN/Inf at exactly torch's places."""
-    if backend == "triton" and op == "conv2d_relu" and params.get("relu", True) and value == "nan":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=TRITON_CONV_NAN_MASK))
-    if (backend == "extension" and DEV.type == "cpu" and op == "batch_norm"
-            and not params["training"]):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=EXT_CPU_BN_EVAL_INF))
-    if backend == "triton" and op == "batch_norm" and not params["training"]:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=TRITON_BN_EVAL_INF))
     args = make_case(op, shape, **dict(params))
     x = args["input"]
     x[0, 1, 2, 3] = SPECIAL_VALUES[value]
@@ -504,8 +456,6 @@ def test_special_values_propagate_like_torch(op, shape, params, value, backend, 
 def test_relu_keeps_nan_and_blocks_negative_infinity(backend, request):
     """ReLU(NaN) = NaN and ReLU(-Inf) = 0, with the gradient torch gives (through NaN, not
     through -Inf) for the fused conv and max-pool ReLUs."""
-    if backend == "triton":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=TRITON_CONV_NAN_MASK))
     x = torch.zeros(1, 1, 2, 2, device=DEV)
     x.view(-1)[:] = torch.tensor([float("nan"), float("-inf"), float("inf"), -1.0])
     w = torch.ones(1, 1, 1, 1, device=DEV)
@@ -523,8 +473,6 @@ def test_relu_keeps_nan_and_blocks_negative_infinity(backend, request):
 def test_max_pool_relu_indices_are_those_of_the_input(backend, request):
     """max_pool2d(relu=True, return_indices=True) returns the indices of max_pool2d(input)
     (fastconv.functional's contract): in a window of negative values, its largest."""
-    if backend == "extension" and DEV.type == "cpu":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=EXT_CPU_RELU_INDICES))
     x = torch.tensor([[[[-0.7, -0.4, -3.0, -2.0, 0.5, -1.0]]]], device=DEV)
     out, idx = FF.max_pool2d(x, (1, 2), relu=True, return_indices=True, backend=backend)
     assert torch.equal(out.cpu(), torch.tensor([[[[0.0, 0.0, 0.5]]]]))
@@ -558,20 +506,14 @@ for rep, return_indices in enumerate([False, True] * 10):
         result[str(return_indices)] = dict(got, neginf=False)
 print(json.dumps(result))
 """
-ALL_PADDING_BUG = (
-    "bug: a max-pool window entirely in the padding (dilation > 1: height 1, kernel 2, "
-    "dilation 2, padding 1) gets torch's out-of-range flat index (7 on a plane of 7); the "
-    "backward adds the gradient at that index, out of the plane (into the next plane's "
-    "gradient, past the buffer for the last one). torch's own CPU max_pool2d does the same; "
-    "fastconv.functional could refuse such geometry with a ValueError")
+# torch's own CPU max_pool2d gives such a window an out-of-range flat index and its backward
+# writes outside the plane; fastconv.functional refuses the geometry for every backend.
 
 
 def test_max_pool_window_entirely_in_padding(backend, request):
     """With dilation a window can hold no input element. Its output must be -inf (torch's)
     and it must pass no gradient anywhere, or the call must be refused with a clear error;
     never a write outside the window's own plane."""
-    if backend == "torch" or (backend == "extension" and DEV.type == "cpu"):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=ALL_PADDING_BUG))
     env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_CHECK_="3", MALLOC_PERTURB_="165")
     proc = subprocess.run([sys.executable, "-c", _ALL_PADDING_WINDOWS, backend, DEV.type],
                           cwd=ROOT, env=env,

@@ -117,7 +117,9 @@ inline void dx_plane(const scalar_t* g, const scalar_t* x, const scalar_t* y, sc
   for (int64_t i = 0; i < n; ++i) {
     acc_t gv = static_cast<acc_t>(g[i]);
     if (RELU) gv = relu_passes(static_cast<acc_t>(y[i])) ? gv : acc_t(0);
-    dx[i] = static_cast<scalar_t>(A * gv + B * (static_cast<acc_t>(x[i]) - mean) + E);
+    // eval (B = 0) never reads x: 0 * (inf - mean) would turn a finite gradient into NaN
+    const acc_t centred = B != acc_t(0) ? B * (static_cast<acc_t>(x[i]) - mean) : acc_t(0);
+    dx[i] = static_cast<scalar_t>(A * gv + centred + E);
   }
 }
 
@@ -129,7 +131,9 @@ inline void dx_cl_row(const scalar_t* g, const scalar_t* x, const scalar_t* y, s
   for (int64_t c = 0; c < C; ++c) {
     acc_t gv = static_cast<acc_t>(g[c]);
     if (RELU) gv = relu_passes(static_cast<acc_t>(y[c])) ? gv : acc_t(0);
-    dx[c] = static_cast<scalar_t>(A[c] * gv + B[c] * (static_cast<acc_t>(x[c]) - mean[c]) + E[c]);
+    const acc_t centred = B[c] != acc_t(0) ? B[c] * (static_cast<acc_t>(x[c]) - mean[c])
+                                           : acc_t(0);
+    dx[c] = static_cast<scalar_t>(A[c] * gv + centred + E[c]);
   }
 }
 

@@ -97,8 +97,8 @@ std::vector<int64_t> full_input_size(c10::IntArrayRef input_size, const Tensor& 
 
 // Running max over n consecutive outputs with torch's rule (strictly greater wins, so the
 // first maximum; a NaN always wins, so the last NaN): candidate value o is src[o * stride]
-// (after the optional ReLU), its index k0 + o * kstep. `avail` elements are readable from src.
-template <typename scalar_t, bool RELU, typename lane_t>
+// (ReLU, if any, is applied to the final max by the caller), its index k0 + o * kstep. `avail` elements are readable from src.
+template <typename scalar_t, typename lane_t>
 inline void max_update(at::opmath_type<scalar_t>* __restrict best, lane_t* __restrict idx,
                        const scalar_t* __restrict src, int64_t stride, int64_t n, int64_t avail,
                        lane_t k0, lane_t kstep) {
@@ -107,7 +107,6 @@ inline void max_update(at::opmath_type<scalar_t>* __restrict best, lane_t* __res
   if constexpr (kVectorPath<scalar_t> && std::is_same_v<lane_t, scalar_t>) {
     using V = Vec<scalar_t>;
     constexpr int64_t L = V::size();
-    const V zero(0);
     // stride 2 reads 2L values per L outputs: stop while the last load stays inside src
     const int64_t nvec = stride == 2 ? std::min(n, avail / 2) : n;
     for (; o + L <= nvec; o += L) {
@@ -121,7 +120,6 @@ inline void max_update(at::opmath_type<scalar_t>* __restrict best, lane_t* __res
         for (int64_t l = 0; l < L; ++l) buf[l] = src[(o + l) * stride];
         v = V::loadu(buf);
       }
-      if (RELU) v = at::vec::maximum(v, zero);  // maximum propagates NaN, as torch.relu does
       const V b = V::loadu(best + o);
       const V take = (v > b) | (v != v);
       V::blendv(b, v, take).store(best + o);
@@ -135,7 +133,6 @@ inline void max_update(at::opmath_type<scalar_t>* __restrict best, lane_t* __res
       __at_align__ scalar_t buf[L];
       for (int64_t l = 0; l < m; ++l) buf[l] = src[(o + l) * stride];
       V v = V::loadu(buf, m);
-      if (RELU) v = at::vec::maximum(v, zero);
       const V b = V::loadu(best + o, m);
       const V take = (v > b) | (v != v);
       V::blendv(b, v, take).store(best + o, m);
@@ -146,7 +143,6 @@ inline void max_update(at::opmath_type<scalar_t>* __restrict best, lane_t* __res
   }
   for (; o < n; ++o) {
     acc_t v = static_cast<acc_t>(src[o * stride]);
-    if (RELU) v = relu_keep_nan(v);
     const bool take = (v > best[o]) | (v != v);  // branch-free: the outcome is data-random
     best[o] = take ? v : best[o];
     idx[o] = take ? static_cast<lane_t>(k0 + o * kstep) : idx[o];
@@ -206,7 +202,7 @@ void max_fwd_nchw(const scalar_t* x, scalar_t* y, index_t* ind, const Geom& g, c
             if (n <= 0) continue;
             const int64_t first = a * g.sw + j * g.dw - g.pw;  // input column of output a
             const lane_t k0 = static_cast<lane_t>(FLAT ? ih * W + first : i * g.kw + j);
-            max_update<scalar_t, RELU, lane_t>(best + a, bidx + a, xp + ih * W + first, g.sw, n,
+            max_update<scalar_t, lane_t>(best + a, bidx + a, xp + ih * W + first, g.sw, n,
                                                W - first, k0,
                                                static_cast<lane_t>(FLAT ? g.sw : 0));
           }
@@ -214,7 +210,7 @@ void max_fwd_nchw(const scalar_t* x, scalar_t* y, index_t* ind, const Geom& g, c
         scalar_t* yr = y + p * OHW + oh * OW;
         index_t* ir = ind + p * OHW + oh * OW;
         for (int64_t ow = 0; ow < OW; ++ow) {
-          yr[ow] = static_cast<scalar_t>(best[ow]);
+          yr[ow] = static_cast<scalar_t>(RELU ? relu_keep_nan(best[ow]) : best[ow]);
           ir[ow] = static_cast<index_t>(bidx[ow]);
         }
       }
@@ -262,7 +258,6 @@ void max_fwd_cl(const scalar_t* x, scalar_t* y, index_t* ind, const Geom& g, con
               const V k(static_cast<scalar_t>(FLAT ? ih * g.W + iw : i * g.kw + j));
               for (int u = 0; u < U; ++u) {
                 V v = V::loadu(src + u * L);
-                if (RELU) v = at::vec::maximum(v, zero);
                 const V take = (v > b[u]) | (v != v);
                 b[u] = V::blendv(b[u], v, take);
                 bi[u] = V::blendv(bi[u], k, take);
@@ -270,7 +265,8 @@ void max_fwd_cl(const scalar_t* x, scalar_t* y, index_t* ind, const Geom& g, con
             }
           }
           for (int u = 0; u < U; ++u) {
-            b[u].store(yr + c0 + u * L);
+            // ReLU on the max (the argmax stays that of the input); maximum keeps NaN
+            (RELU ? at::vec::maximum(b[u], zero) : b[u]).store(yr + c0 + u * L);
             __at_align__ scalar_t buf[L];
             bi[u].store(buf);
             for (int64_t l = 0; l < L; ++l) ir[c0 + u * L + l] = static_cast<index_t>(buf[l]);
@@ -290,13 +286,13 @@ void max_fwd_cl(const scalar_t* x, scalar_t* y, index_t* ind, const Geom& g, con
         for (int64_t j = j0; j < j1; ++j) {
           const int64_t iw = w0 + j * g.dw;
           const lane_t k = static_cast<lane_t>(FLAT ? ih * g.W + iw : i * g.kw + j);
-          max_update<scalar_t, RELU, lane_t>(best, bidx,
+          max_update<scalar_t, lane_t>(best, bidx,
                                              x + ((n * g.H + ih) * g.W + iw) * C + c0, 1, rest,
                                              rest, k, 0);
         }
       }
       for (int64_t c = 0; c < rest; ++c) {
-        yr[c0 + c] = static_cast<scalar_t>(best[c]);
+        yr[c0 + c] = static_cast<scalar_t>(RELU ? relu_keep_nan(best[c]) : best[c]);
         ir[c0 + c] = static_cast<index_t>(bidx[c]);
       }
     }

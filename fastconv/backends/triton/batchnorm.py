@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...checks import check_batch_norm
+
 from .pool import (PlanCache, alloc, cdiv, cols_block, common_why_not, declare_kernels,
                    define_op, dense_needs_int64, device_tuning, eager, grad_needed,
                    int_signature, is_channels_last, is_real, memory_format, next_pow2,
@@ -519,7 +521,9 @@ def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, y_ptr, dx_ptr, centre_ptr, invstd_ptr, 
                     off = rows * C + c2
                     dy, xc = _bwd_terms(dy_ptr, x_ptr, y_ptr, off, ok, sh, ms, sc, bi, RELU,
                                         RELU_FROM_X)
-                    dx = a2 * dy + k22 * xc + k32
+                    dx = a2 * dy
+                    if TRAINING:  # eval never touches x: 0 * inf would be NaN
+                        dx += k22 * xc + k32
                     tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=ok)
             else:
                 a3 = a[None, :, None]
@@ -536,7 +540,9 @@ def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, y_ptr, dx_ptr, centre_ptr, invstd_ptr, 
                         ok = n_ok & (hw < HW)
                         dy, xc = _bwd_terms(dy_ptr, x_ptr, y_ptr, base + hw, ok, sh, ms, sc,
                                             bi, RELU, RELU_FROM_X)
-                        dx = a3 * dy + k23 * xc + k33
+                        dx = a3 * dy
+                        if TRAINING:
+                            dx += k23 * xc + k33
                         tl.store(dx_ptr + base + hw, dx.to(dx_ptr.dtype.element_ty), mask=ok)
     else:
         plane = NUM_CHUNKS * C
@@ -876,6 +882,7 @@ def _batch_norm_stats_op(input: torch.Tensor, running_mean: Optional[torch.Tenso
                          eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (centre [2, C] = [shift, mean - shift], save_mean, save_invstd), float32; in
     training the running statistics are updated in place."""
+    check_batch_norm(input, running_mean, running_var, None, None, training, momentum, eps)
     if not training and running_mean is None:
         raise ValueError("triton_batch_norm_stats: eval mode needs running_mean and "
                          "running_var")

@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction as _JITFunction
 
+from ...checks import check_conv2d_relu
 from . import autotune as _tune
 
 # ----------------------------------------------------------------------------------------------
@@ -443,7 +444,7 @@ def _relu_grad_kernel(
         if RELU:
             y = tl.load(y_ptr + (n * syn + p * syp + q * syq)[:, None] + (offs_c * syk)[None, :],
                         mask=mask, other=0.0)
-            g = tl.where(y > 0, g, tl.zeros_like(g))
+            g = tl.where(y <= 0, tl.zeros_like(g), g)  # NaN outputs pass, as torch
         if WRITE:
             tl.store(gm_ptr + (n * smn + p * smp + q * smq)[:, None] + (offs_c * smk)[None, :], g,
                      mask=mask)
@@ -1087,6 +1088,10 @@ def _register(name: str, fn: Callable, fake: Callable):
 def _conv_op(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              stride: list[int], padding: list[int], dilation: list[int], groups: int,
              relu: bool) -> torch.Tensor:
+    # direct torch.ops calls skip the public layer: check here too (the eager fast path of
+    # fastconv.functional, already checked, does not come through this op)
+    check_conv2d_relu(input, weight, bias, stride, padding, dilation, groups, relu=relu,
+                      autocast=False)
     return _forward(input, weight, bias, stride, padding, dilation, groups, relu)
 
 

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...checks import check_adaptive_avg_pool2d, check_avg_pool2d, check_max_pool2d
+
 # Elements per program and warps per program for the pool kernels, by device kind. The H100
 # sweep (scripts/gpu_pool_bn_sweep.py) overrides these to compare configurations. The
 # interpreter runs one program at a time in numpy, so it wants few, large programs.
@@ -768,6 +770,9 @@ def _max_pool2d_backward(g, output, indices, input_size, kernel_size, stride, pa
 def _max_pool2d_op(input: torch.Tensor, kernel_size: List[int], stride: List[int],
                    padding: List[int], dilation: List[int], ceil_mode: bool, return_indices: bool,
                    relu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    # direct torch.ops calls skip the public layer (whose eager fast path skips this op)
+    check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
+                     relu=relu)
     out, idx, _ = _max_pool2d_forward(input, _pair(kernel_size), _pair(stride), _pair(padding),
                                       _pair(dilation), bool(ceil_mode), bool(return_indices),
                                       bool(relu))
@@ -924,6 +929,8 @@ def _avg_pool2d_backward(g, input_size, kernel_size, stride, padding, count_incl
 def _avg_pool2d_op(input: torch.Tensor, kernel_size: List[int], stride: List[int],
                    padding: List[int], ceil_mode: bool, count_include_pad: bool,
                    divisor_override: Optional[int]) -> torch.Tensor:
+    check_avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                     divisor_override)
     return _avg_pool2d_forward(input, _pair(kernel_size), _pair(stride), _pair(padding),
                                bool(ceil_mode), bool(count_include_pad), divisor_override)[0]
 
@@ -1016,6 +1023,7 @@ def _adaptive_backward(g, input_size, channels_last):
 
 @define_op("triton_adaptive_avg_pool2d", "(Tensor input, int[] output_size) -> Tensor")
 def _adaptive_avg_pool2d_op(input: torch.Tensor, output_size: List[int]) -> torch.Tensor:
+    check_adaptive_avg_pool2d(input, output_size)
     return _adaptive_forward(input, _pair(output_size))[0]
 
 
