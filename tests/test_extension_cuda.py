@@ -124,6 +124,27 @@ def test_conv_uses_tensor_cores_and_16_byte_accesses(cuda_objects):
         assert fwd[0].sass["STG128"] > 0, "forward stores are not 16-byte"
 
 
+def test_large_tile_conv_kernels_use_tensor_cores_and_cp_async(cuda_objects):
+    """conv_tc.cuh: forward (and stride-1 grad_input) and grad_weight in both tiles, 16-bit."""
+    tc = [k for k in cuda_objects if k.name.startswith("tc_gemm_kernel")]
+    for dt in ("Half", "BF16"):
+        fwd = [k for k in tc if k.name.startswith(f"tc_gemm_kernel<{dt},") and "FwdLoadA" in k.name]
+        wgrad = [k for k in tc if k.name.startswith(f"tc_gemm_kernel<{dt},") and "PixLoadMN" in k.name
+                 and "Im2colLoadMN" in k.name]
+        assert len(fwd) == 2 and len(wgrad) == 2, f"missing {dt} tiles in {[k.name for k in tc]}"
+        for k in fwd + wgrad:
+            big = "Cfg<256" in k.name
+            # a 64-deep k-tile: 4 k16 steps x (64x64 warp tile: 32 mma; 64x32: 16 mma)
+            assert k.sass.get("HMMA", 0) >= (128 if big else 64), f"{k.name}: HMMA {k.sass}"
+            assert k.sass.get("LDSM", 0) >= (32 if big else 24), f"{k.name}: ldmatrix {k.sass}"
+            assert k.sass.get("LDGSTS128", 0) > 0, f"{k.name}: operands are not 16-byte cp.async"
+            assert k.stack == 0, f"{k.name} spills ({k.stack} B)"
+        for k in fwd:
+            assert k.sass.get("STG128", 0) > 0, f"{k.name}: output stores are not 16-byte"
+    masks = [k for k in cuda_objects if k.name.startswith("mask_bias_kernel")]
+    assert len(masks) == 8 and all(k.stack == 0 for k in masks), [k.name for k in masks]
+
+
 def test_pool_and_batchnorm_vector_paths_are_16_byte(cuda_objects):
     vec = [k for k in cuda_objects
            if re.match(r"(maxpool_fwd|avgpool_fwd|apply_nhwc|apply_nchw)_kernel<(Half|BF16), 8",
@@ -143,6 +164,12 @@ def test_committed_resource_report_has_no_spills():
         cells = [c.strip() for c in r.strip("|").split("|")]
         if cells[2].startswith("*"):
             assert cells[4] == "0", f"RESOURCES.md: main kernel spills: {r}"
+    # the Hopper forward kernel, compiled for sm_90a: warpgroup MMAs, no spills
+    wg = [[c.strip() for c in r.strip("|").split("|")] for r in rows
+          if "| sm_90a |" in r and "wg_gemm_kernel<" in r]
+    assert len(wg) == 2, "RESOURCES.md lacks the sm_90a wg_gemm_kernel rows (--arch sm_90,sm_90a)"
+    for cells in wg:
+        assert cells[4] == "0" and int(cells[-1]) >= 8, f"wg_gemm_kernel: {cells}"
 
 
 EMULATION_MAIN = """
@@ -301,6 +328,56 @@ def test_conv_backward(ops, case, cl, dtype):
     again = ops.conv2d_relu_backward(dy, x, w, y, st, pd, dl, g, relu, [True, True, True])
     for a, c in zip(again, out):
         assert torch.equal(a, c), "conv backward is not deterministic"
+
+
+# Shapes of the large-tile tensor-core paths (C % 8 == 0 and K % 8 == 0): several row and column
+# tiles, 5x5, groups, dilation, 1x1 stride 2 (grad_input of strided convs takes the 128x128x32
+# kernel on the masked gradient), no padding, and a tail in every tile dimension.
+# (N, C, H, W, K, R, S, stride, padding, dilation, groups, bias)
+TC_CASES = [
+    (3, 64, 30, 30, 264, 3, 3, (1, 1), (1, 1), (1, 1), 1, True),
+    (2, 96, 13, 13, 256, 5, 5, (1, 1), (2, 2), (1, 1), 2, True),
+    (2, 16, 12, 10, 32, 3, 3, (1, 1), (2, 1), (2, 1), 2, False),
+    (4, 40, 9, 11, 136, 3, 3, (2, 1), (1, 0), (1, 1), 1, True),
+    (3, 8, 5, 5, 8, 1, 1, (2, 2), (0, 0), (1, 1), 1, False),
+    (2, 24, 8, 8, 48, 3, 3, (1, 1), (0, 0), (1, 1), 1, True),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tile", ["big", "mid", "old", "wgmma"])
+@pytest.mark.parametrize("case", TC_CASES, ids=lambda c: "x".join(map(str, c[:7])))
+def test_conv_tiles(ops, monkeypatch, case, tile, dtype):
+    """Every tile the dispatcher can pick (FASTCONV_CONV_TILE forces one; wgmma falls back to the
+    automatic choice where the build has no sm_90a code): forward, grad_input, grad_weight,
+    grad_bias against float64, channels_last and NCHW, each gradient alone = all together."""
+    monkeypatch.setenv("FASTCONV_CONV_TILE", tile)
+    for cl in (True, False):
+        relu = case[0] != 3
+        x, w, b, st, pd, dl, g, _ = _conv_args(case, dtype, cl, relu)
+        y = ops.conv2d_relu(x, w, b, st, pd, dl, g, relu)
+        ref, mag = conv_reference(x, w, b, st, pd, dl, g, relu)
+        assert_within(y, ref, conv_bound(ref, mag, w.shape[1] * w.shape[2] * w.shape[3], dtype),
+                      f"forward ({tile}, cl={cl})")
+        dy = _rand(y.shape, dtype, cl)
+        saved = y if relu else dy.new_empty((0,))
+        out = ops.conv2d_relu_backward(dy, x, w, saved, st, pd, dl, g, relu, [True, True, True])
+        (gi, gim), (gw, gwm), (gb, gbm) = conv_backward_reference(dy, x, w, y, st, pd, dl, g, relu)
+        N, P, Q = y.shape[0], y.shape[2], y.shape[3]
+        Kg = w.shape[0] // g
+        assert out[0].is_contiguous(memory_format=_fmt(cl))
+        assert_within(out[0], gi, conv_bound(gi, gim, Kg * w.shape[2] * w.shape[3], dtype),
+                      f"grad_input ({tile}, cl={cl})")
+        assert_within(out[1], gw, conv_bound(gw, gwm, N * P * Q, dtype), f"grad_weight ({tile})")
+        assert_within(out[2], gb, conv_bound(gb, gbm, N * P * Q, dtype), f"grad_bias ({tile})")
+        for mask in ([True, False, False], [False, True, False], [False, False, True]):
+            part = ops.conv2d_relu_backward(dy, x, w, saved, st, pd, dl, g, relu, mask)
+            for i in range(3):
+                if mask[i]:
+                    assert torch.equal(part[i], out[i]), f"gradient {i} differs alone ({tile})"
+                else:
+                    assert part[i].numel() == 0
 
 
 # Full-size conv layers (docs/MODELS.md), batch 8.
@@ -709,13 +786,19 @@ torch.manual_seed(0)
 def r(shape, dt, cl=False):
     x = torch.randn(shape, device="cuda").to(dt)
     return x.contiguous(memory_format=torch.channels_last) if cl else x
+import os
 for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
     for cl in (False, True):
-        for C, K, k, s, g in ((16, 24, 3, 1, 1), (3, 16, 5, 2, 1), (16, 16, 3, 1, 2), (16, 12, 1, 2, 1)):
-            x = r((2, C, 9, 9), dt, cl); w = r((K, C // g, k, k), dt, cl); b = r((K,), dt)
-            y = ops.conv2d_relu(x, w, b, [s, s], [1, 1], [1, 1], g, True)
-            ops.conv2d_relu_backward(torch.randn_like(y), x, w, y, [s, s], [1, 1], [1, 1], g, True,
-                                     [True, True, True])
+        for tile in (("big", "mid", "old", "wgmma") if dt.itemsize == 2 else ("",)):
+            os.environ["FASTCONV_CONV_TILE"] = tile  # every conv kernel variant
+            for C, K, k, s, g in ((16, 24, 3, 1, 1), (3, 16, 5, 2, 1), (16, 16, 3, 1, 2),
+                                  (16, 12, 1, 2, 1), (16, 40, 3, 2, 1), (24, 264, 3, 1, 1)):
+                x = r((2, C, 9, 9), dt, cl); w = r((K, C // g, k, k), dt, cl); b = r((K,), dt)
+                y = ops.conv2d_relu(x, w, b, [s, s], [1, 1], [1, 1], g, True)
+                for relu in (True, False):
+                    ops.conv2d_relu_backward(torch.randn_like(y), x, w, y, [s, s], [1, 1], [1, 1],
+                                             g, relu, [True, True, True])
+        os.environ["FASTCONV_CONV_TILE"] = ""
         x = r((2, 16, 9, 9), dt, cl)
         for ret in (False, True):
             o, i = ops.max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], True, ret, True)

@@ -1,27 +1,32 @@
 // Conv2d + bias + ReLU on CUDA: forward, grad_input, grad_weight, grad_bias.
 //
 // Every pass is one implicit GEMM.
-//   forward   rows = output pixels (n, p, q)  cols = output channels   reduce over (c, r, s)
-//   dgrad     rows = input pixels (n, h, w)   cols = input channels    reduce over (k, r, s)
-//   wgrad     rows = output channels          cols = (c, r, s)         reduce over (n, p, q)
-// 16-bit inputs run on tensor cores (mma.sync m16n8k16, fp32 accumulators) with a 128x128x32
-// tile, 8 warps of 64x32 and a 3-stage shared-memory ring. Each GEMM operand has a loader:
-//   * cp.async 16-byte loaders where the operand is contiguous along the reduction
-//     (channels_last activations with channels % 8 == 0, prepacked weights);
-//   * register-staged 16-byte loaders where the data must be masked by the ReLU output or
-//     transposed on its way to shared memory (dgrad/wgrad);
-//   * a register-staged scalar gather with arbitrary strides for everything else (C = 1 or 3
-//     first layers, odd channel counts).
+//   forward   rows = output pixels (n, p, q)  cols = output channels   reduce over (r, s, c)
+//   dgrad     rows = input pixels (n, h, w)   cols = input channels    reduce over (r, s, k)
+//   wgrad     rows = output channels          cols = (r, s, c)         reduce over (n, p, q)
+// 16-bit inputs run on tensor cores with fp32 accumulators:
+//   * channels % 8 == 0 (every layer but a network's first): the large-tile kernel of
+//     conv_tc.cuh, 256x128 or 128x128 tiles, 64-deep k-tiles, 16-byte cp.async loaders, a 4-stage
+//     ring, ldmatrix and mma.sync; on sm_90a builds (TORCH_CUDA_ARCH_LIST with 9.0a) the forward
+//     runs the same tile on Hopper's wgmma instead. The backward first masks grad_output by the
+//     ReLU in one pass (which also sums grad_bias); grad_input of a stride-1 conv is then the
+//     forward kernel on that gradient with flipped, transposed weights, and grad_weight an
+//     MN-major GEMM (ldmatrix.trans) split over CTAs into a float workspace.
+//   * otherwise (C = 1 or 3 first layers, odd channel counts, strided grad_input) the 128x128x32
+//     mma_gemm_kernel with register-staged gather loaders.
 // float32/float64 (and 16-bit on pre-sm_80 devices) use a SIMT tile kernel over the same gather
-// descriptions. grad_weight splits the pixel reduction over CTAs into a float workspace that a
-// second kernel sums in a fixed order; grad_bias is a two-level fixed-order reduction: both are
-// deterministic, no atomics anywhere.
+// descriptions. Split reductions (grad_weight workspace, grad_bias partials) are summed by a
+// second kernel in a fixed order: deterministic, no atomics anywhere.
 #include "conv_kernels.cuh"
+#include "conv_tc.cuh"
 
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 
 namespace fastconv_cuda {
@@ -119,6 +124,214 @@ __global__ void __launch_bounds__(THREADS, 2)
 #else
   __trap();  // host code never launches this below sm_80
 #endif
+}
+
+// ----------------------------------------------------------------------------------------------
+// Large-tile tensor-core GEMM (conv_tc.cuh): BM x BN x 64 tiles, 8 warps, cp.async ring of
+// C::STAGES tiles in dynamic shared memory, one barrier per k-tile.
+// ----------------------------------------------------------------------------------------------
+
+// One 64-deep k-tile: 4 steps of k16, each ldmatrix.x4 per A fragment and per pair of B
+// fragments, then MI x NI mma. AK/BKM: operand tile is K-major (else MN-major, read .trans).
+template <typename T, class C, bool AK, bool BKM>
+__device__ __forceinline__ void tc_tile_math(const uint16_t* sA, const uint16_t* sB,
+                                             float (&acc)[C::MI][C::NI][4], int wm, int wn,
+                                             int lane) {
+#pragma unroll
+  for (int kk = 0; kk < tc::BK / 16; ++kk) {
+    uint32_t a[C::MI][4], b[C::NI][2];
+#pragma unroll
+    for (int mi = 0; mi < C::MI; ++mi) tc::ldsm<!AK>(a[mi], sA + tc::a_off<C, AK>(wm, mi, kk, lane));
+#pragma unroll
+    for (int nj = 0; nj < C::NI / 2; ++nj) {
+      uint32_t r[4];
+      tc::ldsm<!BKM>(r, sB + tc::b_off<C, BKM>(wn, nj, kk, lane));
+      b[2 * nj][0] = r[0];
+      b[2 * nj][1] = r[1];
+      b[2 * nj + 1][0] = r[2];
+      b[2 * nj + 1][1] = r[3];
+    }
+#pragma unroll
+    for (int mi = 0; mi < C::MI; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < C::NI; ++ni) Mma<T>::run(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
+  }
+}
+
+template <typename T, class C, bool AK, bool BKM, class LA, class LB, class Epi>
+__global__ void __launch_bounds__(C::THREADS, C::MIN_CTAS)
+    tc_gemm_kernel(LA la, LB lb, const Epi epi, const Sched sc) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) uint16_t tc_smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp % C::WARPS_M, wn = warp / C::WARPS_M;
+  // Column tiles vary fastest: the CTAs resident together share their A rows (pixels) in L2.
+  const int tn = blockIdx.x % sc.tiles_n, tm = blockIdx.x / sc.tiles_n;
+  const int grp = blockIdx.z / sc.splits, split = blockIdx.z % sc.splits;
+  const int kt0 = split * sc.kt_per_split;
+  const int nkt = max(0, min(sc.kt_total, kt0 + sc.kt_per_split) - kt0);
+  la.init(tm * C::BM, grp, kt0, tid);
+  lb.init(tn * C::BN, grp, kt0, tid);
+  uint16_t* const sA = tc_smem;
+  uint16_t* const sB = tc_smem + C::STAGES * C::A_STAGE;
+
+  float acc[C::MI][C::NI][4];
+#pragma unroll
+  for (int i = 0; i < C::MI; ++i)
+#pragma unroll
+    for (int j = 0; j < C::NI; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+#pragma unroll
+  for (int st = 0; st < C::STAGES - 1; ++st) {
+    if (st < nkt) {
+      la.issue(sA + st * C::A_STAGE);
+      lb.issue(sB + st * C::B_STAGE);
+    }
+    convk::cp_async_commit();
+  }
+  int rd = 0, wr = C::STAGES - 1;
+  for (int it = 0; it < nkt; ++it) {
+    convk::cp_async_wait<C::STAGES - 2>();
+    // tile `it` is visible to all; every warp is done with the stage refilled below (tile it-1)
+    __syncthreads();
+    if (it + C::STAGES - 1 < nkt) {
+      la.issue(sA + wr * C::A_STAGE);
+      lb.issue(sB + wr * C::B_STAGE);
+    }
+    convk::cp_async_commit();
+    tc_tile_math<T, C, AK, BKM>(sA + rd * C::A_STAGE, sB + rd * C::B_STAGE, acc, wm, wn, lane);
+    rd = rd + 1 == C::STAGES ? 0 : rd + 1;
+    wr = wr + 1 == C::STAGES ? 0 : wr + 1;
+  }
+  if constexpr (std::is_same<Epi, tc::EpiPart>::value) {
+    epi.template stage<C>(acc, tm * C::BM, tn * C::BN, grp, split, wm, wn, lane);
+  } else {
+    convk::cp_async_wait<0>();
+    __syncthreads();  // the staging area reuses the ring
+    epi.template stage<C>(acc, tc_smem, tn * C::BN, grp, wm, wn, lane);
+    __syncthreads();
+    epi.template flush<C>(tc_smem, tm * C::BM, tn * C::BN, grp, tid);
+  }
+#else
+  __trap();  // host code never launches this below sm_80
+#endif
+}
+
+// ----------------------------------------------------------------------------------------------
+// Hopper (sm_90a) warpgroup-MMA forward: the Big tile's loaders and shared layout, wgmma reading
+// both operands from shared memory. 4-stage cp.async ring refilled 2 tiles ahead, so that the
+// wgmma group of the previous tile may still run while the next is issued (wait_group 1).
+// ----------------------------------------------------------------------------------------------
+
+__global__ void wgmma_probe_kernel(int* out) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  *out = 1;
+#else
+  *out = 0;
+#endif
+}
+
+template <typename T, class LA, class LB>
+__global__ void __launch_bounds__(256, 1)
+    wg_gemm_kernel(LA la, LB lb, const tc::EpiOut<T> epi, const Sched sc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = tc::Big;
+  constexpr int S = tc::WG_STAGES;
+  extern __shared__ __align__(128) uint16_t tc_smem[];
+  // 128-byte swizzle atoms must start on 1024-byte boundaries
+  const uint32_t raw = convk::smem_addr(tc_smem);
+  uint16_t* const base = tc_smem + ((((raw + 1023u) & ~1023u) - raw) >> 1);
+  uint16_t* const sA = base;
+  uint16_t* const sB = base + S * C::A_STAGE;
+  const uint32_t sA_addr = convk::smem_addr(sA), sB_addr = convk::smem_addr(sB);
+  const int tid = threadIdx.x, wg = tid >> 7;
+  const int tn = blockIdx.x % sc.tiles_n, tm = blockIdx.x / sc.tiles_n;
+  const int grp = blockIdx.z;
+  const int nkt = sc.kt_total;
+  la.init(tm * C::BM, grp, 0, tid);
+  lb.init(tn * C::BN, grp, 0, tid);
+
+  float acc[2][64];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[h][i] = 0.f;
+
+#pragma unroll
+  for (int st = 0; st < S - 2; ++st) {
+    if (st < nkt) {
+      la.issue(sA + st * C::A_STAGE);
+      lb.issue(sB + st * C::B_STAGE);
+    }
+    convk::cp_async_commit();
+  }
+  for (int it = 0; it < nkt; ++it) {
+    convk::cp_async_wait<S - 3>();
+    tc::fence_proxy_async();
+    // tile `it` visible to every warpgroup; all finished tile it-2's wgmma (wait_group 1 below)
+    __syncthreads();
+    if (it + S - 2 < nkt) {
+      const int st = (it + S - 2) % S;
+      la.issue(sA + st * C::A_STAGE);
+      lb.issue(sB + st * C::B_STAGE);
+    }
+    convk::cp_async_commit();
+    const int rd = it % S;
+    const uint32_t a0 = sA_addr + uint32_t(rd * C::A_STAGE + wg * 128 * tc::BK) * 2;
+    const uint32_t b0 = sB_addr + uint32_t(rd * C::B_STAGE) * 2;
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int i = 0; i < 64; ++i) tc::wg_fence_operand(acc[h][i]);
+    tc::wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < tc::BK / 16; ++kk)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        tc::Wgmma<T>::run(acc[h], tc::wg_desc(a0 + uint32_t(h * 64 * tc::BK * 2 + kk * 32)),
+                          tc::wg_desc(b0 + uint32_t(kk * 32)));
+    tc::wg_commit();
+    tc::wg_wait<1>();
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int i = 0; i < 64; ++i) tc::wg_fence_operand(acc[h][i]);
+  }
+  tc::wg_wait<0>();
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int i = 0; i < 64; ++i) tc::wg_fence_operand(acc[h][i]);
+  convk::cp_async_wait<0>();
+  __syncthreads();  // the staging area reuses the ring
+  epi.stage_wg(acc, base, tn * C::BN, grp, tid);
+  __syncthreads();
+  epi.template flush<C>(base, tm * C::BM, tn * C::BN, grp, tid);
+#else
+  __trap();  // launched only where wgmma_probe_kernel found sm_90a code
+#endif
+}
+
+// ----------------------------------------------------------------------------------------------
+// ReLU mask + grad_bias partials: one pass over channels_last grad_output (and the saved output)
+// writing the masked gradient that the tensor-core backward kernels stream with cp.async.
+// Block (K/8 channel groups) x (pixel lanes); per-block channel sums combined in fixed order.
+// ----------------------------------------------------------------------------------------------
+
+template <typename T, bool RELU, bool WRITE, bool SUM>
+__global__ void __launch_bounds__(256) mask_bias_kernel(const T* __restrict__ dy,
+                                                        const T* __restrict__ y,
+                                                        T* __restrict__ dym, int64_t M, int K,
+                                                        int64_t per_block, float* __restrict__ part) {
+  __shared__ float red[256 * 8];
+  tc::mask_bias_thread<T, RELU, WRITE, SUM>(dy, y, dym, M, K, per_block, blockIdx.x, threadIdx.x,
+                                            threadIdx.y, blockDim.x, blockDim.y, red);
+  if (SUM) {
+    __syncthreads();
+    if (threadIdx.y == 0) tc::mask_bias_sum(red, blockDim.x, blockDim.y, threadIdx.x, part, blockIdx.x, K);
+  }
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -338,6 +551,308 @@ EpiPixel<T> make_epi(const Tensor& out, int64_t rows, int H, int W, int chg,
   return e;
 }
 
+// ---- large-tile tensor-core path (conv_tc.cuh)
+
+// FASTCONV_CONV_TILE=big|mid|old|wgmma forces a tile for measurements (old: the 128x128x32
+// kernel of mma_gemm_kernel with its register-staged backward loaders; wgmma: the sm_90a forward
+// kernel where it was compiled, else auto); unset: chosen per call.
+int tile_override() {
+  const char* e = std::getenv("FASTCONV_CONV_TILE");
+  if (e == nullptr || *e == 0) return 0;
+  if (!std::strcmp(e, "big")) return 1;
+  if (!std::strcmp(e, "mid")) return 2;
+  if (!std::strcmp(e, "old")) return 3;
+  if (!std::strcmp(e, "wgmma")) return 4;
+  return 0;
+}
+
+bool big_fits() {
+  return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin >= size_t(tc::Big::SMEM);
+}
+
+// Big (256x128, one CTA per SM) unless its last wave is much emptier than Mid's (128x128, two
+// per SM); a Big tile is taken as ~15% more efficient per flop (half the shared-memory traffic
+// per mma of a 64x32 warp tile).
+bool use_big(int64_t rows, int64_t cols, int64_t G) {
+  const int ov = tile_override();
+  if (!big_fits() || ov == 2) return false;
+  if (ov == 1) return true;
+  const int64_t sms = num_sms();
+  const int64_t big = ceil_div(rows, tc::Big::BM) * ceil_div(cols, tc::Big::BN) * G;
+  const int64_t mid = ceil_div(rows, tc::Mid::BM) * ceil_div(cols, tc::Mid::BN) * G;
+  return double(ceil_div(big, sms)) * 2.0 <= double(ceil_div(mid, 2 * sms)) * 2.0 * 1.15;
+}
+
+template <typename T, class C, bool AK, bool BKM, class LA, class LB, class Epi>
+void launch_tc(const LA& la, const LB& lb, const Epi& epi, int64_t rows, int64_t cols, int G,
+               int splits, int kt_total, int kps) {
+  const int64_t tm = ceil_div(rows, C::BM), tn = ceil_div(cols, C::BN);
+  TORCH_CHECK(tm * tn < (int64_t(1) << 31) && int64_t(G) * splits <= 65535,
+              "fastconv (CUDA): conv grid too large");
+  auto kern = &tc_gemm_kernel<T, C, AK, BKM, LA, LB, Epi>;
+  // more than 48 KiB of dynamic shared memory must be allowed per kernel (and device)
+  static std::atomic<uint64_t> allowed{0};
+  const int dev = c10::cuda::current_device();
+  if (((allowed.load() >> dev) & 1) == 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
+    allowed.fetch_or(uint64_t(1) << dev);
+  }
+  Sched sc{int(tn), splits, kt_total, kps};
+  kern<<<dim3(unsigned(tm * tn), 1, unsigned(G * splits)), C::THREADS, C::SMEM, stream()>>>(
+      la, lb, epi, sc);
+  FC_LAUNCH_CHECK();
+}
+
+// The cp.async loaders index pixels of the window origins in 32 bits and pack (h0, w0) in 16.
+bool tc_fits(int64_t N, int64_t H, int64_t W, int64_t R, int64_t S, int64_t dh, int64_t dw,
+             int64_t ph, int64_t pw) {
+  const int64_t hh = H + R * dh + std::abs(ph), ww = W + S * dw + std::abs(pw);
+  return hh < 32768 && ww < 32768 && (N + 2) * hh * ww < (int64_t(1) << 31);
+}
+
+// One convolution as the forward kernel computes it: channels_last 16-byte aligned input x with
+// Cg (% 8 == 0) channels per group, weights packed [G * Kg][ld] in (r, s, c) order and zero
+// padded to ld (a multiple of 64).
+struct TcConv {
+  const Tensor* x;
+  int Cg;
+  const Tensor* w;
+  int ld;
+  int N, H, W, P, Q, R, S, sh, sw, ph, pw, dh, dw, G, Kg;
+};
+
+template <typename T, class C> void run_fwd_tc(const TcConv& p, const tc::EpiOut<T>& epi) {
+  tc::FwdLoadA<C> la{};
+  la.x = reinterpret_cast<const uint16_t*>(p.x->data_ptr());
+  la.cstride = p.x->size(1);
+  la.cg = p.Cg;
+  la.H = p.H;
+  la.W = p.W;
+  la.S = p.S;
+  la.RS = p.R * p.S;
+  la.sh = p.sh;
+  la.sw = p.sw;
+  la.ph = p.ph;
+  la.pw = p.pw;
+  la.dh = p.dh;
+  la.dw = p.dw;
+  la.M = p.N * p.P * p.Q;
+  la.dPQ = FastDiv(int64_t(p.P) * p.Q);
+  la.dQ = FastDiv(p.Q);
+  la.dC8 = FastDiv(p.Cg / 8);
+  la.dS = FastDiv(p.S);
+  tc::RowsLoad<C::BN> lb{};
+  lb.w = reinterpret_cast<const uint16_t*>(p.w->data_ptr());
+  lb.ld = p.ld;
+  lb.rows_per_group = p.Kg;
+  const int kt = int(ceil_div(int64_t(p.R) * p.S * p.Cg, tc::BK));
+  launch_tc<T, C, true, true>(la, lb, epi, la.M, p.Kg, p.G, 1, kt, kt);
+}
+
+// Whether this device runs the sm_90a (wgmma) code: built with TORCH_CUDA_ARCH_LIST containing
+// 9.0a and running on a 9.0 device. Probed once per device.
+bool wgmma_available() {
+  static std::atomic<uint64_t> known{0}, yes{0};
+  const int dev = c10::cuda::current_device();
+  if ((known.load() >> dev) & 1) return (yes.load() >> dev) & 1;
+  bool ok = false;
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  if (prop->major == 9 && prop->minor == 0 &&
+      prop->sharedMemPerBlockOptin >= size_t(tc::WG_SMEM)) {
+    cudaFuncAttributes attr;
+    if (cudaFuncGetAttributes(&attr, wgmma_probe_kernel) == cudaSuccess) {
+      const Tensor flag = at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(at::kCUDA, dev));
+      wgmma_probe_kernel<<<1, 1, 0, stream()>>>(flag.data_ptr<int>());
+      FC_LAUNCH_CHECK();
+      ok = flag.item<int>() == 1;
+    } else {
+      (void)cudaGetLastError();
+    }
+  }
+  if (ok) yes.fetch_or(uint64_t(1) << dev);
+  known.fetch_or(uint64_t(1) << dev);
+  return ok;
+}
+
+template <typename T> void run_fwd_wg(const TcConv& p, const tc::EpiOut<T>& epi) {
+  tc::FwdLoadA<tc::Big> la{};
+  la.x = reinterpret_cast<const uint16_t*>(p.x->data_ptr());
+  la.cstride = p.x->size(1);
+  la.cg = p.Cg;
+  la.H = p.H;
+  la.W = p.W;
+  la.S = p.S;
+  la.RS = p.R * p.S;
+  la.sh = p.sh;
+  la.sw = p.sw;
+  la.ph = p.ph;
+  la.pw = p.pw;
+  la.dh = p.dh;
+  la.dw = p.dw;
+  la.M = p.N * p.P * p.Q;
+  la.dPQ = FastDiv(int64_t(p.P) * p.Q);
+  la.dQ = FastDiv(p.Q);
+  la.dC8 = FastDiv(p.Cg / 8);
+  la.dS = FastDiv(p.S);
+  tc::RowsLoad<tc::Big::BN> lb{};
+  lb.w = reinterpret_cast<const uint16_t*>(p.w->data_ptr());
+  lb.ld = p.ld;
+  lb.rows_per_group = p.Kg;
+  const int kt = int(ceil_div(int64_t(p.R) * p.S * p.Cg, tc::BK));
+  const int64_t tm = ceil_div(la.M, tc::Big::BM), tn = ceil_div(p.Kg, tc::Big::BN);
+  TORCH_CHECK(tm * tn < (int64_t(1) << 31) && p.G <= 65535, "fastconv (CUDA): conv grid too large");
+  auto kern = &wg_gemm_kernel<T, tc::FwdLoadA<tc::Big>, tc::RowsLoad<tc::Big::BN>>;
+  static std::atomic<uint64_t> allowed{0};
+  const int dev = c10::cuda::current_device();
+  if (((allowed.load() >> dev) & 1) == 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, tc::WG_SMEM));
+    allowed.fetch_or(uint64_t(1) << dev);
+  }
+  const Sched sc{int(tn), 1, kt, kt};
+  kern<<<dim3(unsigned(tm * tn), 1, unsigned(p.G)), 256, tc::WG_SMEM, stream()>>>(la, lb, epi, sc);
+  FC_LAUNCH_CHECK();
+}
+
+// Forward (and stride-1 grad_input) tile: wgmma on sm_90a builds where a 256x128 tile suits the
+// grid (FASTCONV_CONV_TILE=wgmma forces it, big/mid/old rule it out), else Big or Mid.
+template <typename T> void fwd_tc(const TcConv& p, const tc::EpiOut<T>& epi) {
+  const int64_t rows = int64_t(p.N) * p.P * p.Q;
+  const int ov = tile_override();
+  if ((ov == 4 || (ov == 0 && use_big(rows, p.Kg, p.G))) && wgmma_available()) {
+    run_fwd_wg<T>(p, epi);
+    return;
+  }
+  if (use_big(rows, p.Kg, p.G)) run_fwd_tc<T, tc::Big>(p, epi);
+  else run_fwd_tc<T, tc::Mid>(p, epi);
+}
+
+template <typename T>
+tc::EpiOut<T> make_epi_tc(const Tensor& out, int64_t rows, int H, int W, int chg, const float* bias,
+                          bool relu) {
+  tc::EpiOut<T> e;
+  e.out = out.data_ptr<T>();
+  set_strides(e.os, out);
+  e.dHW = FastDiv(int64_t(H) * W);
+  e.dW = FastDiv(W);
+  e.M = int(rows);
+  e.chg = chg;
+  e.bias = bias;
+  e.relu = relu;
+  e.vec = e.os[1] == 1 && chg % 8 == 0 && out.size(1) % 8 == 0 && aligned_to(out.data_ptr(), 16);
+  if (e.vec)
+    for (int i : {0, 2, 3}) e.vec = e.vec && e.os[i] % 8 == 0;
+  return e;
+}
+
+// Weights [K][Cg][R][S] -> [K][(r, s, c)] padded to a multiple of 64 columns.
+Tensor pack_fwd_weight(const Tensor& w, int64_t& ld) {
+  const int64_t K = w.size(0), kr = w.size(1) * w.size(2) * w.size(3);
+  ld = round_up(kr, tc::BK);
+  return pad_last(w.permute({0, 2, 3, 1}).reshape({K, kr}), ld);
+}
+
+// grad_input of a stride-1 conv is the conv of the masked grad_output with these weights:
+// [G * Cg][(r', s', k)] = W[g Kg + k][c][R-1-r'][S-1-s'], padded to a multiple of 64 columns.
+Tensor pack_dgrad_weight(const Tensor& w, int64_t G, int64_t& ld) {
+  const int64_t K = w.size(0), Cg = w.size(1), R = w.size(2), S = w.size(3), Kg = K / G;
+  ld = round_up(R * S * Kg, tc::BK);
+  return pad_last(w.reshape({G, Kg, Cg, R, S}).flip({3, 4}).permute({0, 2, 3, 4, 1})
+                      .reshape({G * Cg, R * S * Kg}),
+                  ld);
+}
+
+// Reduction splits for grad_weight: the count whose CTAs fill the machine's slots most evenly
+// (at least one full wave when the reduction is long enough), workspace below 1 GiB.
+int pick_splits(int64_t tiles, int64_t kt_total, int64_t slots, int64_t bytes_per_split) {
+  const int64_t smax = std::max<int64_t>(
+      1, std::min<int64_t>({kt_total / 4, 4096, (int64_t(1) << 30) / std::max<int64_t>(1, bytes_per_split)}));
+  int64_t best = 1;
+  double best_score = -1;
+  for (int64_t s = 1; s <= smax && tiles * s <= 8 * slots; ++s) {
+    const int64_t ctas = tiles * s, waves = ceil_div(ctas, slots);
+    const double score = double(ctas) / double(waves * slots) * std::min(1.0, double(ctas) / slots);
+    if (score > best_score + 1e-6) {
+      best_score = score;
+      best = s;
+    }
+  }
+  return int(best);
+}
+
+template <typename T, class C>
+void run_wgrad_tc(const Tensor& dym, const Tensor& xc, const Geom& g, const Tensor& dw) {
+  const int64_t M = int64_t(g.N) * g.P * g.Q, cols = int64_t(g.Cg) * g.R * g.S;
+  const int64_t kt_total = ceil_div(M, tc::BK);
+  const int64_t tiles = ceil_div(g.Kg, C::BM) * ceil_div(cols, C::BN) * g.G;
+  int splits = pick_splits(tiles, kt_total, int64_t(num_sms()) * C::MIN_CTAS,
+                           int64_t(g.G) * g.Kg * cols * 4);
+  const int kps = int(ceil_div(kt_total, splits));
+  splits = int(ceil_div(kt_total, kps));
+  const Tensor ws = at::empty({int64_t(splits) * g.G * g.Kg * cols}, dym.options().dtype(at::kFloat));
+  tc::PixLoadMN<C::BM> la{};
+  la.dy = reinterpret_cast<const uint16_t*>(dym.data_ptr());
+  la.K = g.K;
+  la.kg = g.Kg;
+  la.M = int(M);
+  tc::Im2colLoadMN<C::BN> lb{};
+  lb.x = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  lb.C = g.C;
+  lb.H = g.H;
+  lb.W = g.W;
+  lb.cg = g.Cg;
+  lb.ncols = int(cols);
+  lb.M = int(M);
+  lb.sh = g.sh;
+  lb.sw = g.sw;
+  lb.ph = g.ph;
+  lb.pw = g.pw;
+  lb.dh = g.dh;
+  lb.dw = g.dw;
+  lb.S = g.S;
+  lb.dPQ = FastDiv(int64_t(g.P) * g.Q);
+  lb.dQ = FastDiv(g.Q);
+  const tc::EpiPart epi{ws.data_ptr<float>(), g.Kg, int(cols), splits};
+  launch_tc<T, C, false, false>(la, lb, epi, g.Kg, cols, g.G, splits, int(kt_total), kps);
+  const int64_t total = dw.numel();
+  wgrad_reduce_kernel<T, float><<<unsigned(ceil_div(total, 256)), 256, 0, stream()>>>(
+      ws.data_ptr<float>(), dw.data_ptr<T>(), g.Kg, g.Cg, g.R, g.S, splits, true, dw.stride(0),
+      dw.stride(1), dw.stride(2), dw.stride(3), total);
+  FC_LAUNCH_CHECK();
+}
+
+// Masked grad_output (when `dym` is defined) and grad_bias (when `db` is defined) in one pass
+// over channels_last contiguous dy (and y): K % 8 == 0, K <= 2048.
+template <typename T>
+void mask_bias(const Tensor& dy, const Tensor& y, bool relu, const Tensor& dym, const Tensor& db,
+               int64_t M, int K) {
+  const int KV = K / 8, PL = std::max(1, 256 / KV);
+  const int64_t want = 4 * int64_t(num_sms());
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(want, ceil_div(M, int64_t(PL) * 8)));
+  const int64_t per = ceil_div(M, blocks), nb = ceil_div(M, per);
+  Tensor part;
+  if (db.defined()) part = at::empty({nb * K}, dy.options().dtype(at::kFloat));
+  float* pp = db.defined() ? part.data_ptr<float>() : nullptr;
+  const T* yp = relu ? y.data_ptr<T>() : nullptr;
+  T* mp = dym.defined() ? dym.data_ptr<T>() : nullptr;
+  const dim3 block{unsigned(KV), unsigned(PL), 1u};
+  const T* dp = dy.data_ptr<T>();
+  const unsigned grid = unsigned(nb);
+  if (relu && mp && pp)
+    mask_bias_kernel<T, true, true, true><<<grid, block, 0, stream()>>>(dp, yp, mp, M, K, per, pp);
+  else if (relu && mp)
+    mask_bias_kernel<T, true, true, false><<<grid, block, 0, stream()>>>(dp, yp, mp, M, K, per, pp);
+  else if (relu)
+    mask_bias_kernel<T, true, false, true><<<grid, block, 0, stream()>>>(dp, yp, mp, M, K, per, pp);
+  else
+    mask_bias_kernel<T, false, false, true><<<grid, block, 0, stream()>>>(dp, yp, mp, M, K, per, pp);
+  FC_LAUNCH_CHECK();
+  if (db.defined()) {
+    bias_final_kernel<T, float><<<unsigned(ceil_div(K, 256)), 256, 0, stream()>>>(
+        pp, K, int(nb), db.data_ptr<T>());
+    FC_LAUNCH_CHECK();
+  }
+}
+
 // ---- forward ----
 
 template <typename T>
@@ -353,7 +868,16 @@ void conv_fwd_impl(const Tensor& input, const Tensor& weight, const std::optiona
 
   if constexpr (std::is_same<T, c10::Half>::value || std::is_same<T, c10::BFloat16>::value) {
     if (tensor_cores(input)) {
-      if (g.Cg % 8 == 0) {
+      if (g.Cg % 8 == 0 && tile_override() != 3 &&
+          tc_fits(g.N, g.H, g.W, g.R, g.S, g.dh, g.dw, g.ph, g.pw) &&
+          int64_t(g.K) * round_up(int64_t(g.Cg) * g.R * g.S, tc::BK) < (int64_t(1) << 31)) {
+        const Tensor x = cl_aligned(input);
+        int64_t ld = 0;
+        const Tensor wp = pack_fwd_weight(weight, ld);
+        const TcConv p{&x, g.Cg, &wp, int(ld), g.N, g.H, g.W, g.P, g.Q, g.R, g.S, g.sh, g.sw,
+                       g.ph, g.pw, g.dh, g.dw, g.G, g.Kg};
+        fwd_tc<T>(p, make_epi_tc<T>(out, M, g.P, g.Q, g.Kg, bp, relu));
+      } else if (g.Cg % 8 == 0) {
         const Tensor x = cl_aligned(input);
         const int64_t Cpad = round_up(g.Cg, BK);
         const Tensor wp = pad_last(weight.reshape({g.G, g.Kg, g.Cg, g.R, g.S})
@@ -588,6 +1112,57 @@ void conv_bgrad_impl(const Tensor& dy, const Tensor& y, Geom g, bool relu, const
   FC_LAUNCH_CHECK();
 }
 
+// Tensor-core backward of 16-bit convs with K % 8 == 0: one pass masks grad_output by the ReLU
+// (and sums grad_bias); grad_input is the forward kernel on the masked gradient with flipped,
+// transposed weights when the stride is 1; grad_weight the MN-major GEMM when Cg % 8 == 0. The
+// other cases take the 128x128x32 kernels on the masked gradient. False: shapes do not qualify.
+template <typename T>
+bool backward_tc(const Tensor& grad_output, const Tensor& output, const Tensor& input,
+                 const Tensor& weight, const Geom& g, bool relu, std::array<bool, 3> mask,
+                 const Tensor& gi, const Tensor& gw, const Tensor& gb) {
+  if (!tensor_cores(grad_output) || tile_override() == 3 || g.K % 8 != 0 || g.Kg % 8 != 0 ||
+      g.K > 2048)
+    return false;
+  const int64_t M = int64_t(g.N) * g.P * g.Q;
+  const Tensor dyc = cl_aligned(grad_output);
+  Tensor dym = dyc;
+  const bool masked = relu && (mask[0] || mask[1]);
+  if (masked || mask[2]) {
+    const Tensor yc = relu ? cl_aligned(output) : Tensor();
+    if (masked) dym = at::empty_like(dyc);
+    mask_bias<T>(dyc, yc, relu, masked ? dym : Tensor(), mask[2] ? gb : Tensor(), M, g.K);
+  }
+  if (mask[0]) {
+    const int php = g.dh * (g.R - 1) - g.ph, pwp = g.dw * (g.S - 1) - g.pw;
+    const int64_t ldd = round_up(int64_t(g.R) * g.S * g.Kg, tc::BK);
+    if (g.sh == 1 && g.sw == 1 && tc_fits(g.N, g.P, g.Q, g.R, g.S, g.dh, g.dw, php, pwp) &&
+        int64_t(g.C) * ldd < (int64_t(1) << 31)) {
+      int64_t ld = 0;
+      const Tensor wt = pack_dgrad_weight(weight, g.G, ld);
+      const TcConv p{&dym, g.Kg, &wt, int(ld), g.N, g.P, g.Q, g.H, g.W, g.R, g.S, 1, 1,
+                     php, pwp, g.dh, g.dw, g.G, g.Cg};
+      fwd_tc<T>(p, make_epi_tc<T>(gi, int64_t(g.N) * g.H * g.W, g.H, g.W, g.Cg, nullptr, false));
+    } else {
+      conv_dgrad_impl<T>(dym, dym, weight, g, false, gi);
+    }
+  }
+  if (mask[1]) {
+    if (g.Cg % 8 == 0 && tc_fits(g.N, g.H, g.W, g.R, g.S, g.dh, g.dw, g.ph, g.pw)) {
+      const Tensor xc = cl_aligned(input);
+      const int ov = tile_override();
+      if (big_fits() && ov != 2 && (ov == 1 || g.Kg >= 256)) run_wgrad_tc<T, tc::Big>(dym, xc, g, gw);
+      else run_wgrad_tc<T, tc::Mid>(dym, xc, g, gw);
+    } else {
+      const Tensor x = input.contiguous(out_format(input));
+      Geom gx = g;
+      set_strides(gx.xs, x);
+      set_strides(gx.ys, dym);
+      conv_wgrad_impl<T>(dym, dym, x, gx, false, gw);
+    }
+  }
+  return true;
+}
+
 std::tuple<Tensor, Tensor, Tensor> conv2d_relu_backward_cuda(
     const Tensor& grad_output, const Tensor& input, const Tensor& weight, const Tensor& output,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -622,6 +1197,17 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_backward_cuda(
   }
   check_rows(M, "output");
   check_rows(input.size(0) * input.size(2) * input.size(3), "input");
+  bool done = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "conv2d_relu_backward", [&] {
+    if constexpr (std::is_same<scalar_t, c10::Half>::value ||
+                  std::is_same<scalar_t, c10::BFloat16>::value) {
+      const Geom g0 = make_geom(input, weight, P, Q, stride, padding, dilation, groups);
+      done = backward_tc<scalar_t>(grad_output, output, input, weight, g0, relu, output_mask,
+                                   grad_input, grad_weight, grad_bias);
+    }
+  });
+  if (done) return {grad_input, grad_weight, grad_bias};
   const Tensor dy = grad_output.contiguous(fmt);
   const Tensor y = relu ? output.contiguous(fmt) : dy;
   const Tensor x = input.contiguous(fmt);

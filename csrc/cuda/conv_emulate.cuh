@@ -10,12 +10,14 @@
 #pragma once
 
 #include "conv_kernels.cuh"
+#include "conv_tc.cuh"
 
 #include <cmath>
 #include <cstdio>
 #include <random>
 #include <string>
 #include <array>
+#include <cstring>
 #include <vector>
 
 namespace fastconv_cuda {
@@ -482,6 +484,478 @@ template <typename T> long check_wgrad(const Case& c, int want_splits, bool simt
   return bad;
 }
 
+// ================================================================================================
+// Large-tile kernel (conv_tc.cuh): tc_gemm_kernel's schedule with ldmatrix(.trans) and
+// mma.m16n8k16 emulated from their PTX definitions, register by register.
+// ================================================================================================
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].b16: lanes 8q..8q+7 give the addresses of rows 0..7 of
+// matrix q; thread t receives in register q the pair (row t/4, columns 2(t%4), 2(t%4)+1) of
+// matrix q, or with .trans the pair (rows 2(t%4), 2(t%4)+1, column t/4), low half first.
+inline void emu_ldmatrix(const uint16_t* base, const int (&addr)[32], bool trans,
+                         uint32_t (&reg)[32][4]) {
+  for (int q = 0; q < 4; ++q)
+    for (int t = 0; t < 32; ++t) {
+      uint16_t lo, hi;
+      if (!trans) {
+        const uint16_t* row = base + addr[8 * q + (t >> 2)];
+        lo = row[2 * (t & 3)];
+        hi = row[2 * (t & 3) + 1];
+      } else {
+        lo = base[addr[8 * q + 2 * (t & 3)] + (t >> 2)];
+        hi = base[addr[8 * q + 2 * (t & 3) + 1] + (t >> 2)];
+      }
+      reg[t][q] = uint32_t(lo) | (uint32_t(hi) << 16);
+    }
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32: thread t (g = t/4, c = t%4) holds A[g][2c..], A[g+8][2c..],
+// A[g][2c+8..], A[g+8][2c+8..] in a0..a3, B[2c..][g], B[2c+8..][g] in b0, b1 and
+// D[g][2c..2c+1], D[g+8][2c..2c+1] in d0..d3.
+template <typename T>
+void emu_mma(const uint32_t (&a)[32][4], const uint32_t (&b)[32][2], float (*d)[4]) {
+  float A[16][16], B[16][8];
+  auto lo = [](uint32_t r) { return fl<T>(uint16_t(r & 0xffff)); };
+  auto hi = [](uint32_t r) { return fl<T>(uint16_t(r >> 16)); };
+  for (int t = 0; t < 32; ++t) {
+    const int g = t >> 2, c = t & 3;
+    for (int q = 0; q < 4; ++q) {
+      const int row = g + 8 * (q & 1), col = 2 * c + 8 * (q >> 1);
+      A[row][col] = lo(a[t][q]);
+      A[row][col + 1] = hi(a[t][q]);
+    }
+    for (int q = 0; q < 2; ++q) {
+      B[2 * c + 8 * q][g] = lo(b[t][q]);
+      B[2 * c + 8 * q + 1][g] = hi(b[t][q]);
+    }
+  }
+  for (int t = 0; t < 32; ++t)
+    for (int e = 0; e < 4; ++e) {
+      const int row = (t >> 2) + 8 * (e >> 1), col = 2 * (t & 3) + (e & 1);
+      float s = 0.f;
+      for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
+      d[t][e] += s;
+    }
+}
+
+template <class C> struct TcAcc { float v[C::MI][C::NI][4]; };
+
+// tc_gemm_kernel, CTA by CTA, thread by thread. Returns the number of shared tile elements that
+// no thread wrote (each stage is refilled with a sentinel before every k-tile).
+template <typename T, class C, bool AK, bool BKM, class LA, class LB, class Epi>
+long run_tc(const LA& la0, const LB& lb0, const Epi& epi, int64_t rows, int64_t cols, int G,
+            int splits, int kt_total, int kps) {
+  const int tms = int(ceil_div(rows, C::BM)), tns = int(ceil_div(cols, C::BN));
+  std::vector<uint16_t> sA(C::A_STAGE), sB(C::B_STAGE), sC(C::SMEM / 2);
+  long unwritten = 0;
+  for (int z = 0; z < G * splits; ++z)
+    for (int bid = 0; bid < tms * tns; ++bid) {
+      const int tn = bid % tns, tm = bid / tns, grp = z / splits, split = z % splits;
+      const int kt0 = split * kps;
+      const int nkt = std::max(0, std::min(kt_total, kt0 + kps) - kt0);
+      std::vector<LA> la(C::THREADS, la0);
+      std::vector<LB> lb(C::THREADS, lb0);
+      for (int t = 0; t < C::THREADS; ++t) {
+        fc_emu_tid = t;
+        la[t].init(tm * C::BM, grp, kt0, t);
+        lb[t].init(tn * C::BN, grp, kt0, t);
+      }
+      std::vector<TcAcc<C>> acc(C::THREADS);
+      for (auto& a : acc) std::memset(a.v, 0, sizeof a.v);
+      for (int it = 0; it < nkt; ++it) {
+        std::fill(sA.begin(), sA.end(), kSentinel);
+        std::fill(sB.begin(), sB.end(), kSentinel);
+        for (int t = 0; t < C::THREADS; ++t) {
+          fc_emu_tid = t;
+          la[t].issue(sA.data());
+          lb[t].issue(sB.data());
+        }
+        for (uint16_t v : sA) unwritten += v == kSentinel;
+        for (uint16_t v : sB) unwritten += v == kSentinel;
+        for (int w = 0; w < C::THREADS / 32; ++w) {
+          const int wm = w % C::WARPS_M, wn = w / C::WARPS_M;
+          for (int kk = 0; kk < tc::BK / 16; ++kk) {
+            static uint32_t ra[C::MI][32][4], rb[C::NI][32][2];
+            int addr[32];
+            uint32_t r[32][4];
+            for (int mi = 0; mi < C::MI; ++mi) {
+              for (int l = 0; l < 32; ++l) addr[l] = tc::a_off<C, AK>(wm, mi, kk, l);
+              emu_ldmatrix(sA.data(), addr, !AK, ra[mi]);
+            }
+            for (int nj = 0; nj < C::NI / 2; ++nj) {
+              for (int l = 0; l < 32; ++l) addr[l] = tc::b_off<C, BKM>(wn, nj, kk, l);
+              emu_ldmatrix(sB.data(), addr, !BKM, r);
+              for (int t = 0; t < 32; ++t) {
+                rb[2 * nj][t][0] = r[t][0];
+                rb[2 * nj][t][1] = r[t][1];
+                rb[2 * nj + 1][t][0] = r[t][2];
+                rb[2 * nj + 1][t][1] = r[t][3];
+              }
+            }
+            for (int mi = 0; mi < C::MI; ++mi)
+              for (int ni = 0; ni < C::NI; ++ni) {
+                float d[32][4];
+                for (int t = 0; t < 32; ++t)
+                  for (int e = 0; e < 4; ++e) d[t][e] = acc[w * 32 + t].v[mi][ni][e];
+                emu_mma<T>(ra[mi], rb[ni], d);
+                for (int t = 0; t < 32; ++t)
+                  for (int e = 0; e < 4; ++e) acc[w * 32 + t].v[mi][ni][e] = d[t][e];
+              }
+          }
+        }
+      }
+      if constexpr (std::is_same<Epi, tc::EpiPart>::value) {
+        for (int t = 0; t < C::THREADS; ++t) {
+          const int w = t >> 5;
+          epi.template stage<C>(acc[t].v, tm * C::BM, tn * C::BN, grp, split, w % C::WARPS_M,
+                                w / C::WARPS_M, t & 31);
+        }
+      } else {
+        std::fill(sC.begin(), sC.end(), kSentinel);
+        for (int t = 0; t < C::THREADS; ++t) {
+          const int w = t >> 5;
+          epi.template stage<C>(acc[t].v, sC.data(), tn * C::BN, grp, w % C::WARPS_M,
+                                w / C::WARPS_M, t & 31);
+        }
+        for (int r = 0; r < C::BM; ++r)  // every staged element of the tile was written
+          for (int c = 0; c < C::BN; ++c) unwritten += sC[r * C::LDC + c] == kSentinel;
+        for (int t = 0; t < C::THREADS; ++t) epi.template flush<C>(sC.data(), tm * C::BM, tn * C::BN, grp, t);
+      }
+    }
+  return unwritten;
+}
+
+// wg_gemm_kernel (sm_90a): the Big tile's loaders, then per warpgroup and k16 step two
+// m64n128k16 wgmma whose operands are read through the descriptors the kernel builds, under the
+// model of the 128-byte swizzle in tc::wg_elem_addr; accumulators scattered to threads by the
+// documented fragment layout (tc::wg_row / wg_col), then the kernel's epilogue.
+template <typename T, class LA, class LB>
+long run_wg(const LA& la0, const LB& lb0, const tc::EpiOut<T>& epi, int64_t rows, int64_t cols,
+            int G, int kt_total) {
+  using C = tc::Big;
+  const int tms = int(ceil_div(rows, C::BM)), tns = int(ceil_div(cols, C::BN));
+  std::vector<uint16_t> sA(C::A_STAGE), sB(C::B_STAGE), sC(C::SMEM / 2);
+  long unwritten = 0;
+  static float acc[C::THREADS][2][64];
+  for (int grp = 0; grp < G; ++grp)
+    for (int bid = 0; bid < tms * tns; ++bid) {
+      const int tn = bid % tns, tm = bid / tns;
+      std::vector<LA> la(C::THREADS, la0);
+      std::vector<LB> lb(C::THREADS, lb0);
+      for (int t = 0; t < C::THREADS; ++t) {
+        fc_emu_tid = t;
+        la[t].init(tm * C::BM, grp, 0, t);
+        lb[t].init(tn * C::BN, grp, 0, t);
+      }
+      std::memset(acc, 0, sizeof acc);
+      for (int it = 0; it < kt_total; ++it) {
+        std::fill(sA.begin(), sA.end(), kSentinel);
+        std::fill(sB.begin(), sB.end(), kSentinel);
+        for (int t = 0; t < C::THREADS; ++t) {
+          fc_emu_tid = t;
+          la[t].issue(sA.data());
+          lb[t].issue(sB.data());
+        }
+        for (uint16_t v : sA) unwritten += v == kSentinel;
+        for (uint16_t v : sB) unwritten += v == kSentinel;
+        for (int wg = 0; wg < 2; ++wg)
+          for (int kk = 0; kk < tc::BK / 16; ++kk)
+            for (int h = 0; h < 2; ++h) {
+              // the kernel's descriptors, with stage byte offsets starting at 0 (1024-aligned)
+              const uint64_t da = tc::wg_desc(uint32_t(wg * 128 * tc::BK * 2 + h * 64 * tc::BK * 2 + kk * 32));
+              const uint64_t db = tc::wg_desc(uint32_t(kk * 32));
+              static float D[64][128];
+              for (int i = 0; i < 64; ++i)
+                for (int n = 0; n < 128; ++n) {
+                  float s = 0.f;
+                  for (int k = 0; k < 16; ++k)
+                    s += fl<T>(sA[tc::wg_elem_addr(da, i, k) / 2]) * fl<T>(sB[tc::wg_elem_addr(db, n, k) / 2]);
+                  D[i][n] = s;
+                }
+              for (int t = 0; t < 128; ++t)
+                for (int j = 0; j < 16; ++j)
+                  for (int e = 0; e < 4; ++e)
+                    acc[wg * 128 + t][h][4 * j + e] += D[tc::wg_row(t, e)][tc::wg_col(t, j, e)];
+            }
+      }
+      std::fill(sC.begin(), sC.end(), kSentinel);
+      for (int t = 0; t < C::THREADS; ++t) epi.stage_wg(acc[t], sC.data(), tn * C::BN, grp, t);
+      for (int r = 0; r < C::BM; ++r)
+        for (int c = 0; c < C::BN; ++c) unwritten += sC[r * C::LDC + c] == kSentinel;
+      for (int t = 0; t < C::THREADS; ++t) epi.template flush<C>(sC.data(), tm * C::BM, tn * C::BN, grp, t);
+    }
+  return unwritten;
+}
+
+// The host's mask_bias launch geometry and both phases of mask_bias_kernel.
+template <typename T>
+void emu_mask_bias(const T* dy, const T* y, bool relu, T* dym, float* db_sum, int64_t M, int K,
+                   int blocks_wanted) {
+  const int KV = K / 8, PL = std::max(1, 256 / KV);
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(blocks_wanted, ceil_div(M, int64_t(PL) * 8)));
+  const int64_t per = ceil_div(M, blocks), nb = ceil_div(M, per);
+  std::vector<float> red(256 * 8, NAN), part(size_t(nb) * K, NAN);
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int ly = 0; ly < PL; ++ly)
+      for (int v = 0; v < KV; ++v) {
+        if (relu)
+          tc::mask_bias_thread<T, true, true, true>(dy, y, dym, M, K, per, int(b), v, ly, KV, PL, red.data());
+        else
+          tc::mask_bias_thread<T, false, false, true>(dy, y, dym, M, K, per, int(b), v, ly, KV, PL, red.data());
+      }
+    for (int v = 0; v < KV; ++v) tc::mask_bias_sum(red.data(), KV, PL, v, part.data(), int(b), K);
+  }
+  for (int k = 0; k < K; ++k) {  // bias_final_kernel
+    float s = 0.f;
+    for (int64_t b = 0; b < nb; ++b) s += part[b * K + k];
+    db_sum[k] = s;
+  }
+}
+
+inline bool tc_ok(const Case& c) { return c.nhwc && (c.C / c.G) % 8 == 0 && (c.K / c.G) % 8 == 0; }
+
+// forward through the large-tile kernel (channels_last, Cg % 8 == 0)
+template <typename T, class C, bool WG = false> long check_fwd_tc(const Case& c) {
+  Problem<T> pb(c);
+  const Geom& g = pb.g;
+  const int64_t M = int64_t(g.N) * g.P * g.Q;
+  std::vector<T> out(size_t(g.N) * g.K * g.P * g.Q, T(NAN));
+  tc::EpiOut<T> epi;
+  epi.out = out.data();
+  for (int i = 0; i < 4; ++i) epi.os[i] = g.ys[i];
+  epi.dHW = FastDiv(int64_t(g.P) * g.Q);
+  epi.dW = FastDiv(g.Q);
+  epi.M = int(M);
+  epi.chg = g.Kg;
+  epi.bias = c.bias ? pb.bias.data() : nullptr;
+  epi.relu = c.relu;
+  epi.vec = g.Kg % 8 == 0 && g.K % 8 == 0;
+  // weights [K][(r, s, c)] padded to a multiple of 64
+  const int64_t kr = int64_t(g.R) * g.S * g.Cg, ld = rup(kr, tc::BK);
+  std::vector<T> wp(size_t(g.K) * ld, T(0.f));
+  for (int k = 0; k < g.K; ++k)
+    for (int cc = 0; cc < g.Cg; ++cc)
+      for (int r = 0; r < g.R; ++r)
+        for (int s = 0; s < g.S; ++s)
+          wp[k * ld + (r * g.S + s) * g.Cg + cc] = pb.wt[((int64_t(k) * g.Cg + cc) * g.R + r) * g.S + s];
+  tc::FwdLoadA<C> la{};
+  la.x = reinterpret_cast<const uint16_t*>(pb.x.data());
+  la.cstride = g.C;
+  la.cg = g.Cg; la.H = g.H; la.W = g.W; la.S = g.S; la.RS = g.R * g.S;
+  la.sh = g.sh; la.sw = g.sw; la.ph = g.ph; la.pw = g.pw; la.dh = g.dh; la.dw = g.dw;
+  la.M = int(M);
+  la.dPQ = FastDiv(int64_t(g.P) * g.Q); la.dQ = FastDiv(g.Q); la.dC8 = FastDiv(g.Cg / 8);
+  la.dS = FastDiv(g.S);
+  tc::RowsLoad<C::BN> lb{};
+  lb.w = reinterpret_cast<const uint16_t*>(wp.data());
+  lb.ld = int(ld);
+  lb.rows_per_group = g.Kg;
+  const int kt = int(ceil_div(kr, tc::BK));
+  long bad = WG ? run_wg<T>(la, lb, epi, M, g.Kg, g.G, kt)
+                : run_tc<T, C, true, true>(la, lb, epi, M, g.Kg, g.G, 1, kt, kt);
+  if (bad) printf("  unwritten shared elements: %ld\n", bad);
+  const double tol = tol_of<T>();
+  for (int n = 0; n < g.N; ++n)
+    for (int k = 0; k < g.K; ++k)
+      for (int p = 0; p < g.P; ++p)
+        for (int q = 0; q < g.Q; ++q) {
+          const int grp = k / g.Kg;
+          double ref = c.bias ? double(pb.bias[k]) : 0.0, mag = std::fabs(ref);
+          for (int cc = 0; cc < g.Cg; ++cc)
+            for (int r = 0; r < g.R; ++r)
+              for (int s = 0; s < g.S; ++s) {
+                const int h = p * g.sh - g.ph + r * g.dh, w = q * g.sw - g.pw + s * g.dw;
+                if (h < 0 || h >= g.H || w < 0 || w >= g.W) continue;
+                const double t = pb.X(n, grp * g.Cg + cc, h, w) * pb.Wt(k, cc, r, s);
+                ref += t;
+                mag += std::fabs(t);
+              }
+          if (c.relu && ref < 0) ref = 0;
+          const double got = dbl(out[pb.yoff(n, k, p, q)]);
+          if (!(std::fabs(got - ref) <= tol * (1 + mag))) {
+            if (bad < 5) printf("  tc fwd n%d k%d p%d q%d: got %g want %g\n", n, k, p, q, got, ref);
+            ++bad;
+          }
+        }
+  return bad;
+}
+
+// grad_input of a stride-1 conv: the mask pass, then the forward kernel on the masked gradient
+// with the flipped, transposed weights (as conv.cu's backward_tc runs them)
+template <typename T, class C> long check_dgrad_tc(const Case& c) {
+  Problem<T> pb(c);
+  const Geom& g = pb.g;
+  const int64_t Mo = int64_t(g.N) * g.P * g.Q, M = int64_t(g.N) * g.H * g.W;
+  std::vector<T> dym(pb.dy.size(), T(NAN));
+  std::vector<float> db(g.K);
+  emu_mask_bias<T>(pb.dy.data(), pb.y.data(), c.relu, dym.data(), db.data(), Mo, g.K, 3);
+  if (!c.relu) dym = pb.dy;
+  std::vector<T> dx(size_t(g.N) * g.C * g.H * g.W, T(NAN));
+  tc::EpiOut<T> epi;
+  epi.out = dx.data();
+  for (int i = 0; i < 4; ++i) epi.os[i] = g.xs[i];
+  epi.dHW = FastDiv(int64_t(g.H) * g.W);
+  epi.dW = FastDiv(g.W);
+  epi.M = int(M);
+  epi.chg = g.Cg;
+  epi.bias = nullptr;
+  epi.relu = false;
+  epi.vec = true;
+  const int64_t kr = int64_t(g.R) * g.S * g.Kg, ld = rup(kr, tc::BK);
+  std::vector<T> wt(size_t(g.C) * ld, T(0.f));
+  for (int k = 0; k < g.K; ++k)
+    for (int cc = 0; cc < g.Cg; ++cc)
+      for (int r = 0; r < g.R; ++r)
+        for (int s = 0; s < g.S; ++s) {
+          const int grp = k / g.Kg, kk = k % g.Kg;
+          wt[(int64_t(grp) * g.Cg + cc) * ld + ((g.R - 1 - r) * g.S + (g.S - 1 - s)) * g.Kg + kk] =
+              pb.wt[((int64_t(k) * g.Cg + cc) * g.R + r) * g.S + s];
+        }
+  tc::FwdLoadA<C> la{};
+  la.x = reinterpret_cast<const uint16_t*>(dym.data());
+  la.cstride = g.K;
+  la.cg = g.Kg; la.H = g.P; la.W = g.Q; la.S = g.S; la.RS = g.R * g.S;
+  la.sh = 1; la.sw = 1; la.ph = g.dh * (g.R - 1) - g.ph; la.pw = g.dw * (g.S - 1) - g.pw;
+  la.dh = g.dh; la.dw = g.dw;
+  la.M = int(M);
+  la.dPQ = FastDiv(int64_t(g.H) * g.W); la.dQ = FastDiv(g.W); la.dC8 = FastDiv(g.Kg / 8);
+  la.dS = FastDiv(g.S);
+  tc::RowsLoad<C::BN> lb{};
+  lb.w = reinterpret_cast<const uint16_t*>(wt.data());
+  lb.ld = int(ld);
+  lb.rows_per_group = g.Cg;
+  const int kt = int(ceil_div(kr, tc::BK));
+  long bad = run_tc<T, C, true, true>(la, lb, epi, M, g.Cg, g.G, 1, kt, kt);
+  if (bad) printf("  unwritten shared elements: %ld\n", bad);
+  const double tol = tol_of<T>();
+  for (int k = 0; k < g.K; ++k) {  // grad_bias from the same pass
+    double ref = 0, mag = 0;
+    for (int n = 0; n < g.N; ++n)
+      for (int p = 0; p < g.P; ++p)
+        for (int q = 0; q < g.Q; ++q) {
+          ref += pb.DYm(n, k, p, q);
+          mag += std::fabs(pb.DYm(n, k, p, q));
+        }
+    if (!(std::fabs(db[k] - ref) <= 1e-5 * (1 + mag))) {
+      if (bad < 5) printf("  tc bias k%d: got %g want %g\n", k, db[k], ref);
+      ++bad;
+    }
+  }
+  for (int n = 0; n < g.N; ++n)
+    for (int ch = 0; ch < g.C; ++ch)
+      for (int h = 0; h < g.H; ++h)
+        for (int w = 0; w < g.W; ++w) {
+          const int grp = ch / g.Cg, cc = ch % g.Cg;
+          double ref = 0, mag = 0;
+          for (int kk = 0; kk < g.Kg; ++kk)
+            for (int r = 0; r < g.R; ++r)
+              for (int s = 0; s < g.S; ++s) {
+                const int p = h + g.ph - r * g.dh, q = w + g.pw - s * g.dw;
+                if (p < 0 || q < 0 || p >= g.P || q >= g.Q) continue;
+                const double t = pb.DYm(n, grp * g.Kg + kk, p, q) * pb.Wt(grp * g.Kg + kk, cc, r, s);
+                ref += t;
+                mag += std::fabs(t);
+              }
+          const double got = dbl(dx[n * g.xs[0] + ch * g.xs[1] + h * g.xs[2] + w * g.xs[3]]);
+          if (!(std::fabs(got - ref) <= tol * (1 + mag))) {
+            if (bad < 5) printf("  tc dgrad n%d c%d h%d w%d: got %g want %g\n", n, ch, h, w, got, ref);
+            ++bad;
+          }
+        }
+  return bad;
+}
+
+// grad_weight: masked grad_output^T x im2col(input)^T, split over `want_splits` CTAs, then the
+// fixed-order reduction with (r, s, c) workspace columns
+template <typename T, class C> long check_wgrad_tc(const Case& c, int want_splits) {
+  Problem<T> pb(c);
+  const Geom& g = pb.g;
+  const int64_t M = int64_t(g.N) * g.P * g.Q, cols = int64_t(g.Cg) * g.R * g.S;
+  std::vector<T> dym(pb.dy.size(), T(NAN));
+  std::vector<float> db(g.K);
+  emu_mask_bias<T>(pb.dy.data(), pb.y.data(), c.relu, dym.data(), db.data(), M, g.K, 5);
+  if (!c.relu) dym = pb.dy;
+  const int kt_total = int(ceil_div(M, tc::BK));
+  const int kps = int(ceil_div(kt_total, want_splits));
+  const int splits = int(ceil_div(kt_total, kps));
+  std::vector<float> ws(size_t(splits) * g.G * g.Kg * cols, NAN);
+  tc::PixLoadMN<C::BM> la{};
+  la.dy = reinterpret_cast<const uint16_t*>(dym.data());
+  la.K = g.K;
+  la.kg = g.Kg;
+  la.M = int(M);
+  tc::Im2colLoadMN<C::BN> lb{};
+  lb.x = reinterpret_cast<const uint16_t*>(pb.x.data());
+  lb.C = g.C; lb.H = g.H; lb.W = g.W; lb.cg = g.Cg; lb.ncols = int(cols); lb.M = int(M);
+  lb.sh = g.sh; lb.sw = g.sw; lb.ph = g.ph; lb.pw = g.pw; lb.dh = g.dh; lb.dw = g.dw; lb.S = g.S;
+  lb.dPQ = FastDiv(int64_t(g.P) * g.Q);
+  lb.dQ = FastDiv(g.Q);
+  const tc::EpiPart epi{ws.data(), g.Kg, int(cols), splits};
+  long bad = run_tc<T, C, false, false>(la, lb, epi, g.Kg, cols, g.G, splits, kt_total, kps);
+  if (bad) printf("  unwritten shared elements: %ld\n", bad);
+  std::vector<T> dw(size_t(g.K) * cols, T(NAN));
+  for (int64_t i = 0; i < int64_t(g.K) * cols; ++i)
+    wgrad_reduce_one(ws.data(), dw.data(), g.Kg, g.Cg, g.R, g.S, splits, true, cols,
+                     int64_t(g.R) * g.S, int64_t(g.S), int64_t(1), i);
+  const double tol = tol_of<T>();
+  for (int k = 0; k < g.K; ++k)
+    for (int cc = 0; cc < g.Cg; ++cc)
+      for (int r = 0; r < g.R; ++r)
+        for (int s = 0; s < g.S; ++s) {
+          const int grp = k / g.Kg;
+          double ref = 0, mag = 0;
+          for (int n = 0; n < g.N; ++n)
+            for (int p = 0; p < g.P; ++p)
+              for (int q = 0; q < g.Q; ++q) {
+                const int h = p * g.sh - g.ph + r * g.dh, w = q * g.sw - g.pw + s * g.dw;
+                if (h < 0 || h >= g.H || w < 0 || w >= g.W) continue;
+                const double t = pb.DYm(n, k, p, q) * pb.X(n, grp * g.Cg + cc, h, w);
+                ref += t;
+                mag += std::fabs(t);
+              }
+          const double got = dbl(dw[((int64_t(k) * g.Cg + cc) * g.R + r) * g.S + s]);
+          if (!(std::fabs(got - ref) <= tol * (1 + mag))) {
+            if (bad < 5) printf("  tc wgrad k%d c%d r%d s%d: got %g want %g\n", k, cc, r, s, got, ref);
+            ++bad;
+          }
+        }
+  return bad;
+}
+
+template <typename T, class C> long check_tc(const Case& c) {
+  long bad = check_fwd_tc<T, C>(c) + check_wgrad_tc<T, C>(c, 3);
+  if (c.sh == 1 && c.sw == 1) bad += check_dgrad_tc<T, C>(c);
+  return bad;
+}
+
+// Returns the number of failing checks.
+inline int run_tc_all() {
+  const Case cases[] = {
+      // N  C  H  W   K  R  S sh sw ph pw dh dw G relu nhwc bias gA gB
+      {2, 16, 9, 7, 24, 3, 3, 1, 1, 1, 1, 1, 1, 1, true, true, true, false, false},
+      {2, 40, 6, 5, 136, 3, 3, 2, 1, 1, 0, 1, 1, 1, true, true, true, false, false},   // stride 2
+      {1, 16, 8, 8, 16, 3, 2, 1, 1, 2, 1, 2, 1, 2, true, true, false, false, false},   // groups, dilation
+      {6, 8, 9, 9, 8, 3, 3, 1, 1, 1, 1, 1, 1, 1, false, true, true, false, false},    // M > 256
+      {1, 72, 5, 5, 264, 3, 3, 1, 1, 1, 1, 1, 1, 1, true, true, true, false, false},  // K > 256, 11 k-tiles
+      {3, 8, 5, 5, 8, 1, 1, 2, 2, 0, 0, 1, 1, 1, true, true, false, false, false},    // 1x1 stride 2
+      {2, 8, 6, 6, 16, 3, 3, 1, 1, 0, 0, 1, 1, 1, true, true, true, false, false},    // no padding
+      {2, 24, 7, 6, 32, 5, 5, 1, 1, 2, 2, 1, 1, 1, true, true, true, false, false},   // 5x5 (AlexNet conv2)
+  };
+  int failed = 0;
+  for (const Case& c : cases) {
+    if (!tc_ok(c)) continue;
+    const long b1 = check_tc<c10::Half, tc::Big>(c), b2 = check_tc<c10::BFloat16, tc::Big>(c);
+    const long b3 = check_tc<c10::Half, tc::Mid>(c), b4 = check_tc<c10::BFloat16, tc::Mid>(c);
+    const long b5 = check_fwd_tc<c10::Half, tc::Big, true>(c);
+    const long b6 = check_fwd_tc<c10::BFloat16, tc::Big, true>(c);
+    printf("tc   %-70s big fp16 %s bf16 %s  mid fp16 %s bf16 %s  wgmma fwd fp16 %s bf16 %s\n",
+           describe(c).c_str(), b1 ? "FAIL" : "ok", b2 ? "FAIL" : "ok", b3 ? "FAIL" : "ok",
+           b4 ? "FAIL" : "ok", b5 ? "FAIL" : "ok", b6 ? "FAIL" : "ok");
+    failed += (b1 != 0) + (b2 != 0) + (b3 != 0) + (b4 != 0) + (b5 != 0) + (b6 != 0);
+  }
+  return failed;
+}
+
 // Returns the number of failing cases.
 inline int run_all() {
   const Case cases[] = {
@@ -516,6 +990,7 @@ inline int run_all() {
       failed += (b1 != 0) + (b2 != 0) + (b3 != 0);
     }
   }
+  failed += run_tc_all();
   printf("%d failing checks\n", failed);
   return failed;
 }

@@ -17,7 +17,9 @@ process and on disk for the same key, and is retried only by an explicit ``build
 Environment: ``MAX_JOBS`` (parallel compile jobs), ``TORCH_CUDA_ARCH_LIST`` (default
 "8.0;9.0"), ``FASTCONV_EXTENSION_CUDA=0`` (build the CPU half only), ``CUDA_HOME``, ``CXX``,
 ``FASTCONV_NO_EXTENSION_BUILD=1`` (never build lazily), ``FASTCONV_EXTENSION_SOURCES`` (another
-source tree of csrc/'s layout; the build tests use it).
+source tree of csrc/'s layout; the build tests use it), ``FASTCONV_EXTENSION_FLAGS=minimal``
+(diagnosis, scripts/gpu_diag_errors.sh: the CPU half without -march=native, OpenMP and the at::vec
+capability macros; a separate cached build).
 
 Builds of one configuration (flags, torch, CUDA, CPU) start from the newest earlier build's
 object files, so an edit of one source file recompiles that file only; the newest few builds
@@ -255,6 +257,10 @@ class _Plan:
         self.cflags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp",
                        "-Wno-unknown-pragmas"] + _vec_flags()
         self.ldflags = ["-fopenmp"]
+        if os.environ.get("FASTCONV_EXTENSION_FLAGS", "").strip().lower() == "minimal":
+            # diagnosis only: rules the CPU-specific flags in or out as a cause (slower CPU code)
+            self.cflags = ["-O2", "-Wno-unknown-pragmas"]
+            self.ldflags = []
         self.cuda_cflags: list[str] = []
         self.arch = ""
         if self.with_cuda:
@@ -854,6 +860,9 @@ class ExtensionBackend(Backend):
             return (f"extension conv2d_relu needs weight dtype == input dtype, got "
                     f"{_dtype_name(args['weight'])} and {_dtype_name(x)}")
         if op == "batch_norm":
+            if args["training"] and x.numel() == 0:
+                return ("extension batch_norm has no empty-batch training path (torch returns "
+                        "an empty output and leaves the statistics alone)")
             for name in ("weight", "bias", "running_mean", "running_var"):
                 t = args.get(name)
                 if t is not None and not t.is_floating_point():
