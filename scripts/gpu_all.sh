@@ -17,6 +17,9 @@
 # the pytest-benchmark stages stop starting new cases in time to write their JSON.
 #
 # Adding a stage is one line in the plan below:   stage NAME LIMIT_SECONDS command args...
+# Where one call is limited to 10 minutes, run it in parts on a warm machine, e.g.
+#   ONLY_STAGES="install build-ext info tests" scripts/gpu_all.sh OUT
+#   ONLY_STAGES="install peaks diag-errors pool-bn-sweep ext-sweep conv-sweep" scripts/gpu_all.sh OUT2
 # Environment: PYTHON (interpreter), SKIP_STAGES / ONLY_STAGES (space-separated stage names),
 # TORCH_CUDA_ARCH_LIST (default: this GPU's architecture only, for a faster build), MAX_JOBS.
 set -uo pipefail
@@ -112,7 +115,11 @@ case "$MODE" in
     quick) TESTS=(-m "not slow") ;;
     *) TESTS=() ;;
 esac
-stage tests 300 "$PY" -m pytest tests -ra -q -p no:cacheprovider --junitxml="$OUT/junit.xml" "${TESTS[@]}"
+# xdist (on the GPU image) spreads Triton's compiles over the cores; -v keeps a per-test record
+# in the log even if the stage is killed at its limit
+XDIST=(); "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 16)
+stage tests 300 "$PY" -m pytest tests -v -rfE -p no:cacheprovider --junitxml="$OUT/junit.xml" \
+    "${XDIST[@]}" "${TESTS[@]}"
 
 if [ "$MODE" = quick ]; then
     stage bench-alexnet 120 "$PY" -m fastconv bench --model alexnet "${BF16[@]}" --no-compile --json "$OUT/bench-alexnet.json"
@@ -141,8 +148,14 @@ else
     stage models-bf16 3600 "$PY" "${BENCH[@]}" benchmarks/test_models.py --fc-dtype bfloat16 \
         --fc-layout channels_last --benchmark-json="$OUT/models-bf16.json"
 fi
-# the kernel engineers' sweeps go here, one line each, e.g.:
-#   stage conv-sweep 300 "$PY" scripts/gpu_conv_sweep.py --out "$OUT/conv_configs.json" --report "$OUT/conv_sweep.md"
+# the kernel sweeps (do_bench medians against torch), the ceilings, and the error-path check
+stage peaks 60 "$PY" scripts/gpu_peaks.py --json "$OUT/peaks.json"
+stage diag-errors 90 bash scripts/gpu_diag_errors.sh "$OUT/diag"
+stage pool-bn-sweep 120 "$PY" scripts/gpu_pool_bn_sweep.py --quick --json "$OUT/pool_bn_sweep.json"
+stage ext-sweep 120 "$PY" scripts/gpu_ext_sweep.py --quick
+stage conv-sweep 300 "$PY" scripts/gpu_conv_sweep.py --breakdown --max-configs 4 --rep-ms 25 \
+    --tune-rep-ms 15 --time-limit 240 --out "$OUT/conv_configs.json" \
+    --report "$OUT/conv_sweep.md" --json "$OUT/conv_sweep.json"
 
 RESERVE=0
 shopt -s nullglob

@@ -96,7 +96,8 @@ def test_no_growth_over_200_training_steps(backend):
     finally:
         tracemalloc.stop()
     a, b = marks[warmup - 1], marks[steps - 1]
-    assert b["tensors"] == a["tensors"], f"live tensors {a['tensors']} -> {b['tensors']}"
+    # no growth (the count can drop: tensors other tests left behind may be freed meanwhile)
+    assert b["tensors"] <= a["tensors"], f"live tensors {a['tensors']} -> {b['tensors']}"
     assert b["cuda"] == a["cuda"], f"CUDA memory allocated {a['cuda']} -> {b['cuda']}"
     if windows:
         first, second = heap[1] - heap[0], heap[2] - heap[1]

@@ -861,8 +861,8 @@ class ExtensionBackend(Backend):
                     f"{_dtype_name(args['weight'])} and {_dtype_name(x)}")
         if op == "batch_norm":
             if args["training"] and x.numel() == 0:
-                return ("extension batch_norm has no empty-batch training path (torch returns "
-                        "an empty output and leaves the statistics alone)")
+                return (f"extension batch_norm cannot train on an empty batch (input of shape "
+                        f"{tuple(x.shape)}); the torch backend serves it")
             for name in ("weight", "bias", "running_mean", "running_var"):
                 t = args.get(name)
                 if t is not None and not t.is_floating_point():
