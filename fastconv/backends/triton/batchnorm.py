@@ -73,7 +73,9 @@ TUNING = {
             "fused_elements": 1 << 30, "min_chunk_tiles": 1, "max_chunks": 1 << 20},
 }
 _FINALIZE_BLOCK_C = 64  # eval statistics kernel
-_FINALIZE_BLOCK_K = 32  # chunks merged per step by the finalising program
+# chunks merged per step by the finalising program (32 put an 8-byte stack frame in the fp32
+# NCHW statistics kernel: benchmarks/aot_sm90.md)
+_FINALIZE_BLOCK_K = 16
 # Software pipelining of the reduction loops' plain loads (sm_90 AOT: see aot_specs)
 NUM_STAGES = 1
 # With relu=True the backward masks dy where the output is <= 0. True: read the saved output
