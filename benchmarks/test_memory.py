@@ -26,7 +26,7 @@ from torch import nn
 
 import fastconv
 from fastconv import models
-from fastconv.tools.common import reset_compiler
+from fastconv.tools.common import grad_scaler, reset_compiler, sgd_step
 
 from .conftest import PROVIDER_NAMES, first_call, measure, provider_skip_reason
 
@@ -75,22 +75,10 @@ def test_train_step_memory(benchmark, fc, model_name, provider):
     x = torch.randn(fc.batch, *shape, device=fc.device).contiguous(
         memory_format=fc.memory_format)
     y = torch.randint(0, 10, (fc.batch,), device=fc.device)
-    scaler = torch.amp.GradScaler("cuda") if (
-        amp is torch.float16 and fc.device.type == "cuda") else None
+    scaler = grad_scaler(amp, fc.device)
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(fc.device.type, dtype=amp or torch.float32,
-                            enabled=amp is not None):
-            loss = nn.functional.cross_entropy(model(x).float(), y)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-        return loss
+        return sgd_step(model, opt, x, y, amp, scaler)[0]
 
     loss = first_call(step, provider)  # optimizer state exists from here on
     assert torch.isfinite(loss).item(), f"{provider} {model_name}: loss {loss.item()}"

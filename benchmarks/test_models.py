@@ -12,7 +12,7 @@ from torch import nn
 
 import fastconv
 from fastconv import models
-from fastconv.tools.common import reset_compiler
+from fastconv.tools.common import grad_scaler, reset_compiler, sgd_step
 from fastconv.tools.flops import count
 
 from .conftest import PROVIDER_NAMES, first_call, measure, provider_skip_reason
@@ -52,24 +52,12 @@ def test_train_step(benchmark, fc, model_name, provider):
     xs = [torch.randn(fc.batch, *shape, device=fc.device).contiguous(
         memory_format=fc.memory_format) for _ in range(3)]
     ys = [torch.randint(0, 10, (fc.batch,), device=fc.device) for _ in xs]
-    scaler = torch.amp.GradScaler("cuda") if (
-        amp is torch.float16 and fc.device.type == "cuda") else None
+    scaler = grad_scaler(amp, fc.device)
     state = {"i": 0}
 
     def step():
         i = state["i"] = (state["i"] + 1) % len(xs)
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(fc.device.type, dtype=amp or torch.float32,
-                            enabled=amp is not None):
-            loss = nn.functional.cross_entropy(model(xs[i]).float(), ys[i])
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-        return loss
+        return sgd_step(model, opt, xs[i], ys[i], amp, scaler)[0]
 
     loss = first_call(step, provider)
     assert torch.isfinite(loss).item(), f"{provider} {model_name}: first loss is {loss.item()}"

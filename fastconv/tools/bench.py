@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from .. import convert, models
-from .common import (DTYPES, amp_dtype, compile_unavailable, disable_dropout, median,
+from .common import (DTYPES, amp_dtype, compile_unavailable, disable_dropout, grad_scaler, median,
                      parse_backends, parse_model_args, pick_device, rel_err, reset_compiler,
-                     run_metadata, short_reason, time_calls)
+                     run_metadata, sgd_step, short_reason, time_calls)
 
 # unit roundoff of the arithmetic each run uses (TF32 keeps 10 mantissa bits, as fp16)
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11,
@@ -113,22 +113,12 @@ def check_variants(stock: nn.Module, converted: dict[str, nn.Module], x, y, amp,
 # --------------------------------------------------------------------------- steps
 def make_train_step(m: nn.Module, xs: list, ys: list, amp, device) -> Callable[[], None]:
     opt = torch.optim.SGD(m.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler(device.type) if (
-        amp is torch.float16 and device.type == "cuda") else None
+    scaler = grad_scaler(amp, device)  # fp16 loss scaling: its cost belongs in a step
     state = {"i": 0}
 
     def step():
         i = state["i"] = (state["i"] + 1) % len(xs)
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = nn.functional.cross_entropy(m(xs[i]).float(), ys[i])
-        if scaler is not None:  # fp16 AMP trains with loss scaling; its cost belongs in a step
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        sgd_step(m, opt, xs[i], ys[i], amp, scaler)
     return step
 
 

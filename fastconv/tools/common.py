@@ -246,3 +246,28 @@ def short_reason(exc: BaseException, limit: int = 160) -> str:
     first = text[0] if text else ""
     msg = f"{type(exc).__name__}: {first}"
     return msg if len(msg) <= limit else msg[:limit - 3] + "..."
+
+
+def grad_scaler(amp: Optional[torch.dtype], device: torch.device):
+    """fp16 AMP on CUDA trains with loss scaling; bf16 and fp32 need none."""
+    if amp is torch.float16 and device.type == "cuda":
+        return torch.amp.GradScaler(device.type)
+    return None
+
+
+def sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+             amp: Optional[torch.dtype], scaler=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step (forward under autocast when ``amp``, cross-entropy in float32,
+    backward, optimizer step with the scaler when given): returns ``(loss, logits)``."""
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits.float(), y)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+    return loss, logits

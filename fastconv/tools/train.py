@@ -27,13 +27,12 @@ import time
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import convert, conversion_report, models
 from . import data as datalib
-from .common import (BACKEND_CHOICES, parse_model_args, pick_device, short_reason,
-                     unusable_reason, xavier_init)
+from .common import (BACKEND_CHOICES, grad_scaler, parse_model_args, pick_device, sgd_step,
+                     short_reason, unusable_reason, xavier_init)
 from .progress import Progress
 
 CHECKPOINT_FORMAT = "fastconv-train-1"
@@ -137,8 +136,7 @@ def fit(net: nn.Module, train_data: datalib.ArrayData, test_data: datalib.ArrayD
     out = out if out is not None else sys.stdout
     size = size or tuple(train_data.images.shape[-2:])
     opt = optimizer or torch.optim.SGD(net.parameters(), lr=lr)
-    scaler = torch.amp.GradScaler(device.type) if (
-        amp is torch.float16 and device.type == "cuda") else None
+    scaler = grad_scaler(amp, device)
     history = History()
     n_batches = datalib.num_batches(len(train_data), batch_size, dist.world)
     show = progress and dist.rank == 0
@@ -158,18 +156,7 @@ def fit(net: nn.Module, train_data: datalib.ArrayData, test_data: datalib.ArrayD
         for b, (x, y) in enumerate(datalib.train_batches(
                 train_data, batch_size, size, device, seed=seed, epoch=epoch, start=first,
                 rank=dist.rank, world=dist.world, channels_last=channels_last), start=first):
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp or torch.float32,
-                                enabled=amp is not None):
-                y_hat = net(x)
-                loss = F.cross_entropy(y_hat.float(), y)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+            loss, y_hat = sgd_step(net, opt, x, y, amp, scaler)
             with torch.no_grad():  # accumulated on the device: no synchronisation per step
                 loss_sum += loss.detach().double() * y.numel()
                 correct += (y_hat.argmax(dim=1) == y).sum()
