@@ -711,7 +711,14 @@ def test_converted_model_matches_stock(name, layout):
     out_e, g_e = _step(exact, x.double())
     slack = 2.0**-23
     assert _rel(out_f, out_e) <= 2 * _rel(out_s, out_e) + slack, "output"
+    scale = max(float(g.norm()) for g in g_e.values())
     for k in g_e:
+        if float(g_e[k].norm()) <= 1e-9 * scale:
+            # exactly zero in exact arithmetic (a conv bias feeding training-mode batch norm):
+            # both float32 results are rounding noise of summands up to the gradients' scale,
+            # so a relative comparison of two noises is meaningless; bound the noise instead
+            assert float((g_f[k] - g_e[k]).norm()) <= 1e-5 * scale, f"grad {k} (zero)"
+            continue
         assert _rel(g_f[k], g_e[k]) <= 2 * _rel(g_s[k], g_e[k]) + 10 * slack, f"grad {k}"
     sd_s, sd_f, sd_e = stock.state_dict(), fast.state_dict(), exact.state_dict()
     for k, v in sd_e.items():
