@@ -124,7 +124,10 @@ def trace(model_name: str) -> tuple[Layer, ...]:
     stock = models.build(model_name)
     # the converted twin says how fastconv serves each layer (ReLU absorbed or not); shapes
     # come from running the stock model on the meta device (no compute)
-    twin = dict(fastconv.convert(stock, backend="torch").named_modules())
+    # pool_relu=False: each conv/BN keeps its ReLU, so layer cells time the fused ops the
+    # issues set targets for (conv+bias+ReLU, BN+ReLU, plain max-pool); the model benchmarks
+    # run convert's default, where a max-pool applies a ReLU right before it
+    twin = dict(fastconv.convert(stock, backend="torch", pool_relu=False).named_modules())
     stock = stock.eval().to("meta")
     x = torch.empty(1, *models.INPUT_SIZES[model_name], device="meta")
     found: list[Layer] = []

@@ -87,7 +87,7 @@ class _Plan:
     notes: dict = dataclasses.field(default_factory=dict)     # name -> note for the report
 
 
-def _plan_from_graph(model: nn.Module, fold_bn: bool) -> _Plan:
+def _plan_from_graph(model: nn.Module, fold_bn: bool, pool_relu: bool = True) -> _Plan:
     graph = torch.fx.symbolic_trace(model).graph
     modules = dict(model.named_modules())
     calls: dict[str, list] = {}
@@ -105,7 +105,7 @@ def _plan_from_graph(model: nn.Module, fold_bn: bool) -> _Plan:
     def pool_after(relu_node) -> Optional[str]:
         """The max-pool that can apply relu_node (a ReLU module called once, whose one
         consumer is a stock MaxPool2d called once, without indices), else None."""
-        if _is_relu(relu_node, modules) != "module" or len(calls[relu_node.target]) != 1:
+        if not pool_relu or _is_relu(relu_node, modules) != "module" or len(calls[relu_node.target]) != 1:
             return None
         users = list(relu_node.users)
         if len(users) != 1 or users[0].op != "call_module":
@@ -165,7 +165,7 @@ def _plan_from_graph(model: nn.Module, fold_bn: bool) -> _Plan:
     return plan
 
 
-def _plan_from_sequentials(model: nn.Module, fold_bn: bool) -> _Plan:
+def _plan_from_sequentials(model: nn.Module, fold_bn: bool, pool_relu: bool = True) -> _Plan:
     plan = _Plan()
     for prefix, mod in model.named_modules():
         if type(mod) in _STOCK:
@@ -181,7 +181,7 @@ def _plan_from_sequentials(model: nn.Module, fold_bn: bool) -> _Plan:
             nxt_full = f"{prefix}.{nxt[0]}" if prefix else nxt[0]
             if type(nxt[1]) is nn.ReLU:
                 after = kids[i + 2] if i + 2 < len(kids) else None
-                if after is not None and type(after[1]) is nn.MaxPool2d and \
+                if pool_relu and after is not None and type(after[1]) is nn.MaxPool2d and \
                         not after[1].return_indices:
                     # the pool applies the ReLU (see the module docstring)
                     pool = f"{prefix}.{after[0]}" if prefix else after[0]
@@ -220,14 +220,16 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 
 
 def convert(model: nn.Module, backend: Optional[str] = None, inplace: bool = False, *,
-            fold_bn: bool = False, verbose: bool = False) -> nn.Module:
+            fold_bn: bool = False, pool_relu: bool = True, verbose: bool = False) -> nn.Module:
     """Return ``model`` with its Conv2d(+ReLU), BatchNorm2d(+ReLU), MaxPool2d and average
     pools served by fastconv.
 
     Every state_dict key stays the same, so stock checkpoints load into the result and back.
     ``backend`` is stored on each new layer (``None``: chosen per call). ``fold_bn=True``
     (eval mode only) folds each BatchNorm2d that follows a conv into the conv's weights for
-    inference; such a model's state_dict no longer matches the stock one. The report of what
+    inference; such a model's state_dict no longer matches the stock one. ``pool_relu=True``
+    lets a max-pool apply the ReLU between it and the conv or batch norm before it (see the
+    module docstring); ``False`` keeps every ReLU in the layer before it. The report of what
     was replaced and what was left alone is ``fastconv.conversion_report(result)``; it is
     logged at INFO and printed when ``verbose``.
     """
@@ -241,10 +243,10 @@ def convert(model: nn.Module, backend: Optional[str] = None, inplace: bool = Fal
         model = copy.deepcopy(model)
     report = ConversionReport()
     try:
-        plan = _plan_from_graph(model, fold_bn)
+        plan = _plan_from_graph(model, fold_bn, pool_relu)
         report.method = "torch.fx trace"
     except Exception as exc:  # untraceable control flow: fall back to Sequential chains
-        plan = _plan_from_sequentials(model, fold_bn)
+        plan = _plan_from_sequentials(model, fold_bn, pool_relu)
         report.method = "nn.Sequential chains (fx trace failed: " + \
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     modules = dict(model.named_modules())
