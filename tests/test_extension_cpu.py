@@ -190,7 +190,9 @@ MAX_CASES = [
     ("lenet.pool2s2", 2, 6, 28, 28, 2, 2, 0, 1, False),
     ("odd_ceil", 3, 5, 11, 8, (3, 2), (2, 3), (1, 0), 1, True),
     ("dilated", 2, 3, 15, 13, 3, 2, 1, 2, True),
+    # NCHW output rows of 32 and more take the row scan, shorter ones the plane blocks
     ("long_rows", 1, 3, 5, 70, 3, 2, 1, 1, False),   # full vectors plus a tail per row
+    ("long_rows_ceil_dilated", 2, 3, 7, 80, 3, 2, 1, 2, True),
     ("wide_channels", 1, 37, 6, 6, 3, 2, 0, 1, False),  # channels_last: 4-vector blocks + rest
 ]
 
