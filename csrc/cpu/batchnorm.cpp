@@ -185,11 +185,12 @@ void channel_stats_nchw(const scalar_t* x, int64_t N, int64_t C, int64_t HW, con
   });
 }
 
-// Same for channels-last (rows of C): each chunk of rows keeps C-wide partials, folded from
-// the accumulation type into double every kFoldChunk / 8 rows, combined in chunk order.
-template <typename scalar_t, typename acc_t>
-void channel_stats_cl(const scalar_t* x, int64_t R, int64_t C, const acc_t* K, double* s1,
-                      double* s2) {
+// Two per-column sums over R rows of C columns (channels-last rows, or the row view of small
+// NCHW planes): add_row(r, pa, pb) adds row r's two terms of every column into pa and pb.
+// Each chunk of rows keeps C-wide partials in acc_t, folded into double every kFoldChunk / 8
+// rows; chunks are combined in chunk order, so results do not depend on scheduling.
+template <typename acc_t, typename AddRow>
+void column_pair_sums(int64_t R, int64_t C, const AddRow& add_row, double* s1, double* s2) {
   const int64_t chunks = chunk_count(R, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)));
   std::vector<double> part(static_cast<size_t>(chunks) * 2 * C, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t i0, int64_t i1) {
@@ -203,19 +204,10 @@ void channel_stats_cl(const scalar_t* x, int64_t R, int64_t C, const acc_t* K, d
         const int64_t re = std::min(r1, rb + fold_rows);
         std::fill(fa.begin(), fa.end(), acc_t(0));
         std::fill(fb.begin(), fb.end(), acc_t(0));
-        acc_t* __restrict pa = fa.data();
-        acc_t* __restrict pb = fb.data();
-        for (int64_t r = rb; r < re; ++r) {
-          const scalar_t* row = x + r * C;
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t d = static_cast<acc_t>(row[c]) - K[c];
-            pa[c] += d;
-            pb[c] += d * d;
-          }
-        }
+        for (int64_t r = rb; r < re; ++r) add_row(r, fa.data(), fb.data());
         for (int64_t c = 0; c < C; ++c) {
-          d1[c] += pa[c];
-          d2[c] += pb[c];
+          d1[c] += fa[c];
+          d2[c] += fb[c];
         }
       }
     }
@@ -229,6 +221,20 @@ void channel_stats_cl(const scalar_t* x, int64_t R, int64_t C, const acc_t* K, d
     s1[c] = a;
     s2[c] = b;
   }
+}
+
+// Statistics over rows of C (channels-last): sums of d = x - K[c] and d * d.
+template <typename scalar_t, typename acc_t>
+void channel_stats_cl(const scalar_t* x, int64_t R, int64_t C, const acc_t* K, double* s1,
+                      double* s2) {
+  column_pair_sums<acc_t>(R, C, [&](int64_t r, acc_t* __restrict pa, acc_t* __restrict pb) {
+    const scalar_t* __restrict row = x + r * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t d = static_cast<acc_t>(row[c]) - K[c];
+      pa[c] += d;
+      pb[c] += d * d;
+    }
+  }, s1, s2);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -295,61 +301,29 @@ inline void columns_to_channels(const std::vector<double>& cols, int64_t HW, dou
 }
 
 // Channels-last backward sums over R rows of C: sum of g' and of g' * (x - m) per column, g'
-// masked by the ReLU on y when y is given. Chunks of rows keep C-wide partials, folded into
-// double every kFoldChunk / 8 rows, combined in chunk order.
+// masked by the ReLU on y when y is given.
 template <typename scalar_t, typename acc_t>
 void grad_sums_cl(const scalar_t* gp, const scalar_t* xp, const scalar_t* yp, int64_t R,
                   int64_t C, const acc_t* m, double* sum_g, double* sum_gx) {
-  const int64_t chunks = chunk_count(R, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)));
-  std::vector<double> part(static_cast<size_t>(chunks) * 2 * C, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<acc_t> fa(C), fb(C);
-    for (int64_t i = i0; i < i1; ++i) {
-      auto [r0, r1] = chunk_range(R, chunks, i);
-      double* d1 = part.data() + i * 2 * C;
-      double* d2 = d1 + C;
-      constexpr int64_t fold_rows = kFoldChunk / 8;
-      for (int64_t rb = r0; rb < r1; rb += fold_rows) {
-        const int64_t re = std::min(r1, rb + fold_rows);
-        std::fill(fa.begin(), fa.end(), acc_t(0));
-        std::fill(fb.begin(), fb.end(), acc_t(0));
-        acc_t* __restrict pa = fa.data();
-        acc_t* __restrict pb = fb.data();
-        for (int64_t r = rb; r < re; ++r) {
-          const scalar_t* gr = gp + r * C;
-          const scalar_t* xr = xp + r * C;
-          if (yp != nullptr) {
-            const scalar_t* yr = yp + r * C;
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t gv = relu_passes(static_cast<acc_t>(yr[c]))
-                                   ? static_cast<acc_t>(gr[c]) : acc_t(0);
-              pa[c] += gv;
-              pb[c] += gv * (static_cast<acc_t>(xr[c]) - m[c]);
-            }
-          } else {
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t gv = static_cast<acc_t>(gr[c]);
-              pa[c] += gv;
-              pb[c] += gv * (static_cast<acc_t>(xr[c]) - m[c]);
-            }
-          }
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          d1[c] += pa[c];
-          d2[c] += pb[c];
-        }
+  column_pair_sums<acc_t>(R, C, [&](int64_t r, acc_t* __restrict pa, acc_t* __restrict pb) {
+    const scalar_t* __restrict gr = gp + r * C;
+    const scalar_t* __restrict xr = xp + r * C;
+    if (yp != nullptr) {
+      const scalar_t* __restrict yr = yp + r * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t gv = relu_passes(static_cast<acc_t>(yr[c])) ? static_cast<acc_t>(gr[c])
+                                                                : acc_t(0);
+        pa[c] += gv;
+        pb[c] += gv * (static_cast<acc_t>(xr[c]) - m[c]);
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t gv = static_cast<acc_t>(gr[c]);
+        pa[c] += gv;
+        pb[c] += gv * (static_cast<acc_t>(xr[c]) - m[c]);
       }
     }
-  });
-  for (int64_t c = 0; c < C; ++c) {
-    double a = 0, b = 0;
-    for (int64_t i = 0; i < chunks; ++i) {
-      a += part[i * 2 * C + c];
-      b += part[i * 2 * C + C + c];
-    }
-    sum_g[c] = a;
-    sum_gx[c] = b;
-  }
+  }, sum_g, sum_gx);
 }
 
 // Channels-last grad_input over R rows of C, coefficients per column (see dx_cl_row).
