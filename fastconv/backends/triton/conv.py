@@ -54,6 +54,7 @@ from triton.runtime.jit import JITFunction as _JITFunction
 
 from ...checks import check_conv2d_relu
 from . import autotune as _tune
+from .pool import eager as _eager, is_real as _is_real
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -579,16 +580,6 @@ def _pow2(x: int, lo: int, hi: int) -> int:
 def _use_flat(C: int, R: int, S: int) -> bool:
     # channel blocks are at least 16 wide; below that the joint (r, s, c) index wastes less
     return C < 16 or C * R * S <= 64
-
-
-def _is_real(t: torch.Tensor) -> bool:
-    """False for fake, functional (torch.compile tracing) and meta tensors: no data to run on."""
-    if type(t) is torch.Tensor:  # fast path: fake and functional tensors are subclasses
-        return t.device.type != "meta" and not torch._is_functional_tensor(t)
-    from torch._subclasses.fake_tensor import is_fake
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    return not (is_fake(t) or isinstance(t, FunctionalTensor) or t.device.type == "meta")
 
 
 def _num_sms(device: torch.device) -> int:
@@ -1233,7 +1224,7 @@ def conv2d_relu(input, weight, bias, stride, padding, dilation, groups, relu):
     """
     args = (input, weight, bias, list(stride), list(padding), list(dilation), int(groups),
             bool(relu))
-    if torch.compiler.is_compiling() or not _is_real(input):
+    if not _eager(input):
         return conv2d_relu_op(*args)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:3]):
         return _EagerConv2dReLU.apply(*args)
