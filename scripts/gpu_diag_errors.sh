@@ -16,7 +16,8 @@
 #      the newest GLIBCXX/CXXABI/GCC symbol versions it needs and what the runtime libstdc++ has;
 #   3. which libstdc++/libgcc_s/libgomp the Python process actually maps;
 #   4. cases, one process each (-X faulthandler): a torch-native error (control); the extension op
-#      raising through its Python autograd kernel (the failing tests' path), directly below
+#      raising through its autograd kernel (the failing tests' path; a Python register_autograd
+#      kernel when the crash was seen, C++ since session 2: csrc/autograd.cpp), directly below
 #      autograd, through a backward op (C++ autograd kernel), on CPU and CUDA, and with
 #      TORCH_SHOW_CPP_STACKTRACES=1 (torch's own unwinder instead of glibc backtrace());
 #   5. cuda-gdb backtraces (host code) of the CPU and CUDA crash, if they crash;
@@ -79,7 +80,7 @@ def run(fn):
 x3 = torch.randn(2, 4, 4)
 if name == "torch_error":
     run(lambda: torch.empty(2).view(3))
-elif name == "ext_cpu_autograd":     # test_direct_op_errors_name_arguments: register_autograd path
+elif name == "ext_cpu_autograd":     # test_direct_op_errors_name_arguments: the op's autograd kernel (C++ since session 2)
     ops = ext()
     run(lambda: ops.max_pool2d(x3, [2, 2], [2, 2], [0, 0], [1, 1], False, False, False))
 elif name == "ext_cpu_direct":       # straight to the CPU kernel
