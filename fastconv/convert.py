@@ -105,7 +105,8 @@ def _plan_from_graph(model: nn.Module, fold_bn: bool, pool_relu: bool = True) ->
     def pool_after(relu_node) -> Optional[str]:
         """The max-pool that can apply relu_node (a ReLU module called once, whose one
         consumer is a stock MaxPool2d called once, without indices), else None."""
-        if not pool_relu or _is_relu(relu_node, modules) != "module" or len(calls[relu_node.target]) != 1:
+        if not pool_relu or _is_relu(relu_node, modules) != "module" or \
+                len(calls[relu_node.target]) != 1:
             return None
         users = list(relu_node.users)
         if len(users) != 1 or users[0].op != "call_module":
