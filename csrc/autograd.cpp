@@ -40,10 +40,29 @@ struct EdgeIndex {
 
 bool needs(AutogradContext* ctx, int edge) { return edge >= 0 && ctx->needs_input_grad(edge); }
 
+// op.call(args...) below the autograd key: the device kernel (or the fake one) runs.
+template <typename Sig, typename... Args>
+auto call_below(const c10::TypedOperatorHandle<Sig>& op, Args&&... args) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(std::forward<Args>(args)...);
+}
+
 std::vector<int64_t> vec(c10::IntArrayRef a) { return a.vec(); }
 // (a vector, alive until the end of the call expression it is an argument of)
 std::vector<int64_t> ints(AutogradContext* ctx, const char* key) {
   return ctx->saved_data[key].toIntVector();
+}
+
+// The pools' backward needs the input's sizes and memory format (its gradient takes both).
+at::MemoryFormat saved_format(AutogradContext* ctx) {
+  return ctx->saved_data["channels_last"].toBool() ? at::MemoryFormat::ChannelsLast
+                                                   : at::MemoryFormat::Contiguous;
+}
+
+void save_input_geometry(AutogradContext* ctx, const Tensor& input) {
+  ctx->saved_data["input_size"] = input.sizes().vec();
+  ctx->saved_data["channels_last"] =
+      input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 }
 
 // ---------------------------------------------------------------------------- conv2d_relu
@@ -54,20 +73,13 @@ using ConvBwdSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::IntArrayRef,
     c10::IntArrayRef, c10::IntArrayRef, int64_t, bool, std::array<bool, 3>);
 
-Tensor conv_below(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
-                  c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
-                  int64_t groups, bool relu) {
-  FASTCONV_OP(fwd, "conv2d_relu", ConvSig);
-  at::AutoDispatchBelowADInplaceOrView below;
-  return fwd.call(input, weight, bias, stride, padding, dilation, groups, relu);
-}
-
 struct Conv2dReLUFunction : torch::autograd::Function<Conv2dReLUFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight,
                         const std::optional<Tensor>& bias, c10::IntArrayRef stride,
                         c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
                         bool relu) {
-    Tensor out = conv_below(input, weight, bias, stride, padding, dilation, groups, relu);
+    FASTCONV_OP(fwd, "conv2d_relu", ConvSig);
+    Tensor out = call_below(fwd, input, weight, bias, stride, padding, dilation, groups, relu);
     // the ReLU mask is read from the output: no mask tensor, no recomputation
     ctx->save_for_backward({input, weight, relu ? out : Tensor()});
     ctx->saved_data["stride"] = vec(stride);
@@ -117,18 +129,12 @@ struct MaxPool2dFunction : torch::autograd::Function<MaxPool2dFunction> {
                                c10::IntArrayRef padding, c10::IntArrayRef dilation,
                                bool ceil_mode, bool return_indices, bool relu) {
     FASTCONV_OP(fwd, "max_pool2d", MaxSig);
-    Tensor out, indices;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(out, indices) = fwd.call(input, kernel_size, stride, padding, dilation,
-                                        ceil_mode, return_indices, relu);
-    }
+    auto [out, indices] = call_below(fwd, input, kernel_size, stride, padding, dilation,
+                                     ceil_mode, return_indices, relu);
     ctx->mark_non_differentiable({indices});
     // the output is needed only to mask by the fused ReLU; the indices always
     ctx->save_for_backward({relu ? out : Tensor(), indices});
-    ctx->saved_data["input_size"] = input.sizes().vec();
-    ctx->saved_data["channels_last"] =
-        input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+    save_input_geometry(ctx, input);
     ctx->saved_data["kernel_size"] = vec(kernel_size);
     ctx->saved_data["stride"] = vec(stride);
     ctx->saved_data["padding"] = vec(padding);
@@ -143,8 +149,7 @@ struct MaxPool2dFunction : torch::autograd::Function<MaxPool2dFunction> {
     FASTCONV_OP(bwd, "max_pool2d_backward", MaxBwdSig);
     const auto saved = ctx->get_saved_variables();
     const bool relu = ctx->saved_data["relu"].toBool();
-    const auto fmt = ctx->saved_data["channels_last"].toBool() ? at::MemoryFormat::ChannelsLast
-                                                                : at::MemoryFormat::Contiguous;
+    const auto fmt = saved_format(ctx);
     const Tensor& grad = grads[0];
     const Tensor out = relu ? saved[0] : grad.new_empty({0});
     Tensor gi = bwd.call(grad.contiguous(fmt), out, saved[1], ints(ctx, "input_size"),
@@ -172,28 +177,13 @@ using AvgSig = Tensor(const Tensor&, c10::IntArrayRef, c10::IntArrayRef, c10::In
 using AvgBwdSig = Tensor(const Tensor&, c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef,
                          c10::IntArrayRef, bool, bool, std::optional<int64_t>);
 
-at::MemoryFormat saved_format(AutogradContext* ctx) {
-  return ctx->saved_data["channels_last"].toBool() ? at::MemoryFormat::ChannelsLast
-                                                   : at::MemoryFormat::Contiguous;
-}
-
-void save_input_geometry(AutogradContext* ctx, const Tensor& input) {
-  ctx->saved_data["input_size"] = input.sizes().vec();
-  ctx->saved_data["channels_last"] =
-      input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-}
-
 struct AvgPool2dFunction : torch::autograd::Function<AvgPool2dFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, c10::IntArrayRef kernel_size,
                         c10::IntArrayRef stride, c10::IntArrayRef padding, bool ceil_mode,
                         bool count_include_pad, std::optional<int64_t> divisor_override) {
     FASTCONV_OP(fwd, "avg_pool2d", AvgSig);
-    Tensor out;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      out = fwd.call(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                     divisor_override);
-    }
+    Tensor out = call_below(fwd, input, kernel_size, stride, padding, ceil_mode,
+                            count_include_pad, divisor_override);
     save_input_geometry(ctx, input);
     ctx->saved_data["kernel_size"] = vec(kernel_size);
     ctx->saved_data["stride"] = vec(stride);
@@ -229,11 +219,7 @@ using AdaptiveBwdSig = Tensor(const Tensor&, c10::IntArrayRef);
 struct AdaptiveAvgPool2dFunction : torch::autograd::Function<AdaptiveAvgPool2dFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, c10::IntArrayRef output_size) {
     FASTCONV_OP(fwd, "adaptive_avg_pool2d", AdaptiveSig);
-    Tensor out;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      out = fwd.call(input, output_size);
-    }
+    Tensor out = call_below(fwd, input, output_size);
     save_input_geometry(ctx, input);
     return out;
   }
@@ -269,18 +255,13 @@ struct BatchNormFunction : torch::autograd::Function<BatchNormFunction> {
                                const std::optional<Tensor>& running_var, bool training,
                                double momentum, double eps, bool relu) {
     FASTCONV_OP(fwd, "batch_norm", BnSig);
-    Tensor out, save_mean, save_invstd;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(out, save_mean, save_invstd) = fwd.call(
-          input, weight, bias, running_mean, running_var, training, momentum, eps, relu);
-    }
+    auto [out, save_mean, save_invstd] = call_below(
+        fwd, input, weight, bias, running_mean, running_var, training, momentum, eps, relu);
     ctx->mark_non_differentiable({save_mean, save_invstd});
     ctx->save_for_backward({input, defined(weight) ? *weight : Tensor(),
                             relu ? out : Tensor(), save_mean, save_invstd});
     ctx->saved_data["training"] = training;
     ctx->saved_data["relu"] = relu;
-    ctx->saved_data["has_weight"] = defined(weight);
     ctx->saved_data["has_bias"] = defined(bias);
     return {out, save_mean, save_invstd};
   }
@@ -289,7 +270,7 @@ struct BatchNormFunction : torch::autograd::Function<BatchNormFunction> {
     FASTCONV_OP(bwd, "batch_norm_backward", BnBwdSig);
     const auto saved = ctx->get_saved_variables();
     const bool relu = ctx->saved_data["relu"].toBool();
-    const bool has_weight = ctx->saved_data["has_weight"].toBool();
+    const bool has_weight = saved[1].defined();
     EdgeIndex e;
     const int ei = e.take(true), ew = e.take(has_weight),
               eb = e.take(ctx->saved_data["has_bias"].toBool());

@@ -87,6 +87,13 @@ class _Plan:
     notes: dict = dataclasses.field(default_factory=dict)     # name -> note for the report
 
 
+def _relu_into_pool(plan: _Plan, producer: str, relu: str, pool: str) -> None:
+    """Plan the ReLU module ``relu`` after ``producer`` to be applied by the max-pool ``pool``."""
+    plan.absorb[relu] = pool
+    plan.pool_relu.add(pool)
+    plan.notes[producer] = f"its ReLU is applied by the max-pool {pool} that follows"
+
+
 def _plan_from_graph(model: nn.Module, fold_bn: bool, pool_relu: bool = True) -> _Plan:
     graph = torch.fx.symbolic_trace(model).graph
     modules = dict(model.named_modules())
@@ -122,9 +129,7 @@ def _plan_from_graph(model: nn.Module, fold_bn: bool, pool_relu: bool = True) ->
         producer without ReLU); False (with a note) when that would be unsafe."""
         pool = pool_after(relu_node)
         if pool is not None:
-            plan.absorb[relu_node.target] = pool
-            plan.pool_relu.add(pool)
-            plan.notes[producer] = f"its ReLU is applied by the max-pool {pool} that follows"
+            _relu_into_pool(plan, producer, relu_node.target, pool)
             return False
         kind = _is_relu(relu_node, modules)
         if kind == "module" and len(calls[relu_node.target]) == 1:
@@ -174,31 +179,31 @@ def _plan_from_sequentials(model: nn.Module, fold_bn: bool, pool_relu: bool = Tr
         if not isinstance(mod, nn.Sequential):
             continue
         kids = list(mod.named_children())
+
+        def qualified(name: str) -> str:
+            return f"{prefix}.{name}" if prefix else name
+
         for i, (name, child) in enumerate(kids):
-            full = f"{prefix}.{name}" if prefix else name
+            full = qualified(name)
             nxt = kids[i + 1] if i + 1 < len(kids) else None
+            after = kids[i + 2] if i + 2 < len(kids) else None
             if type(child) not in (nn.Conv2d, nn.BatchNorm2d) or nxt is None:
                 continue
-            nxt_full = f"{prefix}.{nxt[0]}" if prefix else nxt[0]
+            nxt_full = qualified(nxt[0])
             if type(nxt[1]) is nn.ReLU:
-                after = kids[i + 2] if i + 2 < len(kids) else None
                 if pool_relu and after is not None and type(after[1]) is nn.MaxPool2d and \
                         not after[1].return_indices:
                     # the pool applies the ReLU (see the module docstring)
-                    pool = f"{prefix}.{after[0]}" if prefix else after[0]
                     plan.convert[full] = False
-                    plan.pool_relu.add(pool)
-                    plan.absorb[nxt_full] = pool
-                    plan.notes[full] = f"its ReLU is applied by the max-pool {pool} that follows"
+                    _relu_into_pool(plan, full, nxt_full, qualified(after[0]))
                 else:
                     plan.convert[full] = True
                     plan.absorb[nxt_full] = full
             elif fold_bn and type(child) is nn.Conv2d and type(nxt[1]) is nn.BatchNorm2d:
                 plan.fold[nxt_full] = full
-                after = kids[i + 2] if i + 2 < len(kids) else None
                 if after is not None and type(after[1]) is nn.ReLU:
                     plan.convert[full] = True
-                    plan.absorb[f"{prefix}.{after[0]}" if prefix else after[0]] = full
+                    plan.absorb[qualified(after[0])] = full
     return plan
 
 

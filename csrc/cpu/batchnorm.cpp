@@ -498,13 +498,14 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     const bool rows = !cl && HW < kSmallPlane;  // NCHW as N rows of C * HW columns
     std::vector<acc_t> m(C);
     for (int64_t c = 0; c < C; ++c) m[c] = static_cast<acc_t>(mean[c]);
+    const std::vector<acc_t> m_cols = rows ? per_column(m, HW) : std::vector<acc_t>();
     if (need_sums && M > 0) {
       if (cl) {
         grad_sums_cl<scalar_t, acc_t>(gp, xp, yp, M, C, m.data(), sum_g.data(), sum_gx.data());
       } else if (rows) {
         std::vector<double> col_g(C * HW), col_gx(C * HW);
-        grad_sums_cl<scalar_t, acc_t>(gp, xp, yp, N, C * HW, per_column(m, HW).data(),
-                                      col_g.data(), col_gx.data());
+        grad_sums_cl<scalar_t, acc_t>(gp, xp, yp, N, C * HW, m_cols.data(), col_g.data(),
+                                      col_gx.data());
         columns_to_channels(col_g, HW, sum_g.data());
         columns_to_channels(col_gx, HW, sum_gx.data());
       } else {
@@ -546,7 +547,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
       } else if (rows) {
         grad_input_cl<scalar_t, acc_t>(gp, xp, yp, gip, N, C * HW, per_column(A, HW).data(),
                                        per_column(B, HW).data(), per_column(E, HW).data(),
-                                       per_column(m, HW).data());
+                                       m_cols.data());
       } else {
         at::parallel_for(0, N * C, grain_for(HW), [&](int64_t p0, int64_t p1) {
           for (int64_t p = p0; p < p1; ++p) {
