@@ -20,3 +20,13 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")
 
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: with tiny shapes a second OpenMP thread costs more
+    than it gives, and stalls when the two cores are shared with other jobs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -28,13 +28,7 @@ from helpers import assert_close
 from test_reliability_numerics import BACKENDS, DEV, require
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny shapes: a second OpenMP thread costs more than it gives on two shared cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))

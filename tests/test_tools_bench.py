@@ -9,13 +9,7 @@ import torch
 from fastconv import cli, dispatch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny shapes: a second OpenMP thread costs more than it gives on 2 shared cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _bench(capsys, *args):

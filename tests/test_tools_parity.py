@@ -36,14 +36,7 @@ STEPS = 300
 RECIPE = {"lenet_bn": dict(lr=1.0, batch_size=64), "lenet": dict(lr=0.1, batch_size=128)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny shapes: a second OpenMP thread costs more than it gives and stalls when the two
-    # cores are shared with other jobs
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 _DATA = {}

@@ -14,14 +14,7 @@ from fastconv.tools.progress import Progress
 
 from test_tools_data import _fake_fashion
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny shapes: a second OpenMP thread costs more than it gives and stalls when the two
-    # cores are shared with other jobs
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+): loss (\d+\.\d{3}), train acc (\d\.\d{3}), "
