@@ -105,6 +105,9 @@ class AotResult:
     loop_instructions: Optional[int] = None
     loop_sync_loads: Optional[int] = None
     loop_wgmma_wait_all: Optional[bool] = None
+    # ptxas's reason (C7515) when it serialises the kernel's wgmma itself, whatever Triton asked
+    # for: e.g. a zero-trip path around the main loop that writes the accumulator
+    serialized: Optional[str] = None
     main: bool = False
     seconds: float = 0.0
     order: int = 0
@@ -122,6 +125,8 @@ class AotResult:
             out.append(f"needs {self.shared_bytes} B shared memory > {SM90_SHARED_LIMIT}")
         if self.expect_wgmma and not self.wgmma:
             out.append("16-bit dot did not lower to wgmma")
+        if self.serialized:
+            out.append(f"ptxas serialises wgmma: {self.serialized}")
         return out
 
 
@@ -232,6 +237,30 @@ def main_loop(sass: str) -> Optional[dict]:
                                    for t in body))
 
 
+def _ptxas_serialization(ptx: str, arch: int) -> Optional[str]:
+    """Assemble ``ptx`` again with ``ptxas -v`` and return why it serialises wgmma, if it does.
+
+    ptxas reports it only as an info line (C7515), which Triton does not surface; the SASS then
+    waits for each wgmma before the next, which the loop analysis also shows as wait-all.
+    """
+    tool = _tool("ptxas")
+    if tool is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        try:
+            proc = subprocess.run([tool, f"--gpu-name=sm_{arch}a", "-v", src, "-o",
+                                   os.path.join(tmp, "k.cubin")],
+                                  capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+    m = re.search(r"wgmma\.mma_async instructions are serialized due to (.*?)(?: in the function|$)",
+                  proc.stdout + proc.stderr, re.M)
+    return " ".join(m.group(1).split()) if m else None
+
+
 def compile_spec(spec: KernelSpec, module: str = "", arch: int = 90, order: int = 0) -> AotResult:
     """Compile one spec for ``cuda:<arch>`` (no GPU needed) and read its resource usage."""
     import triton
@@ -250,6 +279,8 @@ def compile_spec(spec: KernelSpec, module: str = "", arch: int = 90, order: int 
         res.stack_bytes = usage.get("stack")
         res.shared_bytes = int(ck.metadata.shared) + usage.get("static_shared", 0)
         in_ptx = "wgmma.mma_async" in ck.asm.get("ptx", "")
+        if in_ptx:
+            res.serialized = _ptxas_serialization(ck.asm["ptx"], arch)
         sass = _sass(cubin)
         # HGMMA (16-bit, tf32) / IGMMA / QGMMA on sm_90
         res.wgmma = in_ptx if sass is None else (in_ptx and "GMMA" in sass)

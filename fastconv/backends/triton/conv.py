@@ -130,8 +130,8 @@ def _conv_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FLAT:
         RSC = R * S * C
-        for k0 in range(0, RSC, BLOCK_K):
-            j = k0 + offs_k
+        for kk in range(0, tl.maximum(tl.cdiv(RSC, BLOCK_K), 1)):  # >= 1 step: see below
+            j = kk * BLOCK_K + offs_k
             j_ok = j < RSC
             c = j % C
             rs = j // C
@@ -162,7 +162,11 @@ def _conv_fwd_kernel(
                 inside = m_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
                 tap_bits = tap_bits | (inside.to(tl.int32) << tap)
         num_cb = tl.cdiv(C, BLOCK_K)
-        for it in range(0, R * S * num_cb):
+        # At least one step, visibly to the compiler (the host never launches C == 0, and a
+        # step with nothing in range only adds zeros): with a possible zero-trip path around
+        # the loop, whose zeroing of the accumulator joins the loop's exit, ptxas serialises
+        # every wgmma (seen with Triton 3.6 on 128x256 and fp32 128x128x32 tiles; C7515).
+        for it in range(0, tl.maximum(R * S * num_cb, 1)):
             cb = it % num_cb
             rs = it // num_cb
             r = rs // S
@@ -358,7 +362,9 @@ def _conv_wgrad_kernel(
             x_step = BLOCK_K * sxw
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(m_start, m_end, BLOCK_K):
+    # at least one step, visibly to the compiler, as in the forward (the host launches no
+    # empty slice; Triton 3.6's code for 128x128x64 bf16 serialised every wgmma without it)
+    for _ in range(0, tl.maximum(tl.cdiv(m_end - m_start, BLOCK_K), 1)):
         m_ok = m < m_end
         if G_ROWS:
             g = tl.load(g_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
