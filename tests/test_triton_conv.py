@@ -359,6 +359,21 @@ def test_empty_batch():
     assert y.shape == (0, 16, 6, 6)
 
 
+def test_no_input_channels_go_to_torch():
+    # torch gives an empty (N, 0, P, Q) result for input (N, 0, H, W); the kernels, which reduce
+    # over channels, refuse it (auto then runs torch) instead of launching an empty reduction
+    import fastconv.functional as FF
+
+    x, w, b = torch.randn(2, 0, 5, 5), torch.randn(3, 0, 3, 3), torch.randn(3)
+    args = dict(input=x, weight=w, bias=b, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                groups=1, relu=True)
+    assert "input channels" in conv.why_not_conv2d_relu(args)
+    with pytest.raises(ValueError, match=r"input channels.*\(2, 0, 5, 5\)"):
+        torch.ops.fastconv.triton_conv2d_relu(x, w, b, [1, 1], [0, 0], [1, 1], 1, True)
+    y = FF.conv2d_relu(x, w, b)
+    assert y.shape == F.conv2d(x, w, b).shape
+
+
 def test_why_not():
     x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
     args = dict(input=x, weight=torch.randn(4, 4, 3, 3, dtype=torch.float64), bias=None,
