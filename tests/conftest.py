@@ -21,7 +21,6 @@ def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")
 
 
-
 @pytest.fixture
 def one_thread():
     """torch on one thread for the test: with tiny shapes a second OpenMP thread costs more

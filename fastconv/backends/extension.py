@@ -2,9 +2,9 @@
 
 Build. ``torch.utils.cpp_extension.load`` (ninja, honours ``MAX_JOBS``) compiles
 ``csrc/*.cpp`` (schemas, autograd), ``csrc/cpu/*.cpp`` and, when torch is a CUDA build and
-nvcc is found, ``csrc/cuda/*.cu`` into the per-user cache, ``cache_dir("extension", <key>)``, where the key
-hashes the sources, the flags, the torch/CUDA/Python versions, the CUDA arch list and the CPU's
-features (the CPU code is compiled with ``-march=native``). A file lock keeps two processes from
+nvcc is found, ``csrc/cuda/*.cu`` into the per-user cache, ``cache_dir("extension", <key>)``,
+where the key hashes the sources, the flags, the torch/CUDA/Python versions, the CUDA arch list
+and the CPU's features (the CPU code is compiled with ``-march=native``). A file lock keeps two processes from
 building the same key at once; a marker file says a build is complete, and later processes just
 load the library. Object files stay in that directory (``cuobjdump`` them there).
 

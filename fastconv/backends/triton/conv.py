@@ -1082,6 +1082,14 @@ def _register(name: str, fn: Callable, fake: Callable):
     return op
 
 
+def _no_channels(x: torch.Tensor, w: torch.Tensor) -> Optional[str]:
+    """Why an input without channels is not for the kernels (torch returns an empty
+    (N, 0, P, Q) tensor for it; the kernels reduce over channels), else None."""
+    if x.shape[1] == 0 or w.shape[1] == 0:
+        return f"needs input channels, got input {tuple(x.shape)} and weight {tuple(w.shape)}"
+    return None
+
+
 def _conv_op(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              stride: list[int], padding: list[int], dilation: list[int], groups: int,
              relu: bool) -> torch.Tensor:
@@ -1089,9 +1097,9 @@ def _conv_op(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     # fastconv.functional, already checked, does not come through this op)
     check_conv2d_relu(input, weight, bias, stride, padding, dilation, groups, relu=relu,
                       autocast=False)
-    if input.shape[1] == 0:  # dispatch sends these to torch (why_not_conv2d_relu)
-        raise ValueError(f"fastconv::triton_conv2d_relu needs input channels, got input "
-                         f"{tuple(input.shape)} and weight {tuple(weight.shape)}")
+    reason = _no_channels(input, weight)
+    if reason:  # dispatch sends these to torch (why_not_conv2d_relu)
+        raise ValueError(f"fastconv::triton_conv2d_relu: {reason}")
     return _forward(input, weight, bias, stride, padding, dilation, groups, relu)
 
 
@@ -1260,10 +1268,9 @@ def why_not_conv2d_relu(args: dict) -> Optional[str]:
             return f"triton conv2d_relu: bfloat16 dots need compute capability 8.0+, device has {cap}"
         if cap < (7, 5):
             return f"triton conv2d_relu needs compute capability 7.5+, device has {cap}"
-    if x.shape[1] == 0 or w.shape[1] == 0:
-        # torch returns an empty (N, 0, P, Q) tensor here; the kernels need a reduction
-        return (f"triton conv2d_relu needs input channels, got input {tuple(x.shape)} and weight "
-                f"{tuple(w.shape)}")
+    reason = _no_channels(x, w)
+    if reason:
+        return f"triton conv2d_relu {reason}"
     N, _, H, W = x.shape
     _, _, R, S = w.shape
     (sh, sw), (ph, pw), (dh, dw) = args["stride"], args["padding"], args["dilation"]
