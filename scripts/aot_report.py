@@ -5,8 +5,7 @@ markdown table of registers, spills/stack, shared memory and wgmma use.
     .venv/bin/python scripts/aot_report.py                     # -> benchmarks/aot_sm90.md
     .venv/bin/python scripts/aot_report.py --main-only --jobs 2 --filter conv_fwd
 
-Each kernel module (fastconv/backends/triton/{conv,pool,batchnorm}.py) lists its configurations
-in ``aot_specs()``; see fastconv/backends/triton/aot.py.
+The configurations are listed in scripts/aot/specs.py; see scripts/aot/compile.py.
 """
 import argparse
 import os
@@ -15,10 +14,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 os.environ.pop("TRITON_INTERPRET", None)  # compile real kernels, not interpreter stand-ins
 
-from fastconv.backends.triton import aot  # noqa: E402
+from aot import compile as aot  # noqa: E402
 
 
 def main() -> int:

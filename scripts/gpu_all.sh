@@ -154,7 +154,7 @@ stage diag-errors 90 bash scripts/gpu_diag_errors.sh "$OUT/diag"
 stage pool-bn-sweep 120 "$PY" scripts/gpu_pool_bn_sweep.py --quick --json "$OUT/pool_bn_sweep.json"
 stage ext-sweep 120 "$PY" scripts/gpu_ext_sweep.py --quick
 stage conv-sweep 300 "$PY" scripts/gpu_conv_sweep.py --breakdown --max-configs 4 --rep-ms 25 \
-    --tune-rep-ms 15 --time-limit 240 --out "$OUT/conv_configs.json" \
+    --tune-rep-ms 15 --time-limit 240 --out "$OUT/conv2d_relu_configs.json" \
     --report "$OUT/conv_sweep.md" --json "$OUT/conv_sweep.json"
 
 RESERVE=0

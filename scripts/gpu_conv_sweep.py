@@ -25,11 +25,11 @@ only). Triton compiles every candidate first in ``--jobs`` parallel worker proce
 only, nothing timed; the main process then finds them in Triton's on-disk cache), which is most of
 a cold run's time otherwise. It prints one line per layer as it goes and a compact table last,
 and merges the chosen configurations into a JSON table that fastconv reads as its shipped
-defaults (``fastconv/backends/triton/conv_configs.json``; existing entries are kept, re-tuned keys
+defaults (``fastconv/backends/triton/conv2d_relu_configs.json``; existing entries are kept, re-tuned keys
 replaced).
 
     python scripts/gpu_conv_sweep.py --breakdown --max-configs 4 \\
-        --out $OUT/conv_configs.json --report $OUT/conv_sweep.md          # ~3-4 min on an H100
+        --out $OUT/conv2d_relu_configs.json --report $OUT/conv_sweep.md          # ~3-4 min on an H100
     python scripts/gpu_conv_sweep.py --models alexnet vgg11               # f / f+b only
     python scripts/gpu_conv_sweep.py --no-tune --models googlenet         # heuristic only, fast
     python scripts/gpu_conv_sweep.py --smoke --breakdown                  # plumbing check on CPU
@@ -120,7 +120,7 @@ def parse_args(argv=None):
                    help="time torch with cudnn.benchmark off (its default; on is the stronger baseline)")
     p.add_argument("--rep-ms", type=int, default=40, help="do_bench repetition time per timing")
     p.add_argument("--tune-rep-ms", type=int, default=25, help="do_bench time per tuned candidate")
-    p.add_argument("--out", default=str(ROOT / "fastconv" / "backends" / "triton" / "conv_configs.json"),
+    p.add_argument("--out", default=str(ROOT / "fastconv" / "backends" / "triton" / "conv2d_relu_configs.json"),
                    help="JSON table the chosen configurations are merged into")
     p.add_argument("--report", default=None, help="also write the table as markdown here")
     p.add_argument("--json", default=None, help="also write the raw rows as JSON here")
@@ -195,11 +195,12 @@ def main(argv=None) -> int:
     import triton
     from triton.testing import do_bench
 
-    from fastconv.backends.triton import autotune, conv
+    from fastconv.backends.triton import autotune
+    from fastconv.backends.triton import conv2d_relu as conv
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
     torch.backends.cudnn.benchmark = a.cudnn_benchmark
-    table = autotune.ConfigTable("conv", path=Path(tmp) / "conv.json")
+    table = autotune.ConfigTable("conv2d_relu", path=Path(tmp) / "conv2d_relu.json")
     table._shipped = {}  # ignore the shipped table: this run is what refreshes it
     conv._TABLE = table
     autotune.set_enabled(a.tune)
@@ -218,7 +219,7 @@ def main(argv=None) -> int:
         # Every worker walks all layers (from its own starting point) and claims each kernel
         # variant in a shared directory before compiling it, so each is compiled once in all.
         index, count = (int(v) for v in a.shard.split("/"))
-        real_run = conv._run
+        real_run = conv.run
         claims = Path(os.environ.get("FASTCONV_SWEEP_CLAIMS", tmp))
 
         def variant(kernel, args, meta) -> str:
@@ -246,7 +247,7 @@ def main(argv=None) -> int:
                     pass
             return (dict(cands[0]), None) if cands else (None, None)
 
-        conv._run = warm
+        conv.run = warm
         autotune.tune = compile_all
         layers = list({shape_of(l): l for l in layers}.values())
         start = index * len(layers) // max(1, count)
@@ -396,7 +397,7 @@ def main(argv=None) -> int:
     if skipped:
         print(f"# --time-limit {a.time_limit:.0f} s: {len(skipped)} layers not run: {', '.join(skipped)}")
 
-    tuned = autotune.ConfigTable("conv", path=Path(tmp) / "conv.json")
+    tuned = autotune.ConfigTable("conv2d_relu", path=Path(tmp) / "conv2d_relu.json")
     tuned._load()
     new = tuned._user.get(tag, {})
     if new:

@@ -33,8 +33,9 @@ geometric-mean speed-ups over the layers, mean % of copy bandwidth over the larg
 
 ``--tune`` then times alternative tile sizes / warps / reduction widths (CUDA-graph device
 time of fwd and fwd+bwd, channels_last, each config in a child process) and prints the best
-per layer and overall, as lines to paste into ``TUNING`` in
-fastconv/backends/triton/{pool,batchnorm}.py.
+per layer and overall, to copy into the ``"tuning"`` table of
+fastconv/backends/triton/{max_pool2d,batch_norm}_configs.json (avg_pool2d_configs.json holds the
+same tiles: its kernels are not timed here).
 
     python scripts/gpu_pool_bn_sweep.py --quick                # bf16, both layouts (< 60 s)
     python scripts/gpu_pool_bn_sweep.py --json $OUT/pool_bn.json   # full table (~2 min)
@@ -65,8 +66,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
-from fastconv.backends.triton import batchnorm as bn  # noqa: E402
-from fastconv.backends.triton import pool  # noqa: E402
+from fastconv.backends.triton import batch_norm as bn  # noqa: E402
+from fastconv.backends.triton import max_pool2d as pool  # noqa: E402
 
 BATCH = 128
 LARGE_BYTES = 24 * 2**20  # "large layer": input of at least this many bytes

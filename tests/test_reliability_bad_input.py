@@ -212,7 +212,7 @@ ALL_CASES = ([(c[0], CONV, c[1], c[2], c[3]) for c in CONV_CASES] + POOL_CASES
 def _triton_state():
     if dispatch.availability()["triton"] is not None:
         return None
-    from fastconv.backends.triton import conv
+    from fastconv.backends.triton import conv2d_relu as conv
     table = conv._TABLE
     path = table._path
     file_bytes = path.read_bytes() if path is not None and path.exists() else None
@@ -361,7 +361,7 @@ def test_extension_ops_check_their_arguments():
 _DIRECT_TRITON = """
 import json, os, torch
 import fastconv
-from fastconv.backends.triton import conv, pool, batchnorm
+from fastconv.backends.triton import conv2d_relu, max_pool2d, avg_pool2d, batch_norm
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 x = torch.randn(1, 3, 6, 6, device=dev)
 rm, rv = torch.zeros(2, device=dev), torch.ones(2, device=dev)

@@ -64,9 +64,8 @@ def exact_kernels(monkeypatch):
     """Triton output/gradient buffers start as NaN (an element a kernel forgets shows up), and
     float32 convolutions stay float32 on a GPU (no TF32: the fp32 tolerances assume it)."""
     if dispatch.availability()["triton"] is None:
-        from fastconv.backends.triton import conv, pool
-        monkeypatch.setattr(conv, "POISON", True)
-        monkeypatch.setattr(pool, "POISON_OUTPUTS", True)
+        from fastconv.backends.triton import utils
+        monkeypatch.setattr(utils, "POISON_OUTPUTS", True)
     if HAS_CUDA:
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
@@ -613,10 +612,8 @@ def test_float16_pools_accumulate_wide(backend):
 def forced_index64(monkeypatch, backend):
     """Make every kernel take its 64-bit index path on small tensors (CPU-checkable)."""
     if backend == "triton":
-        from fastconv.backends.triton import conv, pool
-        monkeypatch.setattr(pool, "FORCE_INT64_INDEXING", True)
-        monkeypatch.setattr(conv, "_needs_index64", lambda *t: True)
-        monkeypatch.setattr(conv, "_PLANS", {})  # plans remember the index width
+        from fastconv.backends.triton import utils
+        monkeypatch.setattr(utils, "FORCE_INDEX64", True)  # plans follow it
         return True
     return False  # torch and the extension's C++ kernels index with int64 throughout
 

@@ -1,6 +1,6 @@
 """Ahead-of-time compilation for Hopper (sm_90) without a GPU: the main configuration of every
 Triton kernel module's ``aot_specs()`` builds, spills nothing, fits in shared memory and turns its
-16-bit dots into wgmma (see fastconv/backends/triton/aot.py).
+16-bit dots into wgmma (see scripts/aot/compile.py).
 """
 import json
 import os
@@ -16,9 +16,10 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from fastconv.backends.triton import aot  # noqa: E402
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]  # the AOT tooling lives in scripts/aot
+
+from aot import compile as aot  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +29,11 @@ def results():
 
 
 def test_conv_main_specs_cover_every_kernel(results):
-    names = {r.name.split()[0] for r in results if r.module == "conv"}
+    names = {r.name.split()[0] for r in results if r.module == "conv2d_relu"}
     assert {"conv_fwd", "conv_dgrad", "conv_wgrad"} <= names
-    conv_specs = aot.module_specs("conv")
+    conv_specs = aot.module_specs("conv2d_relu")
     # the heuristic's default for each kernel/dtype is among the compiled main specs
-    assert sum(s.main for s in conv_specs) == sum(1 for r in results if r.module == "conv")
+    assert sum(s.main for s in conv_specs) == sum(1 for r in results if r.module == "conv2d_relu")
 
 
 def test_main_specs_build_without_spills(results):
@@ -44,7 +45,7 @@ def test_main_specs_build_without_spills(results):
 
 def test_16bit_dots_use_wgmma(results):
     wgmma_specs = [r for r in results if r.expect_wgmma]
-    assert any(r.module == "conv" for r in wgmma_specs)
+    assert any(r.module == "conv2d_relu" for r in wgmma_specs)
     assert all(r.ok and r.wgmma for r in wgmma_specs), [r.name for r in wgmma_specs if not r.wgmma]
 
 
@@ -56,7 +57,7 @@ def test_conv_gemm_loops_are_pipelined_like_the_forward(results):
     # forward's kind: operands cp.async'd to shared memory, wgmma in flight across iterations,
     # and not much longer (now: fwd 147, dgrad 170, wgrad 215, strided dgrad 241 for bf16
     # 128x128x64). (FLAT C=1 layers gather 2-byte elements: too narrow for cp.async.)
-    gemm = [r for r in results if r.module == "conv" and r.expect_wgmma
+    gemm = [r for r in results if r.module == "conv2d_relu" and r.expect_wgmma
             and r.name.split()[0] in ("conv_fwd", "conv_dgrad", "conv_dgrad_strided", "conv_wgrad")
             and "C=1" not in r.name]
     if not gemm or any(r.loop_instructions is None for r in gemm):
@@ -75,7 +76,7 @@ _TOY_LOOP = '''
 import json
 import triton
 import triton.language as tl
-from fastconv.backends.triton import aot
+from aot import compile as aot
 
 
 @triton.jit
@@ -107,7 +108,8 @@ def _run_child(tmp_path, code: str) -> dict:
     script.write_text(code)
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "scripts"),
+                                         env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -139,7 +141,7 @@ _TOY_DOT = '''
 import json
 import triton
 import triton.language as tl
-from fastconv.backends.triton import aot
+from aot import compile as aot
 
 
 @triton.jit

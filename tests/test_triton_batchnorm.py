@@ -14,8 +14,9 @@ from helpers import assert_close
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
-bn = pytest.importorskip("fastconv.backends.triton.batchnorm")
-pool = pytest.importorskip("fastconv.backends.triton.pool")
+bn = pytest.importorskip("fastconv.backends.triton.batch_norm")
+utils = pytest.importorskip("fastconv.backends.triton.utils")
+from fastconv.shapes import dense_channels_last  # noqa: E402
 
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 EPS = 1e-5
@@ -28,7 +29,7 @@ SMALL = {"tile": 64, "reduce_tile": 32, "max_channel_block": 4, "programs_per_sm
 
 @pytest.fixture(autouse=True)
 def _poison_and_small_tiles(monkeypatch):
-    monkeypatch.setattr(pool, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(utils, "POISON_OUTPUTS", True)
     if not HAS_CUDA:
         monkeypatch.setitem(bn.TUNING, "cpu", dict(SMALL))
         monkeypatch.setattr(bn, "_FINALIZE_BLOCK_K", 4)
@@ -82,7 +83,7 @@ def _check(x, w, b, rm, rv, grad, training, relu, what, momentum=0.1):
     rvd = None if rv is None else rv.double()
     y, grads = _run(x, w, b, rm, rv, grad, training, relu, momentum)
     ref, ref_grads = _reference(x, w, b, rmd, rvd, grad, training, relu, momentum)
-    cl = pool.is_channels_last(x)
+    cl = dense_channels_last(x)
     assert y.dtype == x.dtype and y.is_contiguous(memory_format=_fmt(cl)), what
     assert grads[0].is_contiguous(memory_format=_fmt(cl)), f"{what}: grad_input layout"
     assert_close(y, ref, dtype=x.dtype, what=f"{what} output")
@@ -334,7 +335,7 @@ def test_non_contiguous_input_and_grad():
 
 
 def test_64bit_indexing(monkeypatch):
-    monkeypatch.setattr(pool, "FORCE_INT64_INDEXING", True)
+    monkeypatch.setattr(utils, "FORCE_INDEX64", True)
     for cl in (False, True):
         x, w, b, rm, rv, grad = _data((3, 5, 7, 9), channels_last=cl, seed=25)
         _check(x, w, b, rm, rv, grad, True, True, "int64 indexing")

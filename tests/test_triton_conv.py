@@ -25,7 +25,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from fastconv.backends.triton import conv  # noqa: E402
+from fastconv.backends.triton import conv2d_relu as conv  # noqa: E402
+from fastconv.backends.triton import utils  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -43,7 +44,7 @@ U_ACC = 2.0**-24
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     # every output, gradient and split-K partial buffer starts as NaN: unwritten elements show
-    monkeypatch.setattr(conv, "POISON", True)
+    monkeypatch.setattr(utils, "POISON_OUTPUTS", True)
 
 
 def gamma(n: int) -> float:
@@ -306,13 +307,13 @@ def test_backward_paths_are_exercised(monkeypatch):
     # grad_input of stride-1 convs is the forward kernel (mirrored taps), grad_weight walks G
     # and X as pixel rows when their layout allows and through (n, p, q) otherwise
     seen = []
-    real_run = conv._run
+    real_run = conv.run
 
     def spy(kernel, grid, args, meta, real):
         seen.append(dict(meta))
         return real_run(kernel, grid, args, meta, real)
 
-    monkeypatch.setattr(conv, "_run", spy)
+    monkeypatch.setattr(conv, "run", spy)
     check_case(("3x3 same", 2, 16, 6, 6, 16, 3, 1, 1, 1, 1), torch.float16, layout="channels_last")
     assert any(m.get("FLIP") for m in seen), "stride-1 grad_input did not run the forward kernel"
     assert {(m["G_ROWS"], m["X_ROWS"]) for m in seen if "G_ROWS" in m} == {(True, True)}
@@ -324,7 +325,7 @@ def test_backward_paths_are_exercised(monkeypatch):
 
 
 def test_index64_path(monkeypatch):
-    monkeypatch.setattr(conv, "_INT32_LIMIT", 16)  # every tensor counts as huge: 64-bit offsets
+    monkeypatch.setattr(utils, "FORCE_INDEX64", True)  # 64-bit offsets on small tensors
     check_case(("3x3 s2", 2, 16, 7, 7, 16, 3, 2, 1, 1, 1), torch.float32, layout="channels_last")
     check_case(("flat 7x7", 2, 1, 12, 12, 16, 7, 2, 3, 1, 1), torch.float16)
 

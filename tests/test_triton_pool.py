@@ -14,7 +14,10 @@ from helpers import assert_close
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
-pool = pytest.importorskip("fastconv.backends.triton.pool")
+max_pool = pytest.importorskip("fastconv.backends.triton.max_pool2d")
+avg_pool = pytest.importorskip("fastconv.backends.triton.avg_pool2d")
+utils = pytest.importorskip("fastconv.backends.triton.utils")
+from fastconv.shapes import dense_channels_last  # noqa: E402
 
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 SMALL_TILES = {"tile": 256, "bwd_tile": 128, "max_cols": 4, "nchw_max_cols": 8, "num_warps": 4}
@@ -22,9 +25,10 @@ SMALL_TILES = {"tile": 256, "bwd_tile": 128, "max_cols": 4, "nchw_max_cols": 8, 
 
 @pytest.fixture(autouse=True)
 def _poison_and_small_tiles(monkeypatch):
-    monkeypatch.setattr(pool, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(utils, "POISON_OUTPUTS", True)
     if not HAS_CUDA:
-        monkeypatch.setitem(pool.TUNING, "cpu", dict(SMALL_TILES))
+        monkeypatch.setitem(max_pool.TUNING, "cpu", dict(SMALL_TILES))
+        monkeypatch.setitem(avg_pool.TUNING, "cpu", dict(SMALL_TILES))
 
 
 def _input(shape, dtype=torch.float32, channels_last=False, seed=0):
@@ -70,14 +74,14 @@ def _pair(v):
 def _check_max_pool(x, k, s, p, d, ceil, relu, return_indices, what):
     k, s, p, d = map(_pair, (k, s, p, d))
     xt = x.detach().clone().requires_grad_(True)
-    res = pool.max_pool2d(xt, k, s, p, d, ceil, return_indices, relu)
+    res = max_pool.max_pool2d(xt, k, s, p, d, ceil, return_indices, relu)
     out, idx = res if return_indices else (res, None)
     xd = x.detach().double().requires_grad_(True)
     ref, ref_idx = F.max_pool2d(xd, k, s, p, d, ceil, return_indices=True)
     if relu:
         ref = torch.relu(ref)
     assert out.dtype == x.dtype and out.shape == ref.shape
-    cl = pool.is_channels_last(x)
+    cl = dense_channels_last(x)
     assert out.is_contiguous(memory_format=_fmt(cl)), f"{what}: output lost the memory format"
     _exact(out, ref, f"{what} output")  # a max is one of its inputs: no rounding at all
     if return_indices:
@@ -139,7 +143,7 @@ def _check_max_pool_nan(x, k, s, p, relu):
     what = f"NaN/-inf {k}/{s}/{p} relu={relu}"
     k, s, p, d = _pair(k), _pair(s), _pair(p), (1, 1)
     xt = x.detach().clone().requires_grad_(True)
-    out, idx = pool.max_pool2d(xt, k, s, p, d, False, True, relu)
+    out, idx = max_pool.max_pool2d(xt, k, s, p, d, False, True, relu)
     xr = x.detach().clone().requires_grad_(True)  # torch itself, same dtype, for the indices
     ref, ref_idx = F.max_pool2d(xr, k, s, p, d, return_indices=True)
     if relu:
@@ -152,7 +156,7 @@ def _check_max_pool_nan(x, k, s, p, relu):
     torch.testing.assert_close(gx, gr, rtol=1e-6, atol=1e-6, equal_nan=True)
     # and the window-local int8 path (what a training step uses) routes the same gradient
     xl = x.detach().clone().requires_grad_(True)
-    outl = pool.max_pool2d(xl, k, s, p, d, False, False, relu)
+    outl = max_pool.max_pool2d(xl, k, s, p, d, False, False, relu)
     _exact(outl, ref, f"{what} output (local indices)")
     (gl,) = torch.autograd.grad(outl, xl, g)
     torch.testing.assert_close(gl, gr, rtol=1e-6, atol=1e-6, equal_nan=True)
@@ -167,7 +171,7 @@ def test_max_pool2d_saved_index_dtype(monkeypatch):
     assert int(idx.min()) >= 0 and int(idx.max()) <= 8
     # 130 taps do not fit int8: int32, and still right (one program: 130 unrolled taps are
     # slow in the interpreter)
-    monkeypatch.setitem(pool.TUNING, "cpu", dict(SMALL_TILES, tile=4096, bwd_tile=4096,
+    monkeypatch.setitem(max_pool.TUNING, "cpu", dict(SMALL_TILES, tile=4096, bwd_tile=4096,
                                                  max_cols=64, nchw_max_cols=64))
     x = _input((1, 2, 11, 14), channels_last=True)
     _, idx = torch.ops.fastconv.triton_max_pool2d(x, [10, 13], [1, 1], [0, 0], [1, 1], False,
@@ -185,7 +189,7 @@ def test_max_pool2d_relu_blocks_gradient_of_nonpositive_windows():
     assert float(out[0, 0, 0, 0]) == 2.0 and int(idx[0, 0, 0, 0]) == 0
     assert (out.flatten()[1:] == 0).all() and (idx.flatten()[1:] == -1).all()
     xt = x.clone().requires_grad_(True)
-    (gx,) = torch.autograd.grad(pool.max_pool2d(xt, (2, 2), (2, 2), (0, 0), (1, 1), False,
+    (gx,) = torch.autograd.grad(max_pool.max_pool2d(xt, (2, 2), (2, 2), (0, 0), (1, 1), False,
                                                 False, True).sum(), xt)
     assert float(gx[0, 0, 0, 0]) == 1.0 and float(gx.abs().sum()) == 1.0
 
@@ -196,9 +200,9 @@ def test_max_pool2d_strided_input_and_grad():
     x = base[:, ::2]
     assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
     xt = x.detach().clone().requires_grad_(True)
-    out = pool.max_pool2d(x, (3, 3), (2, 2), (1, 1), (1, 1), False, False, False)
+    out = max_pool.max_pool2d(x, (3, 3), (2, 2), (1, 1), (1, 1), False, False, False)
     _exact(out, F.max_pool2d(x.double(), 3, 2, 1), "strided input")
-    out = pool.max_pool2d(xt, (3, 3), (2, 2), (1, 1), (1, 1), False, False, True)
+    out = max_pool.max_pool2d(xt, (3, 3), (2, 2), (1, 1), (1, 1), False, False, True)
     out.sum().backward()  # grad_output is an expanded scalar: stride 0 everywhere
     xr = x.detach().double().requires_grad_(True)
     torch.relu(F.max_pool2d(xr, 3, 2, 1)).sum().backward()
@@ -206,7 +210,7 @@ def test_max_pool2d_strided_input_and_grad():
 
 
 def test_max_pool2d_64bit_indexing(monkeypatch):
-    monkeypatch.setattr(pool, "FORCE_INT64_INDEXING", True)
+    monkeypatch.setattr(utils, "FORCE_INDEX64", True)
     for cl in (False, True):
         x = _input((2, 3, 9, 9), channels_last=cl)
         _check_max_pool(x, 3, 2, 1, 1, False, True, False, "int64 indexing")
@@ -215,7 +219,7 @@ def test_max_pool2d_64bit_indexing(monkeypatch):
 
 def test_max_pool2d_empty_batch():
     x = torch.empty((0, 3, 8, 8), device=DEV).requires_grad_(True)
-    out = pool.max_pool2d(x, (2, 2), (2, 2), (0, 0), (1, 1), False, False, True)
+    out = max_pool.max_pool2d(x, (2, 2), (2, 2), (0, 0), (1, 1), False, False, True)
     assert out.shape == (0, 3, 4, 4)
     out.sum().backward()
     assert x.grad.shape == x.shape
@@ -223,7 +227,7 @@ def test_max_pool2d_empty_batch():
 
 def test_max_pool2d_default_tiles(monkeypatch):
     # the configuration the interpreter really uses (one large program), and the GPU's
-    monkeypatch.setitem(pool.TUNING, "cpu", dict(pool.TUNING["cuda"]))
+    monkeypatch.setitem(max_pool.TUNING, "cpu", dict(max_pool.TUNING["cuda"]))
     for cl in (False, True):
         x = _input((2, 6, 13, 13), channels_last=cl)
         _check_max_pool(x, 3, 2, 0, 1, False, True, False, "gpu tiles")
@@ -236,7 +240,7 @@ def test_max_pool2d_eager_path_matches_ops():
         x = _input((2, 5, 11, 11), channels_last=cl, seed=5)
         g = _input((2, 5, 5, 5), channels_last=cl, seed=6)
         xe = x.clone().requires_grad_(True)
-        out = pool.max_pool2d(xe, (3, 3), (2, 2), (0, 0), (1, 1), False, False, True)
+        out = max_pool.max_pool2d(xe, (3, 3), (2, 2), (0, 0), (1, 1), False, False, True)
         assert type(out.grad_fn).__name__ == "_MaxPool2dFnBackward"
         (ge,) = torch.autograd.grad(out, xe, g)
         xo = x.clone().requires_grad_(True)
@@ -245,25 +249,25 @@ def test_max_pool2d_eager_path_matches_ops():
         (go,) = torch.autograd.grad(ref, xo, g)
         assert torch.equal(out, ref) and torch.equal(ge, go)
         with torch.no_grad():  # no autograd node at all without grad mode
-            assert pool.max_pool2d(xe, (3, 3), (2, 2), (0, 0), (1, 1), False, False,
+            assert max_pool.max_pool2d(xe, (3, 3), (2, 2), (0, 0), (1, 1), False, False,
                                    True).grad_fn is None
 
 
 def test_launch_plans_are_cached_and_follow_tuning(monkeypatch):
     built = []
-    plan = pool._max_pool2d_plan
-    monkeypatch.setattr(pool, "_max_pool2d_plan", lambda *a: built.append(1) or plan(*a))
-    pool._PLANS.clear()
+    plan = max_pool._max_pool2d_plan
+    monkeypatch.setattr(max_pool, "_max_pool2d_plan", lambda *a: built.append(1) or plan(*a))
+    max_pool._PLANS.clear()
     x = _input((2, 3, 9, 9), channels_last=True)
     args = ((2, 2), (2, 2), (0, 0), (1, 1), False, False, False)
-    first = pool.max_pool2d(x, *args)
-    second = pool.max_pool2d(x, *args)
+    first = max_pool.max_pool2d(x, *args)
+    second = max_pool.max_pool2d(x, *args)
     assert len(built) == 1 and torch.equal(first, second)
-    pool.max_pool2d(x.contiguous(), *args)  # other strides: another plan
+    max_pool.max_pool2d(x.contiguous(), *args)  # other strides: another plan
     assert len(built) == 2
     # a changed tuning table invalidates every plan, even when mutated in place
-    pool.TUNING["cpu"]["tile"] = pool.TUNING["cpu"]["tile"] * 2
-    third = pool.max_pool2d(x, *args)
+    max_pool.TUNING["cpu"]["tile"] = max_pool.TUNING["cpu"]["tile"] * 2
+    third = max_pool.max_pool2d(x, *args)
     assert len(built) == 3 and torch.equal(first, third)
 
 
@@ -273,7 +277,7 @@ def _check_avg(fn, ref_fn, x, what, tol=None):
     out = fn(xt)
     xd = x.detach().double().requires_grad_(True)
     ref = ref_fn(xd)
-    cl = pool.is_channels_last(x)
+    cl = dense_channels_last(x)
     assert out.shape == ref.shape and out.dtype == x.dtype
     assert out.is_contiguous(memory_format=_fmt(cl)), f"{what}: output lost the memory format"
     assert_close(out, ref, dtype=x.dtype, tol=tol, what=f"{what} output")
@@ -300,13 +304,13 @@ def test_avg_pool2d(case, channels_last):
     name, shape, k, s, p, ceil, cip, div = case
     k, s, p = _pair(k), _pair(s), _pair(p)
     x = _input(shape, channels_last=channels_last)
-    _check_avg(lambda t: pool.avg_pool2d(t, k, s, p, ceil, cip, div),
+    _check_avg(lambda t: avg_pool.avg_pool2d(t, k, s, p, ceil, cip, div),
                lambda t: F.avg_pool2d(t, k, s, p, ceil, cip, div), x, name)
 
 
 def test_avg_pool2d_float16():
     x = _input((2, 6, 8, 8), torch.float16, channels_last=True)
-    _check_avg(lambda t: pool.avg_pool2d(t, (2, 2), (2, 2), (0, 0), False, True, None),
+    _check_avg(lambda t: avg_pool.avg_pool2d(t, (2, 2), (2, 2), (0, 0), False, True, None),
                lambda t: F.avg_pool2d(t, 2), x, "fp16 lenet 2/2")
 
 
@@ -327,17 +331,17 @@ ADAPTIVE_CASES = [
 def test_adaptive_avg_pool2d(case, channels_last):
     name, shape, size = case
     x = _input(shape, channels_last=channels_last)
-    _check_avg(lambda t: pool.adaptive_avg_pool2d(t, size),
+    _check_avg(lambda t: avg_pool.adaptive_avg_pool2d(t, size),
                lambda t: F.adaptive_avg_pool2d(t, size), x, name)
 
 
 def test_avg_pools_eager_path_matches_ops():
     x = _input((2, 4, 9, 9), channels_last=True, seed=7)
     for fn, op, size in (
-            (lambda t: pool.avg_pool2d(t, (3, 3), (2, 2), (1, 1), True, False, None),
+            (lambda t: avg_pool.avg_pool2d(t, (3, 3), (2, 2), (1, 1), True, False, None),
              lambda t: torch.ops.fastconv.triton_avg_pool2d(t, [3, 3], [2, 2], [1, 1], True,
                                                             False, None), (2, 4, 5, 5)),
-            (lambda t: pool.adaptive_avg_pool2d(t, (2, 3)),
+            (lambda t: avg_pool.adaptive_avg_pool2d(t, (2, 3)),
              lambda t: torch.ops.fastconv.triton_adaptive_avg_pool2d(t, [2, 3]), (2, 4, 2, 3))):
         g = _input(size, seed=8)
         xe, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
@@ -349,7 +353,7 @@ def test_avg_pools_eager_path_matches_ops():
 
 def test_adaptive_avg_pool2d_float16():
     x = _input((2, 8, 7, 7), torch.float16, channels_last=True)
-    _check_avg(lambda t: pool.adaptive_avg_pool2d(t, (1, 1)),
+    _check_avg(lambda t: avg_pool.adaptive_avg_pool2d(t, (1, 1)),
                lambda t: F.adaptive_avg_pool2d(t, 1), x, "fp16 global")
 
 
@@ -390,10 +394,10 @@ def test_opcheck():
 def test_why_not():
     ok = dict(input=_input((1, 2, 5, 5)), kernel_size=(3, 3), stride=(2, 2), padding=(0, 0),
               dilation=(1, 1), ceil_mode=False, return_indices=False, relu=False)
-    assert pool.why_not_max_pool2d(ok) is None
-    reason = pool.why_not_max_pool2d(dict(ok, input=ok["input"].double()))
+    assert max_pool.why_not_max_pool2d(ok) is None
+    reason = max_pool.why_not_max_pool2d(dict(ok, input=ok["input"].double()))
     assert reason and "float64" in reason
-    reason = pool.why_not_max_pool2d(dict(ok, kernel_size=(40, 40)))
+    reason = max_pool.why_not_max_pool2d(dict(ok, kernel_size=(40, 40)))
     assert reason and "1600 taps" in reason
 
 
@@ -427,7 +431,7 @@ def test_gpu_bf16_model_shapes(case, channels_last):
     x = _input(shape, torch.bfloat16, channels_last)
     _check_max_pool(x, k, s, p, 1, False, True, False, f"bf16 {name}")
     _check_max_pool(x, k, s, p, 1, False, False, True, f"bf16 {name}")
-    _check_avg(lambda t: pool.adaptive_avg_pool2d(t, (1, 1)),
+    _check_avg(lambda t: avg_pool.adaptive_avg_pool2d(t, (1, 1)),
                lambda t: F.adaptive_avg_pool2d(t, 1), x, f"bf16 global {name}")
 
 
@@ -439,8 +443,8 @@ def test_gpu_opcheck_and_compile():
     torch.library.opcheck(torch.ops.fastconv.triton_adaptive_avg_pool2d.default, (x, [1, 1]))
 
     def f(t):
-        y = pool.max_pool2d(t, (3, 3), (2, 2), (0, 0), (1, 1), False, False, True)
-        return pool.adaptive_avg_pool2d(y, (1, 1)).float().square().sum()
+        y = max_pool.max_pool2d(t, (3, 3), (2, 2), (0, 0), (1, 1), False, False, True)
+        return avg_pool.adaptive_avg_pool2d(y, (1, 1)).float().square().sum()
 
     compiled = torch.compile(f, fullgraph=True)
     (g1,) = torch.autograd.grad(f(x), x)
@@ -456,8 +460,8 @@ def test_gpu_large_tensor_int64_offsets():
         pytest.skip("needs 14 GiB of free GPU memory")
     x = torch.empty((2**31 // (64 * 64) + 64, 1, 64, 64), device=DEV, dtype=torch.bfloat16)
     x.normal_()
-    assert pool.needs_int64(x)
-    out = pool.max_pool2d(x, (2, 2), (2, 2), (0, 0), (1, 1), False, False, False)
+    assert utils.needs_index64(x)
+    out = max_pool.max_pool2d(x, (2, 2), (2, 2), (0, 0), (1, 1), False, False, False)
     tail = x[-3:].float()
     _exact(out[-3:], F.max_pool2d(tail, 2), "tail of a >2**31-element tensor")
 
@@ -482,7 +486,7 @@ def test_gpu_cuda_graph_capture():
     g = _input((16, 64, 13, 13), torch.bfloat16, True, seed=11)
 
     def step():
-        y = pool.max_pool2d(x, (3, 3), (2, 2), (0, 0), (1, 1), False, False, True)
+        y = max_pool.max_pool2d(x, (3, 3), (2, 2), (0, 0), (1, 1), False, False, True)
         return y, torch.autograd.grad(y, x, g)[0]
 
     side = torch.cuda.Stream()

@@ -1,6 +1,7 @@
 """The "triton" backend: Triton GPU kernels (and, with TRITON_INTERPRET=1, the same kernels on CPU).
 
-Each op lives in its own module (conv.py, pool.py, batchnorm.py) which exposes the op with the
+Each op lives in its own module (conv2d_relu.py, max_pool2d.py, avg_pool2d.py with
+adaptive_avg_pool2d, batch_norm.py; shared helpers in utils.py) which exposes the op with the
 signature of ``fastconv/backends/base.py`` and a ``why_not_<op>(args)`` that refuses calls the
 kernels cannot serve. Modules are imported lazily so ``import fastconv`` never needs Triton.
 """
@@ -13,11 +14,11 @@ from typing import Any, Optional
 from ..base import Backend
 
 _MODULE_OF = {
-    "conv2d_relu": "conv",
-    "max_pool2d": "pool",
-    "avg_pool2d": "pool",
-    "adaptive_avg_pool2d": "pool",
-    "batch_norm": "batchnorm",
+    "conv2d_relu": "conv2d_relu",
+    "max_pool2d": "max_pool2d",
+    "avg_pool2d": "avg_pool2d",
+    "adaptive_avg_pool2d": "avg_pool2d",
+    "batch_norm": "batch_norm",
 }
 
 

@@ -1,6 +1,12 @@
-"""Launch-configuration choice for the Triton kernels: cache, shipped table, autotuner.
+"""Launch configurations of the Triton kernels: the shipped data files, cache and autotuner.
 
-Lookup order for a (device, key) pair, first hit wins:
+Each op's tuning values are data in ``<op>_configs.json`` beside its module, never module
+constants: ``"tuning"``, a table of launch sizes by device kind (``"cuda"``, ``"cpu"`` for the
+interpreter) that the pool and batch-norm planners read through :func:`load_tuning`, and/or
+``"entries"``, tuned configurations per device and layer key (conv2d_relu), read through
+:class:`ConfigTable`.
+
+Lookup order of a ConfigTable for a (device, key) pair, first hit wins:
 
 1. this process's memory;
 2. the per-user cache ``<cache_dir>/autotune/<table>.json`` (written by earlier tuning runs);
@@ -14,6 +20,7 @@ under a file lock with an atomic replace, so concurrent processes cannot corrupt
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -55,8 +62,24 @@ def device_tag(device) -> str:
     return f"{props.name}|sm{props.major}{props.minor}"
 
 
-def shipped_path(table: str) -> Path:
-    return _HERE / f"{table}_configs.json"
+def configs_path(op: str) -> Path:
+    """``<op>_configs.json`` beside the op's module: its shipped launch configurations."""
+    return _HERE / f"{op}_configs.json"
+
+
+def load_tuning(op: str) -> dict:
+    """The per-device-kind tuning table (``{"cuda": {...}, "cpu": {...}}``) of ``op``'s
+    ``<op>_configs.json``, a fresh copy (tests and sweeps edit it in place)."""
+    return json.loads(configs_path(op).read_text())["tuning"]
+
+
+def device_tuning(device, table: dict) -> dict:
+    return table["cuda" if device.type == "cuda" else "cpu"]
+
+
+def tuning_state(table: dict) -> tuple:
+    """What launch plans built from ``table`` depend on (see utils.PlanCache)."""
+    return tuple(sorted((k, tuple(sorted(v.items()))) for k, v in table.items()))
 
 
 class ConfigTable:
@@ -89,7 +112,7 @@ class ConfigTable:
             except OSError:  # unusable cache dir: tuning results are an optimisation only
                 self._user = {}
         if self._shipped is None:
-            self._shipped = self._entries(read_json(shipped_path(self.table), {}))
+            self._shipped = self._entries(read_json(configs_path(self.table), {}))
 
     @staticmethod
     def _find(entries: dict, tag: str, key: str) -> Optional[dict]:

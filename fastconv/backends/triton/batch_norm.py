@@ -49,40 +49,29 @@ import triton
 import triton.language as tl
 
 from ...checks import check_batch_norm
+from ...shapes import dense_channels_last, memory_format
+from . import utils
+from .autotune import device_tuning, load_tuning, tuning_state
+from .utils import (PlanCache, alloc, cdiv, cols_block, common_why_not, declare_kernels,
+                    define_op, dense_needs_index64, eager, grad_needed, is_real,
+                    next_pow2, num_sms, run)
 
-from .pool import (PlanCache, alloc, cdiv, cols_block, common_why_not, declare_kernels,
-                   define_op, dense_needs_int64, device_tuning, eager, grad_needed,
-                   int_signature, is_channels_last, is_real, memory_format, next_pow2,
-                   num_sms, run)
-from . import pool as _pool
-
-# Per device kind: elements per program of the streaming passes (``tile``) and of the
-# reductions (``reduce_tile``), widest channel block, reduction programs per SM, warps,
-# ``fused_elements``: the largest channel column (elements) one program reduces and
-# normalises by itself (single-launch forward/backward), ``min_chunk_tiles``: tiles per chunk
-# at least, ``max_chunks``: chunks per channel block at most (the finalising program merges
-# them serially). GPU sizes are for 2-byte dtypes (float32 halves them). The H100 sweep
-# (scripts/gpu_pool_bn_sweep.py --tune) overrides them.
-TUNING = {
-    "cuda": {"tile": 2048, "reduce_tile": 2048, "max_channel_block": 64,
-             "programs_per_sm": 4, "num_warps": 4, "reduce_warps": 4,
-             "fused_elements": 16384, "min_chunk_tiles": 2, "max_chunks": 160},
-    # the interpreter runs programs one after another: one program per channel block
-    "cpu": {"tile": 16384, "reduce_tile": 16384, "max_channel_block": 64,
-            "programs_per_sm": 1, "num_warps": 4, "reduce_warps": 4,
-            "fused_elements": 1 << 30, "min_chunk_tiles": 1, "max_chunks": 1 << 20},
-}
+# Launch sizes by device kind (batch_norm_configs.json, whose "about" says what each means);
+# sweeps edit this dict in place.
+TUNING = load_tuning("batch_norm")
 _FINALIZE_BLOCK_C = 64  # eval statistics kernel
 # chunks merged per step by the finalising program (32 put an 8-byte stack frame in the fp32
 # NCHW statistics kernel: benchmarks/aot_sm90.md)
 _FINALIZE_BLOCK_K = 16
-# Software pipelining of the reduction loops' plain loads (sm_90 AOT: see aot_specs)
+# Software pipelining of the reduction loops' plain loads (sm_90 AOT: scripts/aot/specs.py)
 NUM_STAGES = 1
 # With relu=True the backward masks dy where the output is <= 0. True: read the saved output
 # (exactly torch's mask). False: recompute the output's sign from x in registers, which saves
 # two of the ten passes of a training step (forward 3, backward 7 -> 5); the masks differ only
 # where the float32 output is positive but rounds to 0 in the storage dtype (|y| < 6e-8 in
-# float16), where both choices are valid subgradients.
+# float16), where both choices are valid subgradients. Kept as a switch (kernel constexpr
+# RELU_FROM_X) because the one H100 comparison (benchmarks/results/h100-2026-11-23) was bound
+# by host time and could not tell the two apart; decide on a device-bound measurement.
 RELU_MASK_FROM_OUTPUT = True
 
 
@@ -209,7 +198,7 @@ def _bn_stats_kernel(x_ptr, y_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, centre_ptr, mea
                      C, HW, ROWS, ROWS_PER_CHUNK, NUM_CHUNKS, momentum, eps,
                      HAS_RUNNING: tl.constexpr, WRITE_MEAN: tl.constexpr, SINGLE: tl.constexpr,
                      APPLY: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                     RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr, USE_I64: tl.constexpr,
+                     RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX64: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
                      BLOCK_K: tl.constexpr):
     """Program (chunk, channel block): Welford summary of x - shift over the chunk's rows
@@ -218,7 +207,7 @@ def _bn_stats_kernel(x_ptr, y_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, centre_ptr, mea
     chunk = tl.program_id(0)
     cv = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cv < C
-    if USE_I64:
+    if INDEX64:
         cv = cv.to(tl.int64)
     row0 = chunk * ROWS_PER_CHUNK
     row_end = tl.minimum(row0 + ROWS_PER_CHUNK, ROWS)
@@ -233,7 +222,7 @@ def _bn_stats_kernel(x_ptr, y_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, centre_ptr, mea
         for r0 in range(row0, row_end, BLOCK_R):
             rows = r0 + r
             ok = (rows < row_end) & ok_c
-            if USE_I64:
+            if INDEX64:
                 rows = rows.to(tl.int64)
             v = tl.load(x_ptr + rows * C + c2, mask=ok, other=0.0).to(tl.float32) - sh
             inv = 1.0 / ((r0 - row0) // BLOCK_R + 1).to(tl.float32)
@@ -255,7 +244,7 @@ def _bn_stats_kernel(x_ptr, y_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, centre_ptr, mea
         for n0 in range(row0, row_end, BLOCK_R):
             n = n0 + nr
             n_ok = (n < row_end) & ok_c
-            if USE_I64:
+            if INDEX64:
                 n = n.to(tl.int64)
             base = (n * C + c3) * HW
             nb = (n0 - row0) // BLOCK_R
@@ -282,7 +271,7 @@ def _bn_stats_kernel(x_ptr, y_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, centre_ptr, mea
                 for r0 in range(row0, row_end, BLOCK_R):
                     rows = r0 + r
                     ok = (rows < row_end) & ok_c
-                    if USE_I64:
+                    if INDEX64:
                         rows = rows.to(tl.int64)
                     off = rows * C + c2
                     v = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
@@ -297,7 +286,7 @@ def _bn_stats_kernel(x_ptr, y_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, centre_ptr, mea
                 for n0 in range(row0, row_end, BLOCK_R):
                     n = n0 + nr
                     n_ok = (n < row_end) & ok_c
-                    if USE_I64:
+                    if INDEX64:
                         n = n.to(tl.int64)
                     base = (n * C + c3) * HW
                     for hw0 in range(0, HW, BLOCK_S):
@@ -354,7 +343,7 @@ def _channel_of(rows, cols, C, CHANNELS_LAST: tl.constexpr):
 def _bn_apply_kernel(x_ptr, y_ptr, centre_ptr, invstd_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr,
                      C, ROWS, COLS, eps,
                      FROM_RUNNING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                     RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr, USE_I64: tl.constexpr,
+                     RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX64: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     """y = normalise(x) (+ReLU) over the dense [ROWS, COLS] view; FROM_RUNNING (eval,
     inference): the per-channel statistics come straight from the running buffers."""
@@ -381,7 +370,7 @@ def _bn_apply_kernel(x_ptr, y_ptr, centre_ptr, invstd_ptr, w_ptr, b_ptr, rm_ptr,
         scale = tl.load(invstd_ptr + ch, mask=ch_ok, other=0.0)
     scale = scale * _load_channel(w_ptr, ch, ch_ok, 1.0, HAS_W)
     bias = _load_channel(b_ptr, ch, ch_ok, 0.0, HAS_B)
-    if USE_I64:
+    if INDEX64:
         rows = rows.to(tl.int64)
     off = rows * COLS + cols
     v = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -438,7 +427,7 @@ def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, y_ptr, dx_ptr, centre_ptr, invstd_ptr, 
                           HAS_W: tl.constexpr, HAS_B: tl.constexpr, WRITE_DW: tl.constexpr,
                           WRITE_DB: tl.constexpr, WRITE_COEF: tl.constexpr,
                           SINGLE: tl.constexpr, DX: tl.constexpr,
-                          CHANNELS_LAST: tl.constexpr, USE_I64: tl.constexpr,
+                          CHANNELS_LAST: tl.constexpr, INDEX64: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
                           BLOCK_K: tl.constexpr):
     """Program (chunk, channel block): sum(dy') and sum(dy' * (x - mean)) over its rows.
@@ -447,7 +436,7 @@ def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, y_ptr, dx_ptr, centre_ptr, invstd_ptr, 
     chunk = tl.program_id(0)
     cv = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cv < C
-    if USE_I64:
+    if INDEX64:
         cv = cv.to(tl.int64)
     row0 = chunk * ROWS_PER_CHUNK
     row_end = tl.minimum(row0 + ROWS_PER_CHUNK, ROWS)
@@ -473,7 +462,7 @@ def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, y_ptr, dx_ptr, centre_ptr, invstd_ptr, 
         for r0 in range(row0, row_end, BLOCK_R):
             rows = r0 + r
             ok = (rows < row_end) & ok_c
-            if USE_I64:
+            if INDEX64:
                 rows = rows.to(tl.int64)
             dy, xc = _bwd_terms(dy_ptr, x_ptr, y_ptr, rows * C + c2, ok, sh, ms, sc, bi, RELU,
                                 RELU_FROM_X)
@@ -495,7 +484,7 @@ def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, y_ptr, dx_ptr, centre_ptr, invstd_ptr, 
         for n0 in range(row0, row_end, BLOCK_R):
             n = n0 + nr
             n_ok = (n < row_end) & ok_c
-            if USE_I64:
+            if INDEX64:
                 n = n.to(tl.int64)
             base = (n * C + c3) * HW
             for hw0 in range(0, HW, BLOCK_S):
@@ -518,7 +507,7 @@ def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, y_ptr, dx_ptr, centre_ptr, invstd_ptr, 
                 for r0 in range(row0, row_end, BLOCK_R):
                     rows = r0 + r
                     ok = (rows < row_end) & ok_c
-                    if USE_I64:
+                    if INDEX64:
                         rows = rows.to(tl.int64)
                     off = rows * C + c2
                     dy, xc = _bwd_terms(dy_ptr, x_ptr, y_ptr, off, ok, sh, ms, sc, bi, RELU,
@@ -534,7 +523,7 @@ def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, y_ptr, dx_ptr, centre_ptr, invstd_ptr, 
                 for n0 in range(row0, row_end, BLOCK_R):
                     n = n0 + nr
                     n_ok = (n < row_end) & ok_c
-                    if USE_I64:
+                    if INDEX64:
                         n = n.to(tl.int64)
                     base = (n * C + c3) * HW
                     for hw0 in range(0, HW, BLOCK_S):
@@ -575,7 +564,7 @@ def _bn_bwd_dx_kernel(dy_ptr, x_ptr, y_ptr, centre_ptr, coef_ptr, invstd_ptr, w_
                       dx_ptr, C, ROWS, COLS,
                       RELU: tl.constexpr, RELU_FROM_X: tl.constexpr, HAS_W: tl.constexpr,
                       HAS_B: tl.constexpr, TRAINING: tl.constexpr, FROM_STATS: tl.constexpr,
-                      CHANNELS_LAST: tl.constexpr, USE_I64: tl.constexpr,
+                      CHANNELS_LAST: tl.constexpr, INDEX64: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     """dx = a * dy' + k2 * (x - mean) + k3 over the dense [ROWS, COLS] view; FROM_STATS (eval,
     no reduction): a = invstd * weight, k2 = k3 = 0."""
@@ -594,7 +583,7 @@ def _bn_bwd_dx_kernel(dy_ptr, x_ptr, y_ptr, centre_ptr, coef_ptr, invstd_ptr, w_
         a = a * _load_channel(w_ptr, ch, ch_ok, 1.0, HAS_W)
     else:
         a = tl.load(coef_ptr + ch, mask=ch_ok, other=0.0)  # = invstd * weight
-    if USE_I64:
+    if INDEX64:
         rows = rows.to(tl.int64)
     off = rows * COLS + cols
     dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -715,19 +704,14 @@ def _tickets(device: torch.device, count: int, real: bool) -> torch.Tensor:
     return buf
 
 
-def _plans_state():
-    return (tuple(TUNING["cuda"].values()), tuple(TUNING["cpu"].values()),
-            _pool.FORCE_INT64_INDEXING, _FINALIZE_BLOCK_K)
-
-
-_PLANS = PlanCache(_plans_state)
+_PLANS = PlanCache(lambda: (tuning_state(TUNING), utils.FORCE_INDEX64, _FINALIZE_BLOCK_K))
 _increment_version = getattr(torch.autograd.graph, "increment_version", None)
 
 
 def _layout(x: torch.Tensor):
     """(channels_last, dense): the output format torch would pick, and whether x is already
     dense in it (the kernels index the [ROWS, COLS] view; anything else is copied first)."""
-    cl = is_channels_last(x)
+    cl = dense_channels_last(x)
     return cl, x.is_contiguous(memory_format=memory_format(cl))
 
 
@@ -737,7 +721,7 @@ def _bn_plan(x: torch.Tensor) -> dict:
     grid, br, bs, warps = _stream_tile(rows, cols, cl, x.device, x.element_size())
     red = _reduce_plan(x.shape, cl, x.device, x.element_size())
     return dict(cl=cl, dense=dense, fmt=memory_format(cl), rows=rows, cols=cols,
-                use_i64=_pool.FORCE_INT64_INDEXING or dense_needs_int64(x.numel()),
+                index64=dense_needs_index64(x.numel()),
                 stream=dict(grid=grid, BLOCK_R=br, BLOCK_S=bs, num_warps=warps),
                 red=red, hw=x.shape[2] * x.shape[3], inv_count=1.0 / max(1, rows * cols //
                                                                           x.shape[1]))
@@ -750,14 +734,14 @@ def _plan_of(x: torch.Tensor, real: bool) -> dict:
 
 def _red_meta(plan: dict) -> dict:
     red = plan["red"]
-    return dict(CHANNELS_LAST=plan["cl"], USE_I64=plan["use_i64"], BLOCK_R=red["BLOCK_R"],
+    return dict(CHANNELS_LAST=plan["cl"], INDEX64=plan["index64"], BLOCK_R=red["BLOCK_R"],
                 BLOCK_C=red["BLOCK_C"], BLOCK_S=red["BLOCK_S"], BLOCK_K=_FINALIZE_BLOCK_K,
                 num_warps=red["warps"], num_stages=NUM_STAGES)
 
 
 def _stream_meta(plan: dict) -> dict:
     s = plan["stream"]
-    return dict(CHANNELS_LAST=plan["cl"], USE_I64=plan["use_i64"], BLOCK_R=s["BLOCK_R"],
+    return dict(CHANNELS_LAST=plan["cl"], INDEX64=plan["index64"], BLOCK_R=s["BLOCK_R"],
                 BLOCK_S=s["BLOCK_S"], num_warps=s["num_warps"], num_stages=NUM_STAGES)
 
 
@@ -931,31 +915,40 @@ def _batch_norm_backward_op(grad_output: torch.Tensor, input: torch.Tensor,
     return dx, dw, db
 
 
-def _batch_norm_setup(ctx, inputs, output):
-    x, weight, bias, centre, save_invstd, training, relu = inputs
+def _save(ctx, x, y, weight, bias, centre, invstd, training, relu, n_inputs):
     # The output is saved only for the ReLU mask (torch's own BN does not save it, so without
     # relu an in-place op on it, ResNet's `Y += X`, stays legal); RELU_MASK_FROM_OUTPUT=False
     # recomputes the mask from x instead.
     keep_y = relu and RELU_MASK_FROM_OUTPUT
-    ctx.save_for_backward(x, output if keep_y else None, weight, bias, centre, save_invstd)
+    ctx.save_for_backward(x, y if keep_y else None, weight, bias, centre, invstd)
     ctx.flags = (bool(training), bool(relu))
+    ctx.n_inputs = n_inputs
 
 
-def _batch_norm_op_backward(ctx, grad_y):
-    x, y, weight, bias, centre, save_invstd = ctx.saved_tensors
-    training, relu = ctx.flags
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, centre, save_invstd, training, relu = inputs
+    _save(ctx, x, output, weight, bias, centre, save_invstd, training, relu, len(inputs))
+
+
+def _backward(ctx, grad_y):
+    """The gradient of triton_batch_norm and of the eager forward alike: both take (input,
+    weight, bias) first."""
+    x, y, weight, bias, centre, invstd = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [bool(need[0]), bool(need[1]) and weight is not None,
             bool(need[2]) and bias is not None]
+    nones = (None,) * (ctx.n_inputs - 3)
     if grad_y is None or not any(mask):
-        return (None,) * 7
-    dx, dw, db = torch.ops.fastconv.triton_batch_norm_backward(
-        grad_y, x, y, weight, bias, centre, save_invstd, training, relu, mask)
-    return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
-            None, None, None, None)
+        return (None, None, None) + nones
+    if is_real(grad_y):  # eager: the launchers; tracing: the op, so graphs show it
+        dx, dw, db = _bn_backward(grad_y, x, y, weight, bias, centre, invstd, *ctx.flags, mask)
+    else:
+        dx, dw, db = torch.ops.fastconv.triton_batch_norm_backward(
+            grad_y, x, y, weight, bias, centre, invstd, *ctx.flags, mask)
+    return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None) + nones
 
 
-_batch_norm_op.register_autograd(_batch_norm_op_backward, setup_context=_batch_norm_setup)
+_batch_norm_op.register_autograd(_backward, setup_context=_setup_context)
 declare_kernels({"triton_batch_norm_stats": [_bn_stats_kernel, _bn_eval_stats_kernel],
                  "triton_batch_norm": [_bn_apply_kernel],
                  "triton_batch_norm_backward": [_bn_bwd_reduce_kernel, _bn_bwd_dx_kernel]})
@@ -982,27 +975,21 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
 
 
 class _BatchNormFn(torch.autograd.Function):
-    """The two ops' autograd formula without the dispatcher, for eager calls."""
+    """The statistics and normalisation ops in one eager call, with triton_batch_norm's
+    autograd formula (``_backward``), without the dispatcher."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps,
                 relu):
         y, centre, invstd, xd = _forward(x, weight, bias, running_mean, running_var, training,
                                          momentum, eps, relu, True)
-        keep_y = relu and RELU_MASK_FROM_OUTPUT
-        ctx.save_for_backward(xd, y if keep_y else None, weight, bias, centre, invstd)
-        ctx.flags = (training, relu)
+        _save(ctx, xd, y, weight, bias, centre, invstd, training, relu, 9)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x, y, weight, bias, centre, invstd = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        mask = (need[0], need[1] and weight is not None, need[2] and bias is not None)
-        dx, dw, db = _bn_backward(grad_y, x, y, weight, bias, centre, invstd, *ctx.flags, mask)
-        return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
-                None, None, None, None, None, None)
+        return _backward(ctx, grad_y)
 
 
 # --------------------------------------------------------------------------- backend entry points
@@ -1038,119 +1025,3 @@ def why_not_batch_norm(args) -> Optional[str]:
     if not args["training"] and args.get("running_mean") is None:
         return "triton batch_norm in eval mode needs running statistics"
     return None
-
-
-# --------------------------------------------------------------------------- ahead of time
-def aot_specs():
-    """The kernels of a bf16 (and fp32) training step, channels_last and NCHW, configured as
-    the launchers configure them for ResNet-18's first stage (128 x 64 x 56 x 56: chunked
-    reductions with the ticketed merge, separate elementwise passes) and VGG-16-BN's
-    512 x 4 x 4 layer (one program per channel block: single-launch forward and backward),
-    plus the eval-mode kernels."""
-    from .aot import KernelSpec
-
-    dev = torch.device("cuda")
-    specs = []
-    for ty, esize in (("bf16", 2), ("fp32", 4)):
-        main_ty = ty == "bf16"
-        for cl in (True, False):
-            layout = "NHWC" if cl else "NCHW"
-            for label, shape in (("64x56x56", (128, 64, 56, 56)), ("512x4x4", (128, 512, 4, 4))):
-                n, c, h, w = shape
-                red = _reduce_plan(shape, cl, dev, esize)
-                single = red["single"]
-                tag = f"{ty} {layout} {label}"
-                ints, iconsts = int_signature(dict(
-                    C=c, HW=h * w, ROWS=red["rows"], ROWS_PER_CHUNK=red["per_chunk"],
-                    NUM_CHUNKS=red["chunks"]))
-                rconsts = dict(iconsts, CHANNELS_LAST=cl, USE_I64=False,
-                               BLOCK_R=red["BLOCK_R"], BLOCK_C=red["BLOCK_C"],
-                               BLOCK_S=red["BLOCK_S"], BLOCK_K=_FINALIZE_BLOCK_K)
-                io = {"x_ptr": f"*{ty}", "w_ptr": "*fp32", "b_ptr": "*fp32", "rm_ptr": "*fp32",
-                      "rv_ptr": "*fp32", "centre_ptr": "*fp32", "invstd_ptr": "*fp32"}
-                chunked = {} if single else {"part_ptr": "*fp32", "ticket_ptr": "*i32"}
-                nones = dict(mean_ptr=None, **({"part_ptr": None, "ticket_ptr": None}
-                                               if single else {"y_ptr": None}))
-                specs.append(KernelSpec(
-                    name=f"bn_stats {tag}", kernel=_bn_stats_kernel,
-                    signature=dict(io, **chunked, **({"y_ptr": f"*{ty}"} if single else {}),
-                                   **ints, momentum="fp32", eps="fp32"),
-                    constexprs=dict(rconsts, **nones, HAS_RUNNING=True, WRITE_MEAN=False,
-                                    SINGLE=single, APPLY=single, HAS_W=True, HAS_B=True,
-                                    RELU=True),
-                    num_warps=red["warps"], num_stages=NUM_STAGES, main=main_ty))
-                for relu, from_x in ((True, False), (True, True), (False, False)):
-                    rtag = f"relu={relu}{' mask-from-x' if from_x else ''} {tag}"
-                    main = main_ty and relu and not from_x
-                    bsig = {"dy_ptr": f"*{ty}", "x_ptr": f"*{ty}", "centre_ptr": "*fp32",
-                            "invstd_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
-                            "dw_ptr": "*fp32", "db_ptr": "*fp32", **chunked, **ints,
-                            "inv_count": "fp32"}
-                    bnone = {} if single else {"dx_ptr": None}
-                    if single:
-                        bsig["dx_ptr"] = f"*{ty}"
-                        bnone.update(coef_ptr=None, part_ptr=None, ticket_ptr=None)
-                    else:
-                        bsig["coef_ptr"] = "*fp32"
-                    if relu and not from_x:
-                        bsig["y_ptr"] = f"*{ty}"
-                    else:
-                        bnone["y_ptr"] = None
-                    specs.append(KernelSpec(
-                        name=f"bn_bwd_reduce {rtag}", kernel=_bn_bwd_reduce_kernel,
-                        signature=bsig,
-                        constexprs=dict(rconsts, **bnone, TRAINING=True, RELU=relu,
-                                        RELU_FROM_X=from_x, HAS_W=True, HAS_B=True,
-                                        WRITE_DW=True, WRITE_DB=True, WRITE_COEF=not single,
-                                        SINGLE=single, DX=single),
-                        num_warps=red["warps"], num_stages=NUM_STAGES, main=main))
-                if single:
-                    continue
-                # the separate elementwise passes of a chunked layer
-                rows, cols = _matrix(shape, cl)
-                _, br, bs, warps = _stream_tile(rows, cols, cl, dev, esize)
-                sints, sconsts = int_signature(dict(C=c, ROWS=rows, COLS=cols))
-                sconsts = dict(sconsts, CHANNELS_LAST=cl, USE_I64=False, BLOCK_R=br,
-                               BLOCK_S=bs)
-                for relu in (True, False):
-                    for from_running in (False, True):
-                        specs.append(KernelSpec(
-                            name=f"bn_apply relu={relu}{' eval' if from_running else ''} {tag}",
-                            kernel=_bn_apply_kernel,
-                            signature={"x_ptr": f"*{ty}", "y_ptr": f"*{ty}", "w_ptr": "*fp32",
-                                       "b_ptr": "*fp32", **sints, "eps": "fp32",
-                                       **({"rm_ptr": "*fp32", "rv_ptr": "*fp32"}
-                                          if from_running else
-                                          {"centre_ptr": "*fp32", "invstd_ptr": "*fp32"})},
-                            constexprs=dict(sconsts, FROM_RUNNING=from_running, HAS_W=True,
-                                            HAS_B=True, RELU=relu,
-                                            **({"centre_ptr": None, "invstd_ptr": None}
-                                               if from_running else
-                                               {"rm_ptr": None, "rv_ptr": None})),
-                            num_warps=warps, num_stages=NUM_STAGES,
-                            main=main_ty and relu and not from_running))
-                for relu, from_x, training in ((True, False, True), (True, True, True),
-                                               (False, False, True), (True, False, False)):
-                    dsig = {"dy_ptr": f"*{ty}", "x_ptr": f"*{ty}", "centre_ptr": "*fp32",
-                            "w_ptr": "*fp32", "b_ptr": "*fp32", "dx_ptr": f"*{ty}", **sints}
-                    dnone = {}
-                    if training:
-                        dsig["coef_ptr"] = "*fp32"
-                        dnone["invstd_ptr"] = None
-                    else:
-                        dsig["invstd_ptr"] = "*fp32"
-                        dnone["coef_ptr"] = None
-                    if relu and not from_x:
-                        dsig["y_ptr"] = f"*{ty}"
-                    else:
-                        dnone["y_ptr"] = None
-                    specs.append(KernelSpec(
-                        name=f"bn_bwd_dx relu={relu}{' mask-from-x' if from_x else ''}"
-                             f"{'' if training else ' eval'} {tag}",
-                        kernel=_bn_bwd_dx_kernel, signature=dsig,
-                        constexprs=dict(sconsts, **dnone, RELU=relu, RELU_FROM_X=from_x,
-                                        HAS_W=True, HAS_B=True, TRAINING=training,
-                                        FROM_STATS=not training),
-                        num_warps=warps, num_stages=NUM_STAGES,
-                        main=main_ty and relu and not from_x and training))
-    return specs

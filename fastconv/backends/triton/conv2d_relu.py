@@ -50,11 +50,14 @@ from typing import Any, Callable, Optional
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction as _JITFunction
 
 from ...checks import check_conv2d_relu
+from ...shapes import conv_memory_format, conv_output_size, suggest_memory_format
 from . import autotune as _tune
-from .pool import eager as _eager, is_real as _is_real
+from . import utils
+from .utils import (INT32_LIMIT, PlanCache, alloc, cdiv, clamped_pow2, declare_kernels,
+                    define_op, eager, eager_autograd, grad_needed, is_real, needs_index64,
+                    num_sms, run)
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -489,10 +492,9 @@ def _sum_slices_kernel(part_ptr, out_ptr, SPLIT, NUMEL, NCOL, C, S, sok, soc, so
 # problem description, configurations
 # ----------------------------------------------------------------------------------------------
 
-_INT32_LIMIT = 2**31 - 1
 _TORCH_TO_TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _FORCED: dict[str, dict] = {}
-_TABLE = _tune.ConfigTable("conv")
+_TABLE = _tune.ConfigTable("conv2d_relu")
 
 
 @contextmanager
@@ -509,46 +511,6 @@ def forced_config(**configs: Optional[dict]):
     finally:
         _FORCED.clear()
         _FORCED.update(old)
-
-
-def _channels_last_strides(size, stride) -> bool:
-    # Python mirror of c10's is_channels_last_strides_2d_s4 (what suggest_memory_format uses).
-    if stride[1] == 0:
-        return False
-    lo = 0
-    for d in (1, 3, 2, 0):
-        if size[d] == 0 or stride[d] < lo:
-            return False
-        if d == 0 and lo == stride[1]:
-            return False
-        lo = stride[d] * (size[d] if size[d] > 1 else 1)
-    return True
-
-
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    """``t.suggest_memory_format()`` (not exposed to Python in every torch version)."""
-    if t.dim() == 4 and _channels_last_strides(t.shape, t.stride()):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _conv_memory_format(x: torch.Tensor, w: torch.Tensor) -> torch.memory_format:
-    """The format torch's conv gives its output and grad_input: channels_last when the input
-    or the weight is (cuDNN's and oneDNN's rule), e.g. a channels_last model fed NCHW images."""
-    if _memory_format(x) == torch.channels_last or _memory_format(w) == torch.channels_last:
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _span(t: torch.Tensor) -> int:
-    """Largest element offset reachable through ``t``'s strides (+1)."""
-    if t.numel() == 0:
-        return 0
-    return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
-
-
-def _needs_index64(*tensors: Optional[torch.Tensor]) -> bool:
-    return any(t is not None and _span(t) > _INT32_LIMIT for t in tensors)
 
 
 def _dot_mode(dtype: torch.dtype) -> int:
@@ -571,28 +533,9 @@ def _allow_tf32() -> bool:
         return False
 
 
-def _out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
-    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # not triton.cdiv: that goes through the JIT call path (slow on the host)
-
-
-def _pow2(x: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, 1 << (max(int(x), 1) - 1).bit_length()))
-
-
 def _use_flat(C: int, R: int, S: int) -> bool:
     # channel blocks are at least 16 wide; below that the joint (r, s, c) index wastes less
     return C < 16 or C * R * S <= 64
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_properties(idx).multi_processor_count
 
 
 def _cfg(bm, bn, bk, warps, stages, **extra) -> dict:
@@ -608,21 +551,21 @@ def _heuristic(kind: str, pb: dict) -> dict:
     bits = pb["bits"]
     if pb["device"] == "cpu":
         # the interpreter runs one program at a time: larger tiles mean fewer numpy round trips
-        return _cfg(_pow2(m_dim, 16, 64), _pow2(n_dim, 16, 64), _pow2(red, 16, 32), 4, 1)
+        return _cfg(clamped_pow2(m_dim, 16, 64), clamped_pow2(n_dim, 16, 64), clamped_pow2(red, 16, 32), 4, 1)
     bk = 64 if bits == 16 else 32
     if kind == "wgrad":
-        bm = _pow2(n_dim, 16, 128)          # output channels
-        bn = _pow2(pb["cols"], 16, 128)     # (r, s, c) columns (or c within a tap)
+        bm = clamped_pow2(n_dim, 16, 128)          # output channels
+        bn = clamped_pow2(pb["cols"], 16, 128)     # (r, s, c) columns (or c within a tap)
         warps = 8 if bm * bn >= 128 * 128 else 4
         return _cfg(bm, bn, bk, warps, 4 if bits == 16 and not flat else 3)
-    bn = _pow2(n_dim, 16, 128)
+    bn = clamped_pow2(n_dim, 16, 128)
     if flat:
         bk = 32 if red <= 128 else bk
         return _cfg(128, bn, bk, 4 if bn <= 64 else 8, 3)
     # channel blocks: least padding of C, ties to the larger block (C=96: 3x32, not 2x64)
     chan = pb["chan"]
-    bk = min((bk, bk // 2), key=lambda b: (_cdiv(chan, b) * b, -b))
-    bk = min(bk, _pow2(chan, 16, 64))
+    bk = min((bk, bk // 2), key=lambda b: (cdiv(chan, b) * b, -b))
+    bk = min(bk, clamped_pow2(chan, 16, 64))
     warps = 8 if bn >= 128 else 4
     stages = 4 if bits == 16 else 3
     return _cfg(128, bn, bk, warps, stages)
@@ -655,11 +598,11 @@ def _candidates(kind: str, pb: dict) -> list[dict]:
         else:
             raw = [_cfg(128, 128, bk, 8, 3), _cfg(128, 64, bk, 8, 4), _cfg(64, 128, bk, 4, 4),
                    _cfg(128, 128, bk, 8, 3, split_mult=2), _cfg(64, 64, bk, 4, 4)]
-        cap_m, cap_n = _pow2(pb["gemm_n"], 16, 256), _pow2(pb["cols"], 16, 256)
+        cap_m, cap_n = clamped_pow2(pb["gemm_n"], 16, 256), clamped_pow2(pb["cols"], 16, 256)
     elif flat:
         raw = [_cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 4, 3), _cfg(64, 128, 32, 4, 3),
                _cfg(256, 64, 32, 8, 3), _cfg(128, 128, 64, 8, 3), _cfg(128, 32, 32, 4, 3)]
-        cap_m, cap_n = 1 << 30, _pow2(pb["gemm_n"], 16, 256)
+        cap_m, cap_n = 1 << 30, clamped_pow2(pb["gemm_n"], 16, 256)
     else:
         if bits == 16 and not strided_dgrad:
             raw = [_cfg(128, 128, bk, 8, 3), _cfg(128, 256, bk, 8, 3), _cfg(128, 128, 2 * bk, 8, 3),
@@ -672,8 +615,8 @@ def _candidates(kind: str, pb: dict) -> list[dict]:
         else:  # fp32 tiles larger than 128x128 sit at 255 registers and use a stack frame
             raw = [_cfg(128, 128, bk, 8, 3), _cfg(128, 128, bk, 8, 4), _cfg(128, 64, bk, 4, 4),
                    _cfg(64, 128, bk, 4, 4), _cfg(64, 64, bk, 4, 4)]
-        cap_m, cap_n = 1 << 30, _pow2(pb["gemm_n"], 16, 256)
-        cap_k = _pow2(pb["chan"], 16, 128)  # no channel block wider than C
+        cap_m, cap_n = 1 << 30, clamped_pow2(pb["gemm_n"], 16, 256)
+        cap_k = clamped_pow2(pb["chan"], 16, 128)  # no channel block wider than C
     seen, out = set(), []
     for c in raw:
         c = dict(c, BLOCK_M=min(c["BLOCK_M"], cap_m), BLOCK_N=min(c["BLOCK_N"], cap_n),
@@ -693,13 +636,13 @@ def _wgrad_split(M: int, bk: int, tiles: int, bm: int, bn: int, sms: int, mult: 
     waves * (steps per slice + partial write) + partial read, in microseconds, with an SM doing
     ~4 TFLOP/s (530 TFLOP/s over 132 SMs) and ~2.5 TB/s of memory bandwidth in all.
     """
-    steps = _cdiv(M, bk)
+    steps = cdiv(M, bk)
     t_step = 2.0 * bm * bn * bk / 4.0e6            # us per reduction step on one SM
     tile_us = bm * bn * 4 / 2.5e6                  # us to move one partial tile at full bandwidth
     best, best_cost = 1, None
     for s in range(1, min(steps, 8 * sms) + 1):
-        waves = _cdiv(tiles * s, sms)
-        cost = (waves * (_cdiv(steps, s) * t_step + min(tiles * s, sms) * tile_us)
+        waves = cdiv(tiles * s, sms)
+        cost = (waves * (cdiv(steps, s) * t_step + min(tiles * s, sms) * tile_us)
                 + tiles * s * tile_us)
         if best_cost is None or cost < best_cost * 0.999:
             best, best_cost = s, cost
@@ -747,49 +690,12 @@ def _layout(t: torch.Tensor) -> str:
 # dtype and geometry (output layout, configuration, grid, scalar arguments) is a "plan" cached
 # per such key. GoogLeNet's 7x7 layers run in ~10 us on an H100, so host time would show.
 
-try:  # torch >= 2.6
-    from torch.library import triton_op as _triton_op, wrap_triton as _wrap_triton
-except ImportError:  # pragma: no cover - older torch
-    _triton_op = _wrap_triton = None
-
-_PLANS: dict[tuple, dict] = {}
-_MAX_PLANS = 4096
-POISON = False  # tests: fill every buffer a kernel must write with NaN first
-
-
-def _empty(shape, like: torch.Tensor, dtype=None, memory_format=torch.contiguous_format):
-    out = torch.empty(shape, device=like.device, dtype=dtype or like.dtype,
-                      memory_format=memory_format)
-    return out.fill_(float("nan")) if POISON else out
-
-
-def _run(kernel, grid, args: tuple, meta: dict, real: bool) -> None:
-    """Launch now (real tensors) or record the launch for the compiler (fake/functional tensors).
-
-    Under torch.compile ``wrap_triton`` turns the launch into a graph node; under a
-    FakeTensorMode it does nothing. Interpreter kernels are not JITFunctions and cannot be
-    wrapped, so they only ever run on real (CPU) tensors.
-    """
-    if real:
-        kernel[grid](*args, **meta)  # what triton_op itself does in eager mode, minus the HOP
-    elif _wrap_triton is not None and isinstance(kernel, _JITFunction):
-        _wrap_triton(kernel)[grid](*args, **meta)
+_PLANS = PlanCache(lambda: utils.FORCE_INDEX64)
 
 
 def _meta(consts: dict, cfg: dict) -> dict:
     return dict(consts, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-
-
-def _plan(key: Optional[tuple], build: Callable[[], dict]) -> dict:
-    plan = _PLANS.get(key) if key is not None else None
-    if plan is None:
-        plan = build()
-        if key is not None:
-            if len(_PLANS) >= _MAX_PLANS:
-                _PLANS.clear()
-            _PLANS[key] = plan
-    return plan
 
 
 def _gemm_plan(kind: str, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
@@ -809,13 +715,13 @@ def _gemm_plan(kind: str, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Te
               stride=f"{sh}x{sw}", dil=f"{dh}x{dw}", padded=(ph != 0 or pw != 0), groups=groups,
               gemm_m=M, gemm_n=K, red=C * R * S, flat=flat, dot=_dot_mode(x.dtype))
     scalars = (N, C, H, W, K, P, Q, *x.stride(), *w_strides, *y.stride(), sh, sw, ph, pw, dh, dw)
-    index64 = _needs_index64(x, y)
+    index64 = needs_index64(x, y)
 
     def launch(cfg, x, w, b, y, real):
         consts = dict(R=R, S=S, FLAT=cfg.get("flat", flat), PADDED=pb["padded"], FLIP=flip,
                       HAS_BIAS=b is not None, RELU=relu, DOT=pb["dot"], INDEX64=index64)
-        grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(K, cfg["BLOCK_N"]), groups)
-        _run(_conv_fwd_kernel, grid, (x, w, w if b is None else b, y, *scalars),
+        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(K, cfg["BLOCK_N"]), groups)
+        run(_conv_fwd_kernel, grid, (x, w, w if b is None else b, y, *scalars),
              _meta(consts, cfg), real)
 
     cfg = None
@@ -826,7 +732,7 @@ def _gemm_plan(kind: str, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Te
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              stride, padding, dilation, groups: int, relu: bool) -> torch.Tensor:
-    real = _is_real(x)
+    real = is_real(x)
     key = None
     if real and not _FORCED:
         key = ("fwd", x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(),
@@ -837,8 +743,8 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         KT, C, R, S = weight.shape
         K = KT // groups
         (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-        P, Q = _out_size(H, R, sh, ph, dh), _out_size(W, S, sw, pw, dw)
-        fmt = _conv_memory_format(x, weight)
+        P, Q = conv_output_size(H, R, sh, ph, dh), conv_output_size(W, S, sw, pw, dw)
+        fmt = conv_memory_format(x, weight)
         y = torch.empty((N, KT, P, Q), device=x.device, dtype=x.dtype, memory_format=fmt)
         w = weight.contiguous(memory_format=torch.channels_last)
         sw_ = w.stride()
@@ -846,8 +752,8 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
                           dilation, groups, False, relu, real)
         return dict(plan, y_shape=y.shape, fmt=fmt)
 
-    plan = _plan(key, build)
-    y = _empty(plan["y_shape"], x, memory_format=plan["fmt"])
+    plan = _PLANS.get(key, build)
+    y = alloc(plan["y_shape"], x.dtype, x.device, plan["fmt"])
     if plan["cfg"] is not None:
         w = weight.contiguous(memory_format=torch.channels_last)
         plan["launch"](plan["cfg"], x, w, bias, y, real)
@@ -859,7 +765,7 @@ def _grad_output(grad: torch.Tensor, output: Optional[torch.Tensor], bias_grad: 
     """``(G, grad_bias)`` from one pass over grad_output: ``G = grad * (output > 0)`` (or a copy
     of grad when ``output`` is None) written channels_last when ``write``, else an empty tensor;
     grad_bias = the sum of G over (N, H, W) when ``bias_grad``, else an empty tensor."""
-    real = _is_real(grad)
+    real = is_real(grad)
     N, KT, P, Q = grad.shape
     key = None
     if real:
@@ -869,14 +775,14 @@ def _grad_output(grad: torch.Tensor, output: Optional[torch.Tensor], bias_grad: 
     def build() -> dict:
         M = N * P * Q
         gpu = grad.device.type == "cuda"
-        block_c = _pow2(KT, 16, 128 if gpu else 32)
+        block_c = clamped_pow2(KT, 16, 128 if gpu else 32)
         block_r = max(16, (8192 if gpu else 512) // block_c)
-        ncb = _cdiv(KT, block_c)
+        ncb = cdiv(KT, block_c)
         # two 8-warp programs per SM keep ~64 KB of loads in flight there (enough for the
         # bandwidth), each looping over its rows; few programs keep the bias partials short
-        progs = max(1, min(_cdiv(M, block_r), max(1, 2 * _num_sms(grad.device) // ncb)))
-        rows = _cdiv(_cdiv(M, progs), block_r) * block_r
-        progs = _cdiv(M, rows) if M else 0
+        progs = max(1, min(cdiv(M, block_r), max(1, 2 * num_sms(grad.device) // ncb)))
+        rows = cdiv(cdiv(M, progs), block_r) * block_r
+        progs = cdiv(M, rows) if M else 0
         fmt = torch.channels_last
         gm = torch.empty((N, KT, P, Q) if write else (0,), device=grad.device, dtype=grad.dtype,
                          memory_format=fmt if write else torch.contiguous_format)
@@ -884,22 +790,22 @@ def _grad_output(grad: torch.Tensor, output: Optional[torch.Tensor], bias_grad: 
         scalars = (M, KT, P, Q, *grad.stride(), *y.stride(),
                    *(gm.stride() if write else (0, 0, 0, 0)), rows)
         meta = dict(RELU=output is not None, WRITE=write, BIAS=bias_grad,
-                    INDEX64=_needs_index64(grad, y, gm), BLOCK_R=block_r, BLOCK_C=block_c,
+                    INDEX64=needs_index64(grad, y, gm), BLOCK_R=block_r, BLOCK_C=block_c,
                     num_warps=8 if gpu and block_r * block_c >= 8192 else 4)
         return dict(progs=progs, ncb=ncb, scalars=scalars, meta=meta, gm_shape=gm.shape,
                     fmt=fmt if write else torch.contiguous_format)
 
-    plan = _plan(key, build)
-    gm = _empty(plan["gm_shape"], grad, memory_format=plan["fmt"])
-    gb = _empty((KT,) if bias_grad else (0,), grad)
+    plan = _PLANS.get(key, build)
+    gm = alloc(plan["gm_shape"], grad.dtype, grad.device, plan["fmt"])
+    gb = alloc((KT,) if bias_grad else (0,), grad.dtype, grad.device)
     progs = plan["progs"]
     if progs == 0 or KT == 0 or not (write or bias_grad):
         if bias_grad:
             gb.zero_()
         return gm, gb
-    bpart = _empty((progs, KT) if bias_grad else (0,), grad, dtype=torch.float32)
+    bpart = alloc((progs, KT) if bias_grad else (0,), torch.float32, grad.device)
     y = output if output is not None else grad
-    _run(_relu_grad_kernel, (progs, plan["ncb"]), (grad, y, gm, bpart, *plan["scalars"]),
+    run(_relu_grad_kernel, (progs, plan["ncb"]), (grad, y, gm, bpart, *plan["scalars"]),
          plan["meta"], real)
     if bias_grad:
         _sum_slices(bpart, gb, progs, KT, 1, 1, 1, (1, 0, 0, 0), real)
@@ -908,9 +814,9 @@ def _grad_output(grad: torch.Tensor, output: Optional[torch.Tensor], bias_grad: 
 
 def _sum_slices(part, out, split: int, numel: int, ncol: int, C: int, S: int, out_strides,
                 real: bool) -> None:
-    block_s = _pow2(split, 1, 32)
+    block_s = clamped_pow2(split, 1, 32)
     block = max(64, (4096 if out.device.type == "cuda" else 1024) // block_s)
-    _run(_sum_slices_kernel, (_cdiv(numel, block),),
+    run(_sum_slices_kernel, (cdiv(numel, block),),
          (part, out, split, numel, ncol, C, S, *out_strides),
          dict(BLOCK_S=block_s, BLOCK=block, num_warps=4), real)
 
@@ -934,7 +840,7 @@ def _phases(size: int, k: int, stride: int, pad: int, dil: int):
 def _grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size, channels_last: bool,
                 stride, padding, dilation, groups: int) -> torch.Tensor:
     """grad_input from the (already ReLU-masked) gradient ``grad``."""
-    real = _is_real(grad)
+    real = is_real(grad)
     key = None
     if real and not _FORCED:
         key = ("dgrad", grad.shape, grad.stride(), grad.dtype, grad.device, weight.shape,
@@ -968,7 +874,7 @@ def _grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size, channels_l
                   stride=f"{sh}x{sw}", dil=f"{dh}x{dw}", padded=(ph > 0 or pw > 0), groups=groups,
                   gemm_m=N * H * W // max(1, sh * sw), gemm_n=C, red=K * R * S, flat=False,
                   dot=_dot_mode(grad.dtype))
-        consts = dict(DOT=pb["dot"], INDEX64=_needs_index64(grad, dx))
+        consts = dict(DOT=pb["dot"], INDEX64=needs_index64(grad, dx))
         phases = []  # one launch per (row residue, column residue) with its exact taps
         for (h0, HA, r0, NR, rstep, pbase, dp) in _phases(H, R, sh, ph, dh):
             for (w0, WA, s0_, NS, sstep, qbase, dq) in _phases(W, S, sw, pw, dw):
@@ -980,16 +886,16 @@ def _grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size, channels_l
         def launch(cfg, g, w, dx, real):
             meta = _meta(consts, cfg)
             for MA, scalars in phases:
-                grid = (_cdiv(MA, cfg["BLOCK_M"]) * _cdiv(C, cfg["BLOCK_N"]), groups)
-                _run(_conv_dgrad_kernel, grid, (g, w, dx, *scalars), meta, real)
+                grid = (cdiv(MA, cfg["BLOCK_M"]) * cdiv(C, cfg["BLOCK_N"]), groups)
+                run(_conv_dgrad_kernel, grid, (g, w, dx, *scalars), meta, real)
 
         plan["launch"] = launch
         plan["cfg"] = _select("dgrad", pb, lambda c: launch(c, grad, w, dx, real), grad.device,
                               real)
         return plan
 
-    plan = _plan(key, build)
-    dx = _empty(plan["dx_shape"], grad, memory_format=plan["fmt"])
+    plan = _PLANS.get(key, build)
+    dx = alloc(plan["dx_shape"], grad.dtype, grad.device, plan["fmt"])
     if plan["zero"]:
         return dx.zero_()
     if plan["cfg"] is not None:
@@ -1001,7 +907,7 @@ def _grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size, channels_l
 def _grad_weight(grad: torch.Tensor, x: torch.Tensor, weight_size, weight_channels_last: bool,
                  stride, padding, dilation, groups: int) -> torch.Tensor:
     """grad_weight from the (already ReLU-masked) gradient ``grad``."""
-    real = _is_real(grad)
+    real = is_real(grad)
     key = None
     if real and not _FORCED:
         key = ("wgrad", grad.shape, grad.stride(), grad.dtype, grad.device, x.shape, x.stride(),
@@ -1032,27 +938,27 @@ def _grad_weight(grad: torch.Tensor, x: torch.Tensor, weight_size, weight_channe
         consts = dict(R=R, S=S, PADDED=pb["padded"], DOT=pb["dot"],
                       G_ROWS=gs[0] == P * Q * gs[3] and gs[2] == Q * gs[3],
                       X_ROWS=(sh, sw, H, W) == (1, 1, P, Q) and xs[0] == H * W * xs[3]
-                      and xs[2] == W * xs[3], INDEX64=_needs_index64(grad, x))
-        sms = _num_sms(x.device)
+                      and xs[2] == W * xs[3], INDEX64=needs_index64(grad, x))
+        sms = num_sms(x.device)
         shapes: dict[tuple, tuple] = {}  # per config: (grid, split, pixels per split)
 
         def geometry(cfg) -> tuple:
             ck = tuple(sorted(cfg.items()))
             if ck not in shapes:
                 bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-                cols = _cdiv(RSC, bn) if cfg.get("flat", flat) else R * S * _cdiv(C, bn)
-                tiles = _cdiv(K, bm) * cols
+                cols = cdiv(RSC, bn) if cfg.get("flat", flat) else R * S * cdiv(C, bn)
+                tiles = cdiv(K, bm) * cols
                 split = cfg.get("split") or _wgrad_split(M, bk, tiles * groups, bm, bn, sms,
                                                          cfg.get("split_mult", 1))
-                m_per = _cdiv(_cdiv(M, split), bk) * bk
-                split = _cdiv(M, m_per)
+                m_per = cdiv(cdiv(M, split), bk) * bk
+                split = cdiv(M, m_per)
                 shapes[ck] = ((tiles, groups, split), split, m_per)
             return shapes[ck]
 
         def launch(cfg, g, x, gw, real) -> None:
             grid, split, m_per = geometry(cfg)
-            part = _empty((split, KT, RSC), x, dtype=torch.float32)
-            _run(_conv_wgrad_kernel, grid, (g, x, part, *scalars, m_per),
+            part = alloc((split, KT, RSC), torch.float32, x.device)
+            run(_conv_wgrad_kernel, grid, (g, x, part, *scalars, m_per),
                  _meta(dict(consts, FLAT=cfg.get("flat", flat)), cfg), real)
             # fixed-order reduction of the slices: deterministic (and part of what tuning times)
             _sum_slices(part, gw, split, KT * RSC, RSC, C, S, plan["gw_strides"], real)
@@ -1061,8 +967,8 @@ def _grad_weight(grad: torch.Tensor, x: torch.Tensor, weight_size, weight_channe
         plan["cfg"] = _select("wgrad", pb, lambda c: launch(c, grad, x, gw, real), x.device, real)
         return plan
 
-    plan = _plan(key, build)
-    gw = _empty(tuple(weight_size), x, memory_format=fmt)
+    plan = _PLANS.get(key, build)
+    gw = alloc(tuple(weight_size), x.dtype, x.device, fmt)
     if plan["cfg"] is None:
         return gw.zero_()
     plan["launch"](plan["cfg"], grad, x, gw, real)
@@ -1072,15 +978,6 @@ def _grad_weight(grad: torch.Tensor, x: torch.Tensor, weight_size, weight_channe
 # ----------------------------------------------------------------------------------------------
 # custom ops and autograd
 # ----------------------------------------------------------------------------------------------
-
-def _register(name: str, fn: Callable, fake: Callable):
-    qual = f"fastconv::{name}"
-    if _triton_op is not None:
-        return _triton_op(qual, fn, mutates_args=())  # the traceable body doubles as fake impl
-    op = torch.library.custom_op(qual, fn, mutates_args=())
-    op.register_fake(fake)
-    return op
-
 
 def _no_channels(x: torch.Tensor, w: torch.Tensor) -> Optional[str]:
     """Why an input without channels is not for the kernels (torch returns an empty
@@ -1105,10 +1002,10 @@ def _conv_op(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
 def _conv_fake(input, weight, bias, stride, padding, dilation, groups, relu):
     N, _, H, W = input.shape
-    P = _out_size(H, weight.shape[2], stride[0], padding[0], dilation[0])
-    Q = _out_size(W, weight.shape[3], stride[1], padding[1], dilation[1])
+    P = conv_output_size(H, weight.shape[2], stride[0], padding[0], dilation[0])
+    Q = conv_output_size(W, weight.shape[3], stride[1], padding[1], dilation[1])
     return input.new_empty((N, weight.shape[0], P, Q)).contiguous(
-        memory_format=_conv_memory_format(input, weight))
+        memory_format=conv_memory_format(input, weight))
 
 
 def _grad_output_op(grad_output: torch.Tensor, output: Optional[torch.Tensor], bias_grad: bool,
@@ -1146,11 +1043,13 @@ def _grad_weight_fake(grad, input, weight_size, weight_channels_last, stride, pa
     return input.new_empty(weight_size).contiguous(memory_format=fmt)
 
 
-conv2d_relu_op = _register("triton_conv2d_relu", _conv_op, _conv_fake)
+conv2d_relu_op = define_op("triton_conv2d_relu", fake=_conv_fake)(_conv_op)
 # grad_output -> (G masked by the ReLU, channels_last; grad_bias); G feeds the two GEMMs below
-grad_output_op = _register("triton_conv2d_relu_grad_output", _grad_output_op, _grad_output_fake)
-grad_input_op = _register("triton_conv2d_relu_grad_input", _grad_input_op, _grad_input_fake)
-grad_weight_op = _register("triton_conv2d_relu_grad_weight", _grad_weight_op, _grad_weight_fake)
+grad_output_op = define_op("triton_conv2d_relu_grad_output",
+                           fake=_grad_output_fake)(_grad_output_op)
+grad_input_op = define_op("triton_conv2d_relu_grad_input", fake=_grad_input_fake)(_grad_input_op)
+grad_weight_op = define_op("triton_conv2d_relu_grad_weight",
+                           fake=_grad_weight_fake)(_grad_weight_op)
 
 
 def _setup_context(ctx, inputs, output):
@@ -1158,8 +1057,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, weight, output if relu else None)
     ctx.geometry = (list(stride), list(padding), list(dilation), groups)
     ctx.input_size = list(input.shape)
-    ctx.input_cl = _conv_memory_format(input, weight) == torch.channels_last
-    ctx.weight_cl = _memory_format(weight) == torch.channels_last
+    ctx.input_cl = conv_memory_format(input, weight) == torch.channels_last
+    ctx.weight_cl = suggest_memory_format(weight) == torch.channels_last
     ctx.relu = relu
 
 
@@ -1169,63 +1068,32 @@ def _backward(ctx, grad):
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     # eager: call the launchers directly (the op dispatcher costs ~100 us of host time per call);
     # tracing (fake/functional tensors): the registered ops, so graphs show fastconv ops
-    eager = _is_real(grad)
+    now = is_real(grad)
     gi = gw = gb = None
     g = grad
     mask = output is not None and (need_x or need_w)
     if mask or need_b:
         # one pass: the ReLU mask applied once for both GEMMs, grad_bias on the way
-        gm, gb_ = (_grad_output if eager else grad_output_op)(grad, output, bool(need_b), mask)
+        gm, gb_ = (_grad_output if now else grad_output_op)(grad, output, bool(need_b), mask)
         g = gm if mask else grad
         gb = gb_ if need_b else None
     if need_x:
-        fn = _grad_input if eager else grad_input_op
+        fn = _grad_input if now else grad_input_op
         gi = fn(g, weight, ctx.input_size, ctx.input_cl, stride, padding, dilation, groups)
     if need_w:
-        fn = _grad_weight if eager else grad_weight_op
+        fn = _grad_weight if now else grad_weight_op
         gw = fn(g, input, list(weight.shape), ctx.weight_cl, stride, padding, dilation, groups)
     return gi, gw, gb, None, None, None, None, None
 
 
-class _EagerConv2dReLU(torch.autograd.Function):
-    """The op's autograd formula without the custom-op dispatcher, for eager calls."""
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, stride, padding, dilation, groups, relu):
-        out = _forward(input, weight, bias, stride, padding, dilation, groups, relu)
-        _setup_context(ctx, (input, weight, bias, stride, padding, dilation, groups, relu), out)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        return _backward(ctx, grad)
-
-
 conv2d_relu_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _declare_kernels() -> None:
-    # triton_op finds kernels by reading wrap_triton(<global name>) calls in the op body; ours go
-    # through _run, so name them for AOTAutograd's cache key (which hashes kernel sources).
-    try:
-        from torch._library import triton as lib
-        from triton.runtime.jit import JITFunction
-
-        table = getattr(lib, "triton_ops_to_kernels", None)
-        if isinstance(table, dict) and isinstance(_conv_fwd_kernel, JITFunction):
-            table["fastconv::triton_conv2d_relu"] = [_conv_fwd_kernel]
-            table["fastconv::triton_conv2d_relu_grad_output"] = [_relu_grad_kernel,
-                                                                 _sum_slices_kernel]
-            table["fastconv::triton_conv2d_relu_grad_input"] = [_conv_fwd_kernel,
-                                                                _conv_dgrad_kernel]
-            table["fastconv::triton_conv2d_relu_grad_weight"] = [_conv_wgrad_kernel,
-                                                                 _sum_slices_kernel]
-    except Exception:  # private registry: best effort only
-        pass
-
-
-_declare_kernels()
+_EagerConv2dReLU = eager_autograd("_EagerConv2dReLU", _forward, _setup_context, _backward)
+declare_kernels({
+    "triton_conv2d_relu": [_conv_fwd_kernel],
+    "triton_conv2d_relu_grad_output": [_relu_grad_kernel, _sum_slices_kernel],
+    "triton_conv2d_relu_grad_input": [_conv_fwd_kernel, _conv_dgrad_kernel],
+    "triton_conv2d_relu_grad_weight": [_conv_wgrad_kernel, _sum_slices_kernel],
+})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1241,9 +1109,9 @@ def conv2d_relu(input, weight, bias, stride, padding, dilation, groups, relu):
     """
     args = (input, weight, bias, list(stride), list(padding), list(dilation), int(groups),
             bool(relu))
-    if not _eager(input):
+    if not eager(input):
         return conv2d_relu_op(*args)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:3]):
+    if grad_needed(*args[:3]):
         return _EagerConv2dReLU.apply(*args)
     return _forward(*args)
 
@@ -1274,201 +1142,10 @@ def why_not_conv2d_relu(args: dict) -> Optional[str]:
     N, _, H, W = x.shape
     _, _, R, S = w.shape
     (sh, sw), (ph, pw), (dh, dw) = args["stride"], args["padding"], args["dilation"]
-    P, Q = _out_size(H, R, sh, ph, dh), _out_size(W, S, sw, pw, dw)
-    if N * max(P, 0) * max(Q, 0) > _INT32_LIMIT or N * H * W > _INT32_LIMIT:
+    P, Q = conv_output_size(H, R, sh, ph, dh), conv_output_size(W, S, sw, pw, dw)
+    if N * max(P, 0) * max(Q, 0) > INT32_LIMIT or N * H * W > INT32_LIMIT:
         return (f"triton conv2d_relu indexes pixels with int32: N*P*Q = {N}*{P}*{Q} and N*H*W "
                 f"= {N}*{H}*{W} must stay below 2**31")
-    if w.numel() * (R * S + 1) > _INT32_LIMIT:
+    if w.numel() * (R * S + 1) > INT32_LIMIT:
         return f"triton conv2d_relu: weight {tuple(w.shape)} too large for int32 column indices"
     return None
-
-
-# ----------------------------------------------------------------------------------------------
-# ahead-of-time specs (see aot.py)
-# ----------------------------------------------------------------------------------------------
-
-def _sig(names: str, ptr_types: dict[str, str], int16: set[str]) -> dict[str, str]:
-    out = {}
-    for n in names.split():
-        if n in ptr_types:
-            out[n] = ptr_types[n]
-        else:
-            out[n] = "i32:16" if n in int16 else "i32"
-    return out
-
-
-def _shipped_specs(KernelSpec, fwd_names, dgrad_names, wgrad_names, strides16) -> list:
-    """One spec per configuration in conv_configs.json (any device), compiled for the layer shape
-    its key names, channels_last: what fastconv runs on a machine without its own tuning."""
-    import json
-
-    try:
-        data = json.loads(_tune.shipped_path("conv").read_text())
-    except (OSError, ValueError):
-        return []
-    specs, seen = [], set()
-    for table in data.get("entries", {}).values():
-        for key, entry in sorted(table.items()):
-            parts = key.split("|")
-            cfg = entry.get("config") if isinstance(entry, dict) else None
-            if len(parts) != 12 or not isinstance(cfg, dict):
-                continue
-            kind, dt, _, chan, kout, rs, st, _, pad, _, _, dot = parts
-            R, S = (int(v) for v in rs[1:].split("S"))
-            C = int(chan[1:])
-            dot = int(dot[3:])
-            ptr = {n: f"*{dt}" for n in ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "g_ptr", "dx_ptr")}
-            ptr["part_ptr"] = "*fp32"
-            flat = cfg.get("flat", _use_flat(C, R, S))
-            i16 = strides16 if C % 16 == 0 else strides16 - {"C"}
-            tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
-            padded = pad == "pad1"
-            if kind == "wgrad":
-                name, kernel, names = "conv_wgrad", _conv_wgrad_kernel, wgrad_names
-                consts = dict(R=R, S=S, FLAT=flat, PADDED=padded, G_ROWS=True,
-                              X_ROWS=not flat and st == "st1x1", DOT=dot, INDEX64=False, sgk=1,
-                              sxc=1, **tiles)
-                i16 = i16 | {"M_PER_SPLIT"}
-            elif kind == "dgrad" and st != "st1x1":
-                name, kernel, names = "conv_dgrad_strided", _conv_dgrad_kernel, dgrad_names
-                consts = dict(DOT=dot, INDEX64=False, sgk=1, swc=1, sdc=1, **tiles)
-            else:
-                name, kernel = ("conv_fwd", _conv_fwd_kernel) if kind == "fwd" else \
-                    ("conv_dgrad", _conv_fwd_kernel)
-                consts = dict(R=R, S=S, FLAT=flat, PADDED=padded, FLIP=kind == "dgrad",
-                              HAS_BIAS=kind == "fwd", RELU=kind == "fwd", DOT=dot, INDEX64=False,
-                              sxc=1, syc=1, **tiles)
-                consts["swc" if kind == "fwd" else "swk"] = 1
-                names = fwd_names + (" swk" if kind == "fwd" else " swc")
-            if C == 1 and "C" in names.split():
-                consts["C"] = 1
-            label = f"{name} {dt} {R}x{S}{' C=1' if C == 1 else ''} (shipped)"
-            ident = (label, tuple(sorted(consts.items())), cfg["num_warps"], cfg["num_stages"])
-            if ident in seen:
-                continue
-            seen.add(ident)
-            specs.append(KernelSpec(
-                name=label, kernel=kernel, signature=_sig(names, ptr, i16), constexprs=consts,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                expect_wgmma=True if dt in ("bf16", "fp16") else None))
-    return specs
-
-
-def aot_specs():
-    """Every configuration the heuristic or the autotuner can pick, for bf16/fp16/fp32-tf32.
-
-    Specs assume a channels_last problem whose channel counts are multiples of 16 (strides
-    divisible by 16, channel stride specialised to 1 as Triton's JIT does), the fast path.
-    """
-    from .aot import KernelSpec
-
-    specs = []
-    dtypes = (("bf16", 16, 0), ("fp16", 16, 0), ("fp32", 32, 1))
-    fwd_names = ("x_ptr w_ptr b_ptr y_ptr N C H W K P Q sxn sxh sxw swg swr sws syn syh syw "
-                 "stride_h stride_w pad_h pad_w dil_h dil_w")
-    dgrad_names = ("g_ptr w_ptr dx_ptr N C H W K P Q sgn sgp sgq swk swr sws sdn sdh sdw "
-                   "h_first w_first HA WA r_first s_first NR NS r_step s_step p_base q_base dp dq "
-                   "stride_h stride_w")
-    wgrad_names = ("g_ptr x_ptr part_ptr N C H W K P Q sgn sgp sgq sxn sxh sxw "
-                   "stride_h stride_w pad_h pad_w dil_h dil_w M_PER_SPLIT")
-    strides16 = {"C", "K", "sxn", "sxh", "sxw", "swg", "swk", "swc", "swr", "sws", "syn", "syh",
-                 "syw", "sgn", "sgp", "sgq", "sdn", "sdh", "sdw", "smn", "smp", "smq"}
-
-    def gemm_cfgs(kind, pb):
-        heur = _heuristic(kind, pb)
-        return [heur] + [c for c in _candidates(kind, pb) if c != heur], heur
-
-    for dt, bits, dot in dtypes:
-        wgmma = True if bits == 16 else None
-        main_dt = dt == "bf16"
-        ptr = {n: f"*{dt}" for n in ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "g_ptr", "dx_ptr")}
-        # forward: a padded 3x3 layer (taps), a 1x1 layer (plain GEMM), an 11x11 C=1 layer (flat);
-        # grad_input of stride-1 layers: the same kernel with mirrored taps and the weight read
-        # along its output channels (swk=1 instead of swc=1)
-        cases = [("conv_fwd", "3x3", 3, 3, False, True, 256, 256),
-                 ("conv_fwd", "1x1", 1, 1, False, False, 192, 256),
-                 ("conv_fwd", "11x11 C=1", 11, 11, True, False, 1, 96),
-                 ("conv_dgrad", "3x3", 3, 3, False, True, 256, 256),
-                 ("conv_dgrad", "1x1", 1, 1, False, False, 256, 192)]
-        for kname, label, R, S, flat, padded, C, K in cases:
-            kind = "fwd" if kname == "conv_fwd" else "dgrad"
-            pb = dict(device="cuda", bits=bits, gemm_m=1 << 20, gemm_n=K, red=C * R * S, flat=flat,
-                      chan=C, stride="1x1")
-            cfgs, heur = gemm_cfgs(kind, pb)
-            for cfg in cfgs:
-                consts = dict(R=R, S=S, FLAT=flat, PADDED=padded, FLIP=kind == "dgrad",
-                              HAS_BIAS=kind == "fwd", RELU=kind == "fwd", DOT=dot, INDEX64=False,
-                              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                              sxc=1, syc=1)
-                consts["swc" if kind == "fwd" else "swk"] = 1
-                names = fwd_names + (" swk" if kind == "fwd" else " swc")
-                if C == 1:
-                    consts["C"] = 1  # the JIT specialises ints equal to 1
-                specs.append(KernelSpec(
-                    name=f"{kname} {dt} {label}", kernel=_conv_fwd_kernel,
-                    signature=_sig(names, ptr, strides16 if not flat else strides16 - {"C"}),
-                    constexprs=consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                    main=(cfg is heur and (main_dt or label == "3x3")), expect_wgmma=wgmma))
-        # grad_input of strided convs: the phase kernel
-        pb = dict(device="cuda", bits=bits, gemm_m=1 << 18, gemm_n=256, red=256 * 4, flat=False,
-                  chan=256, stride="2x2")
-        cfgs, heur = gemm_cfgs("dgrad", pb)
-        for cfg in cfgs:
-            consts = dict(DOT=dot, INDEX64=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                          BLOCK_K=cfg["BLOCK_K"], sgk=1, swc=1, sdc=1)
-            specs.append(KernelSpec(
-                name=f"conv_dgrad_strided {dt} 3x3/2", kernel=_conv_dgrad_kernel,
-                signature=_sig(dgrad_names, ptr, strides16), constexprs=consts,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                main=cfg is heur and main_dt, expect_wgmma=wgmma))
-        ptr["part_ptr"] = "*fp32"
-        for label, R, S, flat, padded, C, K in (("3x3", 3, 3, False, True, 256, 256),
-                                                ("11x11 C=1", 11, 11, True, False, 1, 96)):
-            pb = dict(device="cuda", bits=bits, gemm_m=1 << 20, gemm_n=K, red=1 << 20, flat=flat,
-                      chan=C, cols=C * R * S if flat else C, stride="1x1")
-            cfgs, heur = gemm_cfgs("wgrad", pb)
-            for cfg in cfgs:
-                consts = dict(R=R, S=S, FLAT=flat, PADDED=padded, G_ROWS=True, X_ROWS=not flat,
-                              DOT=dot, INDEX64=False, BLOCK_M=cfg["BLOCK_M"],
-                              BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], sgk=1, sxc=1)
-                if C == 1:
-                    consts["C"] = 1
-                sig = _sig(wgrad_names, ptr,
-                           (strides16 if not flat else strides16 - {"C"}) | {"M_PER_SPLIT"})
-                specs.append(KernelSpec(
-                    name=f"conv_wgrad {dt} {label}", kernel=_conv_wgrad_kernel, signature=sig,
-                    constexprs=consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                    main=(cfg is heur and (main_dt or label == "3x3")), expect_wgmma=wgmma))
-        # the ReLU-mask + grad_bias pass and the slice sum, as their launchers configure them
-        gout = ("g_ptr y_ptr gm_ptr bpart_ptr M K P Q sgn sgp sgq syn syp syq smn smp smq ROWS")
-        specs.append(KernelSpec(
-            name=f"conv_relu_grad {dt}", kernel=_relu_grad_kernel,
-            signature=_sig(gout, dict(ptr, y_ptr=f"*{dt}", gm_ptr=f"*{dt}", bpart_ptr="*fp32"),
-                           strides16 | {"K", "syn", "syp", "syq"}),
-            constexprs=dict(RELU=True, WRITE=True, BIAS=True, INDEX64=False, BLOCK_R=64,
-                            BLOCK_C=128, sgk=1, syk=1, smk=1),
-            num_warps=8, num_stages=3, main=main_dt))
-        specs.append(KernelSpec(
-            name=f"conv_sum_slices {dt}", kernel=_sum_slices_kernel,
-            signature=_sig("part_ptr out_ptr SPLIT NUMEL NCOL C S sok soc sor sos",
-                           {"part_ptr": "*fp32", "out_ptr": f"*{dt}"}, set()),
-            constexprs=dict(BLOCK_S=16, BLOCK=256), num_warps=4, num_stages=3, main=main_dt))
-    # the shipped table's configurations (tuned on an H100) with their layers' kernel shapes
-    specs += _shipped_specs(KernelSpec, fwd_names, dgrad_names, wgrad_names, strides16)
-    # tensors of 2**31 elements or more: 64-bit offsets (heuristic configs, bf16)
-    big = []
-    for s in specs:
-        if (s.main and s.name.startswith(("conv_fwd", "conv_dgrad", "conv_wgrad"))
-                and " bf16 " in s.name and not s.name.endswith(" 1x1")):
-            big.append(KernelSpec(name=s.name + " index64", kernel=s.kernel, signature=s.signature,
-                                  constexprs=dict(s.constexprs, INDEX64=True), num_warps=s.num_warps,
-                                  num_stages=s.num_stages, main=False, expect_wgmma=s.expect_wgmma))
-    specs += big
-    # keep one spec per distinct compile
-    out, seen = [], set()
-    for s in specs:
-        key = (s.name, tuple(sorted(s.constexprs.items())), s.num_warps, s.num_stages)
-        if key not in seen:
-            seen.add(key)
-            out.append(s)
-    return out

@@ -5,30 +5,25 @@ builds for an H100, how many registers it takes, whether it spills, how much sha
 needs and whether its dots became ``wgmma`` instructions. Triton compiles for any target
 offline; ``cuobjdump`` (shipped with Triton) reads the resulting cubin.
 
-Convention
-----------
-Each kernel module of the Triton backend (``conv.py``, ``pool.py``, ``batchnorm.py``) may define
-``aot_specs() -> list[KernelSpec]`` covering every configuration its launchers or autotuner can
-pick. Mark the few configurations that matter most with ``main=True``: ``tests/test_triton_aot.py``
-compiles those, ``scripts/aot_report.py`` compiles all of them into ``benchmarks/aot_sm90.md``.
+Specs
+-----
+``scripts/aot/specs.py`` lists, per op module, every configuration its launchers or autotuner can
+pick (``SPECS``: module -> function returning ``list[KernelSpec]``). Mark the few configurations
+that matter most with ``main=True``: ``tests/test_triton_aot.py`` compiles those,
+``scripts/aot_report.py`` compiles all of them into ``benchmarks/aot_sm90.md``. A spec gives the
+kernel, the types of its runtime arguments and the values of its constexprs::
 
-Usage::
-
-    from fastconv.backends.triton.aot import KernelSpec, compile_spec
-
-    def aot_specs():
-        return [KernelSpec(
-            name="max_pool2d_fwd bf16 BLOCK=1024",
-            kernel=_max_pool_fwd_kernel,                    # the @triton.jit function
-            signature={"x_ptr": "*bf16", "y_ptr": "*bf16",  # every non-constexpr argument;
-                       "n_elements": "i32", "C": "i32:16"},  # ":16" = divisible by 16 (as the JIT
-            constexprs={"BLOCK": 1024, "RELU": True},        # specialises it at run time)
-            num_warps=4, num_stages=1, main=True,
-            expect_wgmma=None)]                             # True: must use wgmma; None: don't care
+    KernelSpec(name="max_pool2d_fwd bf16 BLOCK=1024",
+               kernel=_max_pool_fwd_kernel,                    # the @triton.jit function
+               signature={"x_ptr": "*bf16", "y_ptr": "*bf16",  # every non-constexpr argument;
+                          "n_elements": "i32", "C": "i32:16"},  # ":16" = divisible by 16 (as the
+               constexprs={"BLOCK": 1024, "RELU": True},        # JIT specialises it at run time)
+               num_warps=4, num_stages=1, main=True,
+               expect_wgmma=None)                # True: must use wgmma; None: don't care
 
     res = compile_spec(spec)          # -> AotResult(registers, spill_bytes, stack_bytes, shared_bytes, wgmma,
                                       #              loop_instructions, loop_sync_loads, ...)
-    results = compile_modules(["conv", "pool", "batchnorm"], main_only=True)
+    results = compile_modules(["conv2d_relu", "pool", "batch_norm"], main_only=True)
 
 Pointers are marked 16-byte aligned (torch allocations are); integer arguments are not unless
 written ``"i32:16"``; an integer the JIT would see as 1 (a unit stride) belongs in ``constexprs``
@@ -46,14 +41,13 @@ cannot be compiled. :func:`compile_modules` therefore compiles in child processe
 interpreter off whenever it is on here, or when ``jobs > 1``; a spec that crashes the compiler is
 reported as a failed build and the rest still compile. From the shell::
 
-    python -m fastconv.backends.triton.aot --modules conv pool --main-only --jobs 2   # markdown
+    python scripts/aot/compile.py --modules conv2d_relu pool --main-only --jobs 2   # markdown
     python scripts/aot_report.py                       # everything -> benchmarks/aot_sm90.md
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import os
 import re
@@ -65,9 +59,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
-MODULES = ("conv", "pool", "batchnorm")
+MODULES = ("conv2d_relu", "pool", "batch_norm")
 SM90_SHARED_LIMIT = 227 * 1024  # opt-in dynamic shared memory per block on H100
-_PKG = "fastconv.backends.triton"
+_SCRIPTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(_SCRIPTS)
+for _p in (_ROOT, _SCRIPTS):  # also when run as a script
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 
 @dataclass
@@ -297,12 +295,10 @@ def compile_spec(spec: KernelSpec, module: str = "", arch: int = 90, order: int 
 
 
 def module_specs(module: str, main_only: bool = False) -> list[KernelSpec]:
-    """``aot_specs()`` of ``fastconv.backends.triton.<module>``; [] if it has none."""
-    mod = importlib.import_module(f"{_PKG}.{module}")
-    getter = getattr(mod, "aot_specs", None)
-    if getter is None:
-        return []
-    specs = list(getter())
+    """The specs of ``module`` (a key of ``specs.SPECS``)."""
+    from aot.specs import SPECS
+
+    specs = list(SPECS[module]())
     return [s for s in specs if s.main] if main_only else specs
 
 
@@ -314,14 +310,14 @@ def _child(modules: list[str], main_only: bool, name_filter: Optional[str], shar
            resume_after: int) -> subprocess.Popen:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", f"{_PKG}.aot", "--stream", "--modules", *modules, "--shard", shard,
+    env["PYTHONPATH"] = os.pathsep.join([_SCRIPTS, _ROOT, env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "aot.compile", "--stream", "--modules", *modules, "--shard", shard,
            "--resume-after", str(resume_after)]
     if main_only:
         cmd.append("--main-only")
     if name_filter:
         cmd += ["--filter", name_filter]
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    return subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen(cmd, env=env, cwd=_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
 
@@ -357,13 +353,7 @@ def _run_shard(modules, main_only, name_filter, shard: str, timeout: float) -> l
 def _iter_specs(modules, main_only, name_filter):
     order = 0
     for module in modules:
-        try:
-            specs = module_specs(module, main_only)
-        except ImportError as exc:
-            if getattr(exc, "name", None) == f"{_PKG}.{module}":
-                continue  # module not written yet
-            raise
-        for spec in specs:
+        for spec in module_specs(module, main_only):
             if name_filter and not re.search(name_filter, spec.name):
                 continue
             yield order, module, spec
@@ -373,7 +363,7 @@ def _iter_specs(modules, main_only, name_filter):
 def compile_modules(modules: Iterable[str] = MODULES, main_only: bool = False,
                     name_filter: Optional[str] = None, timeout: float = 1800,
                     jobs: int = 1) -> list[AotResult]:
-    """Compile every spec of ``modules`` (those that exist and define ``aot_specs``).
+    """Compile every spec of ``modules`` (keys of ``specs.SPECS``).
 
     With ``jobs > 1``, or when the interpreter is on here, the work runs in ``jobs`` child
     processes (each takes every ``jobs``-th spec), which also survive compiler crashes.
