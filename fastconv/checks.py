@@ -2,8 +2,8 @@
 
 Each ``check_<op>`` takes the op's torch.nn.functional-style arguments, raises a clear error
 naming the argument and the shapes (before anything is modified), and returns the normalised
-arguments a backend receives (``fastconv/backends/base.py``). It depends on nothing but torch,
-so kernels' op registrations call it too: a direct ``torch.ops.fastconv.*`` call is checked
+arguments a backend receives (``fastconv/backends/base.py``). It depends on nothing but torch
+and the shape rules (``fastconv/shapes.py``), so kernels' op registrations call it too: a direct ``torch.ops.fastconv.*`` call is checked
 like a public one.
 """
 from __future__ import annotations
@@ -12,6 +12,8 @@ from numbers import Integral
 from typing import Any, Optional
 
 import torch
+
+from .shapes import pool_output_size
 
 __all__ = ["check_conv2d_relu", "check_max_pool2d", "check_avg_pool2d",
            "check_adaptive_avg_pool2d", "check_batch_norm", "CHECKS"]
@@ -59,15 +61,6 @@ def _optional_vector(op: str, name: str, t: Any, size: int, what: str) -> None:
     if t.dim() != 1 or t.shape[0] != size:
         raise ValueError(f"{op}: {name} must have shape ({size},) ({what}), "
                          f"got {tuple(t.shape)}")
-
-
-def _pool_out(op: str, size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
-    """torch's pooling output size (a window never starts in the right padding)."""
-    span = size + 2 * p - d * (k - 1) - 1
-    out = (span + (s - 1 if ceil_mode else 0)) // s + 1
-    if ceil_mode and (out - 1) * s >= size + p:
-        out -= 1
-    return out
 
 
 def _autocast(input: torch.Tensor, *tensors: Optional[torch.Tensor]):
@@ -143,8 +136,8 @@ def _pool_geometry(op, input, kernel_size, stride, padding, dilation, ceil_mode)
         raise ValueError(f"{op}: padding {padding} must be at most half of kernel_size "
                          f"{kernel_size}")
     h, w = input.shape[2:]
-    out = (_pool_out(op, h, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode),
-           _pool_out(op, w, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode))
+    out = (pool_output_size(h, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode),
+           pool_output_size(w, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode))
     if min(out) < 1:
         raise ValueError(f"{op}: kernel_size {kernel_size} (dilation {dilation}, padding "
                          f"{padding}) is larger than the input {tuple(input.shape)}: the "

@@ -38,11 +38,20 @@ def _channels_last_strides(size, stride) -> bool:
 
 
 def suggest_memory_format(t: torch.Tensor) -> torch.memory_format:
-    """c10's ``suggest_memory_format``: the format torch's ops give an output made from ``t``
-    (not exposed to Python in every torch version)."""
+    """c10's ``suggest_memory_format``: the format torch's ops give an output made from ``t``.
+    torch's Python copy handles symbolic shapes (fake tensors while tracing); the mirror serves
+    torch versions without it."""
+    if _torch_suggest is not None:
+        return _torch_suggest(t)
     if t.dim() == 4 and _channels_last_strides(t.shape, t.stride()):
         return torch.channels_last
     return torch.contiguous_format
+
+
+try:
+    from torch._prims_common import suggest_memory_format as _torch_suggest
+except ImportError:  # pragma: no cover - older torch
+    _torch_suggest = None
 
 
 def conv_memory_format(input: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:

@@ -572,30 +572,9 @@ _registered = False
 
 def layout_of(t) -> Any:
     """The memory format an op's output takes from tensor ``t`` (c10's suggest_memory_format)."""
-    import torch
+    from ..shapes import suggest_memory_format
 
-    try:
-        from torch._prims_common import suggest_memory_format
-    except ImportError:  # pragma: no cover - older torch
-        suggest_memory_format = None
-    if suggest_memory_format is not None:
-        return suggest_memory_format(t)
-    if t.dim() != 4 or t.stride(1) == 0:
-        return torch.contiguous_format
-    lo = 0
-    for d in (1, 3, 2, 0):
-        if t.shape[d] == 0 or t.stride(d) < lo or (d == 0 and lo == t.stride(1)):
-            return torch.contiguous_format
-        lo = t.stride(d) * (t.shape[d] if t.shape[d] > 1 else 1)
-    return torch.channels_last
-
-
-def _pooled(size, k, pad, stride, dil, ceil_mode):
-    num = size + 2 * pad - dil * (k - 1) - 1 + (stride - 1 if ceil_mode else 0)
-    out = num // stride + 1
-    if ceil_mode and (out - 1) * stride >= size + pad:
-        out = out - 1
-    return out
+    return suggest_memory_format(t)
 
 
 def _full_input_size(input_size, grad_output):
@@ -618,6 +597,8 @@ def _register_python_side() -> None:
     import torch
     from torch.library import register_fake
 
+    from ..shapes import conv_output_size, pool_output_size
+
     def empty(shape, like, fmt, dtype=None):
         return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
 
@@ -628,8 +609,8 @@ def _register_python_side() -> None:
 
     @register_fake("fastconv::conv2d_relu")
     def _(input, weight, bias, stride, padding, dilation, groups, relu):
-        oh = (input.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
-        ow = (input.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
+        oh = conv_output_size(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+        ow = conv_output_size(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
         return empty((input.shape[0], weight.shape[0], oh, ow), input, layout_of(input))
 
     @register_fake("fastconv::conv2d_relu_backward")
@@ -642,8 +623,10 @@ def _register_python_side() -> None:
 
     @register_fake("fastconv::max_pool2d")
     def _(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, relu):
-        oh = _pooled(input.shape[2], kernel_size[0], padding[0], stride[0], dilation[0], ceil_mode)
-        ow = _pooled(input.shape[3], kernel_size[1], padding[1], stride[1], dilation[1], ceil_mode)
+        oh = pool_output_size(input.shape[2], kernel_size[0], stride[0], padding[0], dilation[0],
+                              ceil_mode)
+        ow = pool_output_size(input.shape[3], kernel_size[1], stride[1], padding[1], dilation[1],
+                              ceil_mode)
         shape = (input.shape[0], input.shape[1], oh, ow)
         fmt = layout_of(input)
         idx = torch.int64 if return_indices else _local_index_dtype(kernel_size)
@@ -674,8 +657,8 @@ def _register_python_side() -> None:
 
     @register_fake("fastconv::avg_pool2d")
     def _(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
-        oh = _pooled(input.shape[2], kernel_size[0], padding[0], stride[0], 1, ceil_mode)
-        ow = _pooled(input.shape[3], kernel_size[1], padding[1], stride[1], 1, ceil_mode)
+        oh = pool_output_size(input.shape[2], kernel_size[0], stride[0], padding[0], 1, ceil_mode)
+        ow = pool_output_size(input.shape[3], kernel_size[1], stride[1], padding[1], 1, ceil_mode)
         return empty((input.shape[0], input.shape[1], oh, ow), input, layout_of(input))
 
     @register_fake("fastconv::avg_pool2d_backward")

@@ -83,6 +83,50 @@ class KernelSpec:
         consts = ", ".join(f"{k}={v}" for k, v in self.constexprs.items())
         return f"{consts}; warps={self.num_warps} stages={self.num_stages}"
 
+    def key(self) -> tuple:
+        """What makes two specs the same compile (and the same report row)."""
+        return (self.name, tuple(sorted(self.constexprs.items())), self.num_warps,
+                self.num_stages)
+
+
+def runtime_args(kernel) -> list[str]:
+    """The arguments of a @triton.jit ``kernel`` that are not declared ``tl.constexpr``, in
+    its own order: what a launcher passes positionally after the tensors it names."""
+    fn = _jit_function(kernel)
+    return [p.name for p in fn.params if not p.is_constexpr]
+
+
+def kernel_signature(kernel, constexprs: dict, types: dict[str, str],
+                     divisible=frozenset()) -> dict[str, str]:
+    """Types of ``kernel``'s runtime arguments, read from the kernel itself: ``types[name]``
+    where given (pointers, floats), else ``i32`` (``i32:16`` for names in ``divisible``).
+    Arguments in ``constexprs`` (unit strides and None pointers the JIT specialises) are left
+    out; a pointer without a type is an error."""
+    out = {}
+    for name in runtime_args(kernel):
+        if name in constexprs:
+            continue
+        if name in types:
+            out[name] = types[name]
+        elif name.endswith("_ptr"):
+            raise ValueError(f"{_jit_function(kernel).__name__}: no type for pointer {name}")
+        else:
+            out[name] = "i32:16" if name in divisible else "i32"
+    return out
+
+
+def int_signature(names, values) -> tuple[dict, dict]:
+    """(signature, constexprs) of the integer arguments ``names`` given ``values`` as Triton's
+    JIT specialises them at launch: a value of 1 becomes a constant (unit strides: what makes
+    loads vectorise), a multiple of 16 is marked divisible."""
+    sig, consts = {}, {}
+    for name, v in zip(names, values, strict=True):
+        if v == 1:
+            consts[name] = 1
+        else:
+            sig[name] = "i32:16" if v % 16 == 0 else "i32"
+    return sig, consts
+
 
 @dataclass
 class AotResult:

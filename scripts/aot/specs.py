@@ -16,21 +16,18 @@ from fastconv.backends.triton.autotune import configs_path
 from fastconv.backends.triton.utils import POOL_NUM_STAGES, pool_tile
 from fastconv.shapes import memory_format, pool_output_size
 
-from aot.compile import KernelSpec
+from aot.compile import KernelSpec, int_signature, kernel_signature, runtime_args
 
 
 # --------------------------------------------------------------------------- conv2d_relu
-def _sig(names: str, ptr_types: dict[str, str], int16: set[str]) -> dict[str, str]:
-    out = {}
-    for n in names.split():
-        if n in ptr_types:
-            out[n] = ptr_types[n]
-        else:
-            out[n] = "i32:16" if n in int16 else "i32"
-    return out
+# integer arguments divisible by 16 in a channels_last problem whose channel counts are
+# multiples of 16 (what Triton's JIT marks at launch)
+_CONV_STRIDES16 = frozenset({"C", "K", "sxn", "sxh", "sxw", "swg", "swk", "swc", "swr", "sws",
+                             "syn", "syh", "syw", "sgn", "sgp", "sgq", "sdn", "sdh", "sdw", "smn",
+                             "smp", "smq"})
 
 
-def _conv_shipped_specs(fwd_names, dgrad_names, wgrad_names, strides16) -> list:
+def _conv_shipped_specs(strides16) -> list:
     """One spec per configuration in conv2d_relu_configs.json (any device), compiled for the layer shape
     its key names, channels_last: what fastconv runs on a machine without its own tuning."""
     import json
@@ -39,7 +36,7 @@ def _conv_shipped_specs(fwd_names, dgrad_names, wgrad_names, strides16) -> list:
         data = json.loads(configs_path("conv2d_relu").read_text())
     except (OSError, ValueError):
         return []
-    specs, seen = [], set()
+    specs = []
     for table in data.get("entries", {}).values():
         for key, entry in sorted(table.items()):
             parts = key.split("|")
@@ -57,13 +54,13 @@ def _conv_shipped_specs(fwd_names, dgrad_names, wgrad_names, strides16) -> list:
             tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
             padded = pad == "pad1"
             if kind == "wgrad":
-                name, kernel, names = "conv_wgrad", conv._conv_wgrad_kernel, wgrad_names
+                name, kernel = "conv_wgrad", conv._conv_wgrad_kernel
                 consts = dict(R=R, S=S, FLAT=flat, PADDED=padded, G_ROWS=True,
                               X_ROWS=not flat and st == "st1x1", DOT=dot, INDEX64=False, sgk=1,
                               sxc=1, **tiles)
                 i16 = i16 | {"M_PER_SPLIT"}
             elif kind == "dgrad" and st != "st1x1":
-                name, kernel, names = "conv_dgrad_strided", conv._conv_dgrad_kernel, dgrad_names
+                name, kernel = "conv_dgrad_strided", conv._conv_dgrad_kernel
                 consts = dict(DOT=dot, INDEX64=False, sgk=1, swc=1, sdc=1, **tiles)
             else:
                 name, kernel = ("conv_fwd", conv._conv_fwd_kernel) if kind == "fwd" else \
@@ -72,19 +69,35 @@ def _conv_shipped_specs(fwd_names, dgrad_names, wgrad_names, strides16) -> list:
                               HAS_BIAS=kind == "fwd", RELU=kind == "fwd", DOT=dot, INDEX64=False,
                               sxc=1, syc=1, **tiles)
                 consts["swc" if kind == "fwd" else "swk"] = 1
-                names = fwd_names + (" swk" if kind == "fwd" else " swc")
-            if C == 1 and "C" in names.split():
-                consts["C"] = 1
+            if C == 1:
+                consts["C"] = 1  # the JIT specialises ints equal to 1
             label = f"{name} {dt} {R}x{S}{' C=1' if C == 1 else ''} (shipped)"
-            ident = (label, tuple(sorted(consts.items())), cfg["num_warps"], cfg["num_stages"])
-            if ident in seen:
-                continue
-            seen.add(ident)
             specs.append(KernelSpec(
-                name=label, kernel=kernel, signature=_sig(names, ptr, i16), constexprs=consts,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                name=label, kernel=kernel, signature=kernel_signature(kernel, consts, ptr, i16),
+                constexprs=consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                 expect_wgmma=True if dt in ("bf16", "fp16") else None))
+    return _distinct(specs)
+
+
+def _checked(specs: list) -> list:
+    """``specs`` after checking each signature against its kernel's own arguments (every
+    runtime argument typed once, nothing else)."""
+    for s in specs:
+        want = kernel_signature(s.kernel, s.constexprs, s.signature)
+        if want != {k: v for k, v in s.signature.items() if k not in s.constexprs}:
+            raise ValueError(f"{s.name}: signature {sorted(s.signature)} does not match the "
+                             f"kernel's runtime arguments {sorted(want)}")
     return specs
+
+
+def _distinct(specs: list) -> list:
+    """One spec per distinct compile (KernelSpec.key), first wins."""
+    out, seen = [], set()
+    for s in specs:
+        if s.key() not in seen:
+            seen.add(s.key())
+            out.append(s)
+    return out
 
 
 def conv2d_relu_specs() -> list[KernelSpec]:
@@ -95,15 +108,7 @@ def conv2d_relu_specs() -> list[KernelSpec]:
     """
     specs = []
     dtypes = (("bf16", 16, 0), ("fp16", 16, 0), ("fp32", 32, 1))
-    fwd_names = ("x_ptr w_ptr b_ptr y_ptr N C H W K P Q sxn sxh sxw swg swr sws syn syh syw "
-                 "stride_h stride_w pad_h pad_w dil_h dil_w")
-    dgrad_names = ("g_ptr w_ptr dx_ptr N C H W K P Q sgn sgp sgq swk swr sws sdn sdh sdw "
-                   "h_first w_first HA WA r_first s_first NR NS r_step s_step p_base q_base dp dq "
-                   "stride_h stride_w")
-    wgrad_names = ("g_ptr x_ptr part_ptr N C H W K P Q sgn sgp sgq sxn sxh sxw "
-                   "stride_h stride_w pad_h pad_w dil_h dil_w M_PER_SPLIT")
-    strides16 = {"C", "K", "sxn", "sxh", "sxw", "swg", "swk", "swc", "swr", "sws", "syn", "syh",
-                 "syw", "sgn", "sgp", "sgq", "sdn", "sdh", "sdw", "smn", "smp", "smq"}
+    strides16 = _CONV_STRIDES16
 
     def gemm_cfgs(kind, pb):
         heur = conv._heuristic(kind, pb)
@@ -132,12 +137,12 @@ def conv2d_relu_specs() -> list[KernelSpec]:
                               BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                               sxc=1, syc=1)
                 consts["swc" if kind == "fwd" else "swk"] = 1
-                names = fwd_names + (" swk" if kind == "fwd" else " swc")
                 if C == 1:
                     consts["C"] = 1  # the JIT specialises ints equal to 1
                 specs.append(KernelSpec(
                     name=f"{kname} {dt} {label}", kernel=conv._conv_fwd_kernel,
-                    signature=_sig(names, ptr, strides16 if not flat else strides16 - {"C"}),
+                    signature=kernel_signature(conv._conv_fwd_kernel, consts, ptr,
+                                               strides16 if not flat else strides16 - {"C"}),
                     constexprs=consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                     main=(cfg is heur and (main_dt or label == "3x3")), expect_wgmma=wgmma))
         # grad_input of strided convs: the phase kernel
@@ -149,7 +154,8 @@ def conv2d_relu_specs() -> list[KernelSpec]:
                           BLOCK_K=cfg["BLOCK_K"], sgk=1, swc=1, sdc=1)
             specs.append(KernelSpec(
                 name=f"conv_dgrad_strided {dt} 3x3/2", kernel=conv._conv_dgrad_kernel,
-                signature=_sig(dgrad_names, ptr, strides16), constexprs=consts,
+                signature=kernel_signature(conv._conv_dgrad_kernel, consts, ptr, strides16),
+                constexprs=consts,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                 main=cfg is heur and main_dt, expect_wgmma=wgmma))
         ptr["part_ptr"] = "*fp32"
@@ -164,28 +170,31 @@ def conv2d_relu_specs() -> list[KernelSpec]:
                               BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], sgk=1, sxc=1)
                 if C == 1:
                     consts["C"] = 1
-                sig = _sig(wgrad_names, ptr,
-                           (strides16 if not flat else strides16 - {"C"}) | {"M_PER_SPLIT"})
+                sig = kernel_signature(
+                    conv._conv_wgrad_kernel, consts, ptr,
+                    (strides16 if not flat else strides16 - {"C"}) | {"M_PER_SPLIT"})
                 specs.append(KernelSpec(
                     name=f"conv_wgrad {dt} {label}", kernel=conv._conv_wgrad_kernel, signature=sig,
                     constexprs=consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                     main=(cfg is heur and (main_dt or label == "3x3")), expect_wgmma=wgmma))
         # the ReLU-mask + grad_bias pass and the slice sum, as their launchers configure them
-        gout = ("g_ptr y_ptr gm_ptr bpart_ptr M K P Q sgn sgp sgq syn syp syq smn smp smq ROWS")
+        consts = dict(RELU=True, WRITE=True, BIAS=True, INDEX64=False, BLOCK_R=64, BLOCK_C=128,
+                      sgk=1, syk=1, smk=1)
         specs.append(KernelSpec(
             name=f"conv_relu_grad {dt}", kernel=conv._relu_grad_kernel,
-            signature=_sig(gout, dict(ptr, y_ptr=f"*{dt}", gm_ptr=f"*{dt}", bpart_ptr="*fp32"),
-                           strides16 | {"K", "syn", "syp", "syq"}),
-            constexprs=dict(RELU=True, WRITE=True, BIAS=True, INDEX64=False, BLOCK_R=64,
-                            BLOCK_C=128, sgk=1, syk=1, smk=1),
-            num_warps=8, num_stages=3, main=main_dt))
+            signature=kernel_signature(
+                conv._relu_grad_kernel, consts,
+                dict(ptr, y_ptr=f"*{dt}", gm_ptr=f"*{dt}", bpart_ptr="*fp32"),
+                strides16 | {"K", "syn", "syp", "syq"}),
+            constexprs=consts, num_warps=8, num_stages=3, main=main_dt))
+        consts = dict(BLOCK_S=16, BLOCK=256)
         specs.append(KernelSpec(
             name=f"conv_sum_slices {dt}", kernel=conv._sum_slices_kernel,
-            signature=_sig("part_ptr out_ptr SPLIT NUMEL NCOL C S sok soc sor sos",
-                           {"part_ptr": "*fp32", "out_ptr": f"*{dt}"}, set()),
-            constexprs=dict(BLOCK_S=16, BLOCK=256), num_warps=4, num_stages=3, main=main_dt))
+            signature=kernel_signature(conv._sum_slices_kernel, consts,
+                                       {"part_ptr": "*fp32", "out_ptr": f"*{dt}"}),
+            constexprs=consts, num_warps=4, num_stages=3, main=main_dt))
     # the shipped table's configurations (tuned on an H100) with their layers' kernel shapes
-    specs += _conv_shipped_specs(fwd_names, dgrad_names, wgrad_names, strides16)
+    specs += _conv_shipped_specs(strides16)
     # tensors of 2**31 elements or more: 64-bit offsets (heuristic configs, bf16)
     big = []
     for s in specs:
@@ -194,30 +203,15 @@ def conv2d_relu_specs() -> list[KernelSpec]:
             big.append(KernelSpec(name=s.name + " index64", kernel=s.kernel, signature=s.signature,
                                   constexprs=dict(s.constexprs, INDEX64=True), num_warps=s.num_warps,
                                   num_stages=s.num_stages, main=False, expect_wgmma=s.expect_wgmma))
-    specs += big
-    # keep one spec per distinct compile
-    out, seen = [], set()
-    for s in specs:
-        key = (s.name, tuple(sorted(s.constexprs.items())), s.num_warps, s.num_stages)
-        if key not in seen:
-            seen.add(key)
-            out.append(s)
-    return out
-
+    return _checked(_distinct(specs + big))
 
 
 # --------------------------------------------------------------------------- pools
-def int_signature(values: dict) -> tuple[dict, dict]:
-    """(signature, constexprs) of integer kernel arguments as Triton's JIT specialises them at
-    launch: a value of 1 becomes a constant (unit strides: what makes loads vectorise), a
-    multiple of 16 is marked divisible."""
-    sig, consts = {}, {}
-    for name, v in values.items():
-        if v == 1:
-            consts[name] = 1
-        else:
-            sig[name] = "i32:16" if v % 16 == 0 else "i32"
-    return sig, consts
+def _ints(kernel, *values, floats=("momentum", "eps", "inv_count")) -> tuple[dict, dict]:
+    """int_signature of ``kernel``'s integer arguments (its runtime arguments that are not
+    pointers or floats, in its own order) for ``values`` in that order: the launcher's."""
+    names = [a for a in runtime_args(kernel) if not a.endswith("_ptr") and a not in floats]
+    return int_signature(names, values)
 
 
 def _dense_strides(shape, channels_last: bool):
@@ -253,11 +247,9 @@ def pool_specs() -> list[KernelSpec]:
                                             cell=s[0] * s[1])
                 xs = _dense_strides((n, c, hw, hw), cl)
                 ys = _dense_strides((n, c, oh, oh), cl)
-                dims = dict(N=n, C=c, H=hw, W=hw, OH=oh, OW=oh)
+                dims = (n, c, hw, hw, oh, oh)
                 geo = dict(SH=s[0], SW=s[1], PH=p[0], PW=p[1], KH=k[0], KW=k[1], DH=1, DW=1)
-                fsig, fconst = int_signature(dict(
-                    dims, **dict(zip(("sxn", "sxc", "sxh", "sxw"), xs)),
-                    **dict(zip(("syn", "syc", "syh", "syw"), ys))))
+                fsig, fconst = _ints(mp._max_pool2d_fwd_kernel, *dims, *xs, *ys)
                 for relu, flat in ((True, False), (False, True)):
                     idx_ty = "*i64" if flat else "*i8"
                     tag = f"{name} {ty} {layout} relu={relu} flat={flat}"
@@ -271,12 +263,8 @@ def pool_specs() -> list[KernelSpec]:
                                         BLOCK_S=bs),
                         num_warps=warps, num_stages=POOL_NUM_STAGES, main=main and relu))
                     y_from = relu and flat
-                    bvals = dict(dims, CH=gh, CW=gw, **dict(zip(("sgn", "sgc", "sgh", "sgw"), ys)),
-                                 **dict(zip(("sin", "sic", "sih", "siw"), ys)),
-                                 **dict(zip(("sdn", "sdc", "sdh", "sdw"), xs)),
-                                 **dict(zip(("syn", "syc", "syh", "syw"),
-                                            ys if y_from else (0, 0, 0, 0))))
-                    bsig, bconst = int_signature(bvals)
+                    bsig, bconst = _ints(mp._max_pool2d_bwd_kernel, *dims, gh, gw, *ys, *ys,
+                                         *(ys if y_from else (0, 0, 0, 0)), *xs)
                     if not y_from:
                         bconst["y_ptr"] = None
                     specs.append(KernelSpec(
@@ -301,13 +289,9 @@ def pool_specs() -> list[KernelSpec]:
                                             element_size=esize)
                 xs = _dense_strides((n, c, size, size), cl)
                 ys = _dense_strides((n, c, out, out), cl)
-                dims = dict(N=n, C=c, H=size, W=size, OH=out, OW=out)
-                fsig, fconst = int_signature(dict(
-                    dims, **dict(zip(("sxn", "sxc", "sxh", "sxw"), xs)),
-                    **dict(zip(("syn", "syc", "syh", "syw"), ys))))
-                bsig, bconst = int_signature(dict(
-                    dims, **dict(zip(("sgn", "sgc", "sgh", "sgw"), ys)),
-                    **dict(zip(("sdn", "sdc", "sdh", "sdw"), xs))))
+                dims = (n, c, size, size, out, out)
+                fsig, fconst = _ints(ap._avg_pool2d_fwd_kernel, *dims, *xs, *ys)
+                bsig, bconst = _ints(ap._avg_pool2d_bwd_kernel, *dims, *ys, *xs)
                 consts = dict(geo, COUNT_PAD=True, DIVISOR=0, ADAPTIVE=adaptive,
                               CHANNELS_LAST=cl, INDEX64=False)
                 specs.append(KernelSpec(
@@ -320,8 +304,7 @@ def pool_specs() -> list[KernelSpec]:
                     signature={"g_ptr": f"*{ty}", "dx_ptr": f"*{ty}", **bsig},
                     constexprs=dict(consts, **bconst, NOH=1, NOW=1, BLOCK_R=bbr, BLOCK_S=bbs),
                     num_warps=bwarps, num_stages=POOL_NUM_STAGES, main=False))
-    return specs
-
+    return _checked(specs)
 
 
 # --------------------------------------------------------------------------- batch_norm
@@ -342,9 +325,11 @@ def batch_norm_specs() -> list[KernelSpec]:
                 red = bn._reduce_plan(shape, cl, dev, esize)
                 single = red["single"]
                 tag = f"{ty} {layout} {label}"
-                ints, iconsts = int_signature(dict(
-                    C=c, HW=h * w, ROWS=red["rows"], ROWS_PER_CHUNK=red["per_chunk"],
-                    NUM_CHUNKS=red["chunks"]))
+                # the statistics and backward reductions take the same integers
+                ints, iconsts = _ints(bn._bn_stats_kernel, c, h * w, red["rows"],
+                                      red["per_chunk"], red["chunks"])
+                assert (ints, iconsts) == _ints(bn._bn_bwd_reduce_kernel, c, h * w, red["rows"],
+                                                red["per_chunk"], red["chunks"])
                 rconsts = dict(iconsts, CHANNELS_LAST=cl, INDEX64=False,
                                BLOCK_R=red["BLOCK_R"], BLOCK_C=red["BLOCK_C"],
                                BLOCK_S=red["BLOCK_S"], BLOCK_K=bn._FINALIZE_BLOCK_K)
@@ -391,7 +376,8 @@ def batch_norm_specs() -> list[KernelSpec]:
                 # the separate elementwise passes of a chunked layer
                 rows, cols = bn._matrix(shape, cl)
                 _, br, bs, warps = bn._stream_tile(rows, cols, cl, dev, esize)
-                sints, sconsts = int_signature(dict(C=c, ROWS=rows, COLS=cols))
+                sints, sconsts = _ints(bn._bn_apply_kernel, c, rows, cols)
+                assert (sints, sconsts) == _ints(bn._bn_bwd_dx_kernel, c, rows, cols)
                 sconsts = dict(sconsts, CHANNELS_LAST=cl, INDEX64=False, BLOCK_R=br,
                                BLOCK_S=bs)
                 for relu in (True, False):
@@ -435,8 +421,7 @@ def batch_norm_specs() -> list[KernelSpec]:
                                         FROM_STATS=not training),
                         num_warps=warps, num_stages=bn.NUM_STAGES,
                         main=main_ty and relu and not from_x and training))
-    return specs
-
+    return _checked(specs)
 
 
 # op module -> its specs (the "module" column of the reports)

@@ -191,13 +191,14 @@ def _forward_plan(x, oh, ow, geom, count_include_pad, divisor, adaptive) -> dict
     return plan
 
 
-def _launch_forward(x, key, build):
-    real = is_real(x)
-    plan = _PLANS.get((x.shape, x.stride(), x.dtype, x.device) + key if real else None, build)
-    out = alloc(plan["shape"], x.dtype, x.device, plan["fmt"])
+def _launch(kernel, t, key, build):
+    """Run ``kernel`` (forward or backward) on ``t`` (input or grad_output) with the plan that
+    ``build`` makes for ``key``; -> the new tensor it writes."""
+    real = is_real(t)
+    plan = _PLANS.get((t.shape, t.stride(), t.dtype, t.device) + key if real else None, build)
+    out = alloc(plan["shape"], t.dtype, t.device, plan["fmt"])
     if plan["grid"] is not None:
-        run(_avg_pool2d_fwd_kernel, plan["grid"], (x, out, *plan["scalars"], *out.stride()),
-            plan["meta"], real)
+        run(kernel, plan["grid"], (t, out, *plan["scalars"], *out.stride()), plan["meta"], real)
     return out
 
 
@@ -219,16 +220,6 @@ def _backward_plan(g, input_size, geom, noh, now, count_include_pad, divisor, ad
     return plan
 
 
-def _launch_backward(g, key, build):
-    real = is_real(g)
-    plan = _PLANS.get((g.shape, g.stride(), g.dtype, g.device) + key if real else None, build)
-    dx = alloc(plan["shape"], g.dtype, g.device, plan["fmt"])
-    if plan["grid"] is not None:
-        run(_avg_pool2d_bwd_kernel, plan["grid"], (g, dx, *plan["scalars"], *dx.stride()),
-            plan["meta"], real)
-    return dx
-
-
 def _avg_pool2d_forward(x, kernel_size, stride, padding, ceil_mode, count_include_pad,
                         divisor_override):
     def build():
@@ -238,8 +229,8 @@ def _avg_pool2d_forward(x, kernel_size, stride, padding, ceil_mode, count_includ
         return _forward_plan(x, oh, ow, _avg_geometry(kernel_size, stride, padding),
                              count_include_pad, divisor_override, False)
 
-    return _launch_forward(x, ("avg", kernel_size, stride, padding, ceil_mode,
-                               count_include_pad, divisor_override), build)
+    key = ("avg", kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+    return _launch(_avg_pool2d_fwd_kernel, x, key, build)
 
 
 def _avg_pool2d_backward(g, input_size, kernel_size, stride, padding, count_include_pad,
@@ -251,8 +242,9 @@ def _avg_pool2d_backward(g, input_size, kernel_size, stride, padding, count_incl
                               noh, now, count_include_pad, divisor_override, False,
                               channels_last)
 
-    return _launch_backward(g, ("avgb", input_size, kernel_size, stride, padding,
-                                count_include_pad, divisor_override, channels_last), build)
+    key = ("avgb", input_size, kernel_size, stride, padding, count_include_pad,
+           divisor_override, channels_last)
+    return _launch(_avg_pool2d_bwd_kernel, g, key, build)
 
 
 def _adaptive_forward(x, output_size):
@@ -261,7 +253,7 @@ def _adaptive_forward(x, output_size):
         adaptive, geom, _, _ = _adaptive_geometry(h, w, *output_size)
         return _forward_plan(x, *output_size, geom, True, None, adaptive)
 
-    return _launch_forward(x, ("adaptive", output_size), build)
+    return _launch(_avg_pool2d_fwd_kernel, x, ("adaptive", output_size), build)
 
 
 def _adaptive_backward(g, input_size, channels_last):
@@ -271,7 +263,7 @@ def _adaptive_backward(g, input_size, channels_last):
         return _backward_plan(g, input_size, geom, noh, now, True, None, adaptive,
                               channels_last)
 
-    return _launch_backward(g, ("adaptiveb", input_size, channels_last), build)
+    return _launch(_avg_pool2d_bwd_kernel, g, ("adaptiveb", input_size, channels_last), build)
 
 
 # --------------------------------------------------------------------------- avg_pool2d op

@@ -50,6 +50,15 @@ def _first_tap(i0, D: tl.constexpr, CHECK_BOUNDS: tl.constexpr):
 
 
 @triton.jit
+def _inside(ok, i, size, CHECK_BOUNDS: tl.constexpr):
+    """``ok`` and 0 <= i < size (known true at compile time when not CHECK_BOUNDS)."""
+    if CHECK_BOUNDS:
+        return ok & (i >= 0) & (i < size)
+    else:
+        return ok
+
+
+@triton.jit
 def _max_pool2d_fwd_kernel(
         x_ptr, y_ptr, idx_ptr,
         N, C, H, W, OH, OW,
@@ -70,16 +79,10 @@ def _max_pool2d_fwd_kernel(
     arg = tl.full([BLOCK_R, BLOCK_S], -1, tl.int32)
     for kh in tl.static_range(KH):
         ih = ih0 + kh * DH
-        if CHECK_BOUNDS:
-            h_ok = mask & (ih >= 0) & (ih < H)
-        else:
-            h_ok = mask
+        h_ok = _inside(mask, ih, H, CHECK_BOUNDS)
         for kw in tl.static_range(KW):
             iw = iw0 + kw * DW
-            if CHECK_BOUNDS:
-                ok = h_ok & (iw >= 0) & (iw < W)
-            else:
-                ok = h_ok
+            ok = _inside(h_ok, iw, W, CHECK_BOUNDS)
             v = tl.load(x_base + ih * sxh + iw * sxw, mask=ok, other=float("-inf"))
             v = v.to(tl.float32)
             # torch's rule: a strictly larger value or any NaN replaces the current pick (so
