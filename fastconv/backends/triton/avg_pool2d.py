@@ -99,6 +99,7 @@ def _avg_pool2d_fwd_kernel(
              mask=mask)
 
 
+# Its argument list mirrors the forward's (same geometry constexprs), as the launchers pass them.
 @triton.jit
 def _avg_pool2d_bwd_kernel(
         g_ptr, dx_ptr,

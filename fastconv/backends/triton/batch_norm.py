@@ -419,6 +419,8 @@ def _bwd_finish(sdy, sdyx, cv, c_ok, invstd, w_ptr, dw_ptr, db_ptr, coef_ptr, C,
     return a, k2, k3
 
 
+# Kept beside _bn_stats_kernel although its loops walk rows the same way: the bodies differ
+# (dx vs y) inside the hot loop, and these kernels' sm_90 code is measured as it stands.
 @triton.jit
 def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, y_ptr, dx_ptr, centre_ptr, invstd_ptr, w_ptr, b_ptr,
                           dw_ptr, db_ptr, coef_ptr, part_ptr, ticket_ptr,

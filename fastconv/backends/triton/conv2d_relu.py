@@ -204,6 +204,8 @@ def _conv_fwd_kernel(
              mask=m_ok[:, None] & n_ok[None, :])
 
 
+# Kept beside _conv_fwd_kernel although the tile prologue is alike: the pixel decomposition
+# (phases) and tap walk differ, and the AOT test holds each main loop to its SASS length.
 @triton.jit(do_not_specialize=_DGRAD_NOSPEC)
 def _conv_dgrad_kernel(
     g_ptr, w_ptr, dx_ptr,
@@ -573,8 +575,8 @@ def _heuristic(kind: str, pb: dict) -> dict:
 
 def _candidates(kind: str, pb: dict) -> list[dict]:
     """Configurations the autotuner tries, most promising first (``--max-configs`` keeps a
-    prefix). ``aot_specs`` compiles every one for sm_90: none spills, all fit in shared memory.
-    ``dgrad`` with stride 1 is the forward kernel and tries the forward's list; the strided
+    prefix). scripts/aot/specs.py compiles every one for sm_90: none spills, all fit in shared
+    memory. ``dgrad`` with stride 1 is the forward kernel and tries the forward's list; the strided
     (phase) grad_input kernel leaves out the largest tiles. 64-channel blocks when C allows:
     a 128-deep step halves the per-step address and mask work per MMA (sm_90 SASS: 223
     instructions per 128x128x128 step against 147 per 128x128x64)."""

@@ -192,6 +192,7 @@ def _max_pool2d_bwd_kernel(
             tl.store(d_base + (ih + 1) * sdh + (iw + 1) * sdw, acc11.to(ty), mask=h1 & w1)
 
 
+# A second specialisation, not a copy: strides above 2 have no shared 2x2 cells to gather.
 @triton.jit
 def _max_pool2d_bwd_gather_kernel(
         g_ptr, idx_ptr, y_ptr, dx_ptr,
