@@ -1,7 +1,7 @@
 // Every fastconv operator schema, defined once. Kernels live in csrc/cpu/ (CPU dispatch key)
-// and csrc/cuda/ (CUDA dispatch key); fake (meta) kernels and the forward ops' autograd
-// formulas are registered from Python in fastconv/backends/extension.py right after this
-// library is loaded.
+// and csrc/cuda/ (CUDA dispatch key), the forward ops' autograd in csrc/autograd.cpp (C++);
+// only the fake (meta) kernels are Python, registered by fastconv/backends/extension.py right
+// after this library is loaded.
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 

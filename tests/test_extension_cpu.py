@@ -369,7 +369,7 @@ BN_CASES = [
     ("odd", 3, 5, 7, 5, 1.0),
     ("large_mean", 2, 4, 9, 11, 300.0),
     ("wide_plane", 2, 3, 40, 60, 0.2),  # planes longer than one fold chunk
-    # planes under 8 elements: NCHW runs as rows of C * HW columns (batchnorm.cpp kSmallPlane)
+    # planes under 8 elements: NCHW runs as rows of C * HW columns (batch_norm.cpp kSmallPlane)
     ("vgg16bn.block5_2x2", 4, 24, 2, 2, 0.4),
     ("pooled_1x1", 6, 10, 1, 1, 30.0),
 ]

@@ -3,7 +3,7 @@
 Without a GPU (CI): every .cu compiles with nvcc for sm_90, no main kernel spills (the committed
 csrc/cuda/RESOURCES.md and a fresh build both), the conv kernels contain tensor-core (HMMA) and
 16-byte memory instructions, and a CPU emulation of the tensor-core conv kernels
-(csrc/cuda/conv_emulate.cuh: the real loaders, swizzle, fragment addressing and epilogues, with
+(tests/csrc/conv2d_relu_emulate.cuh: the real loaders, swizzle, fragment addressing and epilogues, with
 ldmatrix/mma emulated from their PTX definitions) matches a float64 reference.
 
 On a GPU: every op against a float64 torch reference in float32/float16/bfloat16 (float64 for
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
+EMULATION_DIR = ROOT / "tests" / "csrc"  # CPU emulations of the CUDA kernels (test-only)
 sys.path.insert(0, str(ROOT / "scripts"))
 import cuda_resource_report as rr  # noqa: E402
 
@@ -125,7 +126,7 @@ def test_conv_uses_tensor_cores_and_16_byte_accesses(cuda_objects):
 
 
 def test_large_tile_conv_kernels_use_tensor_cores_and_cp_async(cuda_objects):
-    """conv_tc.cuh: forward (and stride-1 grad_input) and grad_weight in both tiles, 16-bit."""
+    """conv2d_relu_tc.cuh: forward (and stride-1 grad_input) and grad_weight in both tiles, 16-bit."""
     tc = [k for k in cuda_objects if k.name.startswith("tc_gemm_kernel")]
     for dt in ("Half", "BF16"):
         fwd = [k for k in tc if k.name.startswith(f"tc_gemm_kernel<{dt},") and "FwdLoadA" in k.name]
@@ -173,9 +174,9 @@ def test_committed_resource_report_has_no_spills():
 
 
 EMULATION_MAIN = """
-#include "conv_emulate.cuh"
+#include "conv2d_relu_emulate.cuh"
 #include "pool_emulate.cuh"
-#include "batchnorm_emulate.cuh"
+#include "batch_norm_emulate.cuh"
 int main() {
   const int conv = fastconv_cuda::emu::run_all();
   const int pool = fastconv_cuda::emu_pool::run_all();
@@ -200,7 +201,7 @@ def test_kernels_emulated_on_cpu(tmp_path):
     lib = Path(torch.__file__).parent / "lib"
     cmd = rr.nvcc_command(main, tmp_path / "emu", "sm_80")
     cmd = [c for c in cmd if c not in ("-c", "-DTORCH_API_INCLUDE_EXTENSION_H", "-O3", "-lineinfo")]
-    cmd += ["-O1", "-I", str(CUDA_DIR), "-L", str(lib), "-ltorch_cpu", "-lc10",
+    cmd += ["-O1", "-I", str(CUDA_DIR), "-I", str(EMULATION_DIR), "-L", str(lib), "-ltorch_cpu", "-lc10",
             "-Xlinker", f"-rpath={lib}"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, f"emulation build failed:\n{res.stderr[-4000:]}"

@@ -206,5 +206,20 @@ inline void write_channels(const Tensor& t, const std::vector<double>& v) {
   });
 }
 
+// Sizes of the input a pooling backward op reconstructs: (N, C, H, W), or (H, W) with N, C
+// taken from grad_output.
+inline std::vector<int64_t> full_input_size(c10::IntArrayRef input_size, const Tensor& grad_output,
+                                            const char* op) {
+  TORCH_CHECK(input_size.size() == 4 || input_size.size() == 2, "fastconv ", op,
+              ": input_size must be (N, C, H, W) or (H, W), got ", input_size);
+  if (input_size.size() == 2) {
+    return {grad_output.size(0), grad_output.size(1), input_size[0], input_size[1]};
+  }
+  TORCH_CHECK(input_size[0] == grad_output.size(0) && input_size[1] == grad_output.size(1),
+              "fastconv ", op, ": input_size ", input_size, " does not match grad_output ",
+              grad_output.sizes(), " in batch and channels");
+  return input_size.vec();
+}
+
 }  // namespace cpu
 }  // namespace fastconv

@@ -1,5 +1,5 @@
-// Per-thread bodies of the batch-norm kernels (batchnorm.cu) and the launch planning they share
-// with the host code. __host__ __device__ so that csrc/cuda/batchnorm_emulate.cuh can run them on
+// Per-thread bodies of the batch-norm kernels (batch_norm.cu) and the launch planning they share
+// with the host code. __host__ __device__ so that tests/csrc/batch_norm_emulate.cuh can run them on
 // the CPU, block by block, in the order the kernels do.
 #pragma once
 

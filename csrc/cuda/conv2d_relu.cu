@@ -6,7 +6,7 @@
 //   wgrad     rows = output channels          cols = (r, s, c)         reduce over (n, p, q)
 // 16-bit inputs run on tensor cores with fp32 accumulators:
 //   * channels % 8 == 0 (every layer but a network's first): the large-tile kernel of
-//     conv_tc.cuh, 256x128 or 128x128 tiles, 64-deep k-tiles, 16-byte cp.async loaders, a 4-stage
+//     conv2d_relu_tc.cuh, 256x128 or 128x128 tiles, 64-deep k-tiles, 16-byte cp.async loaders, a 4-stage
 //     ring, ldmatrix and mma.sync; on sm_90a builds (TORCH_CUDA_ARCH_LIST with 9.0a) the forward
 //     runs the same tile on Hopper's wgmma instead. The backward first masks grad_output by the
 //     ReLU in one pass (which also sums grad_bias); grad_input of a stride-1 conv is then the
@@ -17,8 +17,8 @@
 // float32/float64 (and 16-bit on pre-sm_80 devices) use a SIMT tile kernel over the same gather
 // descriptions. Split reductions (grad_weight workspace, grad_bias partials) are summed by a
 // second kernel in a fixed order: deterministic, no atomics anywhere.
-#include "conv_kernels.cuh"
-#include "conv_tc.cuh"
+#include "conv2d_relu_kernels.cuh"
+#include "conv2d_relu_tc.cuh"
 
 #include <ATen/Dispatch.h>
 
@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(THREADS, 2)
 }
 
 // ----------------------------------------------------------------------------------------------
-// Large-tile tensor-core GEMM (conv_tc.cuh): BM x BN x 64 tiles, 8 warps, cp.async ring of
+// Large-tile tensor-core GEMM (conv2d_relu_tc.cuh): BM x BN x 64 tiles, 8 warps, cp.async ring of
 // C::STAGES tiles in dynamic shared memory, one barrier per k-tile.
 // ----------------------------------------------------------------------------------------------
 
@@ -551,7 +551,7 @@ EpiPixel<T> make_epi(const Tensor& out, int64_t rows, int H, int W, int chg,
   return e;
 }
 
-// ---- large-tile tensor-core path (conv_tc.cuh)
+// ---- large-tile tensor-core path (conv2d_relu_tc.cuh)
 
 // FASTCONV_CONV_TILE=big|mid|old|wgmma forces a tile for measurements (old: the 128x128x32
 // kernel of mma_gemm_kernel with its register-staged backward loaders; wgmma: the sm_90a forward

@@ -1,6 +1,6 @@
-// Device-side building blocks of the conv kernels (conv.cu): geometry, gather descriptions,
+// Device-side building blocks of the conv kernels (conv2d_relu.cu): geometry, gather descriptions,
 // epilogues, shared-memory layout, PTX wrappers and operand loaders. Everything that does index
-// arithmetic is __host__ __device__ so that the CPU emulation in conv_emulate.cuh can check it
+// arithmetic is __host__ __device__ so that the CPU emulation in tests/csrc/conv2d_relu_emulate.cuh can check it
 // against a float64 reference (tests/test_extension_cuda.py builds and runs it).
 #pragma once
 

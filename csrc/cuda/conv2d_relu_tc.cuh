@@ -1,5 +1,5 @@
 // Large-tile tensor-core implicit GEMM (sm_80+, mma.sync m16n8k16, fp32 accumulators) for the
-// conv passes whose operands stream as 16-byte chunks (conv.cu picks it when channels % 8 == 0):
+// conv passes whose operands stream as 16-byte chunks (conv2d_relu.cu picks it when channels % 8 == 0):
 //   forward             A = input pixels x (r, s, c)        B = weights packed [K][(r, s, c)]
 //   grad_input, stride 1: the forward kernel on the ReLU-masked grad_output and the flipped,
 //                       transposed weights (same loaders, same kernel)
@@ -16,12 +16,12 @@
 // c ^ (r & 7): the 8 rows an ldmatrix phase reads then sit in 8 distinct bank groups, and the 8
 // chunks of one row that consecutive threads copy stay one contiguous 128-byte line.
 //
-// Everything with index arithmetic is __host__ __device__: conv_emulate.cuh runs these loaders,
+// Everything with index arithmetic is __host__ __device__: tests/csrc/conv2d_relu_emulate.cuh runs these loaders,
 // offsets and epilogues thread by thread on the CPU, with ldmatrix/mma emulated from their PTX
 // definitions.
 #pragma once
 
-#include "conv_kernels.cuh"
+#include "conv2d_relu_kernels.cuh"
 
 namespace fastconv_cuda {
 namespace tc {

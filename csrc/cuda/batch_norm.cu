@@ -7,7 +7,7 @@
 // (sum of dy and of dy * (x - mean), dy masked by the saved output when relu) and one
 // elementwise pass. NCHW and channels_last each have their own kernels; 16-byte vectors where the
 // channel (channels_last) or plane (NCHW) size allows.
-#include "batchnorm_kernels.cuh"
+#include "batch_norm_kernels.cuh"
 
 #include <ATen/Dispatch.h>
 
@@ -18,7 +18,7 @@ using at::Tensor;
 using namespace bnk;
 
 // ---------------------------------------------------------------------------------------------
-// Kernels: thin shells around the per-thread bodies of batchnorm_kernels.cuh
+// Kernels: thin shells around the per-thread bodies of batch_norm_kernels.cuh
 // ---------------------------------------------------------------------------------------------
 
 template <typename T, int V, bool STATS>

@@ -1,13 +1,14 @@
-// CPU emulation of the pooling kernels (pool.cu) against ATen's CPU pooling ops.
+// CPU emulation of the pooling kernels (max_pool2d.cu, avg_pool2d.cu) against ATen's CPU pooling ops.
 //
-// The per-thread bodies of pool_kernels.cuh run for every (image, unit) exactly as the kernels
+// The per-thread bodies of max_pool2d_kernels.cuh and avg_pool2d_kernels.cuh run for every (image, unit) exactly as the kernels
 // would, with the same plan/geometry code as the launchers, on CPU tensors; outputs start as NaN
 // (indices as -99) so that an element no thread writes fails. Both kernel variants (channels_last
 // 16-byte vectors, scalar NCHW order) are forced in turn. Not part of the extension:
 // tests/test_extension_cuda.py compiles it as a host program with libtorch_cpu as reference.
 #pragma once
 
-#include "pool_kernels.cuh"
+#include "max_pool2d_kernels.cuh"
+#include "avg_pool2d_kernels.cuh"
 
 #include <ATen/ATen.h>
 

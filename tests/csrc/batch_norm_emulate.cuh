@@ -1,13 +1,13 @@
-// CPU emulation of the batch-norm kernels (batchnorm.cu) against ATen's CPU batch norm.
+// CPU emulation of the batch-norm kernels (batch_norm.cu) against ATen's CPU batch norm.
 //
-// Runs the per-thread bodies of batchnorm_kernels.cuh CTA by CTA (the shared-memory tree and the
+// Runs the per-thread bodies of batch_norm_kernels.cuh CTA by CTA (the shared-memory tree and the
 // warp shuffle tree in the kernels' order), planned by the same plan_reduce / plan_apply_nhwc
 // as the launchers, for several SM counts. Outputs start as NaN so that an element no thread
 // writes fails. Not part of the extension: tests/test_extension_cuda.py compiles it as a host
 // program with libtorch_cpu as reference.
 #pragma once
 
-#include "batchnorm_kernels.cuh"
+#include "batch_norm_kernels.cuh"
 
 #include <ATen/ATen.h>
 

@@ -1,7 +1,7 @@
-// CPU emulation of the conv kernels (conv.cu), for machines without a GPU.
+// CPU emulation of the conv kernels (conv2d_relu.cu), for machines without a GPU.
 //
 // It runs the real loaders, gather descriptions, shared-memory swizzle, ldmatrix fragment
-// addressing and epilogues from conv_kernels.cuh thread by thread, emulates ldmatrix.x4 and
+// addressing and epilogues from conv2d_relu_kernels.cuh thread by thread, emulates ldmatrix.x4 and
 // mma.m16n8k16 from their PTX definitions, runs the SIMT kernel's phases (float32, float64, and
 // 16-bit as on pre-sm_80 devices), and compares forward, grad_input and grad_weight with a
 // float64 reference. It also checks that every shared-memory element of every tile is
@@ -9,8 +9,8 @@
 // host program (`nvcc -x cu` of a two-line main that calls fastconv_cuda::emu::run_all()).
 #pragma once
 
-#include "conv_kernels.cuh"
-#include "conv_tc.cuh"
+#include "conv2d_relu_kernels.cuh"
+#include "conv2d_relu_tc.cuh"
 
 #include <cmath>
 #include <cstdio>
@@ -485,7 +485,7 @@ template <typename T> long check_wgrad(const Case& c, int want_splits, bool simt
 }
 
 // ================================================================================================
-// Large-tile kernel (conv_tc.cuh): tc_gemm_kernel's schedule with ldmatrix(.trans) and
+// Large-tile kernel (conv2d_relu_tc.cuh): tc_gemm_kernel's schedule with ldmatrix(.trans) and
 // mma.m16n8k16 emulated from their PTX definitions, register by register.
 // ================================================================================================
 
@@ -781,7 +781,7 @@ template <typename T, class C, bool WG = false> long check_fwd_tc(const Case& c)
 }
 
 // grad_input of a stride-1 conv: the mask pass, then the forward kernel on the masked gradient
-// with the flipped, transposed weights (as conv.cu's backward_tc runs them)
+// with the flipped, transposed weights (as conv2d_relu.cu's backward_tc runs them)
 template <typename T, class C> long check_dgrad_tc(const Case& c) {
   Problem<T> pb(c);
   const Geom& g = pb.g;

@@ -1,0 +1,269 @@
+// avg_pool2d and adaptive_avg_pool2d on CPU: the two share one plan (per-output windows and
+// divisors) and one pair of loops; only the windows differ.
+#include "common.h"
+
+#include <torch/library.h>
+
+namespace fastconv {
+namespace cpu {
+namespace {
+
+struct AvgPlan {
+  int64_t N, C, H, W, OH, OW;
+  Windows wh, ww;
+  int64_t divisor_override;  // 0: none
+};
+
+template <typename scalar_t>
+void avg_fwd(const scalar_t* x, scalar_t* y, const AvgPlan& a, bool cl) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t H = a.H, W = a.W, C = a.C, OH = a.OH, OW = a.OW;
+  auto divisor = [&](int64_t oh, int64_t ow) -> acc_t {
+    return static_cast<acc_t>(a.divisor_override ? a.divisor_override
+                                                 : a.wh.count[oh] * a.ww.count[ow]);
+  };
+  if (!cl) {
+    const int64_t win = div_up(H, OH) * div_up(W, OW) + 1;
+    at::parallel_for(0, a.N * C, grain_for(OH * OW * win), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const scalar_t* xp = x + p * H * W;
+        scalar_t* yp = y + p * OH * OW;
+        for (int64_t oh = 0; oh < OH; ++oh) {
+          const int64_t hs = a.wh.start[oh], he = a.wh.end[oh];
+          for (int64_t ow = 0; ow < OW; ++ow) {
+            const int64_t ws = a.ww.start[ow], we = a.ww.end[ow];
+            if (hs >= he || ws >= we) {
+              yp[oh * OW + ow] = scalar_t(0);
+              continue;
+            }
+            acc_t sum = 0;
+            for (int64_t ih = hs; ih < he; ++ih) {
+              for (int64_t iw = ws; iw < we; ++iw) sum += static_cast<acc_t>(xp[ih * W + iw]);
+            }
+            yp[oh * OW + ow] = static_cast<scalar_t>(sum / divisor(oh, ow));
+          }
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, a.N * OH * OW, grain_for(C * 4), [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> acc_buf(C);
+      acc_t* __restrict acc = acc_buf.data();
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t ow = r % OW, oh = (r / OW) % OH, n = r / (OW * OH);
+        const int64_t hs = a.wh.start[oh], he = a.wh.end[oh];
+        const int64_t ws = a.ww.start[ow], we = a.ww.end[ow];
+        scalar_t* __restrict yr = y + r * C;
+        if (hs >= he || ws >= we) {
+          std::fill(yr, yr + C, scalar_t(0));
+          continue;
+        }
+        std::fill(acc, acc + C, acc_t(0));
+        for (int64_t ih = hs; ih < he; ++ih) {
+          for (int64_t iw = ws; iw < we; ++iw) {
+            const scalar_t* __restrict xr = x + ((n * H + ih) * W + iw) * C;
+            for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(xr[c]);
+          }
+        }
+        const acc_t d = divisor(oh, ow);
+        for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<scalar_t>(acc[c] / d);
+      }
+    });
+  }
+}
+
+template <typename scalar_t>
+void avg_bwd(const scalar_t* go, scalar_t* gi, const AvgPlan& a, bool cl) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t H = a.H, W = a.W, C = a.C, OH = a.OH, OW = a.OW;
+  auto divisor = [&](int64_t oh, int64_t ow) -> acc_t {
+    return static_cast<acc_t>(a.divisor_override ? a.divisor_override
+                                                 : a.wh.count[oh] * a.ww.count[ow]);
+  };
+  if (!cl) {
+    at::parallel_for(0, a.N * C, grain_for(H * W + OH * OW * 4), [&](int64_t p0, int64_t p1) {
+      // accumulate in acc_t so half/bfloat16 gradients do not round at every overlap
+      std::vector<acc_t> buf(H * W);
+      for (int64_t p = p0; p < p1; ++p) {
+        std::fill(buf.begin(), buf.end(), acc_t(0));
+        const scalar_t* gop = go + p * OH * OW;
+        for (int64_t oh = 0; oh < OH; ++oh) {
+          const int64_t hs = a.wh.start[oh], he = a.wh.end[oh];
+          for (int64_t ow = 0; ow < OW; ++ow) {
+            const int64_t ws = a.ww.start[ow], we = a.ww.end[ow];
+            if (hs >= he || ws >= we) continue;
+            const acc_t v = static_cast<acc_t>(gop[oh * OW + ow]) / divisor(oh, ow);
+            for (int64_t ih = hs; ih < he; ++ih) {
+              for (int64_t iw = ws; iw < we; ++iw) buf[ih * W + iw] += v;
+            }
+          }
+        }
+        scalar_t* gp = gi + p * H * W;
+        for (int64_t q = 0; q < H * W; ++q) gp[q] = static_cast<scalar_t>(buf[q]);
+      }
+    });
+  } else {
+    const int64_t slab = cl_slab(a.N, C), slabs = div_up(C, slab);
+    at::parallel_for(0, a.N * slabs, grain_for((H * W + OH * OW * 4) * std::min(C, slab)),
+                     [&](int64_t t0, int64_t t1) {
+      const int64_t S = std::min(C, slab);
+      std::vector<acc_t> buf(H * W * S);
+      std::vector<acc_t> val(S);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n = t / slabs, c0 = (t % slabs) * slab, c1 = std::min(C, c0 + slab);
+        const int64_t len = c1 - c0;
+        std::fill(buf.begin(), buf.end(), acc_t(0));
+        for (int64_t oh = 0; oh < OH; ++oh) {
+          const int64_t hs = a.wh.start[oh], he = a.wh.end[oh];
+          for (int64_t ow = 0; ow < OW; ++ow) {
+            const int64_t ws = a.ww.start[ow], we = a.ww.end[ow];
+            if (hs >= he || ws >= we) continue;
+            const acc_t d = divisor(oh, ow);
+            const scalar_t* gor = go + ((n * OH + oh) * OW + ow) * C + c0;
+            for (int64_t c = 0; c < len; ++c) val[c] = static_cast<acc_t>(gor[c]) / d;
+            for (int64_t ih = hs; ih < he; ++ih) {
+              for (int64_t iw = ws; iw < we; ++iw) {
+                acc_t* __restrict br = buf.data() + (ih * W + iw) * S;
+                const acc_t* __restrict vr = val.data();
+                for (int64_t c = 0; c < len; ++c) br[c] += vr[c];
+              }
+            }
+          }
+        }
+        for (int64_t q = 0; q < H * W; ++q) {
+          scalar_t* gr = gi + ((n * H * W) + q) * C + c0;
+          const acc_t* br = buf.data() + q * S;
+          for (int64_t c = 0; c < len; ++c) gr[c] = static_cast<scalar_t>(br[c]);
+        }
+      }
+    });
+  }
+}
+
+Tensor run_avg_fwd(const Tensor& input, AvgPlan& plan) {
+  const auto fmt = layout_of(input);
+  const Tensor x = input.contiguous(fmt);
+  Tensor out = at::empty({plan.N, plan.C, plan.OH, plan.OW}, x.options().memory_format(fmt));
+  if (out.numel() == 0) return out;
+  FASTCONV_DISPATCH_FLOATING(x.scalar_type(), "fastconv_avg_pool", [&] {
+    avg_fwd<scalar_t>(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), plan,
+                      fmt == at::MemoryFormat::ChannelsLast);
+  });
+  return out;
+}
+
+Tensor run_avg_bwd(const Tensor& grad_output, AvgPlan& plan) {
+  const auto fmt = layout_of(grad_output);
+  const Tensor go = grad_output.contiguous(fmt);
+  Tensor gi = at::empty({plan.N, plan.C, plan.H, plan.W}, go.options().memory_format(fmt));
+  if (gi.numel() == 0) return gi;
+  FASTCONV_DISPATCH_FLOATING(go.scalar_type(), "fastconv_avg_pool_backward", [&] {
+    avg_bwd<scalar_t>(go.const_data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(), plan,
+                      fmt == at::MemoryFormat::ChannelsLast);
+  });
+  return gi;
+}
+
+AvgPlan avg_plan(c10::IntArrayRef in, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                 c10::IntArrayRef padding, bool ceil_mode, bool count_include_pad,
+                 std::optional<int64_t> divisor_override, const char* op) {
+  check_pair(kernel_size, "kernel_size");
+  check_pair(stride, "stride");
+  check_pair(padding, "padding");
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(kernel_size[i] > 0, "fastconv ", op, ": kernel_size must be positive, got ",
+                kernel_size);
+    TORCH_CHECK(stride[i] > 0, "fastconv ", op, ": stride must be positive, got ", stride);
+    TORCH_CHECK(padding[i] >= 0 && padding[i] <= kernel_size[i] / 2, "fastconv ", op,
+                ": pad should be at least 0 and at most half of kernel size, got padding=",
+                padding, " kernel_size=", kernel_size);
+  }
+  TORCH_CHECK(!divisor_override.has_value() || *divisor_override != 0, "fastconv ", op,
+              ": divisor_override must be non-zero");
+  AvgPlan p{};
+  p.N = in[0];
+  p.C = in[1];
+  p.H = in[2];
+  p.W = in[3];
+  p.OH = pooled_size(p.H, kernel_size[0], padding[0], stride[0], 1, ceil_mode);
+  p.OW = pooled_size(p.W, kernel_size[1], padding[1], stride[1], 1, ceil_mode);
+  TORCH_CHECK(p.OH > 0 && p.OW > 0, "fastconv ", op, ": output size is too small (", p.OH, "x",
+              p.OW, ") for input ", in, " with kernel_size=", kernel_size, " stride=", stride,
+              " padding=", padding);
+  p.wh = avg_windows(p.H, p.OH, kernel_size[0], stride[0], padding[0], count_include_pad);
+  p.ww = avg_windows(p.W, p.OW, kernel_size[1], stride[1], padding[1], count_include_pad);
+  p.divisor_override = divisor_override.value_or(0);
+  return p;
+}
+
+AvgPlan adaptive_plan(c10::IntArrayRef in, c10::IntArrayRef output_size, const char* op) {
+  check_pair(output_size, "output_size");
+  TORCH_CHECK(output_size[0] > 0 && output_size[1] > 0, "fastconv ", op,
+              ": output_size must be positive, got ", output_size);
+  AvgPlan p{};
+  p.N = in[0];
+  p.C = in[1];
+  p.H = in[2];
+  p.W = in[3];
+  TORCH_CHECK(p.H > 0 && p.W > 0, "fastconv ", op, ": input spatial size must be positive, got ",
+              in);
+  p.OH = output_size[0];
+  p.OW = output_size[1];
+  p.wh = adaptive_windows(p.H, p.OH);
+  p.ww = adaptive_windows(p.W, p.OW);
+  p.divisor_override = 0;
+  return p;
+}
+
+Tensor avg_pool2d_cpu(const Tensor& input, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                      c10::IntArrayRef padding, bool ceil_mode, bool count_include_pad,
+                      std::optional<int64_t> divisor_override) {
+  check_4d(input, "input");
+  check_cpu_float(input, "input");
+  AvgPlan p = avg_plan(input.sizes(), kernel_size, stride, padding, ceil_mode, count_include_pad,
+                       divisor_override, "avg_pool2d");
+  return run_avg_fwd(input, p);
+}
+
+Tensor avg_pool2d_backward_cpu(const Tensor& grad_output, c10::IntArrayRef input_size,
+                               c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                               c10::IntArrayRef padding, bool ceil_mode, bool count_include_pad,
+                               std::optional<int64_t> divisor_override) {
+  check_4d(grad_output, "grad_output");
+  check_cpu_float(grad_output, "grad_output");
+  const auto in = full_input_size(input_size, grad_output, "avg_pool2d_backward");
+  AvgPlan p = avg_plan(in, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                       divisor_override, "avg_pool2d_backward");
+  TORCH_CHECK(grad_output.size(2) == p.OH && grad_output.size(3) == p.OW,
+              "fastconv avg_pool2d_backward: grad_output shape ", grad_output.sizes(),
+              " does not match the pooled size (", p.OH, ", ", p.OW, ") of input ", in);
+  return run_avg_bwd(grad_output, p);
+}
+
+Tensor adaptive_avg_pool2d_cpu(const Tensor& input, c10::IntArrayRef output_size) {
+  check_4d(input, "input");
+  check_cpu_float(input, "input");
+  AvgPlan p = adaptive_plan(input.sizes(), output_size, "adaptive_avg_pool2d");
+  return run_avg_fwd(input, p);
+}
+
+Tensor adaptive_avg_pool2d_backward_cpu(const Tensor& grad_output, c10::IntArrayRef input_size) {
+  check_4d(grad_output, "grad_output");
+  check_cpu_float(grad_output, "grad_output");
+  const auto in = full_input_size(input_size, grad_output, "adaptive_avg_pool2d_backward");
+  AvgPlan p = adaptive_plan(in, {grad_output.size(2), grad_output.size(3)},
+                            "adaptive_avg_pool2d_backward");
+  return run_avg_bwd(grad_output, p);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastconv, CPU, m) {
+  m.impl("avg_pool2d", &avg_pool2d_cpu);
+  m.impl("avg_pool2d_backward", &avg_pool2d_backward_cpu);
+  m.impl("adaptive_avg_pool2d", &adaptive_avg_pool2d_cpu);
+  m.impl("adaptive_avg_pool2d_backward", &adaptive_avg_pool2d_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fastconv
