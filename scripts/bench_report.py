@@ -6,9 +6,10 @@
 Reads the results file (JSON lines, ``fastconv/tools/results.py``) that ``pytest benchmarks
 --fc-results FILE``, ``fastconv bench --results FILE`` and ``python -m benchmarks.sweep
 --results FILE`` append to; also pytest-benchmark JSON (``--benchmark-json``) and the JSON of
-``fastconv bench --json FILE``. A later row for the same cell replaces an earlier one. Results are grouped into sections by kind (layer, model
-training step, fastconv bench), device, dtype, layout and batch, so files from different
-machines or settings sit side by side. Each cell is the speed-up over torch eager on the same
+``fastconv bench --json FILE``. A later row for the same cell replaces an earlier one.
+Results are grouped into sections by kind (layer, model training step, fastconv bench,
+sweep), device, dtype, layout and batch, so files from different machines or settings sit
+side by side. Each cell is the speed-up over torch eager on the same
 case (median time of eager / median time of the provider: above 1 is faster) with the achieved
 TFLOP/s (convolutions, models) or GB/s (pools, batch norm: compulsory traffic, see
 benchmarks/layers.py); each section ends with the geometric mean per provider and mode.

@@ -247,6 +247,39 @@ def test_report_rejects_foreign_json(tmp_path):
     assert proc.returncode == 2 and "neither a results file" in proc.stderr
 
 
+def test_sweep_breakdown_peaks_and_rows(tmp_path):
+    """The layer sweep (benchmarks/sweep.py) on CPU: traced layers, providers in alternation,
+    backward breakdown, rates against measured ceilings, rows appended to the results file."""
+    rows_path = tmp_path / "sweep.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.sweep", "--device", "cpu", "--models", "lenet",
+         "--layers", "key", "--providers", "eager,fc_torch", "--breakdown", "--rounds", "2",
+         "--sample-seconds", "0.005", "--peaks", "--results", str(rows_path)],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "ceilings on cpu: matmul fp32" in proc.stdout
+    rows = results.load(rows_path)
+    peaks = [r for r in rows if r["kind"] == "peaks"]
+    assert len(peaks) == 1 and peaks[0]["copy_gbs"] > 0 and peaks[0]["matmul_tflops"]["fp32"] > 0
+    cells = {(r["case"], r["mode"], r["provider"]): r for r in rows if r["kind"] == "sweep"}
+    want = set()
+    for layer in L.layers(["lenet"], "key"):
+        modes = ["fwd", "fwdbwd", "bwd"]
+        if layer.op == "conv2d_relu":
+            modes += ["bwd_weight"] if layer.first else ["bwd_input", "bwd_weight"]
+        want |= {(layer.id, m, p) for m in modes for p in ("eager", "fc_torch")}
+    assert set(cells) == want
+    for (case, mode, provider), r in cells.items():
+        assert r["seconds"]["median"] > 0 and 0 < r["pct_of_peak"]
+        assert (r["flops"] > 0) == (r["op"] == "conv2d_relu") and (r["bytes"] > 0) != (
+            r["op"] == "conv2d_relu")
+        assert ("vs_eager" in r) == (provider == "fc_torch")
+    conv = next(l for l in L.layers(["lenet"], "key") if l.op == "conv2d_relu" and not l.first)
+    fwd = conv.flops(2, False)
+    assert cells[(conv.id, "bwd", "eager")]["flops"] == 2 * fwd
+    assert cells[(conv.id, "bwd_input", "eager")]["flops"] == fwd
+
+
 def test_gpu_all_records_every_stage(tmp_path):
     script = ROOT / "scripts" / "gpu_all.sh"
     proc = subprocess.run(["bash", str(script), str(tmp_path / "a"), "--budget", "1"], cwd=ROOT,

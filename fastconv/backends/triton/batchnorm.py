@@ -62,7 +62,7 @@ from . import pool as _pool
 # normalises by itself (single-launch forward/backward), ``min_chunk_tiles``: tiles per chunk
 # at least, ``max_chunks``: chunks per channel block at most (the finalising program merges
 # them serially). GPU sizes are for 2-byte dtypes (float32 halves them). The H100 sweep
-# (scripts/gpu_pool_bn_sweep.py --tune) overrides them.
+# (the former scripts/gpu_pool_bn_sweep.py --tune) chose them.
 TUNING = {
     "cuda": {"tile": 2048, "reduce_tile": 2048, "max_channel_block": 64,
              "programs_per_sm": 4, "num_warps": 4, "reduce_warps": 4,

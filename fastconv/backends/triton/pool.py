@@ -34,8 +34,8 @@ import triton.language as tl
 
 from ...checks import check_adaptive_avg_pool2d, check_avg_pool2d, check_max_pool2d
 
-# Elements per program and warps per program for the pool kernels, by device kind. The H100
-# sweep (scripts/gpu_pool_bn_sweep.py) overrides these to compare configurations. The
+# Elements per program and warps per program for the pool kernels, by device kind. An H100
+# sweep chose them (the former scripts/gpu_pool_bn_sweep.py). The
 # interpreter runs one program at a time in numpy, so it wants few, large programs.
 TUNING = {
     # bf16 3x3/2 with these tiles (sm_90 AOT): forward 53 registers, backward (2x2 cells,
