@@ -1,6 +1,8 @@
 """``fastconv bench``: convert a model, check that it computes what stock torch.nn computes, and
 time a training step (forward, cross-entropy, backward, SGD step) and an inference step per
-backend against the stock model (and torch.compile of it), measured alternately in one run.
+backend against the stock model (and torch.compile of both), measured alternately in one run
+with ``fastconv.timing``: medians with their interquartile range, ratios with the range of the
+per-round ratios and a flag when that range overlaps 1.0 or is wide.
 
 The check runs each variant once on the same batch, with dropout off, next to a float64 copy
 of the stock model: a variant passes when its error against float64 is at most twice the
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 from typing import Callable, Optional
 
@@ -380,8 +383,11 @@ def plot_ratios(rows: list[dict], modes, path, title: str) -> dict:
     drawn = {"title": title, "variants": names, "series": []}
     for i, mode in enumerate(modes):
         vals = [r[f"{mode}_ratio"] for r in rows]
-        lo = [v - r[f"{mode}_ratio_low"] for v, r in zip(vals, rows)]
-        hi = [r[f"{mode}_ratio_high"] - v for v, r in zip(vals, rows)]
+        # an interval that could not be measured (one sample) gets no error bar
+        lo = [v - r[f"{mode}_ratio_low"] if math.isfinite(r[f"{mode}_ratio_high"]) else 0.0
+              for v, r in zip(vals, rows)]
+        hi = [r[f"{mode}_ratio_high"] - v if math.isfinite(r[f"{mode}_ratio_high"]) else 0.0
+              for v, r in zip(vals, rows)]
         xs = [j + (i - (len(modes) - 1) / 2) * width for j in range(len(names))]
         ax.bar(xs, vals, width=width, yerr=[lo, hi], capsize=3, label=mode)
         drawn["series"].append({"mode": mode, "ratios": [round(v, 4) for v in vals]})
