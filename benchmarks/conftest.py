@@ -1,22 +1,28 @@
 """pytest-benchmark suites: per layer (``test_layers.py``) and per model (``test_models.py``).
 
-    pytest benchmarks --benchmark-json=out.json [--fc-dtype bfloat16] [--fc-layout channels_last]
-    python scripts/bench_report.py out.json --out report/
+    pytest benchmarks --fc-results out.jsonl [--fc-models lenet] [--fc-dtype bfloat16]
+    python scripts/bench_report.py out.jsonl --out report/
 
 Sizes: on a GPU batch 128 at the models' input sizes; on CPU batch 2 (2 cores must finish).
 Providers: ``eager`` (stock torch ops), ``compile`` (torch.compile of them), ``fc_triton``,
 ``fc_extension``, ``fc_torch`` (fastconv's functional layer on that backend). A provider that
 cannot run a case is skipped with the reason.
 
-Timing: warm-up calls first (compilation, autotuning), then pytest-benchmark's pedantic mode
-with a timer that synchronises the device, so each round times ``iterations`` back-to-back
-calls end to end; inputs rotate over enough copies that together they exceed the GPU's L2
-cache (three on CPU).
+Timing (``fastconv.timing``, the one timer): warm-up calls first (compilation, autotuning),
+then rounds that alternate the provider with eager on the same inputs, each sample
+``iterations`` back-to-back calls (CUDA events on a GPU); inputs rotate over enough copies that
+together they exceed the GPU's L2 cache (three on CPU). pytest-benchmark records those samples;
+``extra_info["vs_eager"]`` holds the ratio to eager with its interquartile interval and
+whether it is significant. ``--fc-results FILE.jsonl`` appends every cell to the results
+file that ``scripts/bench_report.py`` renders.
+
+Select models with ``--fc-models lenet`` (exactly those models' layers and steps; ``-k lenet``
+matches test ids as text and also picks GoogLeNet's).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-import math
 import sys
 import time
 from pathlib import Path
@@ -24,12 +30,16 @@ from typing import Callable, Optional
 
 import pytest
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fastconv from this tree
 
-from fastconv import models  # noqa: E402
-from fastconv.tools.common import (compile_unavailable, run_metadata,  # noqa: E402
-                                   short_reason, unusable_reason)
+import fastconv  # noqa: E402
+from fastconv import models, timing  # noqa: E402
+from fastconv.tools import results  # noqa: E402
+from fastconv.tools.common import (compile_unavailable, grad_scaler,  # noqa: E402
+                                   reset_compiler, run_metadata, sgd_step, short_reason,
+                                   unusable_reason)
 
 from . import layers as layer_list  # noqa: E402
 
@@ -59,6 +69,8 @@ def pytest_addoption(parser):
     g.addoption("--fc-rounds", type=int, default=None, help="timed rounds per case")
     g.addoption("--fc-budget", type=float, default=0.0,
                 help="seconds; cases starting later are skipped (0: no limit)")
+    g.addoption("--fc-results", default=None, metavar="FILE.jsonl",
+                help="append every measured cell to this JSON-lines results file")
 
 
 @dataclasses.dataclass
@@ -75,6 +87,7 @@ class Settings:
     compile: str
     rounds: int
     budget: float
+    results: Optional[str] = None
     start: float = dataclasses.field(default_factory=time.perf_counter)
 
     @property
@@ -122,8 +135,8 @@ def settings(config) -> Settings:
             batch=opt("--fc-batch") or (128 if device.type == "cuda" else 2), models=names,
             which=opt("--fc-layers"), providers=providers, modes=modes,
             compile=opt("--fc-compile"),
-            rounds=opt("--fc-rounds") or (7 if device.type == "cuda" else 3),
-            budget=opt("--fc-budget"))
+            rounds=opt("--fc-rounds") or (7 if device.type == "cuda" else 5),
+            budget=opt("--fc-budget"), results=opt("--fc-results"))
     return _SETTINGS
 
 
@@ -171,57 +184,51 @@ def provider_skip_reason(provider: str, fc: Settings) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- timing
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def measure(benchmark, steps: dict, provider: str, fc: Settings, extra: dict,
+            inputs: Optional[list] = None, warmup: int = 2) -> None:
+    """Time ``steps[provider]`` with ``fastconv.timing``, alternating round by round with
+    ``steps["eager"]`` (when given and not the same), on the rotated ``inputs`` (each step is
+    called ``step(inputs[k])``; without inputs the steps rotate their own).
 
-
-def rotation_count(bytes_per_set: int, device: torch.device, cap_bytes: int = 8 << 30) -> int:
-    """How many input sets to rotate so that together they overflow the L2 cache (2x), at
-    least 2 and at most 16, within ``cap_bytes`` of memory (3 on CPU)."""
-    if device.type != "cuda":
-        return 3
-    props = torch.cuda.get_device_properties(device)
-    l2 = getattr(props, "L2_cache_size", 0) or (50 << 20)
-    want = math.ceil(2 * l2 / max(bytes_per_set, 1))
-    fit = max(2, cap_bytes // max(bytes_per_set, 1))
-    return int(max(2, min(16, want, fit)))
-
-
-def measure(benchmark, step: Callable[[], object], fc: Settings, extra: dict,
-            warmup: int = 2) -> None:
-    """Time ``step`` (which rotates its own inputs) with pytest-benchmark."""
+    pytest-benchmark records exactly these samples (seconds per call; its timer replays
+    them), so its table, ``--benchmark-json`` and comparisons show the shared timer's numbers;
+    ``extra_info`` adds the quartiles and the ratio to eager with its spread (``vs_eager``),
+    and ``--fc-results FILE`` appends the row to the JSON-lines results file.
+    """
     if fc.budget and time.perf_counter() - fc.start > fc.budget:
         pytest.skip(f"time budget of {fc.budget:.0f} s spent (--fc-budget)")
-    for _ in range(warmup):
-        step()
-    sync(fc.device)
-    t0 = time.perf_counter()
-    for _ in range(3):
-        step()
-    sync(fc.device)
-    per_call = (time.perf_counter() - t0) / 3
-    iterations = int(max(1, min(1000, fc.round_seconds / max(per_call, 1e-7))))
-    target = step
-    if fc.device.type == "cuda":
-        device = fc.device
-
-        def synced_timer():
-            torch.cuda.synchronize(device)
-            return time.perf_counter()
-
-        if hasattr(benchmark, "_timer"):
-            # the end of a round waits for the device: `iterations` queued calls, timed whole
-            benchmark._timer = synced_timer
-        else:  # pytest-benchmark changed: synchronise after every call instead
-            def synced_step():
-                step()
-                torch.cuda.synchronize(device)
-            target = synced_step
-    benchmark.extra_info.update(extra)
-    benchmark.extra_info.update(fc.meta(), iterations=iterations, rounds=fc.rounds)
+    if not hasattr(benchmark, "_timer"):
+        pytest.skip("this pytest-benchmark version has no replaceable timer: cannot record "
+                    "fastconv.timing's samples")
+    fns = {provider: steps[provider]}
+    if provider != "eager" and "eager" in steps:
+        fns = {"eager": steps["eager"], provider: steps[provider]}
+    one = steps[provider]
+    probe = (lambda: one(inputs[0])) if inputs else one
+    inner = timing.calls_for(probe, fc.round_seconds, fc.device)
+    res = timing.compare(fns, device=fc.device, rounds=fc.rounds, inner=inner, warmup=warmup,
+                         inputs=inputs)
+    mine = res[provider]
+    info = dict(extra, seconds=mine.to_dict(), iterations=inner, rounds=fc.rounds)
+    if len(fns) == 2:
+        info["vs_eager"] = timing.ratio(res["eager"], mine).to_dict()
+    benchmark.extra_info.update(info)
+    benchmark.extra_info.update(fc.meta())
     benchmark.group = f"{extra['case']} {extra['mode']}"
-    benchmark.pedantic(target, rounds=fc.rounds, iterations=iterations, warmup_rounds=0)
+    ticks = iter(_replay(mine.samples))
+    benchmark._timer = lambda: next(ticks)
+    benchmark.pedantic(lambda: None, rounds=len(mine.samples), iterations=1, warmup_rounds=0)
+    if fc.results:
+        results.append(fc.results, [results.row(fc.meta(), **info)])
+
+
+def _replay(samples) -> list:
+    """Timer readings whose start/end pairs differ by the given samples."""
+    ticks, t = [], 0.0
+    for s in samples:
+        ticks += [t, t + s]
+        t += s
+    return ticks
 
 
 def first_call(fn: Callable[[], object], provider: str):
@@ -235,6 +242,37 @@ def first_call(fn: Callable[[], object], provider: str):
         if provider == "compile":
             pytest.skip(f"torch.compile failed: {short_reason(exc)}")
         raise
+
+
+def train_step(stock: nn.Module, name: str, provider: str, fc):
+    """A zero-argument training step of ``provider``'s copy of ``stock`` (own optimizer, own
+    rotated batches), run once (a provider that cannot run the model is skipped)."""
+    if provider.startswith("fc_"):
+        model = fastconv.convert(stock, backend=provider[3:])
+    else:
+        model = copy.deepcopy(stock)
+    model.train()
+    if provider == "compile":
+        reset_compiler()
+        model = torch.compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    amp = None if fc.dtype is torch.float32 else fc.dtype
+    shape = models.INPUT_SIZES[name]
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(fc.batch, *shape, generator=gen).to(fc.device).contiguous(
+        memory_format=fc.memory_format) for _ in range(3)]
+    ys = [torch.randint(0, 10, (fc.batch,), generator=gen).to(fc.device) for _ in xs]
+    scaler = grad_scaler(amp, fc.device)
+    state = {"i": 0}
+
+    def step():
+        i = state["i"] = (state["i"] + 1) % len(xs)
+        return sgd_step(model, opt, xs[i], ys[i], amp, scaler)[0]
+
+    loss = first_call(step, provider)
+    assert torch.isfinite(loss).item(), f"{provider} {name}: first loss is {loss.item()}"
+    return step
+
 
 
 # sanity bound on each provider's result against eager in the same dtype: catches a broken

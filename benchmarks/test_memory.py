@@ -12,9 +12,11 @@ For one training step (forward, cross-entropy, backward, SGD) the benchmark reco
   allocated before it (parameters, optimizer state, inputs): the step's peak working memory.
 * ``saved_vs_stock``, ``peak_vs_stock``: the ratios to the stock model in the same run.
 
-It also times the step (as test_models.py does), so a memory saving that costs speed shows.
+It also times the step against eager in alternation (as test_models.py does), so a memory
+saving that costs speed shows. ``--fc-results FILE.jsonl`` appends the rows (kind ``memory``),
+which ``scripts/bench_report.py`` renders as a memory table and chart.
 
-    pytest benchmarks/test_memory.py --benchmark-json=mem.json [--fc-models alexnet,vgg16_bn]
+    pytest benchmarks/test_memory.py --fc-results mem.jsonl [--fc-models alexnet,vgg16_bn]
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import fastconv
 from fastconv import models
 from fastconv.tools.common import grad_scaler, reset_compiler, sgd_step
 
-from .conftest import PROVIDER_NAMES, first_call, measure, provider_skip_reason
+from .conftest import PROVIDER_NAMES, first_call, measure, provider_skip_reason, train_step
 
 _STOCK: dict = {}
 _BASELINE: dict = {}  # (model, "saved"/"peak") -> the stock model's number in this run
@@ -103,4 +105,7 @@ def test_train_step_memory(benchmark, fc, model_name, provider):
         elif (model_name, key) in _BASELINE:
             extra[f"{key}_vs_stock"] = round(extra[f"{key}_bytes"]
                                              / max(1, _BASELINE[(model_name, key)]), 4)
-    measure(benchmark, step, fc, extra)
+    steps = {provider: step}
+    if provider != "eager":
+        steps["eager"] = train_step(stock, model_name, "eager", fc)
+    measure(benchmark, steps, provider, fc, extra)

@@ -4,18 +4,14 @@ fastconv for each backend (``fc_*``). 16-bit dtypes train under autocast (AMP).
 """
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
 
-import fastconv
 from fastconv import models
-from fastconv.tools.common import grad_scaler, reset_compiler, sgd_step
 from fastconv.tools.flops import count
 
-from .conftest import PROVIDER_NAMES, first_call, measure, provider_skip_reason
+from .conftest import PROVIDER_NAMES, measure, provider_skip_reason, train_step
 
 _STOCK: dict = {}
 
@@ -38,30 +34,11 @@ def test_train_step(benchmark, fc, model_name, provider):
     if reason:
         pytest.skip(reason)
     stock = _stock(model_name, fc)
-    if provider.startswith("fc_"):
-        model = fastconv.convert(stock, backend=provider[3:])
-    else:
-        model = copy.deepcopy(stock)
-    model.train()
-    if provider == "compile":
-        reset_compiler()
-        model = torch.compile(model)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    amp = None if fc.dtype is torch.float32 else fc.dtype
+    steps = {provider: train_step(stock, model_name, provider, fc)}
+    if provider != "eager":
+        steps["eager"] = train_step(stock, model_name, "eager", fc)
     shape = models.INPUT_SIZES[model_name]
-    xs = [torch.randn(fc.batch, *shape, device=fc.device).contiguous(
-        memory_format=fc.memory_format) for _ in range(3)]
-    ys = [torch.randint(0, 10, (fc.batch,), device=fc.device) for _ in xs]
-    scaler = grad_scaler(amp, fc.device)
-    state = {"i": 0}
-
-    def step():
-        i = state["i"] = (state["i"] + 1) % len(xs)
-        return sgd_step(model, opt, xs[i], ys[i], amp, scaler)[0]
-
-    loss = first_call(step, provider)
-    assert torch.isfinite(loss).item(), f"{provider} {model_name}: first loss is {loss.item()}"
-    measure(benchmark, step, fc, dict(
+    measure(benchmark, steps, provider, fc, dict(
         kind="model", case=model_name, op="train_step", mode="train", provider=provider,
         provider_name=PROVIDER_NAMES[provider],
         flops=3 * fc.batch * _forward_flops(model_name), bytes=0,

@@ -1,18 +1,26 @@
 #!/usr/bin/env python3
 """Turn benchmark result files into a markdown table of speed-ups over torch eager and charts.
 
-    python scripts/bench_report.py layers.json models.json bench-alexnet.json --out report/
+    python scripts/bench_report.py results.jsonl [more files] --out report/
 
-Reads pytest-benchmark JSON written by ``pytest benchmarks --benchmark-json=FILE`` and the JSON
-of ``fastconv bench --json FILE``. Results are grouped into sections by kind (layer, model
-training step, fastconv bench), device, dtype, layout and batch, so files from different
-machines or settings sit side by side. Each cell is the speed-up over torch eager on the same
+Reads the results file (JSON lines, ``fastconv/tools/results.py``) that ``pytest benchmarks
+--fc-results FILE``, ``fastconv bench --results FILE`` and ``python -m benchmarks.sweep
+--results FILE`` append to; also pytest-benchmark JSON (``--benchmark-json``) and the JSON of
+``fastconv bench --json FILE``. A later row for the same cell replaces an earlier one.
+Results are grouped into sections by kind (layer, model training step, fastconv bench,
+sweep), device, dtype, layout and batch, so files from different machines or settings sit
+side by side. Each cell is the speed-up over torch eager on the same
 case (median time of eager / median time of the provider: above 1 is faster) with the achieved
 TFLOP/s (convolutions, models) or GB/s (pools, batch norm: compulsory traffic, see
 benchmarks/layers.py); each section ends with the geometric mean per provider and mode.
+Where the row holds a ratio measured alternately with eager (``vs_eager``), that ratio is
+shown with its interquartile interval, ``?`` marking one whose interval overlaps 1.0 (not
+significant) and ``~`` one wider than 10%. Memory rows (``pytest benchmarks/test_memory.py``)
+add a table of the bytes autograd saves per provider (and the GPU peak) and ``memory.png``.
 
 Writes ``report.md`` and, when matplotlib is installed, ``speedup.png`` (per case) and
-``summary.png`` (geometric means) into ``--out``; prints the markdown.
+``summary.png`` (geometric means), and ``memory.png`` when there are memory rows, into
+``--out``; prints the markdown.
 """
 from __future__ import annotations
 
@@ -21,6 +29,21 @@ import json
 import math
 import sys
 from pathlib import Path
+
+
+
+def _results_module():
+    """fastconv/tools/results.py of this tree, loaded alone: it needs only the standard
+    library, and importing the fastconv package would import torch (seconds) for nothing."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "fastconv" / "tools" / "results.py"
+    spec = importlib.util.spec_from_file_location("fastconv_results_file", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+results_file = _results_module()
 
 ORDER = ("eager", "compile", "fc_triton", "fc_extension", "fc_torch")
 NAMES = {"eager": "torch eager", "compile": "torch.compile", "fc_triton": "fastconv[triton]",
@@ -42,9 +65,26 @@ def load(paths: list) -> dict:
     """section key -> {(case, mode): {provider: dict(seconds, flops, bytes)}}"""
     sections: dict = {}
     for path in paths:
+        if results_file.is_results_file(path):
+            try:
+                rows = results_file.load(path)
+            except (OSError, ValueError) as exc:
+                raise ReportError(str(exc)) from None
+            for r in rows:
+                kind = {"bench": "fastconv bench"}.get(r["kind"], r["kind"])
+                if "seconds" not in r:
+                    continue  # peaks and other rows without a time
+                key = _section_key(kind, r)
+                cell = dict(seconds=r["seconds"]["median"], flops=r.get("flops", 0),
+                            bytes=r.get("bytes", 0), ex_s=r.get("ex_s"),
+                            vs_eager=r.get("vs_eager"), saved_bytes=r.get("saved_bytes"),
+                            peak_bytes=r.get("peak_bytes"))
+                sections.setdefault(key, {}).setdefault((r["case"], r["mode"]), {})[
+                    r["provider"]] = cell
+            continue
         try:
             data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ReportError(f"{path}: cannot read JSON: {exc}") from None
         if isinstance(data, dict) and "benchmarks" in data:
             for b in data["benchmarks"]:
@@ -53,7 +93,8 @@ def load(paths: list) -> dict:
                     continue  # not one of fastconv's suites
                 key = _section_key(ei.get("kind", "layer"), ei)
                 cell = dict(seconds=b["stats"]["median"], flops=ei.get("flops", 0),
-                            bytes=ei.get("bytes", 0))
+                            bytes=ei.get("bytes", 0), vs_eager=ei.get("vs_eager"),
+                            saved_bytes=ei.get("saved_bytes"), peak_bytes=ei.get("peak_bytes"))
                 sections.setdefault(key, {}).setdefault((ei["case"], ei["mode"]), {})[
                     ei["provider"]] = cell
         elif isinstance(data, dict) and data.get("kind") == "fastconv-bench":
@@ -69,7 +110,8 @@ def load(paths: list) -> dict:
                             provider] = dict(seconds=row[f"{mode}_ms"] / 1e3, flops=0,
                                              bytes=0, ex_s=row[f"{mode}_ex_s"])
         else:
-            raise ReportError(f"{path}: neither pytest-benchmark JSON nor fastconv bench JSON")
+            raise ReportError(f"{path}: neither a results file (JSON lines), pytest-benchmark "
+                              "JSON nor fastconv bench JSON")
     if not sections:
         raise ReportError("no fastconv benchmark results in " + ", ".join(map(str, paths)))
     return sections
@@ -96,6 +138,21 @@ def geomean(values: list) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
+def speedup(base: dict, cell: dict) -> float:
+    """Over eager: the ratio measured alternately in the same run when the row has one."""
+    if cell.get("vs_eager"):
+        return cell["vs_eager"]["ratio"]
+    return base["seconds"] / cell["seconds"]
+
+
+def _speedup_text(base: dict, cell: dict) -> str:
+    v = cell.get("vs_eager")
+    if not v:
+        return f"{speedup(base, cell):.2f}x"
+    mark = ("" if v["significant"] else "?") + ("~" if v["wide"] else "")
+    return f"{v['ratio']:.2f}x [{v['low']:.2f}-{v['high']:.2f}]{mark}"
+
+
 def speedups(rows: dict) -> dict:
     """provider -> mode -> [speed-up over eager per case]"""
     out: dict = {}
@@ -104,15 +161,54 @@ def speedups(rows: dict) -> dict:
         if not base:
             continue
         for p, cell in cells.items():
-            out.setdefault(p, {}).setdefault(mode, []).append(base["seconds"] / cell["seconds"])
+            out.setdefault(p, {}).setdefault(mode, []).append(speedup(base, cell))
     return out
+
+
+def _mib(n) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def memory_markdown(sections: dict) -> list:
+    """A table of saved (and peak) bytes per provider for the sections with memory rows."""
+    lines = []
+    for key in sorted(sections, key=str):
+        rows = sections[key]
+        if not any(c.get("saved_bytes") is not None or c.get("peak_bytes") is not None
+                   for cells in rows.values() for c in cells.values()):
+            continue
+        provs = _providers(rows)
+        lines += [f"## memory | {key[1]} | {key[2]} | {key[3]} | batch {key[4]}", "",
+                  "Bytes autograd saves for backward in one training step (and the GPU peak "
+                  "above the model and optimizer state); in brackets the ratio to eager.", "",
+                  "| model | " + " | ".join(NAMES.get(p, p) for p in provs) + " |",
+                  "|---|" + "---:|" * len(provs)]
+        for (case, mode) in sorted(rows):
+            cells = rows[(case, mode)]
+            base = cells.get("eager") or {}
+            out = [case]
+            for p in provs:
+                c = cells.get(p) or {}
+                parts = []
+                for field, label in (("saved_bytes", "saved"), ("peak_bytes", "peak")):
+                    if c.get(field) is None:
+                        continue
+                    text = f"{label} {_mib(c[field])}"
+                    if base.get(field):
+                        text += f" ({c[field] / base[field]:.2f}x)"
+                    parts.append(text)
+                out.append(", ".join(parts))
+            lines.append("| " + " | ".join(out) + " |")
+        lines.append("")
+    return lines
 
 
 def markdown(sections: dict) -> str:
     lines = ["# fastconv benchmark report", "",
              "Cells: speed-up over torch eager on the same case (median times; >1 is faster) "
              "and the achieved rate. Empty: the provider did not run (skipped, see the "
-             "pytest log).", ""]
+             "pytest log). [low-high]: interquartile interval of a ratio measured "
+             "alternately with eager; ? not significant (overlaps 1.0); ~ wider than 10%.", ""]
     for key in sorted(sections, key=str):
         kind, device, dtype, layout, batch = key
         rows = sections[key]
@@ -130,7 +226,7 @@ def markdown(sections: dict) -> str:
                 if not c:
                     out.append("")
                 elif base:
-                    out.append(f"{base['seconds'] / c['seconds']:.2f}x {_rate(c)}".strip())
+                    out.append(f"{_speedup_text(base, c)} {_rate(c)}".strip())
                 else:
                     out.append(f"{c['seconds'] * 1e3:.3f} ms {_rate(c)}".strip())
             lines.append("| " + " | ".join(out) + " |")
@@ -140,7 +236,48 @@ def markdown(sections: dict) -> str:
             lines.append(f"| **geomean** | {mode} | | " + " | ".join(
                 f"**{geomean(v):.2f}x** ({len(v)})" if v else "" for v in vals) + " |")
         lines.append("")
+    lines += memory_markdown(sections)
     return "\n".join(lines)
+
+
+def memory_chart(sections: dict, out: Path):
+    """memory.png: saved bytes per provider and model (one bar series per provider), or
+    None when there are no memory rows."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars: dict = {}  # provider -> {label: bytes}
+    labels: list = []
+    for key in sorted(sections, key=str):
+        for (case, mode), cells in sorted(sections[key].items()):
+            label = f"{case}\n{key[2]} {key[3]} b{key[4]}"
+            for p, c in cells.items():
+                if c.get("saved_bytes") is not None:
+                    if label not in labels:
+                        labels.append(label)
+                    bars.setdefault(p, {})[label] = c["saved_bytes"]
+    if not bars:
+        return None
+    provs = [p for p in ORDER if p in bars] + sorted(set(bars) - set(ORDER))
+    width = 0.8 / len(provs)
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(labels) + 3), 4.5))
+    for i, p in enumerate(provs):
+        xs = [j + (i - (len(provs) - 1) / 2) * width for j, lb in enumerate(labels)
+              if lb in bars[p]]
+        ax.bar(xs, [bars[p][lb] / 2**20 for lb in labels if lb in bars[p]], width=width,
+               label=NAMES.get(p, p))
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("MiB saved for backward (one training step)")
+    ax.set_title("training memory per provider", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "memory.png"
+    fig.savefig(path, dpi=100, metadata={"Description": json.dumps(
+        {"series": [NAMES.get(p, p) for p in provs], "cases": len(labels)})})
+    plt.close(fig)
+    return path
 
 
 def charts(sections: dict, out: Path) -> list:
@@ -172,7 +309,7 @@ def charts(sections: dict, out: Path) -> list:
                 c = rows[(case, mode)].get(p)
                 if c:
                     ys.append(j + (i - (len(provs) - 1) / 2) * width)
-                    xs.append(rows[(case, mode)]["eager"]["seconds"] / c["seconds"])
+                    xs.append(speedup(rows[(case, mode)]["eager"], c))
             # bars grow from 1 (as fast as eager): right is faster, left is slower
             ax.barh(ys, [x - 1.0 for x in xs], left=1.0, height=width, label=NAMES.get(p, p))
             span += xs
@@ -216,6 +353,9 @@ def charts(sections: dict, out: Path) -> list:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     written.append(path)
+    mem = memory_chart(sections, out)
+    if mem is not None:
+        written.append(mem)
     return written
 
 

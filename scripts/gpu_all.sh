@@ -19,7 +19,7 @@
 # Adding a stage is one line in the plan below:   stage NAME LIMIT_SECONDS command args...
 # Where one call is limited to 10 minutes, run it in parts on a warm machine, e.g.
 #   ONLY_STAGES="install build-ext info tests" scripts/gpu_all.sh OUT
-#   ONLY_STAGES="install peaks diag-errors pool-bn-sweep ext-sweep conv-sweep" scripts/gpu_all.sh OUT2
+#   ONLY_STAGES="install peaks diag-errors sweep conv-tune" scripts/gpu_all.sh OUT2
 # Environment: PYTHON (interpreter), SKIP_STAGES / ONLY_STAGES (space-separated stage names),
 # TORCH_CUDA_ARCH_LIST (default: this GPU's architecture only, for a faster build), MAX_JOBS.
 set -uo pipefail
@@ -122,44 +122,46 @@ stage tests 300 "$PY" -m pytest tests -v -rfE -p no:cacheprovider --junitxml="$O
     "${XDIST[@]}" "${TESTS[@]}"
 
 if [ "$MODE" = quick ]; then
-    stage bench-alexnet 120 "$PY" -m fastconv bench --model alexnet "${BF16[@]}" --no-compile --json "$OUT/bench-alexnet.json"
+    stage bench-alexnet 120 "$PY" -m fastconv bench --model alexnet "${BF16[@]}" --no-compile --json "$OUT/bench-alexnet.json" --results "$OUT/results.jsonl"
     stage layers 120 "$PY" "${BENCH[@]}" benchmarks/test_layers.py --fc-models alexnet --fc-rounds 5 \
-        --fc-budget "$(bench_budget 60)" --benchmark-json="$OUT/layers.json"
+        --fc-budget "$(bench_budget 60)" --benchmark-json="$OUT/layers.json" --fc-results "$OUT/results.jsonl"
     stage models 90 "$PY" "${BENCH[@]}" benchmarks/test_models.py --fc-models alexnet --fc-compile off \
-        --fc-budget "$(bench_budget 30)" --benchmark-json="$OUT/models.json"
+        --fc-budget "$(bench_budget 30)" --benchmark-json="$OUT/models.json" --fc-results "$OUT/results.jsonl"
 elif [ "$MODE" = default ]; then
-    stage bench-alexnet 150 "$PY" -m fastconv bench --model alexnet "${BF16[@]}" --json "$OUT/bench-alexnet.json"
+    stage bench-alexnet 150 "$PY" -m fastconv bench --model alexnet "${BF16[@]}" --json "$OUT/bench-alexnet.json" --results "$OUT/results.jsonl"
     stage layers 180 "$PY" "${BENCH[@]}" benchmarks/test_layers.py --fc-budget "$(bench_budget 100)" \
-        --benchmark-json="$OUT/layers.json"
+        --benchmark-json="$OUT/layers.json" --fc-results "$OUT/results.jsonl"
     stage layers-bf16 120 "$PY" "${BENCH[@]}" benchmarks/test_layers.py --fc-models alexnet,vgg11 \
         --fc-dtype bfloat16 --fc-layout channels_last --fc-compile off \
-        --fc-budget "$(bench_budget 45)" --benchmark-json="$OUT/layers-bf16.json"
+        --fc-budget "$(bench_budget 45)" --benchmark-json="$OUT/layers-bf16.json" --fc-results "$OUT/results.jsonl"
     stage models 120 "$PY" "${BENCH[@]}" benchmarks/test_models.py --fc-models alexnet,vgg11,resnet18,googlenet \
-        --fc-compile off --fc-budget "$(bench_budget 45)" --benchmark-json="$OUT/models.json"
-    stage bench-vgg11 120 "$PY" -m fastconv bench --model vgg11 "${BF16[@]}" --no-compile --json "$OUT/bench-vgg11.json"
+        --fc-compile off --fc-budget "$(bench_budget 45)" --benchmark-json="$OUT/models.json" --fc-results "$OUT/results.jsonl"
+    stage bench-vgg11 120 "$PY" -m fastconv bench --model vgg11 "${BF16[@]}" --no-compile --json "$OUT/bench-vgg11.json" --results "$OUT/results.jsonl"
 else
-    stage bench-alexnet 600 "$PY" -m fastconv bench --model alexnet "${BF16[@]}" --json "$OUT/bench-alexnet.json"
-    stage bench-vgg11 600 "$PY" -m fastconv bench --model vgg11 "${BF16[@]}" --json "$OUT/bench-vgg11.json"
+    stage bench-alexnet 600 "$PY" -m fastconv bench --model alexnet "${BF16[@]}" --json "$OUT/bench-alexnet.json" --results "$OUT/results.jsonl"
+    stage bench-vgg11 600 "$PY" -m fastconv bench --model vgg11 "${BF16[@]}" --json "$OUT/bench-vgg11.json" --results "$OUT/results.jsonl"
     stage layers 3600 "$PY" "${BENCH[@]}" benchmarks/test_layers.py --fc-layers all \
-        --benchmark-json="$OUT/layers.json"
+        --benchmark-json="$OUT/layers.json" --fc-results "$OUT/results.jsonl"
     stage layers-bf16 3600 "$PY" "${BENCH[@]}" benchmarks/test_layers.py --fc-layers all \
-        --fc-dtype bfloat16 --fc-layout channels_last --benchmark-json="$OUT/layers-bf16.json"
-    stage models 3600 "$PY" "${BENCH[@]}" benchmarks/test_models.py --benchmark-json="$OUT/models.json"
+        --fc-dtype bfloat16 --fc-layout channels_last --benchmark-json="$OUT/layers-bf16.json" --fc-results "$OUT/results.jsonl"
+    stage models 3600 "$PY" "${BENCH[@]}" benchmarks/test_models.py --benchmark-json="$OUT/models.json" --fc-results "$OUT/results.jsonl"
     stage models-bf16 3600 "$PY" "${BENCH[@]}" benchmarks/test_models.py --fc-dtype bfloat16 \
-        --fc-layout channels_last --benchmark-json="$OUT/models-bf16.json"
+        --fc-layout channels_last --benchmark-json="$OUT/models-bf16.json" --fc-results "$OUT/results.jsonl"
 fi
-# the kernel sweeps (do_bench medians against torch), the ceilings, and the error-path check
-stage peaks 60 "$PY" scripts/gpu_peaks.py --json "$OUT/peaks.json"
+# the layer sweep on the shared timer (ceilings, backward breakdown), the error-path check,
+# and the Triton conv tuning run (tables written under $OUT/tuned, to commit by hand)
+stage peaks 60 "$PY" -m benchmarks.sweep --peaks-only --results "$OUT/results.jsonl"
 stage diag-errors 90 bash scripts/gpu_diag_errors.sh "$OUT/diag"
-stage pool-bn-sweep 120 "$PY" scripts/gpu_pool_bn_sweep.py --quick --json "$OUT/pool_bn_sweep.json"
-stage ext-sweep 120 "$PY" scripts/gpu_ext_sweep.py --quick
-stage conv-sweep 300 "$PY" scripts/gpu_conv_sweep.py --breakdown --max-configs 4 --rep-ms 25 \
-    --tune-rep-ms 15 --time-limit 240 --out "$OUT/conv2d_relu_configs.json" \
-    --report "$OUT/conv_sweep.md" --json "$OUT/conv_sweep.json"
+stage sweep 240 "$PY" -m benchmarks.sweep --models alexnet,vgg16_bn,resnet18 --layers key \
+    --dtype bfloat16 --layout channels_last --peaks --breakdown --results "$OUT/results.jsonl"
+mkdir -p "$OUT/tuned"
+stage conv-tune 300 "$PY" -m benchmarks.sweep --ops conv2d_relu --models alexnet,vgg11,googlenet \
+    --layers key --providers eager,fc_triton --dtype bfloat16 --layout channels_last \
+    --rounds 3 --tune "$OUT/tuned" --results "$OUT/results.jsonl"
 
 RESERVE=0
 shopt -s nullglob
-results=("$OUT"/layers*.json "$OUT"/models*.json "$OUT"/bench-*.json)
+results=("$OUT"/results.json[l])  # every stage appends its rows here (glob: none if absent)
 if [ ${#results[@]} -gt 0 ]; then
     stage report 60 "$PY" scripts/bench_report.py "${results[@]}" --out "$OUT/report"
 else

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastconv import models
+from fastconv.tools import results
 from fastconv.tools.flops import count
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,10 +93,11 @@ def _env():
 
 def test_suites_run_and_report(tmp_path):
     out = tmp_path / "suite.json"
+    rows_path = tmp_path / "suite.jsonl"
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "benchmarks/test_layers.py", "benchmarks/test_models.py",
          "--fc-device", "cpu", "--fc-models", "lenet", "--fc-providers", "eager,compile,fc_torch",
-         "--fc-rounds", "1",
+         "--fc-rounds", "2", "--fc-results", str(rows_path),
          "--benchmark-json", str(out), "-p", "no:cacheprovider", "-q", "-rs"],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -110,17 +112,30 @@ def test_suites_run_and_report(tmp_path):
                 for p in ("eager", "fc_torch")} | {("lenet", "train", p)
                                                    for p in ("eager", "fc_torch")}
     assert set(runs) == expected
+    rows = {(r["case"], r["mode"], r["provider"]): r for r in results.load(rows_path)}
+    assert set(rows) == expected  # the results file holds the same cells
     for (case, mode, provider), b in runs.items():
         ei = b["extra_info"]
         for key in ("device_name", "torch", "triton", "dtype", "layout", "commit"):
-            assert key in ei
-        assert b["stats"]["median"] > 0 and ei["iterations"] >= 1
+            assert key in ei and rows[(case, mode, provider)][key] == ei[key]
+        # pytest-benchmark recorded exactly the shared timer's samples (2 rounds x 1 sample)
+        sec = ei["seconds"]
+        assert b["stats"]["rounds"] == sec["n"] == 2 and ei["iterations"] >= 1
+        assert b["stats"]["median"] == pytest.approx(sec["median"], rel=1e-9)
+        assert b["stats"]["min"] == pytest.approx(sec["min"], rel=1e-9)
+        assert rows[(case, mode, provider)]["seconds"] == sec
         if ei["op"] == "conv2d_relu" or ei["kind"] == "model":
             assert ei["flops"] > 0
         else:
             assert ei["bytes"] > 0
-        if provider != "eager" and ei["kind"] == "layer":
-            assert ei["rel_err_vs_eager"] < 1e-5
+        if provider == "eager":
+            assert "vs_eager" not in ei
+        else:  # timed in alternation with eager: a ratio with its spread
+            v = ei["vs_eager"]
+            assert v["low"] <= v["ratio"] <= v["high"]
+            assert v["significant"] == (v["low"] > 1.0 or v["high"] < 1.0)
+            if ei["kind"] == "layer":
+                assert ei["rel_err_vs_eager"] < 1e-5
 
     bench_json = tmp_path / "bench.json"
     bench_json.write_text(json.dumps(dict(kind="fastconv-bench", meta=dict(
@@ -130,8 +145,8 @@ def test_suites_run_and_report(tmp_path):
         dict(variant="triton", train_ms=8.0, train_ex_s=16000.0, infer_ms=5.0,
              infer_ex_s=25600.0)])))
     report_dir = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "scripts/bench_report.py", str(out), str(bench_json),
-                           "--out", str(report_dir)], cwd=ROOT, env=_env(),
+    proc = subprocess.run([sys.executable, "scripts/bench_report.py", str(rows_path),
+                           str(bench_json), "--out", str(report_dir)], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     md = (report_dir / "report.md").read_text()
@@ -140,9 +155,9 @@ def test_suites_run_and_report(tmp_path):
     row = [l for l in md.splitlines() if l.startswith(f"| {case} | fwd |")][0]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[3].startswith("1.00x") and "FLOP/s" in cells[3]   # eager against itself
-    eager_s = runs[(case, "fwd", "eager")]["stats"]["median"]
-    torch_s = runs[(case, "fwd", "fc_torch")]["stats"]["median"]
-    assert cells[4].startswith(f"{eager_s / torch_s:.2f}x")
+    v = rows[(case, "fwd", "fc_torch")]["vs_eager"]
+    mark = ("" if v["significant"] else "?") + ("~" if v["wide"] else "")
+    assert cells[4].startswith(f"{v['ratio']:.2f}x [{v['low']:.2f}-{v['high']:.2f}]{mark} ")
     assert "| alexnet | train | 10.000 | 1.00x 12800.0 ex/s | 1.25x 16000.0 ex/s |" in md
     assert "| **geomean** | infer | | **1.00x** (1) | **0.80x** (1) |" in md
     try:
@@ -154,13 +169,115 @@ def test_suites_run_and_report(tmp_path):
             assert (report_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _memory_rows(path):
+    meta = dict(device="cuda:0", device_name="Test GPU", dtype="float32", layout="nchw",
+                batch=8, torch="2.x", commit="abc")
+    saved = {"eager": 4 << 20, "fc_torch": 3 << 20, "fc_triton": 2 << 20}
+    rows = [results.row(meta, kind="memory", case="alexnet", mode="train", provider=p,
+                        seconds=dict(median=0.01, min=0.01, max=0.01, q1=0.01, q3=0.01, n=1,
+                                     rounds=[0.01]),
+                        saved_bytes=b, peak_bytes=2 * b) for p, b in saved.items()]
+    assert results.append(path, rows[:1]) == 1
+    assert results.append(path, rows[1:]) == 2  # appending keeps what was there
+    return saved
+
+
+def test_report_renders_memory_rows(tmp_path):
+    path = tmp_path / "mem.jsonl"
+    saved = _memory_rows(path)
+    assert [r["provider"] for r in results.load(path)] == list(saved)
+    out = tmp_path / "r"
+    proc = subprocess.run([sys.executable, "scripts/bench_report.py", str(path), "--out",
+                           str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    md = (out / "report.md").read_text()
+    assert "## memory | Test GPU | float32 | nchw | batch 8" in md
+    assert ("| alexnet | saved 4.00 MiB (1.00x), peak 8.00 MiB (1.00x) | "
+            "saved 2.00 MiB (0.50x), peak 4.00 MiB (0.50x) | "
+            "saved 3.00 MiB (0.75x), peak 6.00 MiB (0.75x) |") in md
+    pytest.importorskip("matplotlib")
+    png = (out / "memory.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    drawn = json.loads(png_text(png)["Description"])
+    assert drawn == {"series": ["torch eager", "fastconv[triton]", "fastconv[torch]"],
+                     "cases": 1}
+
+
+def png_text(data: bytes) -> dict:
+    """The tEXt chunks of a PNG (also checks the chunk structure up to IEND)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    out, i = {}, 8
+    while i < len(data):
+        n = int.from_bytes(data[i:i + 4], "big")
+        kind = data[i + 4:i + 8]
+        if kind == b"tEXt":
+            k, _, v = data[i + 8:i + 8 + n].partition(b"\0")
+            out[k.decode()] = v.decode("latin-1")
+        i += 12 + n
+        if kind == b"IEND":
+            break
+    assert i == len(data), "PNG chunks do not end at IEND"
+    return out
+
+
+def test_fc_models_selects_exactly_those_models():
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "--fc-device", "cpu", "--fc-models",
+         "lenet", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    ids = [l for l in proc.stdout.splitlines() if "::" in l]
+    layer_ids = {c.id for c in L.layers(["lenet"], "key")}
+    assert all(l.where and all(w.startswith("lenet:") for w in l.where)
+               for l in L.layers(["lenet"], "key"))
+    n_prov, n_modes = 5, 2
+    assert len(ids) == len(layer_ids) * n_modes * n_prov + 2 * n_prov  # + models + memory
+    for i in ids:
+        param = i.split("[", 1)[1]
+        assert param.startswith("lenet") and "googlenet" not in i and "lenet_bn" not in i
+
+
 def test_report_rejects_foreign_json(tmp_path):
     bad = tmp_path / "x.json"
     bad.write_text(json.dumps({"hello": 1}))
     proc = subprocess.run([sys.executable, "scripts/bench_report.py", str(bad), "--out",
                            str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
-    assert proc.returncode == 2 and "neither pytest-benchmark JSON" in proc.stderr
+    assert proc.returncode == 2 and "neither a results file" in proc.stderr
+
+
+def test_sweep_breakdown_peaks_and_rows(tmp_path):
+    """The layer sweep (benchmarks/sweep.py) on CPU: traced layers, providers in alternation,
+    backward breakdown, rates against measured ceilings, rows appended to the results file."""
+    rows_path = tmp_path / "sweep.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.sweep", "--device", "cpu", "--models", "lenet",
+         "--layers", "key", "--providers", "eager,fc_torch", "--breakdown", "--rounds", "2",
+         "--sample-seconds", "0.005", "--peaks", "--results", str(rows_path)],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "ceilings on cpu: matmul fp32" in proc.stdout
+    rows = results.load(rows_path)
+    peaks = [r for r in rows if r["kind"] == "peaks"]
+    assert len(peaks) == 1 and peaks[0]["copy_gbs"] > 0 and peaks[0]["matmul_tflops"]["fp32"] > 0
+    cells = {(r["case"], r["mode"], r["provider"]): r for r in rows if r["kind"] == "sweep"}
+    want = set()
+    for layer in L.layers(["lenet"], "key"):
+        modes = ["fwd", "fwdbwd", "bwd"]
+        if layer.op == "conv2d_relu":
+            modes += ["bwd_weight"] if layer.first else ["bwd_input", "bwd_weight"]
+        want |= {(layer.id, m, p) for m in modes for p in ("eager", "fc_torch")}
+    assert set(cells) == want
+    for (case, mode, provider), r in cells.items():
+        assert r["seconds"]["median"] > 0 and 0 < r["pct_of_peak"]
+        assert (r["flops"] > 0) == (r["op"] == "conv2d_relu") and (r["bytes"] > 0) != (
+            r["op"] == "conv2d_relu")
+        assert ("vs_eager" in r) == (provider == "fc_torch")
+    conv = next(l for l in L.layers(["lenet"], "key") if l.op == "conv2d_relu" and not l.first)
+    fwd = conv.flops(2, False)
+    assert cells[(conv.id, "bwd", "eager")]["flops"] == 2 * fwd
+    assert cells[(conv.id, "bwd_input", "eager")]["flops"] == fwd
 
 
 def test_gpu_all_records_every_stage(tmp_path):

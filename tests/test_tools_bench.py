@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -43,9 +44,31 @@ def test_rows_check_and_json(tmp_path, capsys):
         assert r["train_ms"] > 0 and r["infer_ms"] > 0
         assert r["train_ex_s"] == pytest.approx(8 / (r["train_ms"] / 1e3))
     assert rows["stock"]["train_ratio"] == 1.0
-    assert rows["torch"]["train_ratio"] == pytest.approx(rows["stock"]["train_ms"]
-                                                         / rows["torch"]["train_ms"])
+    # the ratio pairs the rounds that ran side by side: median of per-round ratios
+    per_round = [[statistics.median(r["train_times_ms"][i:i + 2]) for i in (0, 2)]
+                 for r in (rows["stock"], rows["torch"])]
+    paired = [a / b for a, b in zip(*per_round)]
+    assert rows["torch"]["train_ratio"] == pytest.approx(statistics.median(paired), rel=1e-3)
+    assert rows["torch"]["train_ratio_low"] == pytest.approx(min(paired) * 0.75
+                                                             + max(paired) * 0.25, rel=1e-3)
     assert "variant" in out and "ok" in out and "fp64 err" in out
+    for r in rows.values():  # spread next to each median, from the same samples
+        for mode in ("train", "infer"):
+            ts = sorted(r[f"{mode}_times_ms"])
+            assert ts[0] == pytest.approx(r[f"{mode}_min_ms"], abs=1e-4)
+            assert r[f"{mode}_min_ms"] <= r[f"{mode}_q1_ms"] <= r[f"{mode}_ms"] \
+                <= r[f"{mode}_q3_ms"] <= r[f"{mode}_max_ms"]
+    t = rows["torch"]
+    assert t["train_ratio_low"] <= t["train_ratio"] <= t["train_ratio_high"]
+    if t["train_ratio_low"] <= 1.0 <= t["train_ratio_high"]:
+        assert "not significant" in t["train_flag"] and "torch train: not significant" in out
+    stock_line = [l for l in out.splitlines() if l.startswith("stock ")][0]
+    assert f"{rows['stock']['train_ms']:.2f} [{rows['stock']['train_q1_ms']:.2f}-" in stock_line
+    # which implementation each converted layer ran, asked of dispatch
+    assert "torch layers ran: conv2d_relu x2 on torch, batch_norm x2 on torch, " \
+           "avg_pool2d x2 on torch" in out
+    assert [tuple(x) for x in t["layers"]][:2] == [("0", "conv2d_relu", "torch"),
+                                                   ("1", "batch_norm", "torch")]
 
 
 def test_a_wrong_kernel_fails_the_check(capsys, monkeypatch):
@@ -86,6 +109,66 @@ def test_bad_options_are_clear(capsys):
         _bench(capsys, "--model", "lenet", "--model-arg", "narrow=true")
 
 
+def test_plot_and_results_file(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    from fastconv.tools import results
+
+    png, rows_path = tmp_path / "ratios.png", tmp_path / "r.jsonl"
+    rc, out, err = _bench(capsys, "--model", "lenet", "--batch", 4, "--backends", "torch",
+                          "--no-check", "--plot", png, "--results", rows_path)
+    assert rc == 0, out + err
+    data = png.read_bytes()
+    drawn = json.loads(png_text(data)["Description"])
+    assert [s["mode"] for s in drawn["series"]] == ["train", "infer"]  # one series per mode
+    assert drawn["variants"] == ["stock", "torch"]
+    assert all(len(s["ratios"]) == 2 and s["ratios"][0] == 1.0 for s in drawn["series"])
+    import matplotlib.image
+    img = matplotlib.image.imread(str(png))
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    rows = results.load(rows_path)
+    assert {(r["kind"], r["case"], r["mode"], r["provider"]) for r in rows} == {
+        ("bench", "lenet", m, p) for m in ("train", "infer") for p in ("eager", "fc_torch")}
+    for r in rows:
+        assert r["seconds"]["n"] == 4 and r["batch"] == 4 and "commit" in r
+        assert ("vs_eager" in r) == (r["provider"] != "eager")
+    # appending a second run keeps the first
+    rc, out, err = _bench(capsys, "--model", "lenet", "--batch", 4, "--backends", "torch",
+                          "--no-check", "--mode", "infer", "--results", rows_path)
+    assert rc == 0 and len(results.load(rows_path)) == len(rows) + 2
+
+
+def test_plot_without_matplotlib(capsys, tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *a, **k):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(SystemExit, match="--plot needs matplotlib"):
+        _bench(capsys, "--model", "lenet", "--batch", 2, "--backends", "torch", "--no-check",
+               "--mode", "infer", "--rounds", 1, "--plot", tmp_path / "x.png")
+
+
+def png_text(data: bytes) -> dict:
+    """The tEXt chunks of a PNG, walking every chunk to IEND (a truncated file fails)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    out, i = {}, 8
+    while i < len(data):
+        n = int.from_bytes(data[i:i + 4], "big")
+        kind = data[i + 4:i + 8]
+        if kind == b"tEXt":
+            k, _, v = data[i + 8:i + 8 + n].partition(b"\0")
+            out[k.decode()] = v.decode("latin-1")
+        i += 12 + n
+        if kind == b"IEND":
+            break
+    assert i == len(data), "PNG chunks do not end at IEND"
+    return out
+
+
 @pytest.mark.slow
 def test_compile_variant_on_cpu(capsys, tmp_path):
     path = tmp_path / "b.json"
@@ -95,6 +178,8 @@ def test_compile_variant_on_cpu(capsys, tmp_path):
     rows = {r["variant"]: r for r in json.loads(path.read_text())["rows"]}
     assert "compile" in rows and rows["compile"]["train_ms"] > 0
     assert rows["compile"]["check"] == "-"
+    # the converted model under torch.compile too
+    assert rows["torch+compile"]["train_ms"] > 0 and rows["torch+compile"]["check"] == "-"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -5,12 +5,11 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -156,41 +155,6 @@ def run_metadata(device: torch.device, **extra) -> dict:
         meta["cudnn_benchmark"] = torch.backends.cudnn.benchmark
     meta.update(extra)
     return meta
-
-
-# --------------------------------------------------------------------------- timing
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_calls(fn: Callable[[], object], n: int, device: torch.device) -> list[float]:
-    """Seconds taken by each of ``n`` calls of ``fn``.
-
-    On CUDA, events around each call and one synchronisation at the end: the host keeps
-    queueing work as in real training, and each interval is the device's time for that call.
-    On CPU, wall time per call.
-    """
-    if device.type == "cuda":
-        sync(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(n)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        sync(device)
-        return [start.elapsed_time(end) / 1e3 for start, end in events]
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def median(xs: Iterable[float]) -> float:
-    return statistics.median(list(xs))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

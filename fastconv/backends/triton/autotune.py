@@ -11,7 +11,7 @@ Lookup order of a ConfigTable for a (device, key) pair, first hit wins:
 1. this process's memory;
 2. the per-user cache ``<cache_dir>/autotune/<table>.json`` (written by earlier tuning runs);
 3. the shipped table ``fastconv/backends/triton/<table>_configs.json`` (committed results of
-   ``scripts/gpu_conv_sweep.py``), matched by exact device name, then by compute capability;
+   ``python -m benchmarks.sweep --tune``), matched by exact device name, then by compute capability;
 4. ``None``: the caller falls back to its heuristic, so a first call never waits for tuning.
 
 Tuning itself runs only when asked (``FASTCONV_AUTOTUNE=1`` or :func:`set_enabled`), on real
