@@ -97,7 +97,8 @@ PYTEST_SEL_TRITON="triton and not memcheck and not sanitizer"
 PYTEST_SEL_CUDA="not triton and not memcheck and not sanitizer"
 
 if [ "$DRY" = 1 ]; then
-    echo "gpu_proof.sh plan: budget ${BUDGET}s (pack reserve ${RESERVE}s; SIGINT ${GRACE}s before each deadline, then SIGKILL)"
+    echo "gpu_proof.sh plan: budget ${BUDGET}s (pack reserve ${RESERVE}s;" \
+         "SIGINT ${GRACE}s before each deadline, then SIGKILL)"
     printf '%-13s %6s %9s  %s\n' stage limit_s deadline what
     prev=0 total=0 rest_counted=0
     for row in "${PLAN[@]}"; do
@@ -108,7 +109,7 @@ if [ "$DRY" = 1 ]; then
             bg) limit=$(( end - ${END[preflight]} ))
                 what="background from preflight's end, overlapping peaks and tests-triton" ;;
             rest) limit=$(( end - prev )); [ "$limit" -lt 0 ] && limit=0
-                  what="shares with the other late stages what is left (this plus what earlier stages leave)"
+                  what="shared by the late stages (this plus what earlier stages leave)"
                   [ "$rest_counted" = 0 ] && total=$(( total + limit )); rest_counted=1 ;;
             *) limit=$(( end - prev )); [ "$limit" -lt 0 ] && limit=0; prev=$end
                total=$(( total + limit )) ;;
@@ -119,7 +120,8 @@ if [ "$DRY" = 1 ]; then
     total=$(( total + RESERVE ))
     printf '%-13s %6s %9s\n' pack "$RESERVE" "$BUDGET"
     echo "total ${total}s <= budget ${BUDGET}s"
-    echo "pytest -k: triton stage '$PYTEST_SEL_TRITON'; cuda stage '$PYTEST_SEL_CUDA'; -m 'not slow'"
+    echo "pytest -m 'not slow' -k: tests-triton '$PYTEST_SEL_TRITON';" \
+         "tests-cuda '$PYTEST_SEL_CUDA'"
     exit 0
 fi
 
@@ -128,10 +130,12 @@ mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_proof.XXXXXX")}
 mkdir -p "$WORK" && WORK=$(cd "$WORK" && pwd)
-case "$WORK/" in "$OUT"/*) echo "gpu_proof.sh: error: --work must lie outside OUTDIR" >&2; exit 2 ;; esac
+case "$WORK/" in
+    "$OUT"/*) echo "gpu_proof.sh: error: --work must lie outside OUTDIR" >&2; exit 2 ;;
+esac
 : > "$WORK/stages.tsv"
 cd "$REPO" || exit 2
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 if [ "$SMOKE" = 1 ]; then
     export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES="" FASTCONV_NO_EXTENSION_BUILD=1
@@ -180,7 +184,8 @@ launch() {
     local int_at=$(( limit - GRACE )); [ "$int_at" -lt 1 ] && int_at=1
     # Python stages stop starting new cases a little before the SIGINT
     export GPU_PROOF_DEADLINE=$(( $(date +%s) + int_at - 2 ))
-    { echo "\$ $*"; echo "(SIGINT after ${int_at}s, SIGKILL after ${limit}s)"; echo; } > "$WORK/$name.log"
+    { echo "\$ $*"; echo "(SIGINT after ${int_at}s, SIGKILL after ${limit}s)"; echo; } \
+        > "$WORK/$name.log"
     timeout -s INT -k "$(( limit - int_at ))" "$int_at" "$@" >> "$WORK/$name.log" 2>&1 &
     LAUNCHED=$!
 }
@@ -228,11 +233,13 @@ pytest_stage() {  # pytest_stage NAME SELECTION WORKERS PER_TEST_TIMEOUT
     [ "$SMOKE" = 1 ] && args+=(--co)
     # no lazy extension build inside the tests (the ext stage builds once); inductor under xdist
     # on one compile thread per worker
-    stage "$name" env FASTCONV_NO_EXTENSION_BUILD=1 TORCHINDUCTOR_COMPILE_THREADS=1 "$PY" "${args[@]}"
+    stage "$name" env FASTCONV_NO_EXTENSION_BUILD=1 TORCHINDUCTOR_COMPILE_THREADS=1 \
+        "$PY" "${args[@]}"
 }
 
 # ------------------------------------------------------------------------------ the run
-echo "=== gpu_proof.sh: budget ${BUDGET}s, OUTDIR $OUT, logs $WORK$([ "$SMOKE" = 1 ] && echo ', CPU smoke')" >&2
+echo "=== gpu_proof.sh: budget ${BUDGET}s, OUTDIR $OUT, logs $WORK" \
+     "$([ "$SMOKE" = 1 ] && echo '(CPU smoke)')" >&2
 py_stage preflight preflight
 # shellcheck disable=SC1091
 [ -f "$WORK/preflight.env" ] && . "$WORK/preflight.env"

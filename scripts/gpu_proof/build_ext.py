@@ -24,10 +24,12 @@ def main() -> None:
         if args.cpu_smoke:
             ok, text = ext.status(build=False)
             return {"status": "passed" if ok else "skipped", "path": "cached" if ok else "none",
-                    "detail": text.splitlines()[0][:300], "load_s": round(time.perf_counter() - t0, 1)}
+                    "detail": text.splitlines()[0][:300],
+                    "load_s": round(time.perf_counter() - t0, 1)}
         built_in = ext.build()  # loads the prebuilt library or builds; raises with the reason
         lib = os.environ.get("FASTCONV_EXTENSION_LIB")
-        prebuilt = bool(lib) and Path(lib).resolve() in (built_in.resolve(), *built_in.resolve().parents)
+        where = built_in.resolve()
+        prebuilt = bool(lib) and Path(lib).resolve() in (where, *where.parents)
         ok, text = ext.status()
         return {"path": "prebuilt" if prebuilt else "built", "library_dir": str(built_in),
                 "cuda_kernels": ext.has_cuda_kernels(), "detail": text[:300],

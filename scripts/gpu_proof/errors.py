@@ -61,7 +61,8 @@ def _run_case(name: str) -> None:
         expect_error(lambda: torch.empty(2).view(3))
     elif name == "ext_cpu_autograd":
         ops = ext()
-        expect_error(lambda: ops.max_pool2d(x3, [2, 2], [2, 2], [0, 0], [1, 1], False, False, False))
+        expect_error(lambda: ops.max_pool2d(x3, [2, 2], [2, 2], [0, 0], [1, 1], False, False,
+                                            False))
     elif name == "ext_cpu_direct":
         ops = ext()
         with torch._C._AutoDispatchBelowAutograd():
@@ -194,7 +195,10 @@ static at::Tensor plain(const at::Tensor& x) {
   if (x.dim() != 4) throw std::runtime_error("fcdiag: plain std::runtime_error");
   return x.clone();
 }
-TORCH_LIBRARY(FCDIAG_NS, m) { m.def("check4d(Tensor x) -> Tensor"); m.def("plain(Tensor x) -> Tensor"); }
+TORCH_LIBRARY(FCDIAG_NS, m) {
+  m.def("check4d(Tensor x) -> Tensor");
+  m.def("plain(Tensor x) -> Tensor");
+}
 TORCH_LIBRARY_IMPL(FCDIAG_NS, CPU, m) { m.impl("check4d", &check4d); m.impl("plain", &plain); }
 '''
 
@@ -210,7 +214,8 @@ os.makedirs(bdir, exist_ok=True)
 if spec.get("cxx"):
     os.environ["CXX"] = spec["cxx"]
 cpp_extension.load(name=ns, sources=[os.path.join(out, "mini.cpp")],
-                   extra_cflags=spec["cflags"] + ["-DFCDIAG_NS=" + ns], extra_ldflags=spec["ldflags"],
+                   extra_cflags=spec["cflags"] + ["-DFCDIAG_NS=" + ns],
+                   extra_ldflags=spec["ldflags"],
                    build_directory=bdir, is_python_module=False, verbose=False, with_cuda=False)
 if mode == "build":
     sys.exit(0)
@@ -246,8 +251,9 @@ def mini_variants(work: Path, build: bool) -> dict:
         "no-cpucap": dict(base, cflags=drop(lambda f: "CPU_CAPABILITY" in f)),
     }
     cxx = shutil.which(os.environ.get("CXX", "c++"))
-    if os.path.exists("/usr/bin/g++") and cxx and os.path.realpath(cxx) != os.path.realpath("/usr/bin/g++"):
-        variants["system-gxx"] = {"cflags": ["-O2"], "ldflags": [], "cxx": "/usr/bin/g++"}
+    system = "/usr/bin/g++"
+    if os.path.exists(system) and cxx and os.path.realpath(cxx) != os.path.realpath(system):
+        variants["system-gxx"] = {"cflags": ["-O2"], "ldflags": [], "cxx": system}
     (mdir / "variants.json").write_text(json.dumps(variants, indent=1))
     if not build:
         return {v: "planned (not built in --cpu-smoke)" for v in variants}

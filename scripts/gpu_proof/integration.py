@@ -68,7 +68,8 @@ def compile_step(name: str, backend: str, device, batch: int, smoke: bool) -> di
                                       ref.named_parameters()):
         ec, ee = _rel(p.grad, r.grad), _rel(q.grad, r.grad)
         if ec > 2 * ee + 1e-5:
-            raise AssertionError(f"grad of {k}: compiled error {ec:.2e} > 2 x eager {ee:.2e} + 1e-5")
+            raise AssertionError(f"grad of {k}: compiled error {ec:.2e} > 2 x eager {ee:.2e} "
+                                 f"+ 1e-5")
         worst = max(worst, ec)
     return {"out_err": err_c, "eager_out_err": err_e, "worst_grad_err": worst}
 

@@ -80,17 +80,22 @@ def _callables(layer, provider, device, dtype, batch, backward, smoke):
         a = dict(stride=kw["stride"], padding=kw["padding"], dilation=kw["dilation"],
                  groups=kw["groups"])
         if provider == "eager":
-            op = lambda x: F.relu(F.conv2d(x, w, b, **a)) if kw["relu"] else F.conv2d(x, w, b, **a)  # noqa: E731
+            def op(x):
+                y = F.conv2d(x, w, b, **a)
+                return F.relu(y) if kw["relu"] else y
         else:
-            op = lambda x: FF.conv2d_relu(x, w, b, **a, relu=kw["relu"], backend=provider)  # noqa: E731
+            def op(x):
+                return FF.conv2d_relu(x, w, b, **a, relu=kw["relu"], backend=provider)
     elif layer.op == "max_pool2d":
         params = []
         a = dict(kernel_size=kw["kernel_size"], stride=kw["stride"], padding=kw["padding"],
                  dilation=kw["dilation"], ceil_mode=kw["ceil_mode"])
         if provider == "eager":
-            op = lambda x: F.max_pool2d(F.relu(x) if kw["relu"] else x, **a)  # noqa: E731
+            def op(x):
+                return F.max_pool2d(F.relu(x) if kw["relu"] else x, **a)
         else:
-            op = lambda x: FF.max_pool2d(x, **a, relu=kw["relu"], backend=provider)  # noqa: E731
+            def op(x):
+                return FF.max_pool2d(x, **a, relu=kw["relu"], backend=provider)
         for s in sets:
             s["x"].requires_grad_(backward)
     else:  # batch_norm, training mode, as in a training step
@@ -100,11 +105,13 @@ def _callables(layer, provider, device, dtype, batch, backward, smoke):
         rm, rv = torch.zeros(ch, device=device), torch.ones(ch, device=device)
         params = [weight, bias]
         if provider == "eager":
-            op = lambda x: F.relu(F.batch_norm(x, rm, rv, weight, bias, True, kw["momentum"],  # noqa: E731
-                                               kw["eps"]))
+            def op(x):
+                return F.relu(F.batch_norm(x, rm, rv, weight, bias, True, kw["momentum"],
+                                           kw["eps"]))
         else:
-            op = lambda x: FF.batch_norm(x, rm, rv, weight, bias, True, kw["momentum"],  # noqa: E731
-                                         kw["eps"], relu=True, backend=provider)
+            def op(x):
+                return FF.batch_norm(x, rm, rv, weight, bias, True, kw["momentum"], kw["eps"],
+                                     relu=True, backend=provider)
         for s in sets:
             s["x"].requires_grad_(backward)
     for p in params:

@@ -36,7 +36,8 @@ for dt, cl in ((torch.bfloat16, True), (torch.float16, False), (torch.float32, F
     tiles = ("big", "mid", "wgmma", "") if dt == torch.bfloat16 and dev == "cuda" else ("",)
     for tile in tiles:
         os.environ["FASTCONV_CONV_TILE"] = tile  # every conv kernel variant where selectable
-        for C, K, k, s, g in ((16, 24, 3, 1, 1), (3, 16, 5, 2, 1), (16, 16, 3, 1, 2), (24, 264, 3, 1, 1)):
+        for C, K, k, s, g in ((16, 24, 3, 1, 1), (3, 16, 5, 2, 1), (16, 16, 3, 1, 2),
+                              (24, 264, 3, 1, 1)):
             x = r((2, C, 9, 9), dt, cl); w = r((K, C // g, k, k), dt, cl); b = r((K,), dt)
             y = ops.conv2d_relu(x, w, b, [s, s], [1, 1], [1, 1], g, True)
             ops.conv2d_relu_backward(torch.randn_like(y), x, w, y, [s, s], [1, 1], [1, 1], g, True,
@@ -49,7 +50,8 @@ for dt, cl in ((torch.bfloat16, True), (torch.float16, False), (torch.float32, F
         ops.max_pool2d_backward(torch.randn_like(o), o, i, list(x.shape), [3, 3], [2, 2], [1, 1],
                                 [1, 1], True, ret, True)
     o = ops.avg_pool2d(x, [3, 3], [2, 2], [1, 1], True, False, None)
-    ops.avg_pool2d_backward(torch.randn_like(o), list(x.shape), [3, 3], [2, 2], [1, 1], True, False, None)
+    ops.avg_pool2d_backward(torch.randn_like(o), list(x.shape), [3, 3], [2, 2], [1, 1], True, False,
+                            None)
     o = ops.adaptive_avg_pool2d(x, [2, 3])
     ops.adaptive_avg_pool2d_backward(torch.randn_like(o), list(x.shape))
     c = x.shape[1]
@@ -57,7 +59,8 @@ for dt, cl in ((torch.bfloat16, True), (torch.float16, False), (torch.float32, F
     rm, rv = torch.zeros(c, device=dev), torch.ones(c, device=dev)
     for training in (True, False):
         yb, m, sd = ops.batch_norm(x, wb, bb, rm, rv, training, 0.1, 1e-5, True)
-        ops.batch_norm_backward(torch.randn_like(yb), x, yb, wb, m, sd, training, True, [True, True, True])
+        ops.batch_norm_backward(torch.randn_like(yb), x, yb, wb, m, sd, training, True,
+                                [True, True, True])
     calls += 12
 if dev == "cuda":
     torch.cuda.synchronize()

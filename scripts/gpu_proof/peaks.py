@@ -17,7 +17,7 @@ def main() -> None:
     def matmul(dtype):
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        t = measure(lambda: a @ b, device, warmup=5 if not smoke else 1, reps=30 if not smoke else 3)
+        t = measure(lambda: a @ b, device, warmup=1 if smoke else 5, reps=3 if smoke else 30)
         return {"tflops": 2 * n ** 3 / t["median_ms"] / 1e9, "median_ms": t["median_ms"],
                 "iqr_ms": [t["q1_ms"], t["q3_ms"]], "n": n}
 

@@ -97,6 +97,10 @@ def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
     return out + [""]
 
 
+def _mini(v: Any) -> str:
+    return v if isinstance(v, str) else "/".join(map(str, v.values()))
+
+
 def _case_rows(doc: Optional[dict]) -> list[list[str]]:
     rows = []
     for r in _rows(doc):
@@ -107,8 +111,7 @@ def _case_rows(doc: Optional[dict]) -> list[list[str]]:
             detail = (f"crashed: {', '.join(r['crashed']) or 'none'}; .eh_frame_hdr search table: "
                       f"{lib.get('eh_frame_hdr_search_table', '-')}; unwinder linked in: "
                       f"{len(lib.get('unwinder_symbols_linked_in') or [])}; mini variants: "
-                      + ", ".join(f"{k} {v if isinstance(v, str) else '/'.join(map(str, v.values()))}"
-                                  for k, v in mini.items()))[:400]
+                      + ", ".join(f"{k} {_mini(v)}" for k, v in mini.items()))[:400]
         if not detail:
             detail = ", ".join(f"{k}={_f(v, '{:.3g}')}" for k, v in r.items()
                                if k not in ("name", "status", "seconds") and
@@ -133,8 +136,9 @@ def build_report(work: Path, budget: float, elapsed: float) -> tuple[str, dict]:
     md = ["# fastconv GPU proof", ""]
     md.append(f"Device **{dev.get('device_name', '?')}** (capability {dev.get('capability', '-')}, "
               f"{dev.get('sms', '-')} SMs); commit `{ver.get('commit', '?')}`; Python "
-              f"{ver.get('python', '?')}, torch {pk.get('torch', '?')}, Triton {pk.get('triton', '?')}"
-              f", numpy {pk.get('numpy', '?')}. Budget {budget:.0f} s, elapsed {elapsed:.0f} s.")
+              f"{ver.get('python', '?')}, torch {pk.get('torch', '?')}, "
+              f"Triton {pk.get('triton', '?')}, numpy {pk.get('numpy', '?')}. "
+              f"Budget {budget:.0f} s, elapsed {elapsed:.0f} s.")
     md.append("")
     md.append("## Stages")
     md += _md_table(["stage", "status", "seconds", "limit", "note"],
@@ -186,7 +190,8 @@ def build_report(work: Path, budget: float, elapsed: float) -> tuple[str, dict]:
             continue
         ratio, ms = r.get("ratio_vs_eager", {}), r.get("ms", {})
         if "tflops" in r:
-            rate = " / ".join(_f(r["tflops"].get(p), "{:.3g}") for p in ["eager"] + provs) + " TFLOP/s"
+            rate = " / ".join(_f(r["tflops"].get(p), "{:.3g}")
+                              for p in ["eager"] + provs) + " TFLOP/s"
         else:
             g = r.get("gbps", {})
             rate = " / ".join(_f(g.get(p), "{:.3g}") for p in ["eager"] + provs) + " GB/s"
@@ -195,7 +200,8 @@ def build_report(work: Path, budget: float, elapsed: float) -> tuple[str, dict]:
         table.append([r.get("layer"), r.get("mode"), *(_f(ratio.get(p)) for p in provs),
                       _f(ms.get("eager"), "{:.3f}"), *(_f(ms.get(p), "{:.3f}") for p in provs),
                       rate, "; ".join(f"{k}: {v}" for k, v in r.get("errors", {}).items())[:200]])
-    md.append("Per layer (batch, dtype and layout in numbers.json; ratio above 1: faster than eager):")
+    md.append("Per layer (batch, dtype and layout in numbers.json; ratio above 1: faster than "
+              "eager):")
     md.append("")
     md += _md_table(head, table)
     srows = _rows(_load(work, "steps"))

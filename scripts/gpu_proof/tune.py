@@ -68,7 +68,8 @@ def main() -> None:
     by_id = {l.id: l for l in _layers(smoke)}
     worst = worst_layers(Path(args.work), args.layers)
     if not worst:
-        res.add(name="select", status="skipped", reason="no conv layer timings from the layer stage")
+        res.add(name="select", status="skipped",
+                reason="no conv layer timings from the layer stage")
     for layer_id, shipped_ms, ratio in worst:
         def run(layer_id=layer_id, shipped_ms=shipped_ms, ratio=ratio):
             if device.type != "cuda":
