@@ -157,12 +157,15 @@ def ratio(base: Stats, other: Stats) -> Ratio:
     When both have the same number of rounds (as ``compare`` gives), round i of one is paired
     with round i of the other -- they ran side by side, so load on the machine cancels -- and
     the interval is the quartiles of the per-round ratios. Otherwise the interval is the
-    conservative one from the two interquartile ranges (base q1 / other q3 to q3 / q1).
+    conservative one from the two interquartile ranges (base q1 / other q3 to q3 / q1);
+    with a single sample on either side it is (0, inf): not significant, wide.
     """
     if len(base.rounds) == len(other.rounds) and len(base.rounds) > 1:
         rs = [b / o for b, o in zip(base.rounds, other.rounds)]
         lo, hi = _quantiles(rs)
         return Ratio(statistics.median(rs), lo, hi, True)
+    if len(base.samples) < 2 or len(other.samples) < 2:  # no spread known: claim nothing
+        return Ratio(base.median / other.median, 0.0, math.inf, False)
     return Ratio(base.median / other.median, base.q1 / other.q3, base.q3 / other.q1, False)
 
 

@@ -74,6 +74,10 @@ def test_ratio_pairs_rounds_and_flags():
     # the same spreads unpaired: conservative interval from the quartiles, wide
     unp = timing.ratio(timing.Stats.of([1, 2, 4]), timing.Stats.of([0.5, 1, 2, 3]))
     assert not unp.paired and unp.wide and "more rounds" in unp.flag
+    assert unp.value == pytest.approx(2 / 1.5)
+    assert (unp.low, unp.high) == (pytest.approx(1.5 / 2.25), pytest.approx(3 / 0.875))
+    one = timing.ratio(timing.Stats.of([2.0]), timing.Stats.of([1.0]))
+    assert one.value == 2.0 and not one.significant and one.wide
 
 
 def test_ratio_overlapping_one_is_not_significant():
