@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -105,49 +104,20 @@ class Skip(Exception):
 
 
 # ------------------------------------------------------------------------------------------
-# timing: one small interface, so stage 2 re-points to fastconv.timing (issue 15's one timing
-# module) by changing this function only
+# timing: fastconv.timing, the project's one timer (CUDA events, warm-up, alternation, medians)
 
 
-def _sync(device) -> None:
-    import torch
+def ms(stats) -> dict:
+    """A timing.Stats (seconds per call) as milliseconds for the result rows."""
+    return {"median_ms": stats.median * 1e3, "q1_ms": stats.q1 * 1e3, "q3_ms": stats.q3 * 1e3,
+            "n": len(stats.samples)}
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
+def measure(fn: Callable[[], Any], device, *, warmup: int = 3, reps: int = 20) -> dict:
+    """Median and quartiles of ``fn``'s time in milliseconds (``reps`` rounds, one call each)."""
+    from fastconv import timing
 
-def measure(fn: Callable[[], Any], device, *, warmup: int = 3, reps: int = 20,
-            max_seconds: float = 2.0) -> dict:
-    """Median, interquartile range and the sorted times of ``fn`` in milliseconds.
-
-    CUDA: CUDA events around each call after ``warmup`` untimed calls. CPU: wall clock with
-    synchronisation. Stops early after ``max_seconds`` of timed calls (at least 3 kept).
-    """
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        if len(times) >= 3 and time.perf_counter() - start > max_seconds:
-            break
-    times.sort()
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return {"median_ms": statistics.median(times), "q1_ms": q[0], "q3_ms": q[2], "n": len(times),
-            "times_ms": times}
+    return ms(timing.measure(fn, device=device, rounds=reps, warmup=warmup))
 
 
 def device_and_smoke(args):

@@ -13,9 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 
-from common import Results, Skip, device_and_smoke, first_line, measure, parse_args
-
-L2_BYTES = 60 * 2 ** 20  # the H200's; rotation needs only the order of magnitude
+from common import Results, Skip, device_and_smoke, first_line, ms, parse_args
 
 
 def _layers(smoke: bool):
@@ -46,10 +44,6 @@ def _layers(smoke: bool):
     return found
 
 
-def _rotation(nbytes: int, smoke: bool) -> int:
-    return 1 if smoke else max(1, min(8, math.ceil(3 * L2_BYTES / max(nbytes, 1))))
-
-
 def _callables(layer, provider, device, dtype, batch, backward, smoke):
     """(fn) timing one call of ``layer`` on ``provider`` ('eager' or a fastconv backend)."""
     import torch
@@ -67,7 +61,9 @@ def _callables(layer, provider, device, dtype, batch, backward, smoke):
     shape = (batch, *layer.in_shape)
     per_set = math.prod(shape) * dtype.itemsize
     sets = []
-    for _ in range(_rotation(per_set, smoke)):
+    from fastconv import timing
+
+    for _ in range(1 if smoke else timing.rotation_count(per_set, device)):
         x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
         x.requires_grad_(backward and not layer.first)
         sets.append({"x": x})
@@ -135,6 +131,45 @@ def _callables(layer, provider, device, dtype, batch, backward, smoke):
     return fn_bwd
 
 
+def time_layer(layer, providers, device, dtype, batch, backward, smoke, rounds, calls) -> dict:
+    """One row: every provider that runs, timed in alternation (fastconv.timing.compare)."""
+    from fastconv import timing
+
+    mode = "fwdbwd" if backward else "fwd"
+    row = {"name": f"{layer.id}:{mode}", "layer": layer.id, "op": layer.op, "mode": mode,
+           "where": list(layer.where), "status": "passed", "ms": {}, "iqr_ms": {},
+           "ratio_vs_eager": {}, "ratio_interval": {}, "errors": {}}
+    fns = {}
+    for prov in providers:
+        try:
+            fn = _callables(layer, prov, device, dtype, batch, backward, smoke)
+            fn()  # compiles (shipped configs) and proves it runs before the timed rounds
+            fns[prov] = fn
+        except Skip as exc:
+            row["errors"][prov] = f"skipped: {exc}"
+        except Exception as exc:
+            row["errors"][prov] = first_line(exc)
+            row["status"] = "failed"
+    if not fns:
+        return row
+    stats = timing.compare(fns, device=device, rounds=rounds, calls=calls, warmup=2)
+    for prov, s in stats.items():
+        m = ms(s)
+        row["ms"][prov] = m["median_ms"]
+        row["iqr_ms"][prov] = [m["q1_ms"], m["q3_ms"]]
+        if "eager" in stats and prov != "eager":
+            r = timing.ratio(stats["eager"], s)
+            row["ratio_vs_eager"][prov] = r.value
+            row["ratio_interval"][prov] = [r.low, r.high, r.flag]
+    if layer.op == "conv2d_relu":
+        flops = layer.flops(batch, backward)
+        row["tflops"] = {p: flops / v / 1e9 for p, v in row["ms"].items()}
+    else:
+        nbytes = layer.bytes(batch, dtype.itemsize, backward)
+        row["gbps"] = {p: nbytes / v / 1e6 for p, v in row["ms"].items()}
+    return row
+
+
 def main() -> None:
     import torch
 
@@ -149,42 +184,17 @@ def main() -> None:
     res = Results(args.work, "layers", args.deadline, device=str(device), batch=batch,
                   dtype=str(dtype).replace("torch.", ""), layout="channels_last",
                   providers=providers)
-    warmup, reps = (1, 3) if smoke else (3, 25)
+    rounds, calls = (2, 1) if smoke else (7, 3)
     for layer in _layers(smoke):
         for backward in (False, True):
             mode = "fwdbwd" if backward else "fwd"
             if res.out_of_time(5):
                 res.add(name=f"{layer.id}:{mode}", status="skipped", reason="stage deadline")
                 continue
-            row = {"name": f"{layer.id}:{mode}", "layer": layer.id, "op": layer.op, "mode": mode,
-                   "where": list(layer.where), "status": "passed", "ms": {}, "iqr_ms": {},
-                   "errors": {}}
-            flops = layer.flops(batch, backward)
-            nbytes = layer.bytes(batch, dtype.itemsize, backward)
-            for prov in providers:
-                try:
-                    fn = _callables(layer, prov, device, dtype, batch, backward, smoke)
-                    t = measure(fn, device, warmup=warmup, reps=reps, max_seconds=1.5)
-                except Skip as exc:
-                    row["errors"][prov] = f"skipped: {exc}"
-                    continue
-                except Exception as exc:
-                    row["errors"][prov] = first_line(exc)
-                    row["status"] = "failed"
-                    continue
-                finally:
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                row["ms"][prov] = t["median_ms"]
-                row["iqr_ms"][prov] = [t["q1_ms"], t["q3_ms"]]
-            eager = row["ms"].get("eager")
-            row["ratio_vs_eager"] = {p: eager / ms for p, ms in row["ms"].items()
-                                     if eager and p != "eager"}
-            if layer.op == "conv2d_relu":
-                row["tflops"] = {p: flops / ms / 1e9 for p, ms in row["ms"].items()}
-            else:
-                row["gbps"] = {p: nbytes / ms / 1e6 for p, ms in row["ms"].items()}
-            res.add(**row)
+            res.add(**time_layer(layer, providers, device, dtype, batch, backward, smoke,
+                                 rounds, calls))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     res.finish()
 
 

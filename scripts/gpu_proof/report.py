@@ -97,6 +97,19 @@ def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
     return out + [""]
 
 
+def _ratio(value: Any, interval: Any = None) -> str:
+    """``1.23 [1.20-1.26]``, with ``?`` when the interval says not significant or wide."""
+    if value is None:
+        return "-"
+    text = _f(value)
+    if isinstance(interval, (list, tuple)) and len(interval) >= 2:
+        lo, hi = interval[0], interval[1]
+        text += f" [{_f(lo)}-{_f(hi) if hi != float('inf') else 'inf'}]"
+        if len(interval) > 2 and interval[2]:
+            text += " ?"
+    return text
+
+
 def _mini(v: Any) -> str:
     return v if isinstance(v, str) else "/".join(map(str, v.values()))
 
@@ -131,7 +144,9 @@ def build_report(work: Path, budget: float, elapsed: float) -> tuple[str, dict]:
     runs = {p.stem: junit(p) for p in sorted(work.glob("junit-*.xml"))}
     peaks = {r.get("name"): r for r in _rows(_load(work, "peaks"))}
     copy_gbps = peaks.get("copy", {}).get("gbps")
-    mm = peaks.get("matmul-bf16", {}).get("tflops")
+    mm_row = peaks.get("matmul-bf16") or next((v for k, v in peaks.items()
+                                               if str(k).startswith("matmul-")), {})
+    mm = mm_row.get("tflops")
 
     md = ["# fastconv GPU proof", ""]
     md.append(f"Device **{dev.get('device_name', '?')}** (capability {dev.get('capability', '-')}, "
@@ -174,7 +189,8 @@ def build_report(work: Path, budget: float, elapsed: float) -> tuple[str, dict]:
 
     # ---- stage 2
     md.append("## Stage 2: numbers")
-    md.append(f"Ceilings: copy {_f(copy_gbps, '{:.4g}')} GB/s (read + write), bf16 matmul "
+    mm_name = mm_row.get("name", "matmul-?").split("-", 1)[1]
+    md.append(f"Ceilings: copy {_f(copy_gbps, '{:.4g}')} GB/s (read + write), {mm_name} matmul "
               f"{_f(mm, '{:.4g}')} TFLOP/s.")
     md.append("")
     lay = _load(work, "layers")
@@ -182,13 +198,14 @@ def build_report(work: Path, budget: float, elapsed: float) -> tuple[str, dict]:
     provs = [p for p in (lay or {}).get("meta", {}).get("providers", []) if p != "eager"]
     head = ["layer", "mode"] + [f"{p} / eager" for p in provs] + ["eager ms"] + \
         [f"{p} ms" for p in provs] + ["rate (eager, " + ", ".join(provs) + ")", "errors"]
-    table = []
+    table, skipped = [], {}
     for r in lrows:
         if r.get("status") == "skipped":
             table.append([r.get("name"), "-", *["-"] * (2 * len(provs) + 1), "-",
                           r.get("reason", "")])
             continue
         ratio, ms = r.get("ratio_vs_eager", {}), r.get("ms", {})
+        interval = r.get("ratio_interval", {})
         if "tflops" in r:
             rate = " / ".join(_f(r["tflops"].get(p), "{:.3g}")
                               for p in ["eager"] + provs) + " TFLOP/s"
@@ -197,21 +214,34 @@ def build_report(work: Path, budget: float, elapsed: float) -> tuple[str, dict]:
             rate = " / ".join(_f(g.get(p), "{:.3g}") for p in ["eager"] + provs) + " GB/s"
             if copy_gbps and g:
                 rate += " (best " + _f(100 * max(g.values()) / copy_gbps, "{:.0f}") + "% of copy)"
-        table.append([r.get("layer"), r.get("mode"), *(_f(ratio.get(p)) for p in provs),
+        table.append([r.get("layer"), r.get("mode"),
+                      *(_ratio(ratio.get(p), interval.get(p)) for p in provs),
                       _f(ms.get("eager"), "{:.3f}"), *(_f(ms.get(p), "{:.3f}") for p in provs),
-                      rate, "; ".join(f"{k}: {v}" for k, v in r.get("errors", {}).items())[:200]])
-    md.append("Per layer (batch, dtype and layout in numbers.json; ratio above 1: faster than "
-              "eager):")
+                      rate, "; ".join(f"{k}: {v}" for k, v in r.get("errors", {}).items()
+                                      if not str(v).startswith("skipped"))[:200]])
+        for k, v in r.get("errors", {}).items():
+            if str(v).startswith("skipped"):
+                skipped.setdefault(k, v)
+    meta = (lay or {}).get("meta", {})
+    md.append(f"Per layer, batch {meta.get('batch', '?')}, {meta.get('dtype', '?')}, "
+              f"{meta.get('layout', '?')}: ratio eager / backend (above 1: faster than torch), "
+              "[interquartile interval of the per-round ratios], ? = not significant or wide:")
     md.append("")
     md += _md_table(head, table)
-    srows = _rows(_load(work, "steps"))
-    md.append("Training steps (AMP bf16, channels_last; ratio to stock eager, above 1 is faster):")
+    md += [f"Not run: {k} ({v})" for k, v in skipped.items()] + ([""] if skipped else [])
+    steps_doc = _load(work, "steps")
+    srows = _rows(steps_doc)
+    sm = (steps_doc or {}).get("meta", {})
+    md.append(f"Training steps, batch {sm.get('batch', '?')}, AMP {sm.get('amp') or 'off'}, "
+              f"{sm.get('layout', '?')}: ratio to stock eager (above 1 is faster):")
     md.append("")
     variants = ["converted", "stock-compiled", "converted-compiled"]
     md += _md_table(["model", "run"] + [f"{v} / eager" for v in variants] + ["ms (stock, others)",
                                                                             "error"],
                     [[r.get("model"), r.get("name", "").split(":")[-1],
-                      *(_f(r.get("ratio_vs_stock_eager", {}).get(v)) for v in variants),
+                      *(_ratio(r.get("ratio_vs_stock_eager", {}).get(v),
+                               (r.get("paired_ratio", {}).get(v) or [None])[1:]
+                               if v == "converted" else None) for v in variants),
                       " / ".join(f"{k} {_f(v, '{:.2f}')}" for k, v in r.get("ms", {}).items()),
                       r.get("error") or r.get("reason") or ""] for r in srows])
 

@@ -7,10 +7,9 @@ each row gives the median, the interquartile range and the ratio to stock eager.
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 
-from common import Results, device_and_smoke, first_line, measure, parse_args
+from common import Results, device_and_smoke, first_line, ms, parse_args
 
 MODELS = ("alexnet", "vgg11", "resnet18")
 
@@ -56,7 +55,7 @@ def variants_of(name: str, device, smoke: bool, compiled: bool) -> dict:
 def time_model(res: Results, name: str, device, smoke: bool, compiled: bool, rounds: int):
     import torch
 
-    from fastconv import models
+    from fastconv import models, timing
 
     batch = 2 if smoke else 128
     size = models.INPUT_SIZES[name]
@@ -69,23 +68,22 @@ def time_model(res: Results, name: str, device, smoke: bool, compiled: bool, rou
         for k, step in steps.items():  # warm-up: compiles, cuDNN plans, lazy state
             for _ in range(1 if smoke else 3):
                 step()
+        warm_s = time.perf_counter() - t0
+        stats = timing.compare(steps, device=device, rounds=rounds, calls=1 if smoke else 3,
+                               warmup=0)
     except Exception as exc:
         return res.add(name=f"{name}:{tag}", model=name, status="failed", error=first_line(exc))
-    warm_s = time.perf_counter() - t0
-    times = {k: [] for k in steps}
-    for _ in range(rounds):  # alternating rounds
-        for k, step in steps.items():
-            if res.out_of_time(2) and times[k]:
-                continue
-            times[k] += measure(step, device, warmup=0, reps=1 if smoke else 8,
-                                max_seconds=2.0)["times_ms"]
     row = {"name": f"{name}:{tag}", "model": name, "status": "passed", "batch": batch,
            "warmup_s": round(warm_s, 1), "ms": {}, "iqr_ms": {}}
-    for k, ts in times.items():
-        ts.sort()
-        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
-        row["ms"][k] = statistics.median(ts)
-        row["iqr_ms"][k] = [q[0], q[2]]
+    base = "stock-compiled" if compiled else "stock"
+    row["paired_ratio"] = {}  # against the stock model of the same run, round by round
+    for k, s in stats.items():
+        m = ms(s)
+        row["ms"][k] = m["median_ms"]
+        row["iqr_ms"][k] = [m["q1_ms"], m["q3_ms"]]
+        if k != base:
+            r = timing.ratio(stats[base], s)
+            row["paired_ratio"][k] = [r.value, r.low, r.high, r.flag]
     return row
 
 
@@ -99,7 +97,7 @@ def main() -> None:
                   batch=2 if smoke else 128, amp=None if smoke else "bfloat16",
                   layout="channels_last")
     names = ("lenet",) if smoke else MODELS
-    rounds = 1 if smoke else 3
+    rounds = 2 if smoke else 5
     eager_ms = {}
     for compiled in (False, True):
         for name in names:
@@ -113,7 +111,7 @@ def main() -> None:
             if not compiled:
                 eager_ms[name] = row["ms"].get("stock")
             base = eager_ms.get(name)
-            row["ratio_vs_stock_eager"] = {k: base / ms for k, ms in row["ms"].items()
+            row["ratio_vs_stock_eager"] = {k: base / v for k, v in row["ms"].items()
                                            if base and k != "stock"}
             res.add(**row)
             if device.type == "cuda":
