@@ -21,7 +21,8 @@
 #   tests-triton  pytest of the Triton tests, xdist, per-test timeout, junit
 #   tests-cuda    pytest of the rest (extension, integration), after the extension is ready
 #   integration   torch.compile(fullgraph=True) train steps, CUDA-graph capture of a step
-#   errors        the extension's error paths; diagnosis of a crash (segfault seen on the H100)
+#   errors        the extension's error paths (~10 s); only after a crash (the segfault seen on
+#                 the H100) the diagnosis, which needs the rest of its 45 s
 #   layers        per layer of AlexNet / VGG-11 (+ ResNet-18 BN): every backend vs torch eager
 #   steps         AlexNet, VGG-11, ResNet-18 training steps: eager, converted, compiled
 #   memcheck      (if time is left) compute-sanitizer over one small call per CUDA kernel
@@ -69,11 +70,11 @@ PLAN=(
     "ext 0 bg"
     "peaks 15 fg"
     "tests-triton 80 fg"
-    "tests-cuda 80 fg"
+    "tests-cuda 75 fg"
     "integration 35 fg"
-    "errors 15 fg"
-    "layers 85 fg"
-    "steps 65 fg"
+    "errors 45 fg"
+    "layers 75 fg"
+    "steps 60 fg"
     "memcheck 0 rest"
     "tune 0 rest"
 )

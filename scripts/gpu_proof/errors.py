@@ -167,7 +167,7 @@ def toolchain() -> dict:
                                if "GCC" in line or "C++ Version" in line][:3]}
 
 
-def gdb_backtrace(case: str, work: Path) -> list[str]:
+def gdb_backtrace(case: str, work: Path, timeout: float) -> list[str]:
     gdb = shutil.which("cuda-gdb") or shutil.which("gdb")
     if gdb is None:
         return ["(no cuda-gdb or gdb on PATH)"]
@@ -176,7 +176,7 @@ def gdb_backtrace(case: str, work: Path) -> list[str]:
                       "-ex", "run", "-ex", "sharedlibrary libgcc_s", "-ex", "sharedlibrary libstdc",
                       "-ex", "sharedlibrary fastconv_ext", "-ex", "sharedlibrary libc10.so",
                       "-ex", "bt 30", "--args", sys.executable, str(HERE / "errors.py"),
-                      "--case", case], timeout=60)
+                      "--case", case], timeout=timeout)
     (work / f"errors-gdb-{case}.log").write_text(out)
     frames = [line[:200] for line in out.splitlines() if re.match(r"#\d+ ", line)]
     sig = [line for line in out.splitlines() if "received signal" in line][:1]
@@ -231,7 +231,7 @@ except RuntimeError as exc:
 '''
 
 
-def mini_variants(work: Path, build: bool) -> dict:
+def mini_variants(work: Path, build: bool, timeout: float) -> dict:
     """Builds the mini extension per flag variant (in parallel) and runs its raising ops."""
     from fastconv.backends import extension as e
 
@@ -259,13 +259,14 @@ def mini_variants(work: Path, build: bool) -> dict:
         return {v: "planned (not built in --cpu-smoke)" for v in variants}
 
     def one(v: str) -> tuple[str, dict]:
-        rc, out = _spawn([sys.executable, str(mdir / "mini.py"), str(mdir), v, "build"], 120)
+        rc, out = _spawn([sys.executable, str(mdir / "mini.py"), str(mdir), v, "build"],
+                         max(5.0, timeout - 20))
         if rc != 0:
             return v, {"build": f"failed: {out.strip().splitlines()[-1:] if out.strip() else rc}"}
         row = {"build": "ok"}
         for mode in ("check4d_autograd", "check4d", "plain"):
             rc, out = _spawn([sys.executable, "-X", "faulthandler", str(mdir / "mini.py"),
-                              str(mdir), v, mode], 30)
+                              str(mdir), v, mode], 15)
             row[mode] = verdict(rc, out)
         return v, row
 
@@ -315,11 +316,15 @@ def main() -> None:
                 str(e.build_directory() / "fastconv_ext.so")
             diag = {"toolchain": toolchain(), "library": library_facts(Path(so)),
                     "process_maps": maps[-8:]}
-            if crashed and not res.out_of_time(40):
-                diag["gdb"] = {c: gdb_backtrace(c, work) for c in crashed[:2]
-                               if not c.startswith("torch")} or {}
-            if not res.out_of_time(60):
-                diag["mini_variants"] = mini_variants(work, build=not args.cpu_smoke)
+            # debugger runs and the mini builds side by side, within what the stage has left
+            left = min(120.0, res.time_left() - 5)
+            with ThreadPoolExecutor(max_workers=3) as pool:
+                gdb = {c: pool.submit(gdb_backtrace, c, work, left)
+                       for c in crashed[:2] if left > 10}
+                mini = pool.submit(mini_variants, work, not args.cpu_smoke, left) \
+                    if left > 25 or args.cpu_smoke else None
+                diag["gdb"] = {c: f.result() for c, f in gdb.items()}
+                diag["mini_variants"] = mini.result() if mini else "no time left"
             res.add(name="diagnosis", status="passed" if not crashed else "failed",
                     crashed=crashed, seconds=round(time.time() - t0, 1), **diag)
         except Exception as exc:

@@ -121,6 +121,8 @@ def _case_rows(doc: Optional[dict]) -> list[list[str]]:
         if not detail and "crashed" in r:  # the error-path diagnosis
             lib = r.get("library") or {}
             mini = r.get("mini_variants") or {}
+            if not isinstance(mini, dict):
+                mini = {"": mini}
             detail = (f"crashed: {', '.join(r['crashed']) or 'none'}; .eh_frame_hdr search table: "
                       f"{lib.get('eh_frame_hdr_search_table', '-')}; unwinder linked in: "
                       f"{len(lib.get('unwinder_symbols_linked_in') or [])}; mini variants: "
