@@ -29,13 +29,14 @@
 #   tune          (if time is left) autotuning sweep of the worst conv layers
 # After every stage the pack step rewrites OUTDIR: REPORT.md, summary.json, preflight.json,
 # correctness.json, numbers.json, stage3.json, tuned_configs.json (if tuned), logs.tar.gz --
-# never more than 8 files, so a run stopped at any point has returned all it finished.
+# never more than 8 files, so a run stopped at any point has returned all it finished. Commit
+# them under benchmarks/results/<device>-<date>/.
 #
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0a: the prebuilt
 # library's, the same in every stage), FASTCONV_EXTENSION_LIB, MAX_JOBS.
 set -uo pipefail
 
-usage() { sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 OUT= BUDGET=420 DRY=0 SMOKE=0 WORK=
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -280,5 +281,8 @@ FASTCONV_CACHE_DIR=$WORK/tune-cache py_stage tune tune
 
 pack
 echo "=== gpu_proof.sh: done in $(now)s of ${BUDGET}s; $OUT holds: $(ls "$OUT" | tr '\n' ' ')" >&2
+# the device tool returns the output's tail: the report, then the stage table once more
+cat "$OUT/REPORT.md"
+echo
 sed -n '/^## Stages/,/^## Stage 1/p' "$OUT/REPORT.md" | head -n -1
 exit $FAILED

@@ -152,8 +152,12 @@ def library_facts(so: Path) -> dict:
         f"__cxa_throw|__gxx_personality_v0)$' || true").splitlines()
     facts["needed"] = [line.split()[0] for line in _sh(f"ldd '{so}'").splitlines()
                        if re.search(r"libstdc|libgcc|libgomp|libc\.so", line)]
-    facts["symbol_versions"] = sorted(set(re.findall(r"(?:GLIBCXX|CXXABI|GCC)_[0-9.]+",
-                                                     _sh(f"objdump -T '{so}'"))))[-6:]
+    newest: dict = {}  # the newest version the library needs of each runtime
+    for fam, ver in re.findall(r"\b(GLIBCXX|CXXABI|GCC|GOMP)_([0-9.]+)", _sh(f"objdump -T '{so}'")):
+        key = tuple(int(p) for p in ver.split(".") if p)
+        if key > newest.get(fam, ((), ""))[0]:
+            newest[fam] = (key, f"{fam}_{ver}")
+    facts["symbol_versions"] = sorted(v for _, v in newest.values())
     return facts
 
 
