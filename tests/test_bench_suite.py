@@ -280,25 +280,6 @@ def test_sweep_breakdown_peaks_and_rows(tmp_path):
     assert cells[(conv.id, "bwd_input", "eager")]["flops"] == fwd
 
 
-def test_gpu_all_records_every_stage(tmp_path):
-    script = ROOT / "scripts" / "gpu_all.sh"
-    proc = subprocess.run(["bash", str(script), str(tmp_path / "a"), "--budget", "1"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    summary = (tmp_path / "a" / "summary.txt").read_text()
-    for stage in ("install", "build-ext", "info", "tests", "layers", "models", "bench-alexnet",
-                  "bench-vgg11", "report"):
-        assert f"\n{stage} " in summary
-    assert "skipped: time budget spent" in summary
-    env = dict(os.environ, PYTHON="false", ONLY_STAGES="info build-ext")
-    proc = subprocess.run(["bash", str(script), str(tmp_path / "b"), "--quick"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1  # a failing stage fails the run, after the others ran
-    summary = (tmp_path / "b" / "summary.txt").read_text()
-    assert "build-ext        rc=1" in summary and "info             rc=1" in summary
-    assert (tmp_path / "b" / "info.log").exists()
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_suites_on_cuda(tmp_path):
     """Every provider that can run does, on the GPU, with device-synchronised timing."""

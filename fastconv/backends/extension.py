@@ -18,7 +18,7 @@ Environment: ``MAX_JOBS`` (parallel compile jobs), ``TORCH_CUDA_ARCH_LIST`` (def
 "8.0;9.0"), ``FASTCONV_EXTENSION_CUDA=0`` (build the CPU half only), ``CUDA_HOME``, ``CXX``,
 ``FASTCONV_NO_EXTENSION_BUILD=1`` (never build lazily), ``FASTCONV_EXTENSION_SOURCES`` (another
 source tree of csrc/'s layout; the build tests use it), ``FASTCONV_EXTENSION_FLAGS=minimal``
-(diagnosis, scripts/gpu_diag_errors.sh: the CPU half without -march=native, OpenMP and the at::vec
+(diagnosis, scripts/gpu_proof/errors.py: the CPU half without -march=native, OpenMP and the at::vec
 capability macros; a separate cached build).
 
 Builds of one configuration (flags, torch, CUDA, CPU) start from the newest earlier build's
