@@ -33,13 +33,15 @@ def _pair(op: str, name: str, value: Any, minimum: int) -> tuple[int, int]:
     return pair
 
 
-def _tensor(op: str, name: str, t: Any, ndim: int, layout: str) -> torch.Tensor:
+def _tensor(op: str, name: str, t: Any, ndim: int, layout: str,
+            integer: bool = False) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
         raise ValueError(f"{op}: expected {name} to be {ndim}D {layout}, got {t.dim()}D "
                          f"with shape {tuple(t.shape)}")
-    if not t.is_floating_point():
+    if not t.is_floating_point() and not (integer and not t.is_complex()
+                                          and t.dtype != torch.bool):
         raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
     return t
 
@@ -125,7 +127,8 @@ def check_conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1,
                 dilation=dilation, groups=groups, relu=bool(relu))
 
 def _pool_geometry(op, input, kernel_size, stride, padding, dilation, ceil_mode):
-    _tensor(op, "input", input, 4, "(N, C, H, W)")
+    # torch pools integer tensors too: the backends refuse them, so auto runs torch
+    _tensor(op, "input", input, 4, "(N, C, H, W)", integer=True)
     kernel_size = _pair(op, "kernel_size", kernel_size, 1)
     if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0):
         stride = kernel_size

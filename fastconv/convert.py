@@ -2,13 +2,21 @@
 state_dict key; ``revert(model)`` undoes it.
 
 How ReLUs are found: the model is traced with ``torch.fx`` (which sees through custom modules
-such as Inception and residual blocks and through ``F.relu`` calls in their ``forward``). A conv
-or batch norm whose output feeds exactly one consumer, a ReLU, absorbs it. An ``nn.ReLU``
-module called at that one place becomes :class:`~fastconv.nn.AbsorbedReLU` (an Identity); a
-``F.relu`` call in user code, or a ReLU module used elsewhere too, stays where it is: applying
-ReLU twice is the same function with the same gradient, so it costs a pass but changes nothing.
+such as Inception and residual blocks). Every ReLU call in the graph -- an ``nn.ReLU`` module,
+shared or not, ``F.relu``/``torch.relu``/``torch.relu_``, ``x.relu()``/``x.relu_()``, in place or
+not -- is matched against the patterns of :class:`_Graph`: a conv or batch norm, called once,
+whose output feeds only that ReLU applies it (a batch norm folded by ``fold_bn=True`` hands it to
+its conv). The ReLU call then leaves the graph. When the calls that left are all the calls of
+some ``nn.ReLU`` modules, those become :class:`~fastconv.nn.AbsorbedReLU` (an Identity) and
+forward() is untouched; otherwise (``F.relu`` in forward code, a shared ReLU module also used
+elsewhere) the model's forward() becomes the rewritten graph, bound to the model itself: its
+class, submodules and state_dict keys stay, and ``revert`` restores the class's forward().
+Limits of that rewrite: it is the forward() of the root, so hooks on container modules no
+longer fire and a container called on its own runs its original code; and it is only done
+when forward() traces alike in train and eval mode.
+Every ReLU left, and why (a residual add, a Linear, a shared producer), is in the report.
 
-A ReLU module between a conv (or batch norm) and a max-pool (``return_indices=False``) that is
+A ReLU between a conv (or batch norm) and a max-pool (``return_indices=False``) that is
 its only consumer is applied by the pool instead (``MaxPool2d(relu=True)``: max and ReLU
 commute, and the pool's backward masks by its own small output for free). The conv then runs
 without ReLU and its backward needs no masking pass over its full-size output: measured 3%
@@ -23,6 +31,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import operator
+import types
 from typing import Optional
 
 import torch
@@ -34,21 +44,28 @@ from . import nn as fnn
 
 log = logging.getLogger("fastconv")
 
-_RELU_FUNCTIONS = {torch.relu, F.relu, torch.nn.functional.relu, torch.relu_}
+_RELU_FUNCTIONS = {torch.relu, F.relu, torch.relu_}
+_ADDS = {operator.add, operator.iadd, torch.add}
 _STOCK = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+RESIDUAL_LEFT = "residual add (needs batch_norm residual)"
 
 
 @dataclasses.dataclass
 class ConversionReport:
-    replaced: list = dataclasses.field(default_factory=list)   # (name, what)
-    left: list = dataclasses.field(default_factory=list)       # (name, why)
+    replaced: list = dataclasses.field(default_factory=list)     # (name, what)
+    left: list = dataclasses.field(default_factory=list)         # (name, why)
+    relus_fused: list = dataclasses.field(default_factory=list)  # (ReLU call, applied by)
+    relus_left: list = dataclasses.field(default_factory=list)   # (ReLU call, why it stays)
     method: str = ""
 
     def __str__(self) -> str:
         lines = [f"fastconv.convert ({self.method}): replaced {len(self.replaced)}, "
-                 f"left {len(self.left)}"]
+                 f"left {len(self.left)}; ReLUs fused {len(self.relus_fused)}, "
+                 f"left {len(self.relus_left)}"]
         lines += [f"  replaced {n}: {w}" for n, w in self.replaced]
         lines += [f"  left     {n}: {w}" for n, w in self.left]
+        lines += [f"  ReLU fused {n}: applied by {w}" for n, w in self.relus_fused]
+        lines += [f"  ReLU left  {n}: {w}" for n, w in self.relus_left]
         return "\n".join(lines)
 
 
@@ -69,13 +86,9 @@ def _is_relu(node, modules) -> Optional[str]:
     return None
 
 
-def _relu_inplace(node, modules) -> bool:
-    if node.op == "call_module":
-        return modules[node.target].inplace
-    if node.op == "call_method":
-        return node.target == "relu_"
-    return node.target is torch.relu_ or bool(node.kwargs.get("inplace", False)) or (
-        len(node.args) > 1 and bool(node.args[1]))
+def _is_add(node) -> bool:
+    return (node.op == "call_function" and node.target in _ADDS) or (
+        node.op == "call_method" and node.target in ("add", "add_"))
 
 
 @dataclasses.dataclass
@@ -85,6 +98,9 @@ class _Plan:
     pool_relu: set = dataclasses.field(default_factory=set)    # max-pools that apply a ReLU
     fold: dict = dataclasses.field(default_factory=dict)      # bn name -> conv name
     notes: dict = dataclasses.field(default_factory=dict)     # name -> note for the report
+    relus_fused: list = dataclasses.field(default_factory=list)
+    relus_left: list = dataclasses.field(default_factory=list)
+    graph: Optional[torch.fx.Graph] = None  # set when forward() must be rewritten
 
 
 def _relu_into_pool(plan: _Plan, producer: str, relu: str, pool: str) -> None:
@@ -94,81 +110,136 @@ def _relu_into_pool(plan: _Plan, producer: str, relu: str, pool: str) -> None:
     plan.notes[producer] = f"its ReLU is applied by the max-pool {pool} that follows"
 
 
-def _plan_from_graph(model: nn.Module, fold_bn: bool, pool_relu: bool = True) -> _Plan:
-    graph = torch.fx.symbolic_trace(model).graph
-    modules = dict(model.named_modules())
-    calls: dict[str, list] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls.setdefault(node.target, []).append(node)
-    plan = _Plan()
+class _Graph:
+    """One traced forward(): who calls what, and the ReLU rules of the module docstring."""
 
-    def single_relu_user(node):
+    def __init__(self, model: nn.Module, graph: torch.fx.Graph, fold_bn: bool,
+                 pool_relu: bool, rewritable: bool):
+        self.graph, self.pool_relu, self.rewritable = graph, pool_relu, rewritable
+        self.modules = dict(model.named_modules())
+        self.calls: dict[str, list] = {}
+        for node in graph.nodes:
+            if node.op == "call_module":
+                self.calls.setdefault(node.target, []).append(node)
+        self.plan = _Plan()
+        self.dropped: dict = {}  # ReLU node -> the module that applies it instead
+        for name, nodes in self.calls.items():
+            if type(self.modules[name]) in _STOCK:
+                self.plan.convert[name] = False
+                if len(nodes) != 1:
+                    self.plan.notes[name] = f"called at {len(nodes)} places: converted " \
+                                            "without fusion"
+        if fold_bn:
+            for name, nodes in self.calls.items():
+                if type(self.modules[name]) is nn.Conv2d and len(nodes) == 1:
+                    bn = self._single_module_user(nodes[0], nn.BatchNorm2d)
+                    if bn is not None:
+                        self.plan.fold[bn] = name
+
+    def module(self, node) -> Optional[nn.Module]:
+        return self.modules.get(node.target) if node.op == "call_module" else None
+
+    def _single_module_user(self, node, kind) -> Optional[str]:
+        """The name of the stock ``kind`` module, called once, that is node's only user."""
         users = list(node.users)
-        if len(users) == 1 and _is_relu(users[0], modules):
-            return users[0]
+        if len(users) == 1 and type(self.module(users[0])) is kind and \
+                len(self.calls[users[0].target]) == 1:
+            return users[0].target
         return None
 
-    def pool_after(relu_node) -> Optional[str]:
-        """The max-pool that can apply relu_node (a ReLU module called once, whose one
-        consumer is a stock MaxPool2d called once, without indices), else None."""
-        if not pool_relu or _is_relu(relu_node, modules) != "module" or \
-                len(calls[relu_node.target]) != 1:
-            return None
-        users = list(relu_node.users)
-        if len(users) != 1 or users[0].op != "call_module":
-            return None
-        pool = modules.get(users[0].target)
-        if type(pool) is not nn.MaxPool2d or pool.return_indices or \
-                len(calls[users[0].target]) != 1:
-            return None
-        return users[0].target
+    def where(self, node) -> str:
+        if node.op == "call_module":
+            n = len(self.calls[node.target])
+            if n == 1:
+                return node.target
+            return f"{node.target} (call {self.calls[node.target].index(node) + 1} of {n})"
+        stack = node.meta.get("nn_module_stack") or {}
+        owner = next(reversed(stack.values()))[0] if stack else "the model"
+        call = f".{node.target}()" if node.op == "call_method" else \
+            f"{node.target.__module__.replace('torch.nn.functional', 'F')}." \
+            f"{node.target.__name__}"
+        return f"{call} in {owner}.forward ({node.name})"
 
-    def try_absorb(producer: str, relu_node) -> bool:
-        """Fuse relu_node into producer (or into the max-pool right after it, leaving the
-        producer without ReLU); False (with a note) when that would be unsafe."""
-        pool = pool_after(relu_node)
-        if pool is not None:
-            _relu_into_pool(plan, producer, relu_node.target, pool)
-            return False
-        kind = _is_relu(relu_node, modules)
-        if kind == "module" and len(calls[relu_node.target]) == 1:
-            plan.absorb[relu_node.target] = producer
-            return True
-        if _relu_inplace(relu_node, modules):
-            # an in-place ReLU left after a fused layer would overwrite the output that the
-            # fused layer saved for its backward
-            plan.notes[producer] = ("ReLU not fused: it is applied in place by code or a "
-                                    "shared module fastconv cannot remove")
-            return False
-        plan.notes[producer] = (f"ReLU fused; the {kind} call in forward() stays (ReLU is "
-                                "idempotent)")
-        return True
+    def producer(self, relu) -> tuple[Optional[str], str]:
+        """(the conv or batch norm that can apply ``relu``, '') or (None, why it cannot)."""
+        src = relu.args[0] if relu.args else relu.kwargs.get("input")
+        if not isinstance(src, torch.fx.Node):
+            return None, "its input is not a traced tensor"
+        mod = self.module(src)
+        if type(mod) not in (nn.Conv2d, nn.BatchNorm2d):
+            if _is_add(src):
+                return None, RESIDUAL_LEFT
+            if isinstance(mod, nn.Linear):
+                return None, "after a Linear layer (fastconv has no Linear+ReLU)"
+            what = type(mod).__name__ if mod is not None else str(
+                getattr(src.target, "__name__", src.target))
+            return None, f"after {what}, not a conv or batch norm"
+        if len(self.calls[src.target]) != 1:
+            return None, f"{src.target} is called at {len(self.calls[src.target])} places"
+        if len(src.users) != 1:
+            return None, f"the output of {src.target} has other users"
+        return self.plan.fold.get(src.target, src.target), ""
 
-    for name, nodes in calls.items():
-        mod = modules[name]
-        if type(mod) not in _STOCK or name in plan.fold:
-            continue
-        if len(nodes) != 1:
-            plan.convert[name] = False
-            plan.notes[name] = f"called at {len(nodes)} places: converted without fusion"
-            continue
-        node = nodes[0]
-        fuse = False
-        if type(mod) in (nn.Conv2d, nn.BatchNorm2d):
-            relu_node = single_relu_user(node)
-            if relu_node is not None:
-                fuse = try_absorb(name, relu_node)
-            elif fold_bn and type(mod) is nn.Conv2d and len(node.users) == 1:
-                user = next(iter(node.users))
-                bn = modules.get(user.target) if user.op == "call_module" else None
-                if type(bn) is nn.BatchNorm2d and len(calls[user.target]) == 1:
-                    plan.fold[user.target] = name
-                    relu_node = single_relu_user(user)
-                    if relu_node is not None:
-                        fuse = try_absorb(name, relu_node)
-        plan.convert[name] = fuse
-    return plan
+    def droppable(self, relu) -> bool:
+        """A ReLU call can go when forward() is rewritten, or when it is the one call of a
+        ReLU module (which becomes an AbsorbedReLU)."""
+        return self.rewritable or (_is_relu(relu, self.modules) == "module" and
+                                   len(self.calls[relu.target]) == 1)
+
+    def plan_relus(self) -> _Plan:
+        plan = self.plan
+        for node in list(self.graph.nodes):
+            if not _is_relu(node, self.modules):
+                continue
+            producer, why = self.producer(node)
+            if producer is not None and not self.droppable(node):
+                producer, why = None, ("forward() differs between train and eval mode, so "
+                                       "fastconv does not rewrite it; this ReLU is not a "
+                                       "module of its own")
+            if producer is None:
+                plan.relus_left.append((self.where(node), why))
+                continue
+            pool = self._single_module_user(node, nn.MaxPool2d) if self.pool_relu else None
+            if pool is not None and not self.modules[pool].return_indices:
+                into = pool
+                plan.pool_relu.add(pool)
+                plan.notes[producer] = f"its ReLU is applied by the max-pool {pool} that follows"
+            else:
+                into = producer
+                plan.convert[producer] = True
+            self.dropped[node] = into
+            plan.relus_fused.append((self.where(node), into))
+        for name, nodes in self.calls.items():  # ReLU modules whose every call went
+            if type(self.modules[name]) is nn.ReLU and all(n in self.dropped for n in nodes):
+                plan.absorb[name] = ", ".join(dict.fromkeys(self.dropped[n] for n in nodes))
+        if any(node.op != "call_module" or node.target not in plan.absorb
+               for node in self.dropped):
+            for node in self.dropped:
+                node.replace_all_uses_with(node.args[0] if node.args else node.kwargs["input"])
+                self.graph.erase_node(node)
+            plan.graph = self.graph
+        return plan
+
+
+def _trace(model: nn.Module) -> tuple[torch.fx.Graph, bool]:
+    """The traced graph of forward() in the model's mode, and whether forward() traces the
+    same in the other mode (control flow on ``self.training`` is fixed at trace time)."""
+    graph = torch.fx.symbolic_trace(model).graph
+    modes = {m: m.training for m in model.modules()}
+    try:
+        other = torch.fx.symbolic_trace(model.train(not model.training)).graph
+    except Exception:
+        other = None
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    same = other is not None and graph.python_code("self").src == other.python_code("self").src
+    return graph, same
+
+
+def _plan_from_graph(model: nn.Module, fold_bn: bool, pool_relu: bool = True) -> _Plan:
+    graph, rewritable = _trace(model)
+    return _Graph(model, graph, fold_bn, pool_relu, rewritable).plan_relus()
 
 
 def _plan_from_sequentials(model: nn.Module, fold_bn: bool, pool_relu: bool = True) -> _Plan:
@@ -204,6 +275,14 @@ def _plan_from_sequentials(model: nn.Module, fold_bn: bool, pool_relu: bool = Tr
                 if after is not None and type(after[1]) is nn.ReLU:
                     plan.convert[full] = True
                     plan.absorb[qualified(after[0])] = full
+    for name, mod in model.named_modules():
+        if type(mod) is nn.ReLU:
+            if name in plan.absorb:
+                plan.relus_fused.append((name, plan.absorb[name]))
+            else:
+                plan.relus_left.append((name, "not right after a conv or batch norm in an "
+                                              "nn.Sequential (the only pattern seen without "
+                                              "a trace)"))
     return plan
 
 
@@ -250,7 +329,7 @@ def convert(model: nn.Module, backend: Optional[str] = None, inplace: bool = Fal
     report = ConversionReport()
     try:
         plan = _plan_from_graph(model, fold_bn, pool_relu)
-        report.method = "torch.fx trace"
+        report.method = "torch.fx graph"
     except Exception as exc:  # untraceable control flow: fall back to Sequential chains
         plan = _plan_from_sequentials(model, fold_bn, pool_relu)
         report.method = "nn.Sequential chains (fx trace failed: " + \
@@ -296,11 +375,26 @@ def convert(model: nn.Module, backend: Optional[str] = None, inplace: bool = Fal
     for relu_name, into in plan.absorb.items():
         _set(model, relu_name, fnn.AbsorbedReLU(inplace=modules[relu_name].inplace, into=into))
         report.replaced.append((relu_name, f"ReLU -> AbsorbedReLU (applied by {into})"))
+    if plan.graph is not None:
+        _rewrite_forward(model, plan.graph)
+        report.method += ", forward() rewritten"
+    report.relus_fused, report.relus_left = plan.relus_fused, plan.relus_left
     object.__setattr__(model, "_fastconv_report", report)
     log.info("%s", report)
     if verbose:
         print(report)
     return model
+
+
+def _rewrite_forward(model: nn.Module, graph: torch.fx.Graph) -> None:
+    """Run ``graph`` (the traced forward() less the fused ReLU calls) as ``model``'s forward.
+
+    The generated code reaches every layer by its qualified name (``self.layer1[0].conv1``), so
+    it runs on ``model`` itself: the class, every submodule and every state_dict key stay.
+    """
+    forward = type(torch.fx.GraphModule(model, graph)).forward
+    forward._fastconv_graph = graph
+    model.forward = types.MethodType(forward, model)
 
 
 def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -322,6 +416,8 @@ def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
         else:
             continue
         _set(model, name, new)
+    if hasattr(model.__dict__.get("forward"), "_fastconv_graph"):
+        del model.__dict__["forward"]  # the class's own forward() again
     if "_fastconv_report" in model.__dict__:
         del model.__dict__["_fastconv_report"]
     return model

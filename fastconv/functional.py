@@ -7,7 +7,11 @@ normalised arguments to the backend the dispatcher picks (see ``fastconv.dispatc
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
 
 from . import dispatch
 from .checks import (CHECKS, check_adaptive_avg_pool2d, check_avg_pool2d, check_batch_norm,
@@ -27,6 +31,11 @@ def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, group
     Arguments and defaults are those of :func:`torch.nn.functional.conv2d`. The output keeps
     the input's memory format.
     """
+    if _unbatched(input):
+        return conv2d_relu(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups,
+                           relu=relu, backend=backend).squeeze(0)
+    if padding == "same" and _uneven_same(weight, stride, dilation):
+        input, padding = _pad_same(input, weight, dilation)
     args = check_conv2d_relu(input, weight, bias, stride, padding, dilation, groups, relu=relu)
     return _run("conv2d_relu", args, backend)
 
@@ -39,6 +48,10 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     ``relu=True`` computes ``max_pool2d(relu(input))`` (= ``relu(max_pool2d(input))``) in one
     pass; returned indices are then those of the max-pool of ``input`` itself.
     """
+    if _unbatched(input):
+        out = max_pool2d(input.unsqueeze(0), kernel_size, stride, padding, dilation, ceil_mode,
+                         return_indices, relu=relu, backend=backend)
+        return tuple(t.squeeze(0) for t in out) if return_indices else out.squeeze(0)
     args = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode,
                             return_indices, relu=relu)
     return _run("max_pool2d", args, backend)
@@ -47,6 +60,9 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
                count_include_pad=True, divisor_override=None, *, backend=None):
     """:func:`torch.nn.functional.avg_pool2d`."""
+    if _unbatched(input):
+        return avg_pool2d(input.unsqueeze(0), kernel_size, stride, padding, ceil_mode,
+                          count_include_pad, divisor_override, backend=backend).squeeze(0)
     args = check_avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
                             divisor_override)
     return _run("avg_pool2d", args, backend)
@@ -54,6 +70,8 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
 
 def adaptive_avg_pool2d(input, output_size, *, backend=None):
     """:func:`torch.nn.functional.adaptive_avg_pool2d` (``None`` keeps that dimension)."""
+    if _unbatched(input):
+        return adaptive_avg_pool2d(input.unsqueeze(0), output_size, backend=backend).squeeze(0)
     return _run("adaptive_avg_pool2d", check_adaptive_avg_pool2d(input, output_size), backend)
 
 
@@ -70,15 +88,58 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     return _run("batch_norm", args, backend)
 
 
+# --------------------------------------------------------------------------- torch's extras
+def _unbatched(input) -> bool:
+    """(C, H, W) input, which torch.nn.functional accepts: run it as a batch of one."""
+    return isinstance(input, torch.Tensor) and input.dim() == 3
+
+
+def _uneven_same(weight, stride, dilation) -> bool:
+    """padding='same' needing more padding after than before (an even dilated kernel): torch
+    pads the extra row/column explicitly, and so does fastconv, then runs a symmetric conv."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or stride not in (1, (1, 1),
+                                                                                   [1, 1]):
+        return False  # the checks raise the usual error
+    d = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    return len(d) == 2 and any(di * (k - 1) % 2 for di, k in zip(d, weight.shape[2:]))
+
+
+def _pad_same(input, weight, dilation):
+    d = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    th, tw = (di * (k - 1) for di, k in zip(d, weight.shape[2:]))
+    # as torch: the odd row/column goes after (bottom/right); the conv then pads symmetrically
+    pad = F.pad(input, (0, tw % 2, 0, th % 2))
+    return pad, (th // 2, tw // 2)
+
+
+_FUNCTIONS = {"conv2d_relu": conv2d_relu, "max_pool2d": max_pool2d, "avg_pool2d": avg_pool2d,
+              "adaptive_avg_pool2d": adaptive_avg_pool2d}
+
+
 # --------------------------------------------------------------------------- dispatch
 def _run(op: str, args: dict[str, Any], backend: Optional[str]):
     impl = dispatch.select(op, args, backend)
     return getattr(impl, op)(*args.values())
 
 
+def _checked(op: str, args, kwargs) -> dict[str, Any]:
+    """The normalised arguments of a call, as the function itself runs it: unbatched input
+    as a batch of one, padding='same' with an even kernel padded explicitly."""
+    if op in _FUNCTIONS:
+        call = inspect.signature(_FUNCTIONS[op]).bind(*args, **kwargs).arguments
+        if _unbatched(call["input"]):
+            call["input"] = call["input"].unsqueeze(0)
+        if op == "conv2d_relu" and call.get("padding") == "same" and _uneven_same(
+                call["weight"], call.get("stride", 1), call.get("dilation", 1)):
+            call["input"], call["padding"] = _pad_same(call["input"], call["weight"],
+                                                       call.get("dilation", 1))
+        args, kwargs = (), call
+    return CHECKS[op](*args, **kwargs)
+
+
 def backend_for(op: str, *args, backend=None, **kwargs) -> str:
     """The name of the backend that would run this call."""
-    return dispatch.select(op, CHECKS[op](*args, **kwargs), backend).name
+    return dispatch.select(op, _checked(op, args, kwargs), backend).name
 
 
 def explain(op: str, *args, **kwargs) -> str:
@@ -87,7 +148,7 @@ def explain(op: str, *args, **kwargs) -> str:
     >>> print(fastconv.explain("conv2d_relu", x, w, b, padding=1))
     """
     backend = kwargs.pop("backend", None)
-    checked = CHECKS[op](*args, **kwargs)
+    checked = _checked(op, args, kwargs)
     answers = dispatch.reasons(op, checked)
     try:
         chosen = dispatch.select(op, checked, backend).name

@@ -10,7 +10,7 @@ x4 = lambda *s, **k: torch.randn(*s, **k)  # noqa: E731
 
 CONV_CASES = [
     # (description, args, kwargs, exception, message fragment)
-    ("3D input", (x4(3, 8, 8), x4(4, 3, 3, 3)), {}, ValueError, "expected input to be 4D"),
+    ("2D input", (x4(3, 8), x4(4, 3, 3, 3)), {}, ValueError, "expected input to be 4D"),
     ("2D weight", (x4(1, 3, 8, 8), x4(4, 27)), {}, ValueError, "expected weight to be 4D"),
     ("channel mismatch", (x4(1, 3, 8, 8), x4(4, 2, 3, 3)), {}, ValueError,
      "input has 3 channels but weight (4, 2, 3, 3)"),
@@ -59,13 +59,13 @@ def test_conv2d_relu_bad_input(case, backend):
 
 
 POOL_CASES = [
-    ("3D input", (x4(3, 8, 8), 2), {}, ValueError, "expected input to be 4D"),
+    ("2D input", (x4(3, 8), 2), {}, ValueError, "expected input to be 4D"),
     ("zero kernel", (x4(1, 3, 8, 8), 0), {}, ValueError, "kernel_size must be positive"),
     ("zero stride", (x4(1, 3, 8, 8), 2), dict(stride=0), ValueError, "stride must be positive"),
     ("padding over half kernel", (x4(1, 3, 8, 8), 3), dict(padding=2), ValueError,
      "must be at most half of kernel_size"),
     ("kernel larger than input", (x4(1, 3, 2, 2), 3), {}, ValueError, "larger than the input"),
-    ("integer input", (torch.ones(1, 3, 8, 8, dtype=torch.int64), 2), {}, TypeError,
+    ("bool input", (torch.ones(1, 3, 8, 8, dtype=torch.bool), 2), {}, TypeError,
      "floating-point"),
 ]
 

@@ -88,7 +88,8 @@ def test_fusion_pattern_alexnet():
     assert "Conv2d+ReLU -> Conv2dReLU" in report
     assert "ReLU+MaxPool2d -> MaxPool2d(relu=True)" in report
     assert "its ReLU is applied by the max-pool 2" in report
-    assert fastconv.conversion_report(fast).method == "torch.fx trace"
+    assert fastconv.conversion_report(fast).method == "torch.fx graph"
+    assert "forward" not in fast.__dict__  # ReLU modules only: the Sequential's own forward
 
 
 def test_conv_bn_relu_pattern_vgg16_bn():
@@ -108,10 +109,13 @@ def test_conv_bn_relu_pattern_vgg16_bn():
 def test_custom_modules_with_functional_relu():
     fast = fastconv.convert(models.googlenet())
     inc = [m for m in fast.modules() if isinstance(m, models.Inception)][0]
-    # every conv in Inception is followed by F.relu: all fused, the F.relu calls stay
+    # every conv in Inception is followed by F.relu: all fused, the F.relu calls are gone
     assert all(getattr(inc, n).relu for n in ("b1_1", "b2_1", "b2_2", "b3_1", "b3_2", "b4_2"))
     assert isinstance(inc.b4_1, fnn.MaxPool2d)
-    assert "idempotent" in str(fastconv.conversion_report(fast))
+    report = fastconv.conversion_report(fast)
+    assert report.method == "torch.fx graph, forward() rewritten" and not report.relus_left
+    assert ("F.relu in 2.0.forward (relu)", "2.0.b1_1") in report.relus_fused
+    assert not any(n.target is F.relu for n in fast.forward._fastconv_graph.nodes)
 
 
 def test_residual_block_pattern():
@@ -134,12 +138,13 @@ class SharedReLU(nn.Module):
         return self.relu(self.conv2(self.relu(self.conv1(x))))
 
 
-def test_shared_inplace_relu_is_not_fused():
+def test_shared_inplace_relu_is_fused_at_both_calls():
     stock = SharedReLU()
     fast = fastconv.convert(stock)
-    assert type(fast.relu) is nn.ReLU
-    assert not fast.conv1.relu and not fast.conv2.relu
-    assert "in place" in str(fastconv.conversion_report(fast))
+    assert isinstance(fast.relu, fnn.AbsorbedReLU) and fast.relu.into == "conv1, conv2"
+    assert fast.conv1.relu and fast.conv2.relu
+    report = fastconv.conversion_report(fast)
+    assert report.relus_fused == [("relu (call 1 of 2)", "conv1"), ("relu (call 2 of 2)", "conv2")]
     x = torch.randn(2, 3, 8, 8)
     assert_close(run_step(fast, x)[0], run_step(stock, x)[0], tol=1e-6)
 

@@ -1,0 +1,264 @@
+"""convert() on models written the way people write them (torchvision, fastconv.models): the
+traced graph loses every ReLU call that a conv or batch norm can apply (counted at the ATen
+level during a training-mode forward), and the result matches stock against float64.
+
+Each converted model is compared with the stock float32 model against a float64 copy: the
+converted model's error (L2 norm per tensor) may be at most ``RATIO`` times stock's own error
+plus a few unit roundoffs of the tensor's norm (for tensors that stock happens to get exact).
+Both run the same float32 arithmetic in different orders, so their errors are of one size.
+Whole networks are compared by norm, not element by element: at these small inputs batch
+norm sees 2 to 8 values per channel in the last stages, which amplifies every rounding, and
+the largest element error of two such runs fluctuates by an order of magnitude (measured:
+a ResNet-50 BN weight gradient 7.9e-4 stock, 2.3e-2 converted, 1.7e-2 for stock in another
+model). The per-op tests bound every element.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastconv
+from fastconv import models
+from fastconv import nn as fnn
+from fastconv.convert import RESIDUAL_LEFT
+from test_reliability_numerics import require
+
+torchvision = pytest.importorskip("torchvision")
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+RATIO = 4.0
+U32 = 2.0 ** -24
+
+# name -> (builder, input shape of one example); small inputs keep CPU time low
+MODELS = {
+    "tv_resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 64, 64)),
+    "tv_resnet50": (lambda: torchvision.models.resnet50(num_classes=10), (3, 64, 64)),
+    "tv_googlenet": (lambda: torchvision.models.googlenet(
+        num_classes=10, aux_logits=False, init_weights=True), (3, 64, 64)),
+    "tv_vgg11_bn": (lambda: torchvision.models.vgg11_bn(num_classes=10), (3, 64, 64)),
+    "tv_alexnet": (lambda: torchvision.models.alexnet(num_classes=10), (3, 64, 64)),
+    "alexnet": (lambda: models.alexnet(image_size=67), (1, 67, 67)),
+    "vgg11": (lambda: models.vgg11(narrow=True, image_size=32), (1, 32, 32)),
+    "vgg16_bn": (models.vgg16_bn, (3, 32, 32)),
+    "nin": (models.nin, (1, 67, 67)),
+    "googlenet": (models.googlenet, (1, 32, 32)),
+    "lenet": (models.lenet, (1, 28, 28)),
+    "lenet_bn": (models.lenet_bn, (1, 28, 28)),
+    "resnet18": (models.resnet18, (1, 32, 32)),
+}
+SEEDS = {name: i for i, name in enumerate(MODELS)}
+
+_RELU_OPS = {torch.ops.aten.relu.default, torch.ops.aten.relu_.default,
+             torch.ops.aten.threshold.default, torch.ops.aten.threshold_.default}
+
+
+class CountReLUs(TorchDispatchMode):
+    """Counts ATen ReLU calls by what made their input: a Linear ('linear': addmm), an add
+    ('add': a residual) or anything else ('other')."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _RELU_OPS:
+            self.counts[getattr(args[0], "_made_by", "other")] += 1
+        elif isinstance(out, torch.Tensor):
+            made = {"addmm": "linear", "add": "add", "add_": "add"}.get(
+                func.overloadpacket.__name__)
+            if made:
+                out._made_by = made
+        return out
+
+
+def relu_counts(model, x) -> dict:
+    with CountReLUs() as c:
+        model(x)
+    return dict(c.counts)
+
+
+def build(name, seed=None):
+    fn, shape = MODELS[name]
+    torch.manual_seed(SEEDS[name] if seed is None else seed)
+    model = fn().train()
+    for m in model.modules():  # same function in float32 and float64: no dropout masks
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    x = torch.randn(2, *shape)
+    return model, x
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_no_relu_pass_left_but_linear_and_residual(name):
+    """The extension's kernels apply ReLU inside the op (the torch backend composes torch's
+    own relu, so ATen counts say nothing there)."""
+    require("extension")
+    stock, x = build(name)
+    fast = fastconv.convert(stock, backend="extension")
+    before, after = relu_counts(stock, x), relu_counts(fast, x)
+    report = fastconv.conversion_report(fast)
+    assert report.method.startswith("torch.fx graph")
+    assert after.get("other", 0) == 0, (before, after, report.relus_left)
+    # the ReLUs left are exactly those the report lists, with their reasons
+    residual = sum(why == RESIDUAL_LEFT for _, why in report.relus_left)
+    assert after.get("add", 0) == residual == before.get("add", 0)
+    assert after.get("linear", 0) == before.get("linear", 0)
+    assert len(report.relus_fused) == before.get("other", 0)
+    assert len(report.relus_left) == sum(after.values())
+    print(f"{name}: ReLU passes stock {before}, converted {after}")
+
+
+def _errors(model, x, call=None):
+    model.zero_grad(set_to_none=True)
+    out = (model if call is None else call)(x)
+    out.square().sum().backward()
+    return {"output": out.detach(), **{k: p.grad for k, p in model.named_parameters()}}
+
+
+def assert_like_stock(fast: dict, stock: dict, ref: dict, what=""):
+    for k, r in ref.items():
+        norm = float(r.norm())
+        err_stock = float((stock[k].double() - r).norm())
+        err_fast = float((fast[k].double() - r).norm())
+        bound = RATIO * err_stock + 8 * U32 * norm
+        assert err_fast <= bound, (f"{what} {k}: converted error {err_fast:.3e} > "
+                                   f"{RATIO} x stock's {err_stock:.3e} + 8u x {norm:.3e}")
+
+
+# The extension's float32 errors on these exceed RATIO x stock's (tv_resnet50's layer4 BN
+# gradients: 1.8% relative against stock's 0.02%; the torch backend matches stock exactly,
+# so the rewritten graph is right and the kernels' numerics are the question): an open issue
+_EXTENSION_WORSE = {"lenet_bn", "resnet18", "tv_resnet50", "tv_vgg11_bn"}
+
+
+def _numerics_cases():
+    for name in sorted(MODELS):
+        marks = [pytest.mark.xfail(strict=True, reason="extension float32 error > "
+                                   f"{RATIO} x stock's (see _EXTENSION_WORSE)")] \
+            if name in _EXTENSION_WORSE else []
+        yield pytest.param(name, "extension", marks=marks, id=f"{name}-extension")
+        if name not in ("tv_resnet50", "tv_vgg11_bn"):  # the torch backend: the smaller ones
+            yield pytest.param(name, "torch", id=f"{name}-torch")
+
+
+@pytest.mark.parametrize("name,backend", _numerics_cases())
+def test_outputs_gradients_and_two_sgd_steps_match_stock(name, backend):
+    require(backend)
+    stock, x = build(name)
+    ref = copy.deepcopy(stock).double()
+    fast = fastconv.convert(stock, backend=backend)
+    results = [_errors(m, xx) for m, xx in ((fast, x), (stock, x), (ref, x.double()))]
+    assert_like_stock(*results, what=f"{name} step 0")
+    # running statistics and parameters after two SGD steps
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (fast, stock, ref)]
+    for step in range(2):
+        for m, o, xx in zip((fast, stock, ref), opts, (x, x, x.double())):
+            o.zero_grad(set_to_none=True)
+            m(xx).square().mean().backward()
+            o.step()
+    states = [{k: v for k, v in m.state_dict().items() if v.is_floating_point()}
+              for m in (fast, stock, ref)]
+    assert_like_stock(*states, what=f"{name} after two SGD steps")
+
+
+@pytest.mark.parametrize("name", ["tv_resnet18", "tv_googlenet", "resnet18", "googlenet"])
+def test_state_dict_and_revert_round_trips(name):
+    stock, x = build(name)
+    fast = fastconv.convert(stock, backend="torch")
+    assert type(fast) is type(stock)
+    assert list(fast.state_dict()) == list(stock.state_dict())
+    assert [n for n, _ in fast.named_modules()] == [n for n, _ in stock.named_modules()]
+    other, _ = build(name, seed=99)
+    fast.load_state_dict(other.state_dict(), strict=True)   # stock checkpoint -> converted
+    back = copy.deepcopy(stock)
+    back.load_state_dict(fast.state_dict(), strict=True)    # converted -> stock
+    for k, v in other.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    reverted = fastconv.revert(fast)
+    assert "forward" not in reverted.__dict__
+    assert [type(m) for m in reverted.modules()] == [type(m) for m in other.modules()]
+    assert [getattr(m, "inplace", None) for m in reverted.modules()] == \
+        [getattr(m, "inplace", None) for m in other.modules()]
+    assert relu_counts(reverted, x) == relu_counts(other, x)
+    with torch.no_grad():
+        assert torch.equal(reverted.eval()(x), other.eval()(x))
+
+
+def test_torch_compile_fullgraph_converted_resnet18():
+    require("extension")
+    stock, x = build("tv_resnet18")
+    fast = fastconv.convert(stock, backend="extension")
+    eager = _errors(fast, x)
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    got = _errors(fast, x, call=compiled)
+    for k in eager:  # the same kernels in the same order
+        assert torch.equal(got[k], eager[k]), k
+
+
+class AllForms(nn.Module):
+    """Every way of writing ReLU after a conv or BN, and the cases that must stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(8))
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)   # shared: after c[0] and after the add
+
+    def forward(self, x):
+        y = self.relu(self.c[0](x))
+        y = F.relu(self.c[1](y), inplace=True)
+        y = torch.relu(self.c[2](y))
+        y = torch.relu_(self.bn(self.c[3](y)))
+        y = self.c[4](y).relu()
+        y = self.c[5](y).relu_()
+        z = self.c[6](y)
+        w = F.relu(z) + z                   # z has another user: its ReLU stays
+        return self.relu(self.c[7](w) + y)  # residual: stays
+
+
+def test_every_relu_form_and_what_stays():
+    require("extension")
+    torch.manual_seed(5)
+    stock = AllForms().train()
+    fast = fastconv.convert(stock, backend="extension")
+    report = fastconv.conversion_report(fast)
+    assert report.method == "torch.fx graph, forward() rewritten"
+    assert [into for _, into in report.relus_fused] == ["c.0", "c.1", "c.2", "bn", "c.4", "c.5"]
+    assert [c.relu for c in fast.c] == [True] * 3 + [False] + [True] * 2 + [False] * 2
+    assert fast.bn.relu and type(fast.relu) is nn.ReLU
+    left = dict(report.relus_left)
+    assert left == {"F.relu in the model.forward (relu_4)": "the output of c.6 has other users",
+                    "relu (call 2 of 2)": RESIDUAL_LEFT}
+    graph = fast.forward._fastconv_graph
+    relus = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")
+             and ("relu" in str(n.target))]
+    assert len(relus) == 2
+    x = torch.randn(2, 4, 6, 6)
+    ref = copy.deepcopy(stock).double()
+    assert_like_stock(_errors(fast, x), _errors(stock, x), _errors(ref, x.double()))
+    assert relu_counts(fast, x) == {"other": 1, "add": 1}
+
+
+class ModeDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        return F.dropout(y, 0.5, training=self.training)
+
+
+def test_forward_that_depends_on_the_mode_is_not_rewritten():
+    fast = fastconv.convert(ModeDependent(), backend="torch")
+    report = fastconv.conversion_report(fast)
+    assert "forward" not in fast.__dict__ and not fast.conv.relu
+    assert "differs between train and eval" in report.relus_left[0][1]
