@@ -347,15 +347,27 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+# set by `fastconv tune`: every choice made is appended as (label, op, pass, args, entry)
+recorder: Optional[list] = None
+label: Optional[str] = None
+
+
 def choose(op: str, args: dict[str, Any], order, pass_: Optional[str] = None):
     """``(backend name, entry, final)`` for an ``auto`` call; ``None`` name if none can run.
 
     ``entry`` is the decision record (``choice``, ``ms``, ``how``); ``final`` says whether the
     choice may be remembered for the signature's fast path.
     """
+    pass_ = pass_ or pass_of(args)
+    result = _choose(op, args, order, pass_)
+    if recorder is not None and not torch.compiler.is_compiling():
+        recorder.append((label, op, pass_, args, result[1]))
+    return result
+
+
+def _choose(op: str, args: dict[str, Any], order, pass_: str):
     from . import dispatch
 
-    pass_ = pass_ or pass_of(args)
     answers = dispatch.reasons(op, args, order)
     able = [n for n in order if answers[n] is None]
     skipped = [f"{n}: {answers[n]}" for n in order if answers[n] is not None]

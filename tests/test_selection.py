@@ -410,3 +410,43 @@ def test_compiled_converted_model(monkeypatch, decided, cache_file):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     if decided:
         torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_tune_command_decides_every_layer(cache_file, capsys):
+    from fastconv import cli
+
+    timed = []
+
+    def timer(runs, device):
+        timed.append(sorted(runs))
+        return {n: (1e-3 if n == "torch" else 2e-3) for n in runs}
+
+    selection.set_enabled(True)
+    selection.set_timer(timer)
+    try:
+        assert cli.main(["tune", "--model", "lenet", "--batch", "2", "--device", "cpu"]) == 0
+    finally:
+        selection.set_enabled(None)
+        selection.set_timer(None)
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()[2:]]
+    # LeNet: two convs and two pools, each decided for training and for inference
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (layer, op, pass_) for pass_ in ("train", "infer")
+        for layer, op in (("0", "conv2d_relu"), ("2", "avg_pool2d"), ("3", "conv2d_relu"),
+                          ("5", "avg_pool2d"))]
+    assert all(r[4] == "torch" and "measured:" in " ".join(r) for r in rows)
+    assert len(timed) == 8
+    tables = json.loads(cache_file.read_text())["tables"]
+    assert sum(len(t) for t in tables.values()) == 8
+
+
+def test_tune_command_refuses_when_measuring_is_off(capsys):
+    from fastconv import cli
+
+    selection.set_enabled(False)
+    try:
+        assert cli.main(["tune", "--model", "lenet"]) == 2
+    finally:
+        selection.set_enabled(None)
+    assert "measuring is off" in capsys.readouterr().out
