@@ -6,6 +6,7 @@
     fastconv bench         the main job: convert a model, check it, time it against stock
     fastconv train         d2l's training loop for any model, stock or converted (DDP via torchrun)
     fastconv profile       where a training step's time goes, per backend (torch.profiler)
+    fastconv tune          decide auto's implementation of every layer of a model ahead of time
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ TOOLS = {
     "bench": "time a model's training and inference step per backend against stock torch",
     "train": "train a model d2l-style (synthetic, digits or Fashion-MNIST), stock or converted",
     "profile": "profile training steps per backend: time shares by layer kind, top kernels",
+    "tune": "decide auto's implementation of every layer of a model now, printing the times",
 }
 
 

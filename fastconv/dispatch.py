@@ -1,9 +1,17 @@
 """Choosing a backend for each call.
 
-``backend=None`` means ``$FASTCONV_BACKEND``, else ``"auto"``. ``auto`` asks each backend in
-order (:data:`AUTO_ORDER`) and takes the first that can serve the call; an explicitly named
-backend that cannot serve it raises :class:`BackendUnavailableError` carrying its reason.
-Set ``FASTCONV_LOG=debug`` (or configure the ``fastconv`` logger) to see every fallback.
+``backend=None`` means ``$FASTCONV_BACKEND``, else ``"auto"``. ``auto`` measures the backends
+of :data:`AUTO_ORDER` that can serve a call signature and takes the fastest (see
+``fastconv.selection``; ``FASTCONV_AUTOTUNE=0`` takes the first that can serve it, in order); an
+explicitly named backend that cannot serve it raises :class:`BackendUnavailableError` carrying
+its reason. Set ``FASTCONV_LOG=debug`` (or configure the ``fastconv`` logger) to see every
+fallback and every measured choice.
+
+Once a call's signature is decided, :data:`FAST` maps a key built from the call's raw arguments
+(``fastconv.functional``) to the bound implementation, so a repeated layer call skips
+validation and dispatch: the key holds everything validation looked at (types, shapes,
+strides, dtypes, devices, requires_grad, the geometric arguments as given, the backend name,
+grad mode, deterministic mode), so a call with that key passed the same checks before.
 """
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 
+from . import selection
 from .backends.base import OPS, Backend
 from .backends.reference import TorchBackend
 from .backends.triton import TritonBackend
@@ -51,6 +60,8 @@ BACKENDS: dict[str, Backend] = {
 # The Triton interpreter runs CPU tensors for testing only: auto never picks it.
 AUTO_ORDER = {"cuda": ("triton", "extension", "torch"), "cpu": ("extension", "torch")}
 NAMES = ("auto", *BACKENDS)
+FAST: dict[tuple, Any] = {}  # fast-path key -> bound implementation (see the module docstring)
+FAST_MAX = 4096  # a program that keeps making new shapes must not grow it without bound
 
 
 class BackendUnavailableError(RuntimeError):
@@ -83,23 +94,77 @@ def reasons(op: str, args: dict[str, Any], names=None) -> dict[str, Optional[str
 
 
 def select(op: str, args: dict[str, Any], backend: Optional[str]) -> Backend:
+    return select_call(op, args, backend)[0]
+
+
+def select_call(op: str, args: dict[str, Any], backend: Optional[str]) -> tuple[Backend, bool]:
+    """The backend for this call, and whether the choice is final for its signature."""
     name = resolve_name(backend)
     if name != "auto":
         reason = reasons(op, args, [name])[name]
         if reason is not None:
             raise BackendUnavailableError(f"fastconv backend {name!r} cannot run {op}: {reason}")
-        return BACKENDS[name]
-    device = args["input"].device.type
-    order = AUTO_ORDER.get(device, ("torch",))
-    skipped = []
-    for candidate in order:
-        reason = reasons(op, args, [candidate])[candidate]
-        if reason is None:
-            if skipped and not torch.compiler.is_compiling():  # dynamo cannot trace logging
-                log.debug("fastconv %s: using %s; skipped %s", op, candidate, "; ".join(skipped))
-            return BACKENDS[candidate]
-        skipped.append(f"{candidate}: {reason}")
-    raise BackendUnavailableError(f"no fastconv backend can run {op}: " + "; ".join(skipped))
+        return BACKENDS[name], True
+    order = auto_order(args["input"].device.type)
+    choice, entry, final = selection.choose(op, args, order)
+    if choice is None:
+        raise BackendUnavailableError(f"no fastconv backend can run {op}: {entry['how']}")
+    if choice != order[0] and entry["how"].startswith("fixed") \
+            and not torch.compiler.is_compiling():  # dynamo cannot trace logging
+        log.debug("fastconv %s: using %s; %s", op, choice, "; ".join(
+            f"{n}: {r}" for n, r in reasons(op, args, order[:order.index(choice)]).items()))
+    return BACKENDS[choice], final
+
+
+def auto_order(device_type: str) -> tuple[str, ...]:
+    """The candidates of ``auto`` for a device type, in fixed-order preference (torch last)."""
+    return AUTO_ORDER.get(device_type, ("torch",))
+
+
+_compiling = torch.compiler.is_compiling
+_any_autocast = torch._C._is_any_autocast_enabled
+_grad_enabled = torch.is_grad_enabled
+_deterministic = torch.are_deterministic_algorithms_enabled
+
+
+def call_key(op: str, tensors: tuple, geometry: tuple, flags: tuple,
+             backend: Optional[str]) -> Optional[tuple]:
+    """The fast-path key of a call from its raw arguments, or ``None`` when it has none.
+
+    ``geometry`` holds ints, pairs of ints, ``None`` or strings exactly as passed (their types
+    are checked, since ``True == 1`` and ``1.0 == 1`` in a dict key), ``flags`` bools. Under
+    tracing or autocast there is no fast path.
+    """
+    if _compiling() or _any_autocast():
+        return None
+    for v in geometry:
+        t = type(v)
+        if not (t is int or v is None or t is str or (t is tuple and len(v) == 2
+                                                      and type(v[0]) is int
+                                                      and type(v[1]) is int)):
+            return None
+    for f in flags:
+        if type(f) is not bool:
+            return None
+    if backend is None:
+        backend = os.environ.get("FASTCONV_BACKEND")
+    elif type(backend) is not str:
+        return None
+    try:
+        described = tuple(None if t is None else (type(t), t.shape, t.stride(), t.dtype,
+                                                  t.device, t.requires_grad) for t in tensors)
+    except AttributeError:  # not a tensor: validation says so on the checked path
+        return None
+    return (op, backend, _grad_enabled(), _deterministic(), described, geometry, flags)
+
+
+def remember(key: Optional[tuple], op: str, impl: Backend, args: dict[str, Any]) -> None:
+    """Let later calls with fast-path ``key`` run ``impl`` directly."""
+    if key is None:
+        return
+    if len(FAST) >= FAST_MAX:
+        FAST.clear()
+    FAST[key] = impl.bind(op, args)
 
 
 def prepare() -> None:

@@ -36,8 +36,14 @@ def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, group
                            relu=relu, backend=backend).squeeze(0)
     if padding == "same" and _uneven_same(weight, stride, dilation):
         input, padding = _pad_same(input, weight, dilation)
+    key = dispatch.call_key("conv2d_relu", (input, weight, bias), (stride, padding, dilation,
+                            groups), (relu,), backend)
+    if key is not None:
+        fast = dispatch.FAST.get(key)
+        if fast is not None:
+            return fast(input, weight, bias)
     args = check_conv2d_relu(input, weight, bias, stride, padding, dilation, groups, relu=relu)
-    return _run("conv2d_relu", args, backend)
+    return _run("conv2d_relu", args, backend, key)
 
 
 # --------------------------------------------------------------------------- pools
@@ -52,9 +58,15 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
         out = max_pool2d(input.unsqueeze(0), kernel_size, stride, padding, dilation, ceil_mode,
                          return_indices, relu=relu, backend=backend)
         return tuple(t.squeeze(0) for t in out) if return_indices else out.squeeze(0)
+    key = dispatch.call_key("max_pool2d", (input,), (kernel_size, stride, padding, dilation),
+                            (ceil_mode, return_indices, relu), backend)
+    if key is not None:
+        fast = dispatch.FAST.get(key)
+        if fast is not None:
+            return fast(input)
     args = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode,
                             return_indices, relu=relu)
-    return _run("max_pool2d", args, backend)
+    return _run("max_pool2d", args, backend, key)
 
 
 def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
@@ -63,9 +75,15 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
     if _unbatched(input):
         return avg_pool2d(input.unsqueeze(0), kernel_size, stride, padding, ceil_mode,
                           count_include_pad, divisor_override, backend=backend).squeeze(0)
+    key = dispatch.call_key("avg_pool2d", (input,), (kernel_size, stride, padding,
+                            divisor_override), (ceil_mode, count_include_pad), backend)
+    if key is not None:
+        fast = dispatch.FAST.get(key)
+        if fast is not None:
+            return fast(input)
     args = check_avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
                             divisor_override)
-    return _run("avg_pool2d", args, backend)
+    return _run("avg_pool2d", args, backend, key)
 
 
 def adaptive_avg_pool2d(input, output_size, *, backend=None):
@@ -73,6 +91,13 @@ def adaptive_avg_pool2d(input, output_size, *, backend=None):
     if _unbatched(input):
         return adaptive_avg_pool2d(input.unsqueeze(0), output_size, backend=backend).squeeze(0)
     return _run("adaptive_avg_pool2d", check_adaptive_avg_pool2d(input, output_size), backend)
+    key = dispatch.call_key("adaptive_avg_pool2d", (input,), (output_size,), (), backend)
+    if key is not None:
+        fast = dispatch.FAST.get(key)
+        if fast is not None:
+            return fast(input)
+    args = check_adaptive_avg_pool2d(input, output_size)
+    return _run("adaptive_avg_pool2d", args, backend, key)
 
 
 # --------------------------------------------------------------------------- batch_norm
@@ -117,8 +142,10 @@ _FUNCTIONS = {"conv2d_relu": conv2d_relu, "max_pool2d": max_pool2d, "avg_pool2d"
 
 
 # --------------------------------------------------------------------------- dispatch
-def _run(op: str, args: dict[str, Any], backend: Optional[str]):
-    impl = dispatch.select(op, args, backend)
+def _run(op: str, args: dict[str, Any], backend: Optional[str], key: Optional[tuple] = None):
+    impl, final = dispatch.select_call(op, args, backend)
+    if final:
+        dispatch.remember(key, op, impl, args)
     return getattr(impl, op)(*args.values())
 
 
@@ -143,7 +170,9 @@ def backend_for(op: str, *args, backend=None, **kwargs) -> str:
 
 
 def explain(op: str, *args, **kwargs) -> str:
-    """Which backend runs ``op(*args, **kwargs)`` and why each other one would not.
+    """Which backend runs ``op(*args, **kwargs)``, why each other one would not, and for
+    ``auto`` each pass's decision (``infer``: forward alone, ``train``: forward + backward)
+    with the candidates' measured times.
 
     >>> print(fastconv.explain("conv2d_relu", x, w, b, padding=1))
     """
@@ -160,5 +189,10 @@ def explain(op: str, *args, **kwargs) -> str:
     lines = [head]
     for name, reason in answers.items():
         lines.append(f"  {name:10s} {'can run' if reason is None else reason}")
-    return "\n".join(lines)
+    if chosen is not None and dispatch.resolve_name(backend) == "auto":
+        from . import selection
 
+        for pass_ in ("infer", "train"):
+            entry = selection.decided(op, checked, pass_)
+            lines.append(f"  {pass_:10s} {selection.describe(entry)}")
+    return "\n".join(lines)

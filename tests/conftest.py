@@ -11,9 +11,22 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# auto's measured choice depends on timing: tests that want it turn it on with a fake timer
+os.environ.setdefault("FASTCONV_AUTOTUNE", "0")
+
 import pytest  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_selection():
+    """Each test starts with no remembered choices (tests swap backends and the auto order)."""
+    from fastconv import selection
+
+    selection.reset()
+    yield
+    selection.reset()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ marker. Here real processes (``sys.executable``) race on a shared temporary
 * two writers of the Triton autotune table, each adding its own entries and overwriting
   shared ones, interleaved: the file is valid JSON holding every entry (no lost update);
 * a writer killed (SIGKILL) in the middle of its writes: the file is still valid JSON;
-* on a GPU, two processes autotuning the same conv for real (``FASTCONV_AUTOTUNE=1``; tuning
+* on a GPU, two processes autotuning the same conv for real (``FASTCONV_TUNE_TRITON=1``; tuning
   runs on CUDA only, the interpreter never tunes);
 * two processes building the real extension (csrc/, CPU half) from scratch at once: one
   compiles, the other waits on the lock, both load the same library and compute the same
@@ -129,7 +129,7 @@ print(json.dumps(float((y.double() - ref).norm() / ref.norm())))
 @pytest.mark.skipif(not HAS_CUDA, reason="autotuning runs on CUDA devices only")
 def test_two_processes_autotuning_the_same_conv(tmp_path):
     cache = tmp_path / "cache"
-    env = _env(cache, FASTCONV_AUTOTUNE="1")
+    env = _env(cache, FASTCONV_TUNE_TRITON="1")
     outs = _finish([_spawn(TUNER, env) for _ in range(2)], timeout=600)
     for out in outs:
         assert json.loads(out.strip().splitlines()[-1]) < 4e-3  # TF32 at worst

@@ -30,6 +30,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 OPS = ("conv2d_relu", "max_pool2d", "batch_norm", "avg_pool2d", "adaptive_avg_pool2d")
+# how many leading arguments of each op are tensors (or None in their place)
+TENSOR_ARGS = {"conv2d_relu": 3, "max_pool2d": 1, "batch_norm": 5, "avg_pool2d": 1,
+               "adaptive_avg_pool2d": 1}
 
 
 class Backend:
@@ -53,6 +56,14 @@ class Backend:
         if not callable(getattr(self, op, None)):
             return f"{self.name} has no {op} kernel"
         return None
+
+    def bind(self, op: str, args: dict[str, Any]):
+        """``op`` with ``args``' non-tensor arguments fixed: a function of the leading tensor
+        arguments (conv: input, weight, bias; pools: input; batch norm: input, running_mean,
+        running_var, weight, bias), used by the decided fast path."""
+        method = getattr(self, op)
+        rest = tuple(args.values())[TENSOR_ARGS[op]:]
+        return lambda *tensors: method(*tensors, *rest)
 
     def __repr__(self) -> str:
         return f"<fastconv backend {self.name!r}>"

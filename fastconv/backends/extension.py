@@ -740,6 +740,16 @@ class ExtensionBackend(Backend):
                     return f"extension batch_norm needs a floating-point {name}, got {_dtype_name(t)}"
         return None
 
+    def bind(self, op: str, args: dict[str, Any]):
+        if op != "conv2d_relu":
+            return super().bind(op, args)
+        import torch
+
+        conv = torch.ops.fastconv.conv2d_relu.default
+        rest = (list(args["stride"]), list(args["padding"]), list(args["dilation"]),
+                int(args["groups"]), bool(args["relu"]))
+        return lambda input, weight, bias: conv(input, weight, bias, *rest)
+
     def conv2d_relu(self, input, weight, bias, stride, padding, dilation, groups, relu):
         import torch
 

@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="float16/bfloat16 run the step under torch.autocast (AMP)")
     p.add_argument("--channels-last", action="store_true", help="channels_last input and model")
     p.add_argument("--backends", default=None,
-                   help="comma-separated backends to compare (default: every available one)")
+                   help="comma-separated backends to compare, auto included (default: auto and "
+                        "every available one)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time torch.compile of the stock and of each converted model "
                         "(default: on for CUDA, "
@@ -150,7 +151,7 @@ def run(args) -> int:
     steps = args.steps or (10 if device.type == "cuda" else 3)
     amp = amp_dtype(args.dtype)
     model_kwargs = parse_model_args(args.model_arg)
-    names = parse_backends(args.backends, device, _log)
+    names = parse_backends(args.backends, device, _log, with_auto=True)
     modes = ("train", "infer") if args.mode == "both" else (args.mode,)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)

@@ -62,11 +62,15 @@ def usable_backends(device: torch.device) -> dict[str, Optional[str]]:
 
 
 def parse_backends(text: Optional[str], device: torch.device,
-                   log: Callable[[str], None] = lambda s: None) -> list[str]:
-    """``--backends a,b``: validated names; default: every usable backend, fastest first."""
+                   log: Callable[[str], None] = lambda s: None, *,
+                   with_auto: bool = False) -> list[str]:
+    """``--backends a,b``: validated names (``auto`` too); default: every usable backend,
+    fastest first, after ``auto`` when ``with_auto``."""
     if text:
         names = [n.strip() for n in text.split(",") if n.strip()]
         for n in names:
+            if n == "auto":
+                continue
             if n not in dispatch.BACKENDS:
                 raise SystemExit(f"--backends: {n!r} is not a fastconv backend; choose from "
                                  f"{', '.join(dispatch.BACKENDS)}")
@@ -78,7 +82,8 @@ def parse_backends(text: Optional[str], device: torch.device,
         return names
     usable = usable_backends(device)
     order = [n for n in dispatch.AUTO_ORDER.get(device.type, ()) if n != "torch"]
-    names = [n for n in order if usable.get(n) is None] + ["torch"]
+    names = (["auto"] if with_auto else []) + [n for n in order if usable.get(n) is None]
+    names.append("torch")
     for n, reason in usable.items():
         if reason is not None:
             log(f"  backend {n} skipped: {reason}")

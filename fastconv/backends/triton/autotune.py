@@ -14,7 +14,7 @@ Lookup order of a ConfigTable for a (device, key) pair, first hit wins:
    ``python -m benchmarks.sweep --tune``), matched by exact device name, then by compute capability;
 4. ``None``: the caller falls back to its heuristic, so a first call never waits for tuning.
 
-Tuning itself runs only when asked (``FASTCONV_AUTOTUNE=1`` or :func:`set_enabled`), on real
+Tuning itself runs only when asked (``FASTCONV_TUNE_TRITON=1`` or :func:`set_enabled`), on real
 CUDA tensors outside graph capture and tracing; its winner is written to the per-user cache
 under a file lock with an atomic replace, so concurrent processes cannot corrupt it.
 """
@@ -42,11 +42,11 @@ def enabled() -> bool:
         return False
     if _override is not None:
         return _override
-    return os.environ.get("FASTCONV_AUTOTUNE", "0").lower() not in ("", "0", "false", "no")
+    return os.environ.get("FASTCONV_TUNE_TRITON", "0").lower() not in ("", "0", "false", "no")
 
 
 def set_enabled(flag: Optional[bool]) -> None:
-    """Force tuning on/off for this process (``None``: back to ``$FASTCONV_AUTOTUNE``)."""
+    """Force tuning on/off for this process (``None``: back to ``$FASTCONV_TUNE_TRITON``)."""
     global _override
     _override = flag
 

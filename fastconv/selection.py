@@ -1,0 +1,440 @@
+"""``backend="auto"``: the implementation of each call signature is chosen by measuring it.
+
+A *signature* is what makes two calls run the same kernels: the op, every tensor's shape,
+strides, dtype and ``requires_grad``, the arguments that change the kernel (stride, padding,
+``relu``, ``training``, ...; not batch norm's ``momentum``/``eps``), the device's name (and on
+CPU torch's thread count) and the *pass*: ``"infer"`` (no autograd graph) is decided by forward
+time, ``"train"`` by forward + backward time, so inference and training may pick differently.
+Each backend keeps its own saved tensors for its own backward, so a choice never mixes passes.
+
+On the first call of an undecided signature every backend of :data:`fastconv.dispatch.AUTO_ORDER`
+that can serve it (``why_not`` is None; ``torch`` always can) runs on random tensors of that
+signature (drawn from a private generator: never the user's tensors, running statistics or
+gradients, and the user's random stream is left alone), in alternating rounds within a bounded
+budget (:data:`BUDGET_S`); the fastest median wins. Decisions persist in the per-user cache
+(``<cache>/autotune/selection.json``, JSON, atomic writes) under a table keyed by the device's
+name and the torch/triton/fastconv versions, so later processes start decided.
+
+No timing happens when:
+* ``FASTCONV_AUTOTUNE=0`` (or :func:`set_enabled(False) <set_enabled>`): the fixed order, first
+  backend that can serve the call, exactly as before measuring existed; the cache is not read;
+* ``torch.use_deterministic_algorithms(True)``: a cached decision if there is one, else the fixed
+  order (the choice never depends on timing noise of this run);
+* inside ``torch.compile`` tracing or CUDA-graph capture: decided signatures use their choice,
+  undecided ones take the fixed order (and stay undecided).
+
+``FASTCONV_AUTOTUNE`` is read when a signature is first met; :func:`reset` forgets the decisions
+of this process (the persisted ones are reloaded on the next call).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import threading
+from typing import Any, Callable, Optional
+
+import torch
+
+log = logging.getLogger("fastconv")
+
+FORMAT = 1
+BUDGET_S = 0.5       # measuring budget per signature and pass (all candidates together)
+SAMPLE_S = 0.002     # one sample lasts about this long (back-to-back calls)
+MAX_ROUNDS = 7
+_NOT_KERNEL = frozenset({"momentum", "eps"})  # values passed to the kernel, not choosing it
+
+Timer = Callable[[dict, torch.device], dict]  # ({name: run}, device) -> {name: seconds/call}
+
+_override: Optional[bool] = None
+_timer: Optional[Timer] = None
+_clock: Optional[Callable[[], float]] = None
+_lock = threading.RLock()
+# (device name, pass, signature) -> {"choice": name, "ms": {name: ms} | None, "how": str}
+_decided: dict[tuple, dict] = {}
+_loaded_devices: set[str] = set()
+_device_names: dict[Any, str] = {}
+_last_name: dict[Any, str] = {}  # device -> its name at the last call outside tracing
+_cache_path: Optional[Any] = None
+
+
+# --------------------------------------------------------------------------- switches
+def enabled() -> bool:
+    """Whether undecided signatures may be measured (``$FASTCONV_AUTOTUNE``, default on)."""
+    if _override is not None:
+        return _override
+    return os.environ.get("FASTCONV_AUTOTUNE", "1").strip().lower() not in (
+        "0", "false", "no", "off")
+
+
+def set_enabled(flag: Optional[bool]) -> None:
+    """Force measuring on/off in this process (``None``: back to ``$FASTCONV_AUTOTUNE``)."""
+    global _override
+    _override = flag
+    reset()
+
+
+def set_timer(timer: Optional[Timer] = None, clock: Optional[Callable[[], float]] = None) -> None:
+    """Replace how candidates are timed (tests): ``timer({name: run}, device)`` returns seconds
+    per call for each name; or keep the default timer and give it a ``clock`` (seconds)."""
+    global _timer, _clock
+    _timer, _clock = timer, clock
+    reset()
+
+
+def reset() -> None:
+    """Forget this process's decisions (and the fast-path table built from them)."""
+    from . import dispatch
+
+    with _lock:
+        _decided.clear()
+        _loaded_devices.clear()
+        dispatch.FAST.clear()
+
+
+# --------------------------------------------------------------------------- signatures
+def device_name(device: torch.device) -> str:
+    """The device's model name (CUDA) or the CPU's model and torch's thread count."""
+    threads = torch.get_num_threads() if device.type == "cpu" else 0
+    key = (device, threads)
+    name = _device_names.get(key)
+    if name is None:
+        if device.type == "cuda":
+            idx = device.index if device.index is not None else torch.cuda.current_device()
+            name = f"cuda {torch.cuda.get_device_name(idx)}"
+        elif device.type == "cpu":
+            name = f"cpu {_cpu_model()} x{threads} threads"
+        else:
+            name = device.type
+        _device_names[key] = name
+    _last_name[device] = name
+    return name
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _tensor_sig(t: torch.Tensor) -> tuple:
+    return (tuple(t.shape), tuple(t.stride()), t.dtype, bool(t.requires_grad))
+
+
+def signature(op: str, args: dict[str, Any]) -> tuple:
+    parts: list = [op]
+    for name, value in args.items():
+        if isinstance(value, torch.Tensor):
+            parts.append(_tensor_sig(value))
+        elif name not in _NOT_KERNEL:
+            parts.append(value)
+    return tuple(parts)
+
+
+def pass_of(args: dict[str, Any]) -> str:
+    """``"train"`` when this call records an autograd graph, else ``"infer"``."""
+    if torch.is_grad_enabled():
+        for value in args.values():
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                return "train"
+    return "infer"
+
+
+# --------------------------------------------------------------------------- persistence
+def _versions() -> dict[str, str]:
+    from . import __version__
+
+    try:
+        from importlib.metadata import version
+        triton = version("triton")
+    except Exception:
+        triton = "none"
+    return {"torch": torch.__version__, "triton": triton, "fastconv": __version__}
+
+
+_version_tag: list = []
+
+
+def _table_tag(device: str) -> str:
+    if not _version_tag:
+        v = _versions()
+        _version_tag.append(f"torch {v['torch']}|triton {v['triton']}|fastconv {v['fastconv']}")
+    return f"{device}|{_version_tag[0]}"
+
+
+def _path():
+    from ._cache import cache_dir
+
+    return cache_dir("autotune") / "selection.json"
+
+
+def _to_json(obj):
+    if isinstance(obj, torch.dtype):
+        return {"dtype": str(obj).replace("torch.", "")}
+    if isinstance(obj, (tuple, list)):
+        return [_to_json(o) for o in obj]
+    return obj
+
+
+def _from_json(obj):
+    if isinstance(obj, dict) and set(obj) == {"dtype"}:
+        dtype = getattr(torch, str(obj["dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {obj['dtype']!r}")
+        return dtype
+    if isinstance(obj, list):
+        return tuple(_from_json(o) for o in obj)
+    return obj
+
+
+def _entry_key(pass_: str, sig: tuple) -> str:
+    return json.dumps(_to_json((pass_, sig)))
+
+
+def _read_file() -> dict:
+    """The cache file's tables, or ``{}`` when missing, unreadable or malformed (logged)."""
+    try:
+        path = _path()
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except Exception as exc:  # corrupt JSON, unsafe directory, permissions: caches are optional
+        log.debug("fastconv: ignoring the selection cache: %s: %s", type(exc).__name__, exc)
+        return {}
+    if not isinstance(data, dict) or data.get("format") != FORMAT \
+            or not isinstance(data.get("tables"), dict):
+        log.debug("fastconv: ignoring the selection cache %s: not format %d", path, FORMAT)
+        return {}
+    return data["tables"]
+
+
+def _load(device: str) -> None:
+    """Bring the persisted decisions of ``device`` (this software's versions) into memory."""
+    if device in _loaded_devices:
+        return
+    _loaded_devices.add(device)
+    table = _read_file().get(_table_tag(device))
+    if not isinstance(table, dict):
+        return
+    for key, entry in table.items():
+        try:
+            pass_, sig = _from_json(json.loads(key))
+            if not (isinstance(entry, dict) and isinstance(entry.get("choice"), str)):
+                raise ValueError("entry without a choice")
+        except Exception as exc:
+            log.debug("fastconv: ignoring selection cache entry %s: %s", key[:80], exc)
+            continue
+        _decided.setdefault((device, pass_, sig), dict(entry, how="cached"))
+
+
+def _persist(device: str, pass_: str, sig: tuple, entry: dict) -> None:
+    from ._cache import atomic_write_json, file_lock
+
+    try:
+        path = _path()
+        with file_lock(path.with_suffix(".lock")):
+            tables = _read_file()
+            current = {tag: t for tag, t in tables.items()
+                       if isinstance(t, dict) and not _stale(tag)}
+            tag = _table_tag(device)
+            current.setdefault(tag, {})[_entry_key(pass_, sig)] = {
+                "choice": entry["choice"], "ms": entry["ms"]}
+            atomic_write_json(path, {"format": FORMAT, "tables": current})
+    except Exception as exc:  # read-only or unsafe cache: the decision stays in memory
+        log.debug("fastconv: could not write the selection cache: %s: %s",
+                  type(exc).__name__, exc)
+
+
+def _stale(tag: str) -> bool:
+    """A table written by other versions of torch/triton/fastconv (dropped on the next write)."""
+    return not tag.endswith(_table_tag(""))
+
+
+# --------------------------------------------------------------------------- measuring
+def _random_tensor(t: torch.Tensor, gen: torch.Generator, positive: bool) -> torch.Tensor:
+    """A fresh leaf tensor with ``t``'s shape, strides, dtype, device and requires_grad."""
+    shape, stride = tuple(t.shape), tuple(t.stride())
+    span = 1 + sum((s - 1) * st for s, st in zip(shape, stride)) if all(shape) else 0
+    base = torch.empty(max(span, 1), dtype=t.dtype, device=t.device)
+    if positive:
+        base.uniform_(0.5, 2.0, generator=gen)
+    else:
+        base.normal_(generator=gen)
+    out = base.as_strided(shape, stride).detach()
+    return out.requires_grad_(t.requires_grad) if t.is_floating_point() else out
+
+
+def _runner(impl, op: str, args: dict[str, Any], pass_: str, gen: torch.Generator):
+    """A no-argument function running ``impl``'s ``op`` once on random tensors of the signature
+    (and its backward for ``"train"``)."""
+    fresh = {name: (_random_tensor(v, gen, name == "running_var")
+                    if isinstance(v, torch.Tensor) else v) for name, v in args.items()}
+    values = tuple(fresh.values())
+    method = getattr(impl, op)
+    if pass_ == "infer":
+        def run():
+            with torch.no_grad():
+                method(*values)
+        return run
+    leaves = [v for v in values if isinstance(v, torch.Tensor) and v.requires_grad]
+    grad_out: list = []
+
+    def run_train():
+        for leaf in leaves:
+            leaf.grad = None
+        with torch.enable_grad():
+            out = method(*values)
+            out = out[0] if isinstance(out, tuple) else out
+            if not grad_out:
+                grad_out.append(torch.empty_like(out).normal_(generator=gen))
+            out.backward(grad_out[0])
+    return run_train
+
+
+def _default_timer(runs: dict, device: torch.device) -> dict:
+    """Median seconds per call of each run, in alternating rounds within :data:`BUDGET_S`."""
+    import time
+
+    from . import timing
+
+    clock = _clock or time.perf_counter
+    per_call = {}
+    for name, run in runs.items():
+        run()  # first call: allocations, lazy initialisation, compilation
+        timing.sync(device)
+        per_call[name] = max(timing.time_calls(run, 1, device, clock=clock)[0], 1e-7)
+    slowest = max(per_call.values())
+    inner = int(max(1, min(200, SAMPLE_S / slowest)))
+    spent = 2 * sum(per_call.values())
+    round_cost = inner * sum(per_call.values())
+    rounds = int(max(1, min(MAX_ROUNDS, (BUDGET_S - spent) / max(round_cost, 1e-9))))
+    stats = timing.compare(runs, device=device, rounds=rounds, inner=inner, warmup=0,
+                           clock=clock)
+    return {name: s.median for name, s in stats.items()}
+
+
+def _measure(op: str, args: dict[str, Any], pass_: str, names: list[str]) -> dict:
+    from . import dispatch
+
+    device = args["input"].device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0)
+    runs, failed = {}, {}
+    for name in names:
+        run = _runner(dispatch.BACKENDS[name], op, args, pass_, gen)
+        try:
+            run()  # a candidate that raises here is left out (and said so in the log)
+        except Exception as exc:
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            continue
+        runs[name] = run
+    timer = _timer or _default_timer
+    seconds = timer(runs, device) if len(runs) > 1 else {n: None for n in runs}
+    for name, why in failed.items():
+        log.debug("fastconv %s: %s failed while measuring, left out: %s", op, name, why)
+    return seconds
+
+
+# --------------------------------------------------------------------------- choosing
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+# set by `fastconv tune`: every choice made is appended as (label, op, pass, args, entry)
+recorder: Optional[list] = None
+label: Optional[str] = None
+
+
+def choose(op: str, args: dict[str, Any], order, pass_: Optional[str] = None):
+    """``(backend name, entry, final)`` for an ``auto`` call; ``None`` name if none can run.
+
+    ``entry`` is the decision record (``choice``, ``ms``, ``how``); ``final`` says whether the
+    choice may be remembered for the signature's fast path.
+    """
+    pass_ = pass_ or pass_of(args)
+    result = _choose(op, args, order, pass_)
+    if recorder is not None and not torch.compiler.is_compiling():
+        recorder.append((label, op, pass_, args, result[1]))
+    return result
+
+
+def _choose(op: str, args: dict[str, Any], order, pass_: str):
+    from . import dispatch
+
+    answers = dispatch.reasons(op, args, order)
+    able = [n for n in order if answers[n] is None]
+    skipped = [f"{n}: {answers[n]}" for n in order if answers[n] is not None]
+    if not able:
+        return None, {"choice": None, "ms": None, "how": "; ".join(skipped)}, False
+    fixed = {"choice": able[0], "ms": None, "how": "fixed order"}
+    if torch.compiler.is_compiling():
+        # no file reads and no timing inside a trace: what this process already decided
+        dev = _last_name.get(args["input"].device)
+        entry = _decided.get((dev, pass_, signature(op, args)))
+        if entry is not None and entry["choice"] in able:
+            return entry["choice"], entry, True
+        return able[0], fixed, False
+    if not enabled():
+        return able[0], dict(fixed, how="fixed order (FASTCONV_AUTOTUNE=0)"), True
+    device = args["input"].device
+    dev, sig = device_name(device), signature(op, args)
+    with _lock:
+        _load(dev)
+        entry = _decided.get((dev, pass_, sig))
+        if entry is not None and entry["choice"] in able:
+            return entry["choice"], entry, True
+        if len(able) == 1:
+            entry = dict(fixed, how="the only candidate")
+            _decided[(dev, pass_, sig)] = entry
+            return able[0], entry, True
+        if torch.are_deterministic_algorithms_enabled():
+            return able[0], dict(fixed, how="fixed order (deterministic mode, undecided)"), True
+        if _capturing(device):
+            return able[0], dict(fixed, how="fixed order (CUDA graph capture, undecided)"), False
+        seconds = _measure(op, args, pass_, able)
+        timed = {n: s for n, s in seconds.items() if s is not None}
+        if timed:
+            choice = min(timed, key=lambda n: (timed[n], able.index(n)))
+        else:
+            choice = next(iter(seconds), able[0])
+        entry = {"choice": choice, "how": "measured",
+                 "ms": {n: round(s * 1e3, 6) for n, s in timed.items()} or None}
+        _decided[(dev, pass_, sig)] = entry
+        _persist(dev, pass_, sig, entry)
+    log.debug("fastconv %s %s %s: %s -> %s", op, pass_, _short(sig), describe(entry), choice)
+    return choice, entry, True
+
+
+def decided(op: str, args: dict[str, Any], pass_: str) -> Optional[dict]:
+    """This process's (or the cache's) decision for the signature and pass, if any."""
+    dev = device_name(args["input"].device)
+    with _lock:
+        _load(dev)
+        return _decided.get((dev, pass_, signature(op, args)))
+
+
+def describe(entry: Optional[dict]) -> str:
+    if entry is None:
+        return "undecided"
+    if not entry.get("ms"):
+        return f"{entry['choice']} ({entry['how']})"
+    times = ", ".join(f"{n} {ms:.4g} ms" for n, ms in sorted(entry["ms"].items(),
+                                                               key=lambda kv: kv[1]))
+    return f"{entry['choice']} ({entry['how']}: {times})"
+
+
+def _short(sig: tuple) -> str:
+    parts = []
+    for p in sig[1:]:
+        if isinstance(p, tuple) and len(p) == 4 and isinstance(p[2], torch.dtype):
+            parts.append("x".join(map(str, p[0])) + f" {str(p[2])[6:]}")
+        elif p is not None:
+            parts.append(str(p))
+    return "(" + ", ".join(parts) + ")"
