@@ -214,7 +214,8 @@ def max_pool_reference(x, kernel_size, stride, padding, dilation, ceil_mode, rel
         x64b = f64(x, grad=True)
         refb = F.max_pool2d(x64b, k, s, padding, dilation, ceil_mode)
         (mag,) = torch.autograd.grad(refb, x64b, grad_out.double().abs())
-        wins = math.ceil(k[0] / s[0]) * math.ceil(k[1] / s[1])
+        dd = pair(dilation)
+        wins = math.ceil(k[0] * dd[0] / s[0]) * math.ceil(k[1] * dd[1] / s[1])
         res["input"] = (dx, gamma(wins, acc_dtype(x.dtype)) * mag + U[x.dtype] * dx.abs())
     return res
 
@@ -274,6 +275,8 @@ def bn_reference(x, weight, bias, running_mean, running_var, training, momentum,
         g = gamma(2 * m, acc) + 2 * ua
         dmean = g * d.abs().mean(1)
         dvar = 3 * g * (d * d).mean(1) + 2 * dmean * (d.mean(1) - mean + flat[:, 0]).abs()
+        # a kernel may subtract the mean itself, rounded to float32, rather than the shift
+        dmean = dmean + 2 * ua * mean.abs()
     else:
         m = None
         mean, var = f64(running_mean), f64(running_var)
@@ -295,8 +298,7 @@ def bn_reference(x, weight, bias, running_mean, running_var, training, momentum,
         want_rm = (1 - mom) * rm0 + mom * mean
         want_rv = (1 - mom) * rv0 + mom * var * m / (m - 1)
         us = U[running_mean.dtype]
-        dm_full = dmean + 2 * ua * mean.abs()
-        res["running_mean"] = (want_rm, mom * dm_full + 3 * us * (rm0.abs() + mom * mean.abs()))
+        res["running_mean"] = (want_rm, mom * dmean + 3 * us * (rm0.abs() + mom * mean.abs()))
         res["running_var"] = (want_rv, mom * dvar * m / (m - 1)
                               + 3 * us * (rv0.abs() + mom * var * m / (m - 1)))
     if grad_out is None:
