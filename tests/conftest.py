@@ -1,7 +1,9 @@
 """Test-wide set-up.
 
 Without a CUDA device the Triton kernels run in the interpreter (``TRITON_INTERPRET=1``), which
-must be set before Triton is imported; that is why it happens here, first.
+must be set before Triton is imported; that is why it happens here, first. Every output a
+kernel must write is poisoned (NaN) first, in the Triton backend and the extension alike
+(``FASTCONV_POISON_OUTPUTS=1``), so an element a kernel forgets fails the test that reads it.
 """
 import os
 
@@ -10,13 +12,67 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["FASTCONV_POISON_OUTPUTS"] = "1"
 
 # auto's measured choice depends on timing: tests that want it turn it on with a fake timer
 os.environ.setdefault("FASTCONV_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 
+import support  # noqa: E402
+
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+# Interpreter tile sizes that split every test plane into several tiles, chunks and channel
+# blocks, as the GPU splits large layers: a tile-boundary bug shows on tiny shapes.
+_SMALL_TILES = {
+    "max_pool2d": {"tile": 256, "bwd_tile": 128, "max_cols": 4, "nchw_max_cols": 8,
+                   "num_warps": 4},
+    "batch_norm": {"tile": 64, "reduce_tile": 32, "max_channel_block": 4, "programs_per_sm": 24,
+                   "num_warps": 4, "reduce_warps": 4, "fused_elements": 0, "min_chunk_tiles": 1,
+                   "max_chunks": 1 << 20},
+}
+
+
+def _triton(op):
+    try:
+        return support.triton_module(op)
+    except Exception:  # triton missing: the Triton tests skip themselves
+        return None
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _poison_triton_outputs():
+    # the Triton switches are module attributes today (read once from the env var after the
+    # rename to triton/utils.py)
+    for op, attr in (("conv2d_relu", "POISON"), ("utils", "POISON_OUTPUTS")):
+        mod = _triton(op)
+        if mod is not None:
+            setattr(mod, attr, True)
+    yield
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Small Triton interpreter tiles (CPU only; the GPU keeps its tuning)."""
+    if HAS_CUDA:
+        return
+    for op, tiles in _SMALL_TILES.items():
+        mod = _triton(op)
+        if mod is not None:
+            monkeypatch.setitem(mod.TUNING, "cpu", dict(tiles))
+    bn = _triton("batch_norm")
+    if bn is not None:
+        monkeypatch.setattr(bn, "_FINALIZE_BLOCK_K", 4)
+        monkeypatch.setattr(bn, "_FINALIZE_BLOCK_C", 4)
+
+
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """float32 convolutions stay float32 on a GPU: the float32 bounds assume it."""
+    if HAS_CUDA:
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,343 @@
+"""Test support: float64 references, error bounds derived from the arithmetic, seeds, backends.
+
+References are the "torch" backend (fastconv/backends/reference.py) run on float64 copies of
+the inputs. Bounds are elementwise: a sum of L terms accumulated in unit roundoff u errs by at
+most gamma(L) * sum|terms| (gamma(L) = L u / (1 - L u)); sum|terms| is the same float64 op run
+on absolute values. The stored result adds one rounding of the output dtype. Batch norm's
+bounds also carry the error of its statistics through the normalisation.
+
+The Triton modules are imported here and in conftest.py only (``triton_module``), so that a
+rename touches two files.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastconv.backends.reference import TorchBackend
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ("cpu", "cuda") if HAS_CUDA else ("cpu",)
+KERNEL_BACKENDS = ("extension", "triton")
+# unit roundoff of each storage dtype
+U = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11,
+     torch.bfloat16: 2.0**-8}
+REF = TorchBackend()
+
+# today's module of each op (the lead's rename map: notes/triton_renames.md)
+_TRITON_MODULES = {"conv2d_relu": "conv", "max_pool2d": "pool", "avg_pool2d": "pool",
+                   "adaptive_avg_pool2d": "pool", "batch_norm": "batchnorm", "utils": "pool"}
+
+
+def triton_module(op: str):
+    """The Triton module implementing ``op`` ("utils" for the shared helpers)."""
+    return importlib.import_module(f"fastconv.backends.triton.{_TRITON_MODULES[op]}")
+
+
+# --------------------------------------------------------------------------- seeds and data
+def seed_for(*params) -> int:
+    """A seed fixed by a case's parameters (crc32 of their repr: stable across processes,
+    unlike hash())."""
+    return zlib.crc32(repr(params).encode())
+
+
+def generator(*params) -> torch.Generator:
+    return torch.Generator().manual_seed(seed_for(*params))
+
+
+def randn(shape, gen, dtype=torch.float32, device="cpu", scale=1.0, shift=0.0):
+    """Normal values made in float64 then rounded once to ``dtype`` (the reference sees the
+    same values)."""
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale + shift
+    return x.to(dtype).to(device)
+
+
+def grad_for(shape, gen, dtype, device):
+    """An output gradient with a non-zero mean per element: sums over it (grad_bias, the
+    batch-norm terms) do not cancel, so a relative error of one channel shows above the
+    rounding bound."""
+    return randn(shape, gen, dtype, device, scale=0.5, shift=1.0)
+
+
+def pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+# --------------------------------------------------------------------------- bounds
+def unit_roundoff(dtype) -> float:
+    return U[dtype]
+
+
+def acc_dtype(dtype):
+    """Kernels accumulate in float32, float64 inputs in float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gamma(n: int, dtype=torch.float32) -> float:
+    """Bound on the relative error of a sum of n terms accumulated in ``dtype``."""
+    nu = n * U[dtype]
+    assert nu < 0.5, f"gamma({n}) meaningless in {dtype}"
+    return nu / (1 - nu)
+
+
+def assert_within(actual, ref, bound, what=""):
+    """|actual - ref| <= bound elementwise (bound a number or a tensor broadcasting to ref).
+
+    One NaN rule: ``actual`` is NaN exactly where ``ref`` is NaN (an unwritten, poisoned
+    element therefore fails); infinities must match exactly."""
+    a = actual.detach().double().cpu()
+    r = ref.detach().double().cpu()
+    assert a.shape == r.shape, f"{what}: shape {tuple(a.shape)} != {tuple(r.shape)}"
+    nan_a, nan_r = torch.isnan(a), torch.isnan(r)
+    assert torch.equal(nan_a, nan_r), (
+        f"{what}: NaN at {int(nan_a.sum())} places, reference at {int(nan_r.sum())}")
+    inf = torch.isinf(r) | torch.isinf(a)
+    assert torch.equal(a[inf], r[inf]), f"{what}: infinities differ"
+    ok = ~(nan_r | inf)
+    err = (a - r).abs()[ok]
+    bnd = torch.as_tensor(bound, dtype=torch.float64).cpu().expand_as(r)[ok]
+    if err.numel() and not bool((err <= bnd).all()):
+        worst = int(torch.argmax(err - bnd))
+        where = torch.nonzero(ok)[worst].tolist()
+        raise AssertionError(
+            f"{what}: |error| {err[worst]:.3e} > bound {bnd[worst]:.3e} at {where} "
+            f"({int((err > bnd).sum())} of {err.numel()} elements out of bound)")
+
+
+def assert_layout(t, like, what=""):
+    """``t`` has the memory format torch gives ``like``'s (channels_last stays)."""
+    cl = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) \
+        and not like.is_contiguous()
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    assert t.is_contiguous(memory_format=fmt), f"{what}: strides {t.stride()} not {fmt}"
+
+
+# --------------------------------------------------------------------------- backends
+def require(backend: str, device: str = "cpu") -> None:
+    """Skip, with the backend's reason, when it cannot run on ``device`` here."""
+    from fastconv import dispatch
+
+    reason = dispatch.availability()[backend]
+    if reason is None and backend == "triton" and device == "cpu":
+        from fastconv.backends.triton import interpreter_enabled
+        if not interpreter_enabled():
+            reason = "the Triton interpreter is off (a GPU is present)"
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} on {device}: {reason}")
+
+
+def backend_params(backends=KERNEL_BACKENDS):
+    """(backend, device) pairs for parametrize: every kernel backend on every device."""
+    return [pytest.param((b, d), id=f"{b}-{d}") for b in backends for d in DEVICES]
+
+
+def run(op: str, args: dict, backend: str, grad_out=None, wants=None):
+    """``fastconv.functional.<op>`` on copies of ``args``: (output, indices or None, grads by
+    argument name, args as used (running statistics updated))."""
+    import fastconv.functional as FF
+
+    a = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    names = [n for n in (wants or GRAD_ARGS[op]) if isinstance(a.get(n), torch.Tensor)]
+    if grad_out is not None:
+        for n in names:
+            a[n].requires_grad_(True)
+    res = getattr(FF, op)(**a, backend=backend)
+    out, idx = res if isinstance(res, tuple) else (res, None)
+    grads = {}
+    if grad_out is not None and names:
+        grads = dict(zip(names, torch.autograd.grad(out, [a[n] for n in names], grad_out)))
+    return out, idx, grads, a
+
+
+GRAD_ARGS = {"conv2d_relu": ("input", "weight", "bias"), "batch_norm": ("input", "weight", "bias"),
+             "max_pool2d": ("input",), "avg_pool2d": ("input",), "adaptive_avg_pool2d": ("input",)}
+
+
+def f64(t, grad=False):
+    return None if t is None else t.detach().double().requires_grad_(grad)
+
+
+# --------------------------------------------------------------------------- conv2d_relu
+def conv_reference(x, w, b, stride, padding, dilation, groups, relu, out, grad_out):
+    """float64 output, gradients and bounds of conv2d(+ReLU). The backward reference uses the
+    kernel's own ReLU mask where the pre-activation is within its bound of zero."""
+    geo = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    x64, w64, b64 = f64(x), f64(w), f64(b)
+    acc, u_out = acc_dtype(x.dtype), U[x.dtype]
+    pre = F.conv2d(x64, w64, b64, **geo)
+    ref = REF.conv2d_relu(x64, w64, b64, relu=relu, **geo)
+    mag = F.conv2d(x64.abs(), w64.abs(), None if b64 is None else b64.abs(), **geo)
+    k = w.shape[1] * w.shape[2] * w.shape[3]
+    bound = gamma(k + 1, acc) * mag + u_out * ref.abs()
+    res = {"output": (ref, bound)}
+    if grad_out is None:
+        return res
+    g = grad_out.double()
+    if relu:
+        mask = (out.detach() > 0).double()
+        flips = (out.detach() > 0) != (pre > 0)
+        assert bool((~flips | (pre.abs() <= bound)).all()), "ReLU mask differs beyond rounding"
+        g = g * mask
+    ga = g.abs()
+    n_pix = g.shape[0] * g.shape[2] * g.shape[3]
+    kk = w.shape[0] // groups * w.shape[2] * w.shape[3]
+    dx = torch.nn.grad.conv2d_input(x.shape, w64, g, **geo)
+    dx_mag = torch.nn.grad.conv2d_input(x.shape, w64.abs(), ga, **geo)
+    dw = torch.nn.grad.conv2d_weight(x64, w.shape, g, **geo)
+    dw_mag = torch.nn.grad.conv2d_weight(x64.abs(), w.shape, ga, **geo)
+    # grad_weight/grad_bias sum n_pix products; split-K partials add at most 64 more roundings
+    res["input"] = (dx, gamma(kk, acc) * dx_mag + u_out * dx.abs())
+    res["weight"] = (dw, gamma(n_pix + 64, acc) * dw_mag + u_out * dw.abs())
+    if b is not None:
+        db = g.sum((0, 2, 3))
+        res["bias"] = (db, gamma(n_pix + 64, acc) * ga.sum((0, 2, 3)) + u_out * db.abs())
+    return res
+
+
+# --------------------------------------------------------------------------- pools
+def max_pool_reference(x, kernel_size, stride, padding, dilation, ceil_mode, relu, grad_out):
+    """float64 output (exact: a max is one of its inputs), indices, and the gradient with its
+    bound (an input that wins several windows sums their gradients)."""
+    k, s = pair(kernel_size), pair(stride if stride else kernel_size)
+    x64 = f64(x, grad=True)
+    ref, idx = F.max_pool2d(x64, k, s, padding, dilation, ceil_mode, return_indices=True)
+    if relu:
+        ref = torch.relu(ref)
+    res = {"output": (ref.detach(), 0.0), "indices": idx}
+    if grad_out is not None:
+        (dx,) = torch.autograd.grad(ref, x64, grad_out.double())
+        x64b = f64(x, grad=True)
+        refb = F.max_pool2d(x64b, k, s, padding, dilation, ceil_mode)
+        (mag,) = torch.autograd.grad(refb, x64b, grad_out.double().abs())
+        dd = pair(dilation)
+        wins = math.ceil(k[0] * dd[0] / s[0]) * math.ceil(k[1] * dd[1] / s[1])
+        res["input"] = (dx, gamma(wins, acc_dtype(x.dtype)) * mag + U[x.dtype] * dx.abs())
+    return res
+
+
+def avg_pool_reference(op, x, params, grad_out):
+    """float64 output and gradient of avg_pool2d / adaptive_avg_pool2d with bounds: a window
+    sum of at most ``window`` terms and one division."""
+    x64 = f64(x, grad=True)
+    xa = f64(x.abs(), grad=True)
+    fn = getattr(REF, op)
+    ref, mag = fn(x64, **params), fn(xa, **params)
+    if op == "avg_pool2d":
+        window = pair(params["kernel_size"])[0] * pair(params["kernel_size"])[1]
+    else:
+        h, w = x.shape[-2:]
+        oh, ow = pair(params["output_size"])
+        oh, ow = oh or h, ow or w
+        window = (math.ceil(h / oh) + 1) * (math.ceil(w / ow) + 1)
+    acc = acc_dtype(x.dtype)
+    res = {"output": (ref.detach(), gamma(window + 1, acc) * mag.detach()
+                      + U[x.dtype] * ref.detach().abs())}
+    if grad_out is not None:
+        (dx,) = torch.autograd.grad(ref, x64, grad_out.double())
+        (dmag,) = torch.autograd.grad(mag, xa, grad_out.double().abs())
+        res["input"] = (dx, gamma(window + 1, acc) * dmag + U[x.dtype] * dx.abs())
+    return res
+
+
+# --------------------------------------------------------------------------- batch norm
+def _v(t):
+    return t.view(1, -1, 1, 1)
+
+
+def bn_reference(x, weight, bias, running_mean, running_var, training, momentum, eps, relu,
+                 out, grad_out):
+    """float64 output, gradients, running statistics and their bounds for batch norm.
+
+    Training statistics are sums of m = N*H*W terms of d = x - x[0, c, 0, 0] (both kernels
+    shift by one sample of the channel): |mean error| <= dmean, |variance error| <= dvar. They
+    propagate through y = (x - mean) * invstd * w + b as |w| invstd (dmean + |x - mean|
+    dvar / (2 (var + eps))), so the bound is meaningful for two values per channel (m = 2)
+    and for channel means far from zero (the shifted sums do not see the mean)."""
+    n, c, h, w_ = x.shape
+    training = training or running_mean is None  # no running statistics: batch statistics
+    x64 = f64(x)
+    acc, u_out = acc_dtype(x.dtype), U[x.dtype]
+    ua = U[acc]
+    w64 = f64(weight) if weight is not None else torch.ones(c, dtype=torch.float64,
+                                                             device=x.device)
+    b64 = f64(bias) if bias is not None else torch.zeros(c, dtype=torch.float64,
+                                                         device=x.device)
+    if training:
+        m = n * h * w_
+        flat = x64.transpose(0, 1).reshape(c, -1)
+        mean, var = flat.mean(1), flat.var(1, unbiased=False)
+        d = flat - flat[:, :1]
+        g = gamma(2 * m, acc) + 2 * ua
+        dmean = g * d.abs().mean(1)
+        dvar = 3 * g * (d * d).mean(1) + 2 * dmean * (d.mean(1) - mean + flat[:, 0]).abs()
+        # a kernel may subtract the mean itself, rounded to float32, rather than the shift
+        dmean = dmean + 2 * ua * mean.abs()
+    else:
+        m = None
+        mean, var = f64(running_mean), f64(running_var)
+        # the running statistics are read in their own dtype: exact in float64
+        dmean = ua * mean.abs()
+        dvar = ua * var.abs()
+    invstd = 1 / torch.sqrt(var + eps)
+    rel_inv = dvar / (2 * (var + eps)) + 2 * ua
+    ref_lin = (x64 - _v(mean)) * _v(invstd * w64) + _v(b64)
+    ref = torch.relu(ref_lin) if relu else ref_lin
+    scale = _v(w64.abs() * invstd)
+    xc = (x64 - _v(mean)).abs()
+    bound = scale * (_v(dmean) + xc * _v(rel_inv)) \
+        + 4 * ua * (xc * scale + _v(b64.abs())) + u_out * ref.abs()
+    res = {"output": (ref, bound)}
+    if training and running_mean is not None and momentum is not None:
+        mom = momentum
+        rm0, rv0 = f64(running_mean), f64(running_var)
+        want_rm = (1 - mom) * rm0 + mom * mean
+        want_rv = (1 - mom) * rv0 + mom * var * m / (m - 1)
+        us = U[running_mean.dtype]
+        res["running_mean"] = (want_rm, mom * dmean + 3 * us * (rm0.abs() + mom * mean.abs()))
+        res["running_var"] = (want_rv, mom * dvar * m / (m - 1)
+                              + 3 * us * (rv0.abs() + mom * var * m / (m - 1)))
+    if grad_out is None:
+        return res
+    g = grad_out.double()
+    if relu:
+        # the kernel's own mask where the output is within its bound of zero
+        mask = out.detach().double() > 0
+        assert bool(((mask == (ref_lin > 0)) | (ref_lin.abs() <= bound)).all()), \
+            "ReLU mask differs beyond rounding"
+        g = g * mask
+    ga = g.abs()
+    dims = (0, 2, 3)
+    db = g.sum(dims)
+    xhat = (x64 - _v(mean)) * _v(invstd)
+    sgx = (g * xhat).sum(dims)
+    dw = sgx
+    if training:
+        mm = m
+        dx = _v(w64 * invstd) * (g - _v(db) / mm - xhat * _v(sgx) / mm)
+        # terms of the sums, and the statistics' errors (xhat off by (dmean + |x-mean| rel_inv)
+        # invstd, invstd off by rel_inv)
+        dxhat = _v(dmean * invstd) + xhat.abs() * _v(rel_inv)
+        mg = _v(ga.sum(dims)) / mm
+        mgx = _v((ga * (xhat.abs() + dxhat)).sum(dims)) / mm
+        terms = scale * (ga + mg + (xhat.abs() + dxhat) * mgx)
+        dx_bound = (gamma(mm + 4, acc) + _v(rel_inv)) * terms \
+            + scale * (dxhat * mgx + xhat.abs() * _v((ga * dxhat).sum(dims)) / mm) \
+            + u_out * dx.abs()
+    else:
+        dx = _v(w64 * invstd) * g
+        dx_bound = (2 * ua + _v(rel_inv)) * scale * ga + u_out * dx.abs()
+    res["input"] = (dx, dx_bound)
+    mg_sum = ga.sum(dims)
+    if weight is not None:
+        dxh = _v(dmean * invstd) + xhat.abs() * _v(rel_inv)
+        res["weight"] = (dw, gamma(m or n * h * w_, acc) * (ga * xhat.abs()).sum(dims)
+                         + (ga * dxh).sum(dims) + 2 * ua * dw.abs()
+                         + U[weight.dtype] * dw.abs())
+    if bias is not None:
+        res["bias"] = (db, gamma(n * h * w_, acc) * mg_sum + U[bias.dtype] * db.abs())
+    return res
