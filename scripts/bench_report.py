@@ -52,6 +52,13 @@ BENCH_VARIANTS = {"stock": "eager", "compile": "compile", "triton": "fc_triton",
                   "extension": "fc_extension", "torch": "fc_torch"}
 
 
+def _name(provider: str) -> str:
+    """Display name; ``X+compile`` (fastconv bench's converted and compiled models) reads
+    ``<X's name> compiled``."""
+    base, plus, _ = provider.partition("+compile")
+    return NAMES.get(base, base) + (" compiled" if plus else "")
+
+
 class ReportError(RuntimeError):
     pass
 
@@ -181,7 +188,7 @@ def memory_markdown(sections: dict) -> list:
         lines += [f"## memory | {key[1]} | {key[2]} | {key[3]} | batch {key[4]}", "",
                   "Bytes autograd saves for backward in one training step (and the GPU peak "
                   "above the model and optimizer state); in brackets the ratio to eager.", "",
-                  "| model | " + " | ".join(NAMES.get(p, p) for p in provs) + " |",
+                  "| model | " + " | ".join(_name(p) for p in provs) + " |",
                   "|---|" + "---:|" * len(provs)]
         for (case, mode) in sorted(rows):
             cells = rows[(case, mode)]
@@ -214,7 +221,7 @@ def markdown(sections: dict) -> str:
         rows = sections[key]
         provs = _providers(rows)
         lines += [f"## {kind} | {device} | {dtype} | {layout} | batch {batch}", ""]
-        lines.append("| case | mode | eager ms | " + " | ".join(NAMES.get(p, p) for p in provs)
+        lines.append("| case | mode | eager ms | " + " | ".join(_name(p) for p in provs)
                      + " |")
         lines.append("|---|---|---:|" + "---:|" * len(provs))
         for (case, mode) in sorted(rows):
@@ -266,7 +273,7 @@ def memory_chart(sections: dict, out: Path):
         xs = [j + (i - (len(provs) - 1) / 2) * width for j, lb in enumerate(labels)
               if lb in bars[p]]
         ax.bar(xs, [bars[p][lb] / 2**20 for lb in labels if lb in bars[p]], width=width,
-               label=NAMES.get(p, p))
+               label=_name(p))
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, fontsize=7)
     ax.set_ylabel("MiB saved for backward (one training step)")
@@ -275,7 +282,7 @@ def memory_chart(sections: dict, out: Path):
     fig.tight_layout()
     path = out / "memory.png"
     fig.savefig(path, dpi=100, metadata={"Description": json.dumps(
-        {"series": [NAMES.get(p, p) for p in provs], "cases": len(labels)})})
+        {"series": [_name(p) for p in provs], "cases": len(labels)})})
     plt.close(fig)
     return path
 
@@ -311,7 +318,7 @@ def charts(sections: dict, out: Path) -> list:
                     ys.append(j + (i - (len(provs) - 1) / 2) * width)
                     xs.append(speedup(rows[(case, mode)]["eager"], c))
             # bars grow from 1 (as fast as eager): right is faster, left is slower
-            ax.barh(ys, [x - 1.0 for x in xs], left=1.0, height=width, label=NAMES.get(p, p))
+            ax.barh(ys, [x - 1.0 for x in xs], left=1.0, height=width, label=_name(p))
             span += xs
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
@@ -331,8 +338,8 @@ def charts(sections: dict, out: Path) -> list:
 
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(panels) + 3), 4.5))
     labels = [f"{k[0]} {m}\n{k[2]} {k[3]}" for k, m, _ in panels]
-    provs = [p for p in ORDER if p != "eager" and any(
-        p in speedups(sections[k]) for k, _, _ in panels)]
+    seen = {p for k, _, _ in panels for p in speedups(sections[k])} - {"eager"}
+    provs = [p for p in ORDER if p in seen] + sorted(seen - set(ORDER))
     width = 0.8 / max(len(provs), 1)
     for i, p in enumerate(provs):
         xs, hs = [], []
@@ -341,7 +348,7 @@ def charts(sections: dict, out: Path) -> list:
             if v:
                 xs.append(j + (i - (len(provs) - 1) / 2) * width)
                 hs.append(geomean(v))
-        ax.bar(xs, hs, width=width, label=NAMES.get(p, p))
+        ax.bar(xs, hs, width=width, label=_name(p))
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(panels)))
     ax.set_xticklabels(labels, fontsize=7)

@@ -280,6 +280,31 @@ def test_sweep_breakdown_peaks_and_rows(tmp_path):
     assert cells[(conv.id, "bwd_input", "eager")]["flops"] == fwd
 
 
+def test_sweep_tune_merges_tables(tmp_path):
+    """--tune's last step: the fresh cache's tuning tables merged into the shipped ones
+    (existing entries kept, re-tuned keys replaced, new tables created)."""
+    from benchmarks.sweep import merge_tuned
+
+    cache = tmp_path / "cache" / "autotune"
+    cache.mkdir(parents=True)
+    cfg = lambda m: {"config": {"BLOCK_M": m}, "ms": 1.0}  # noqa: E731
+    (cache / "conv2d_relu.json").write_text(json.dumps(
+        {"format": 1, "entries": {"H200|sm90": {"k1": cfg(128), "k3": cfg(32)}}}))
+    (cache / "pool.json").write_text(json.dumps({"format": 1, "entries": {"H200|sm90": {
+        "p": cfg(8)}}}))
+    out = tmp_path / "shipped"
+    out.mkdir()
+    (out / "conv2d_relu_configs.json").write_text(json.dumps({"format": 1, "entries": {
+        "H200|sm90": {"k1": cfg(64), "k2": cfg(16)}, "H100|sm90": {"k1": cfg(256)}}}))
+    written = merge_tuned(tmp_path / "cache", out)
+    assert sorted(p.name for p in written) == ["conv2d_relu_configs.json", "pool_configs.json"]
+    conv = json.loads((out / "conv2d_relu_configs.json").read_text())
+    assert conv["entries"] == {"H200|sm90": {"k1": cfg(128), "k2": cfg(16), "k3": cfg(32)},
+                               "H100|sm90": {"k1": cfg(256)}}
+    assert json.loads((out / "pool_configs.json").read_text())["entries"] == {
+        "H200|sm90": {"p": cfg(8)}}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_suites_on_cuda(tmp_path):
     """Every provider that can run does, on the GPU, with device-synchronised timing."""
