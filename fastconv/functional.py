@@ -97,9 +97,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 # --------------------------------------------------------------------------- dispatch
 def _run(op: str, args: dict[str, Any], backend: Optional[str], key: Optional[tuple] = None):
     impl, final = dispatch.select_call(op, args, backend)
-    if final:
+    out = getattr(impl, op)(*args.values())
+    if final:  # only once the call has run: a failing call keeps taking the checked path
         dispatch.remember(key, op, impl, args)
-    return getattr(impl, op)(*args.values())
+    return out
 
 
 def backend_for(op: str, *args, backend=None, **kwargs) -> str:
