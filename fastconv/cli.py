@@ -52,8 +52,12 @@ def cmd_info(args) -> int:
         if name == "extension" and reason is None:
             detail = _extension_detail()
         print(f"  {name:10s} {detail}")
-    print(f"default  backend={dispatch.resolve_name(None)!r} (FASTCONV_BACKEND); auto order: "
-          + "; ".join(f"{d}: {', '.join(o)}" for d, o in dispatch.AUTO_ORDER.items()))
+    from . import selection
+
+    how = "measured, fastest wins" if selection.enabled() else "fixed order (FASTCONV_AUTOTUNE=0)"
+    order = "; ".join(f"{d}: {', '.join(o)}" for d, o in dispatch.AUTO_ORDER.items())
+    print(f"default  backend={dispatch.resolve_name(None)!r} (FASTCONV_BACKEND); auto ({how}) "
+          f"candidates: {order}")
     return 0
 
 

@@ -144,9 +144,10 @@ _FUNCTIONS = {"conv2d_relu": conv2d_relu, "max_pool2d": max_pool2d, "avg_pool2d"
 # --------------------------------------------------------------------------- dispatch
 def _run(op: str, args: dict[str, Any], backend: Optional[str], key: Optional[tuple] = None):
     impl, final = dispatch.select_call(op, args, backend)
-    if final:
+    out = getattr(impl, op)(*args.values())
+    if final:  # only once the call has run: a failing call keeps taking the checked path
         dispatch.remember(key, op, impl, args)
-    return getattr(impl, op)(*args.values())
+    return out
 
 
 def _checked(op: str, args, kwargs) -> dict[str, Any]:

@@ -42,7 +42,7 @@ log = logging.getLogger("fastconv")
 FORMAT = 1
 BUDGET_S = 0.5       # measuring budget per signature and pass (all candidates together)
 SAMPLE_S = 0.002     # one sample lasts about this long (back-to-back calls)
-MAX_ROUNDS = 7
+MIN_ROUNDS, MAX_ROUNDS = 3, 7
 _NOT_KERNEL = frozenset({"momentum", "eps"})  # values passed to the kernel, not choosing it
 
 Timer = Callable[[dict, torch.device], dict]  # ({name: run}, device) -> {name: seconds/call}
@@ -258,8 +258,10 @@ def _stale(tag: str) -> bool:
 
 
 # --------------------------------------------------------------------------- measuring
-def _random_tensor(t: torch.Tensor, gen: torch.Generator, positive: bool) -> torch.Tensor:
-    """A fresh leaf tensor with ``t``'s shape, strides, dtype, device and requires_grad."""
+def _random_tensor(t: torch.Tensor, gen: torch.Generator, positive: bool,
+                   grad: bool) -> torch.Tensor:
+    """A fresh leaf tensor with ``t``'s shape, strides, dtype and device (requiring grad when
+    ``grad`` and ``t`` does)."""
     shape, stride = tuple(t.shape), tuple(t.stride())
     span = 1 + sum((s - 1) * st for s, st in zip(shape, stride)) if all(shape) else 0
     base = torch.empty(max(span, 1), dtype=t.dtype, device=t.device)
@@ -268,13 +270,13 @@ def _random_tensor(t: torch.Tensor, gen: torch.Generator, positive: bool) -> tor
     else:
         base.normal_(generator=gen)
     out = base.as_strided(shape, stride).detach()
-    return out.requires_grad_(t.requires_grad) if t.is_floating_point() else out
+    return out.requires_grad_(grad and t.requires_grad) if t.is_floating_point() else out
 
 
 def _runner(impl, op: str, args: dict[str, Any], pass_: str, gen: torch.Generator):
     """A no-argument function running ``impl``'s ``op`` once on random tensors of the signature
     (and its backward for ``"train"``)."""
-    fresh = {name: (_random_tensor(v, gen, name == "running_var")
+    fresh = {name: (_random_tensor(v, gen, name == "running_var", pass_ == "train")
                     if isinstance(v, torch.Tensor) else v) for name, v in args.items()}
     values = tuple(fresh.values())
     method = getattr(impl, op)
@@ -299,7 +301,8 @@ def _runner(impl, op: str, args: dict[str, Any], pass_: str, gen: torch.Generato
 
 
 def _default_timer(runs: dict, device: torch.device) -> dict:
-    """Median seconds per call of each run, in alternating rounds within :data:`BUDGET_S`."""
+    """Median seconds per call of each run, in alternating rounds within :data:`BUDGET_S`
+    (at least :data:`MIN_ROUNDS` rounds of one call each, whatever a call costs)."""
     import time
 
     from . import timing
@@ -314,7 +317,7 @@ def _default_timer(runs: dict, device: torch.device) -> dict:
     inner = int(max(1, min(200, SAMPLE_S / slowest)))
     spent = 2 * sum(per_call.values())
     round_cost = inner * sum(per_call.values())
-    rounds = int(max(1, min(MAX_ROUNDS, (BUDGET_S - spent) / max(round_cost, 1e-9))))
+    rounds = int(max(MIN_ROUNDS, min(MAX_ROUNDS, (BUDGET_S - spent) / max(round_cost, 1e-9))))
     stats = timing.compare(runs, device=device, rounds=rounds, inner=inner, warmup=0,
                            clock=clock)
     return {name: s.median for name, s in stats.items()}

@@ -43,8 +43,8 @@ class _Tick(torch.autograd.Function):
 
 class Ticking(TorchBackend):
     """The torch backend under another name; each conv2d_relu forward costs ``fwd`` and each
-    backward ``bwd`` seconds of the fake clock (other ops cost nothing). Records the tensors
-    conv2d_relu was called with."""
+    backward ``bwd`` seconds of the fake clock (batch norm ``fwd``, pools nothing). Records
+    the tensors conv2d_relu was called with."""
 
     def __init__(self, name, clock, fwd, bwd=0.0):
         self.name, self.clock, self.fwd, self.bwd = name, clock, fwd, bwd
@@ -60,6 +60,10 @@ class Ticking(TorchBackend):
         if self.bwd and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             out = _Tick.apply(out, self.clock, self.bwd)
         return out
+
+    def batch_norm(self, *args):
+        self.clock.now += self.fwd
+        return super().batch_norm(*args)
 
 
 @pytest.fixture
