@@ -391,10 +391,10 @@ done
 
 if [ $FULL = 1 ]; then
     hr "7. (--full) the real extension's CPU half with FASTCONV_EXTENSION_FLAGS=minimal"
-    FASTCONV_EXTENSION_FLAGS=minimal FASTCONV_EXTENSION_CUDA=0 FASTCONV_NO_EXTENSION_BUILD= \
+    FASTCONV_EXTENSION_FLAGS=minimal FASTCONV_BUILD_CUDA=0 FASTCONV_NO_EXTENSION_BUILD= \
         timeout 600 "$PY" -m fastconv build-ext 2>&1 | tail -2
     for c in ext_cpu_autograd ext_cpu_direct; do
-        FASTCONV_EXTENSION_FLAGS=minimal FASTCONV_EXTENSION_CUDA=0 timeout 40 "$PY" -X faulthandler \
+        FASTCONV_EXTENSION_FLAGS=minimal FASTCONV_BUILD_CUDA=0 timeout 40 "$PY" -X faulthandler \
             "$OUT/case.py" "$c" > "$OUT/full-$c.log" 2>&1; echo $? > "$OUT/full-$c.rc"
         printf '%-28s %s\n' "minimal: $c" "$(verdict "$OUT/full-$c.rc" "$OUT/full-$c.log")"
     done
