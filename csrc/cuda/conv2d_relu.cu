@@ -6,8 +6,8 @@
 //   wgrad     rows = output channels          cols = (r, s, c)         reduce over (n, p, q)
 // 16-bit inputs run on tensor cores with fp32 accumulators:
 //   * channels % 8 == 0 (every layer but a network's first): the large-tile kernel of
-//     conv2d_relu_tc.cuh, 256x128 or 128x128 tiles, 64-deep k-tiles, 16-byte cp.async loaders, a 4-stage
-//     ring, ldmatrix and mma.sync; on sm_90a builds (TORCH_CUDA_ARCH_LIST with 9.0a) the forward
+//     conv2d_relu_tc.cuh, 256x128 or 128x128 tiles, 64-deep k-tiles, 16-byte cp.async loaders, a
+//     4-stage ring, ldmatrix and mma.sync; on sm_90a builds (TORCH_CUDA_ARCH_LIST with 9.0a) the forward
 //     runs the same tile on Hopper's wgmma instead. The backward first masks grad_output by the
 //     ReLU in one pass (which also sums grad_bias); grad_input of a stride-1 conv is then the
 //     forward kernel on that gradient with flipped, transposed weights, and grad_weight an

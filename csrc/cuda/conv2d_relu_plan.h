@@ -169,7 +169,8 @@ inline MaskGrid mask_bias_grid(int64_t M, int K, int64_t blocks_wanted) {
   MaskGrid m;
   m.KV = K / 8;
   m.PL = std::max(1, 256 / m.KV);
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(blocks_wanted, cdiv(M, int64_t(m.PL) * 8)));
+  const int64_t blocks =
+      std::max<int64_t>(1, std::min<int64_t>(blocks_wanted, cdiv(M, int64_t(m.PL) * 8)));
   m.per = cdiv(M, blocks);
   m.blocks = cdiv(M, m.per);
   return m;

@@ -642,8 +642,9 @@ def build_prebuilt(dest: Path, verbose: bool = False) -> dict[str, Any]:
                     except Exception as exc:
                         text = str(exc)
                         _cache.atomic_write_text(plan.dir / _LOG, text + "\n")
-                        raise ExtensionBuildError(f"building the prebuilt extension failed "
-                                                  f"(log: {plan.dir / _LOG}):\n{_tail(text)}") from exc
+                        raise ExtensionBuildError(
+                            f"building the prebuilt extension failed (log: {plan.dir / _LOG}):\n"
+                            f"{_tail(text)}") from exc
                     _cache.atomic_write_json(plan.dir / _MARKER, {
                         "library": str(plan.library), "cuda": plan.with_cuda, "key": plan.key,
                         "config": plan.config, "seconds": round(time.monotonic() - start, 1)})

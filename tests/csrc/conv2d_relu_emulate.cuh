@@ -703,7 +703,8 @@ template <typename T, class C, bool WG = false> long check_fwd_tc(const Case& c)
   const at::Tensor wp = plan::pack_fwd_weight(pb.weights(), ld);
   tc::FwdLoadA<C> la{};
   tc::RowsLoad<C::BN> lb{};
-  const int kt = plan::fill_fwd_loaders(plan::fwd_problem(g, pb.x.data(), wp.data_ptr(), ld), la, lb);
+  const int kt =
+      plan::fill_fwd_loaders(plan::fwd_problem(g, pb.x.data(), wp.data_ptr(), ld), la, lb);
   long bad = WG ? run_wg<T>(la, lb, epi, M, g.Kg, g.G, kt)
                 : run_tc<T, C, true, true>(la, lb, epi, M, g.Kg, g.G, 1, kt, kt);
   if (bad) printf("  unwritten shared elements: %ld\n", bad);
