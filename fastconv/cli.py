@@ -14,6 +14,7 @@ import argparse
 import importlib
 import platform
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 # sub-command -> module under fastconv.tools with add_arguments(parser) and run(args)
@@ -91,6 +92,12 @@ def cmd_models(args) -> int:
 def cmd_build_ext(args) -> int:
     from .backends import extension
 
+    if args.prebuilt:
+        manifest = extension.build_prebuilt(Path(args.prebuilt), verbose=True)
+        cuda = manifest["cuda_archs"] or f"none ({manifest['cuda_note']})"
+        print(f"extension: prebuilt library in {args.prebuilt} for torch {manifest['torch']}, "
+              f"CUDA archs {cuda}; load it with FASTCONV_EXTENSION_LIB={args.prebuilt}")
+        return 0
     path = extension.build(verbose=True)
     ok, text = extension.status()
     print(f"extension: {text}\n  {path}")
@@ -105,8 +112,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fn=cmd_info)
     sub.add_parser("models", help="the target networks with parameter counts and FLOPs"
                    ).set_defaults(fn=cmd_models)
-    sub.add_parser("build-ext", help="build (or reuse) the C++/CUDA extension").set_defaults(
-        fn=cmd_build_ext)
+    p = sub.add_parser("build-ext", help="build (or reuse) the C++/CUDA extension")
+    p.add_argument("--prebuilt", metavar="DIR", default=None,
+                   help="build a portable library (no -march=native, no Python linked) into DIR "
+                        "with DIR/manifest.json, for FASTCONV_EXTENSION_LIB=DIR elsewhere")
+    p.set_defaults(fn=cmd_build_ext)
     for name, help_text in TOOLS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         tool = importlib.import_module(f"fastconv.tools.{name}")

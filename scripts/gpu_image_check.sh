@@ -9,7 +9,8 @@
 # (torch==2.11.0 from PyPI, ~5 GB with its nvidia wheels; numpy < 2.4, whose 2.4 breaks Triton
 # 3.6's interpreter; no hypothesis), then:
 #   ext    builds the C++ extension against torch 2.11 (CPU kernels and, where nvcc is found,
-#          the CUDA kernels: a compile check of csrc/ against the GPU image's headers);
+#          the CUDA kernels, FASTCONV_BUILD_CUDA=1: a compile check of csrc/ against the GPU
+#          image's headers);
 #   aot    compiles every Triton configuration for sm_90 with Triton 3.6's compiler and ptxas
 #          (benchmarks/aot_sm90_triton36.md; found there once: ptxas serialising wgmma);
 #   tests  runs the test suite (Triton in the interpreter, the extension's CPU kernels).
@@ -33,7 +34,7 @@ for step in "${STEPS[@]}"; do
             "$PY" -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
             ;;
         ext)
-            "$PY" -m fastconv build-ext
+            FASTCONV_BUILD_CUDA=1 "$PY" -m fastconv build-ext
             ;;
         aot)
             "$PY" scripts/aot_report.py --jobs "$(nproc)" --out benchmarks/aot_sm90_triton36.md

@@ -163,7 +163,7 @@ def test_two_processes_building_the_extension(tmp_path):
         pytest.skip(f"no toolchain: {problem}")
     cache = tmp_path / "cache"
     # the CPU half only: the locking is the same, and nvcc would triple the time
-    env = _env(cache, FASTCONV_EXTENSION_CUDA="0", MAX_JOBS="1")
+    env = _env(cache, FASTCONV_BUILD_CUDA="0", MAX_JOBS="1")
     procs = [_spawn(BUILDER, env) for _ in range(2)]
     outs = [p.communicate(timeout=1800) for p in procs]
     for p, (out, err) in zip(procs, outs):

@@ -38,6 +38,13 @@ B = ExtensionBackend()
 ops = torch.ops.fastconv
 
 
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every output the kernels allocate starts as NaN (csrc/poison.h), so an element a kernel
+    fails to write fails the elementwise bounds instead of passing on stale memory."""
+    monkeypatch.setenv("FASTCONV_POISON_OUTPUTS", "1")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def built_extension():
     """Build (first run: minutes, then cached) and load; skip only without a toolchain."""
@@ -655,6 +662,25 @@ def test_backward_ops_refuse_double_backward():
 
 
 # ------------------------------------------------------------------ public API and dispatch
+@pytest.mark.parametrize("switch", ["1", "0", None])
+def test_poison_switch_is_read_at_every_call(monkeypatch, switch):
+    """FASTCONV_POISON_OUTPUTS=1 NaN-fills the outputs (one aten::fill_ per allocated output of
+    avg_pool2d and max_pool2d) before the kernels run; off, nothing is filled. Read per call, so
+    switching it within a process takes effect at once."""
+    if switch is None:
+        monkeypatch.delenv("FASTCONV_POISON_OUTPUTS", raising=False)
+    else:
+        monkeypatch.setenv("FASTCONV_POISON_OUTPUTS", switch)
+    torch.manual_seed(7)
+    x = make((2, 3, 6, 6), torch.float32, "nchw")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ops.avg_pool2d(x, [2, 2], [2, 2], [0, 0], False, True, None)
+        ops.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], False, True, False)
+    fills = sum(e.count for e in prof.key_averages() if e.key == "aten::fill_")
+    # max_pool2d's int64 indices are not poisoned (NaN has no integer form)
+    assert fills == (2 if switch == "1" else 0), fills
+
+
 def test_public_api_runs_the_extension():
     torch.manual_seed(22)
     x = torch.randn(2, 3, 9, 9)

@@ -143,7 +143,7 @@ void avg_bwd(const scalar_t* go, scalar_t* gi, const AvgPlan& a, bool cl) {
 Tensor run_avg_fwd(const Tensor& input, AvgPlan& plan) {
   const auto fmt = layout_of(input);
   const Tensor x = input.contiguous(fmt);
-  Tensor out = at::empty({plan.N, plan.C, plan.OH, plan.OW}, x.options().memory_format(fmt));
+  Tensor out = poisoned(at::empty({plan.N, plan.C, plan.OH, plan.OW}, x.options().memory_format(fmt)));
   if (out.numel() == 0) return out;
   FASTCONV_DISPATCH_FLOATING(x.scalar_type(), "fastconv_avg_pool", [&] {
     avg_fwd<scalar_t>(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), plan,
@@ -155,7 +155,7 @@ Tensor run_avg_fwd(const Tensor& input, AvgPlan& plan) {
 Tensor run_avg_bwd(const Tensor& grad_output, AvgPlan& plan) {
   const auto fmt = layout_of(grad_output);
   const Tensor go = grad_output.contiguous(fmt);
-  Tensor gi = at::empty({plan.N, plan.C, plan.H, plan.W}, go.options().memory_format(fmt));
+  Tensor gi = poisoned(at::empty({plan.N, plan.C, plan.H, plan.W}, go.options().memory_format(fmt)));
   if (gi.numel() == 0) return gi;
   FASTCONV_DISPATCH_FLOATING(go.scalar_type(), "fastconv_avg_pool_backward", [&] {
     avg_bwd<scalar_t>(go.const_data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(), plan,

@@ -370,13 +370,13 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(
   const auto fmt = layout_of(input);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const Tensor x = input.contiguous(fmt);
-  Tensor out = at::empty_like(x, x.options(), fmt);
+  Tensor out = poisoned(at::empty_like(x, x.options(), fmt));
   // saved statistics in the accumulation type: float32, or float64 for float64 input (as
   // torch's), so a float64 backward is not limited by float32 statistics
   const auto stat_opts = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble
                                                                          : at::kFloat);
-  Tensor save_mean = at::empty({C}, stat_opts);
-  Tensor save_invstd = at::empty({C}, stat_opts);
+  Tensor save_mean = poisoned(at::empty({C}, stat_opts));
+  Tensor save_invstd = poisoned(at::empty({C}, stat_opts));
 
   std::vector<double> mean(C), var(C);
   if (training) {
@@ -529,7 +529,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     }
 
     if (need_gi) {
-      grad_input = at::empty_like(x, x.options(), fmt);
+      grad_input = poisoned(at::empty_like(x, x.options(), fmt));
       scalar_t* gip = grad_input.data_ptr<scalar_t>();
       // dx = A * g' + B * (x - mean) + E, per channel:
       //   training: A = w * invstd, B = -A * invstd^2 * sum_gx / M, E = -A * sum_g / M
@@ -571,7 +571,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     if (scale_by_invstd) {
       for (int64_t c = 0; c < C; ++c) v[c] *= invstd[c];
     }
-    Tensor t = at::empty({C}, param_opts);
+    Tensor t = poisoned(at::empty({C}, param_opts));
     write_channels(t, v);
     return t;
   };

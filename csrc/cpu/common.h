@@ -1,6 +1,8 @@
 // Helpers shared by the CPU kernels: layouts, pooling geometry, chunked reductions.
 #pragma once
 
+#include "../poison.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -204,6 +206,14 @@ inline void write_channels(const Tensor& t, const std::vector<double>& v) {
     scalar_t* p = t.mutable_data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) p[c * st] = static_cast<scalar_t>(v[c]);
   });
+}
+
+// Channels-last pooling backward tasks: (image, channel slab). With at least as many images as
+// threads a slab is all channels (contiguous zeroing, long inner loops); otherwise channels are
+// split so every thread has work.
+inline int64_t cl_slab(int64_t N, int64_t C) {
+  const int64_t per_image = div_up(at::get_num_threads(), std::max<int64_t>(N, 1));
+  return per_image <= 1 ? C : std::max<int64_t>(16, div_up(div_up(C, per_image), 16) * 16);
 }
 
 // Sizes of the input a pooling backward op reconstructs: (N, C, H, W), or (H, W) with N, C

@@ -311,7 +311,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_backward_cpu(
   const bool bias_in_pass = relu && output_mask[2];
   if (relu && (output_mask[0] || output_mask[1] || output_mask[2])) {
     const Tensor y = output.contiguous(fmt);
-    gmasked = at::empty_like(g, g.options(), fmt);
+    gmasked = poisoned(at::empty_like(g, g.options(), fmt));
     if (g.numel() > 0) {
       FASTCONV_DISPATCH_FLOATING(g.scalar_type(), "fastconv_relu_mask", [&] {
         mask_and_sum<scalar_t>(g.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
@@ -334,7 +334,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_backward_cpu(
     if (bias_by_aten) grad_bias = std::get<2>(res);
   }
   if (bias_in_pass) {
-    grad_bias = at::empty({C}, g.options());
+    grad_bias = poisoned(at::empty({C}, g.options()));
     write_channels(grad_bias, gb);
   }
   if (!grad_input.defined()) grad_input = empty_grad(input);

@@ -430,14 +430,6 @@ void max_bwd_nchw(const scalar_t* go, const scalar_t* out, const index_t* ind, s
   });
 }
 
-// Channels-last backward tasks: (image, channel slab). With at least as many images as
-// threads a slab is all channels (contiguous zeroing, long inner loops); otherwise channels are
-// split so every thread has work.
-inline int64_t cl_slab(int64_t N, int64_t C) {
-  const int64_t per_image = div_up(at::get_num_threads(), std::max<int64_t>(N, 1));
-  return per_image <= 1 ? C : std::max<int64_t>(16, div_up(div_up(C, per_image), 16) * 16);
-}
-
 template <typename scalar_t, typename index_t, bool RELU, bool FLAT>
 void max_bwd_cl(const scalar_t* go, const scalar_t* out, const index_t* ind, scalar_t* gi,
                 const Geom& g) {
@@ -500,7 +492,7 @@ std::tuple<Tensor, Tensor> max_pool2d_cpu(const Tensor& input, c10::IntArrayRef 
   const auto fmt = layout_of(input);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const Tensor x = input.contiguous(fmt);
-  Tensor out = at::empty({g.N, g.C, g.OH, g.OW}, x.options().memory_format(fmt));
+  Tensor out = poisoned(at::empty({g.N, g.C, g.OH, g.OW}, x.options().memory_format(fmt)));
   const auto idx_dtype = return_indices ? at::kLong : local_index_dtype(g.kh, g.kw);
   Tensor ind = at::empty({g.N, g.C, g.OH, g.OW}, x.options().dtype(idx_dtype).memory_format(fmt));
   if (out.numel() == 0) return {out, ind};
@@ -578,7 +570,7 @@ Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& output,
   const Tensor go = grad_output.contiguous(fmt);
   const Tensor ind = indices.contiguous(fmt);
   const Tensor out = relu ? output.contiguous(fmt) : Tensor();
-  Tensor gi = at::empty(in_size, go.options().memory_format(fmt));
+  Tensor gi = poisoned(at::empty(in_size, go.options().memory_format(fmt)));
   if (gi.numel() == 0) return gi;
   FASTCONV_DISPATCH_FLOATING(go.scalar_type(), "fastconv_max_pool2d_backward", [&] {
     with_index_type(want, [&](auto tag) {

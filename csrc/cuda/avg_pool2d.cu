@@ -37,7 +37,7 @@ Tensor avg_fwd(const Tensor& input, int64_t OH, int64_t OW, const AvgArgs& aa,
   c10::cuda::CUDAGuard guard(input.device());
   const auto fmt = out_format(input);
   const Tensor x = input.contiguous(fmt);
-  Tensor out = at::empty({x.size(0), x.size(1), OH, OW}, x.options().memory_format(fmt));
+  Tensor out = poisoned(at::empty({x.size(0), x.size(1), OH, OW}, x.options().memory_format(fmt)));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "avg_pool2d", [&] {
     using T = scalar_t;
@@ -60,7 +60,7 @@ Tensor avg_bwd(const Tensor& grad_output, at::IntArrayRef input_size, const AvgA
   c10::cuda::CUDAGuard guard(grad_output.device());
   const auto fmt = out_format(grad_output);
   const Tensor gy = grad_output.contiguous(fmt);
-  Tensor gx = at::empty(input_size, gy.options().memory_format(fmt));
+  Tensor gx = poisoned(at::empty(input_size, gy.options().memory_format(fmt)));
   if (gx.numel() == 0) return gx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gy.scalar_type(), "avg_pool2d_backward", [&] {
     using T = scalar_t;
@@ -96,22 +96,10 @@ Tensor avg_pool2d_backward_cuda(const Tensor& grad_output, at::IntArrayRef input
                                 at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                 at::IntArrayRef padding, bool ceil_mode, bool count_include_pad,
                                 std::optional<int64_t> divisor_override) {
-  check_cuda(grad_output, "grad_output");
-  check_4d(grad_output, "grad_output");
-  check_float(grad_output, "grad_output");
-  TORCH_CHECK(input_size.size() == 4, "fastconv (CUDA): input_size must have 4 elements, got ",
-              input_size);
-  check_pair(kernel_size, "kernel_size", 1);
-  check_pair(stride, "stride", 1);
-  check_pair(padding, "padding", 0);
+  check_pool_backward(grad_output, input_size, kernel_size, stride, padding,
+                      at::IntArrayRef({1, 1}), ceil_mode);
   TORCH_CHECK(!divisor_override.has_value() || *divisor_override != 0,
               "fastconv (CUDA): divisor_override must be non-zero");
-  const int64_t OH = pooled_size(input_size[2], kernel_size[0], padding[0], stride[0], 1, ceil_mode);
-  const int64_t OW = pooled_size(input_size[3], kernel_size[1], padding[1], stride[1], 1, ceil_mode);
-  TORCH_CHECK(grad_output.size(0) == input_size[0] && grad_output.size(1) == input_size[1] &&
-                  grad_output.size(2) == OH && grad_output.size(3) == OW,
-              "fastconv (CUDA): grad_output of shape ", grad_output.sizes(),
-              " does not match input_size ", input_size);
   const AvgArgs aa{count_include_pad, int(divisor_override.value_or(0)), false};
   return avg_bwd(grad_output, input_size, aa, kernel_size, stride, padding);
 }

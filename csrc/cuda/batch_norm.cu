@@ -241,8 +241,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cuda(
   const auto fmt = out_format(input);
   const Tensor x = input.contiguous(fmt);
   const auto f32 = x.options().dtype(at::kFloat);
-  Tensor out = at::empty(x.sizes(), x.options().memory_format(fmt));
-  Tensor save_mean = at::empty({C}, f32), save_invstd = at::empty({C}, f32);
+  Tensor out = poisoned(at::empty(x.sizes(), x.options().memory_format(fmt)));
+  Tensor save_mean = poisoned(at::empty({C}, f32)), save_invstd = poisoned(at::empty({C}, f32));
   const int64_t count = x.size(0) * x.size(2) * x.size(3);
   const Tensor w = as_f32(weight), b = as_f32(bias);
   const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
@@ -326,7 +326,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
   const bool need_sums = output_mask[1] || output_mask[2] || (output_mask[0] && training);
   Tensor gw = at::zeros({C}, f32), gb = at::zeros({C}, f32);
   Tensor coef = at::empty({4 * C}, f32);
-  Tensor grad_input = output_mask[0] ? at::empty(x.sizes(), x.options().memory_format(fmt))
+  Tensor grad_input = output_mask[0] ? poisoned(at::empty(x.sizes(), x.options().memory_format(fmt)))
                                      : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward", [&] {
     using T = scalar_t;

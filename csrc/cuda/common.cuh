@@ -2,6 +2,8 @@
 // conversion, vector access, and a 32-bit magic-number divider.
 #pragma once
 
+#include "../poison.h"
+
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -14,6 +16,8 @@
 #include <limits>
 
 namespace fastconv_cuda {
+
+using fastconv::poisoned;
 
 // Device helpers that the CPU emulation of the kernels' index logic also compiles.
 #define FC_HD __host__ __device__ __forceinline__

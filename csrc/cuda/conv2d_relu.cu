@@ -6,8 +6,8 @@
 //   wgrad     rows = output channels          cols = (r, s, c)         reduce over (n, p, q)
 // 16-bit inputs run on tensor cores with fp32 accumulators:
 //   * channels % 8 == 0 (every layer but a network's first): the large-tile kernel of
-//     conv2d_relu_tc.cuh, 256x128 or 128x128 tiles, 64-deep k-tiles, 16-byte cp.async loaders, a 4-stage
-//     ring, ldmatrix and mma.sync; on sm_90a builds (TORCH_CUDA_ARCH_LIST with 9.0a) the forward
+//     conv2d_relu_tc.cuh, 256x128 or 128x128 tiles, 64-deep k-tiles, 16-byte cp.async loaders, a
+//     4-stage ring, ldmatrix and mma.sync; on sm_90a builds (TORCH_CUDA_ARCH_LIST with 9.0a) the forward
 //     runs the same tile on Hopper's wgmma instead. The backward first masks grad_output by the
 //     ReLU in one pass (which also sums grad_bias); grad_input of a stride-1 conv is then the
 //     forward kernel on that gradient with flipped, transposed weights, and grad_weight an
@@ -18,6 +18,7 @@
 // descriptions. Split reductions (grad_weight workspace, grad_bias partials) are summed by a
 // second kernel in a fixed order: deterministic, no atomics anywhere.
 #include "conv2d_relu_kernels.cuh"
+#include "conv2d_relu_plan.h"
 #include "conv2d_relu_tc.cuh"
 
 #include <ATen/Dispatch.h>
@@ -34,6 +35,8 @@ namespace {
 
 using at::Tensor;
 using namespace convk;
+using plan::TcConv;
+using plan::Tile;
 
 
 // ----------------------------------------------------------------------------------------------
@@ -478,12 +481,6 @@ void check_conv_args(const Tensor& input, const Tensor& weight, at::IntArrayRef 
               st);
 }
 
-// Output length, or 0 when the dilated kernel does not fit the padded input.
-int64_t conv_out(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d) {
-  const int64_t num = in + 2 * p - d * (k - 1) - 1;
-  return num < 0 ? 0 : num / s + 1;
-}
-
 bool tensor_cores(const Tensor& t) {
   const auto st = t.scalar_type();
   return (st == at::kHalf || st == at::kBFloat16) &&
@@ -497,90 +494,57 @@ Tensor cl_aligned(const Tensor& t) {
   return c;
 }
 
-Tensor pad_last(const Tensor& t, int64_t to) {
-  const int64_t have = t.size(-1);
-  return (to == have ? t : at::constant_pad_nd(t, {0, to - have})).contiguous();
-}
-
-int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-
 void check_rows(int64_t rows, const char* what) {
   TORCH_CHECK(rows < (int64_t(1) << 31), "fastconv (CUDA): ", what, " has ", rows,
               " pixels; the kernels index pixels with 32-bit integers");
 }
 
-template <typename T, class LA, class LB, class Epi>
-void launch_mma(const LA& la, const LB& lb, const Epi& epi, int64_t rows, int64_t cols, int G,
-                int splits, int kt_total, int kt_per_split) {
-  const int64_t tm = ceil_div(rows, BM), tn = ceil_div(cols, BN);
-  TORCH_CHECK(tm * tn < (int64_t(1) << 31) && int64_t(G) * splits <= 65535,
-              "fastconv (CUDA): conv grid too large");
-  Sched sc{int(tn), splits, kt_total, kt_per_split};
-  dim3 grid(unsigned(tm * tn), 1, unsigned(G * splits));
-  mma_gemm_kernel<T, LA, LB, Epi><<<grid, THREADS, 0, stream()>>>(la, lb, epi, sc);
-  FC_LAUNCH_CHECK();
-}
-
-template <typename T, class DA, class DB, class Epi>
-void launch_simt(const DA& da, const DB& db, const Epi& epi, int64_t rows, int64_t cols, int G,
+// One GEMM pass over G groups and `splits` reduction splits: the 128x128x32 tensor-core kernel,
+// or with SIMT the 64x64x16 SIMT kernel (same schedule; A/B are loaders or gather descriptions).
+template <typename T, bool SIMT, class LA, class LB, class Epi>
+void launch_gemm(const LA& la, const LB& lb, const Epi& epi, int64_t rows, int64_t cols, int G,
                  int splits, int kt_total, int kt_per_split) {
-  const int64_t tm = ceil_div(rows, SBM), tn = ceil_div(cols, SBN);
+  const int64_t tm = ceil_div(rows, SIMT ? SBM : BM), tn = ceil_div(cols, SIMT ? SBN : BN);
   TORCH_CHECK(tm * tn < (int64_t(1) << 31) && int64_t(G) * splits <= 65535,
               "fastconv (CUDA): conv grid too large");
   Sched sc{int(tn), splits, kt_total, kt_per_split};
   dim3 grid(unsigned(tm * tn), 1, unsigned(G * splits));
-  simt_gemm_kernel<T, DA, DB, Epi><<<grid, THREADS, 0, stream()>>>(da, db, epi, sc);
+  if constexpr (SIMT)
+    simt_gemm_kernel<T, LA, LB, Epi><<<grid, THREADS, 0, stream()>>>(la, lb, epi, sc);
+  else
+    mma_gemm_kernel<T, LA, LB, Epi><<<grid, THREADS, 0, stream()>>>(la, lb, epi, sc);
   FC_LAUNCH_CHECK();
 }
 
-template <typename T>
-EpiPixel<T> make_epi(const Tensor& out, int64_t rows, int H, int W, int chg,
-                     const typename Acc<T>::type* bias, bool relu) {
-  EpiPixel<T> e;
-  e.out = out.data_ptr<T>();
-  set_strides(e.os, out);
-  e.dHW = FastDiv(int64_t(H) * W);
-  e.dW = FastDiv(W);
-  e.M = int(rows);
-  e.chg = chg;
-  e.bias = bias;
-  e.relu = relu;
-  e.vec = e.os[1] == 1 && chg % 8 == 0 && out.size(1) % 8 == 0 && aligned_to(out.data_ptr(), 16);
-  if (e.vec)
-    for (int i : {0, 2, 3}) e.vec = e.vec && e.os[i] % 8 == 0;
+// E: EpiPixel<T> (128x128x32 and SIMT kernels) or tc::EpiOut<T> (large tiles).
+template <class E, typename T, typename B>
+E make_epi(const Tensor& out, int64_t rows, int H, int W, int chg, const B* bias, bool relu) {
+  E e;
+  int64_t os[4];
+  set_strides(os, out);
+  plan::fill_epi(e, out.data_ptr<T>(), os, rows, H, W, chg, out.size(1), bias, relu,
+                 aligned_to(out.data_ptr(), 16));
   return e;
 }
 
 // ---- large-tile tensor-core path (conv2d_relu_tc.cuh)
 
-// FASTCONV_CONV_TILE=big|mid|old|wgmma forces a tile for measurements (old: the 128x128x32
-// kernel of mma_gemm_kernel with its register-staged backward loaders; wgmma: the sm_90a forward
-// kernel where it was compiled, else auto); unset: chosen per call.
-int tile_override() {
-  const char* e = std::getenv("FASTCONV_CONV_TILE");
-  if (e == nullptr || *e == 0) return 0;
-  if (!std::strcmp(e, "big")) return 1;
-  if (!std::strcmp(e, "mid")) return 2;
-  if (!std::strcmp(e, "old")) return 3;
-  if (!std::strcmp(e, "wgmma")) return 4;
-  return 0;
-}
-
 bool big_fits() {
   return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin >= size_t(tc::Big::SMEM);
 }
 
-// Big (256x128, one CTA per SM) unless its last wave is much emptier than Mid's (128x128, two
-// per SM); a Big tile is taken as ~15% more efficient per flop (half the shared-memory traffic
-// per mma of a 64x32 warp tile).
 bool use_big(int64_t rows, int64_t cols, int64_t G) {
-  const int ov = tile_override();
-  if (!big_fits() || ov == 2) return false;
-  if (ov == 1) return true;
-  const int64_t sms = num_sms();
-  const int64_t big = ceil_div(rows, tc::Big::BM) * ceil_div(cols, tc::Big::BN) * G;
-  const int64_t mid = ceil_div(rows, tc::Mid::BM) * ceil_div(cols, tc::Mid::BN) * G;
-  return double(ceil_div(big, sms)) * 2.0 <= double(ceil_div(mid, 2 * sms)) * 2.0 * 1.15;
+  return plan::use_big(rows, cols, G, num_sms(), big_fits(), plan::tile_override(), tc::Big::BM,
+                       tc::Big::BN, tc::Mid::BM, tc::Mid::BN);
+}
+
+// Kernels with more than 48 KiB of dynamic shared memory must be allowed it, once per device.
+template <typename K> void allow_smem(K kern, int bytes, std::atomic<uint64_t>& allowed) {
+  const int dev = c10::cuda::current_device();
+  if (((allowed.load() >> dev) & 1) == 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    allowed.fetch_or(uint64_t(1) << dev);
+  }
 }
 
 template <typename T, class C, bool AK, bool BKM, class LA, class LB, class Epi>
@@ -590,63 +554,12 @@ void launch_tc(const LA& la, const LB& lb, const Epi& epi, int64_t rows, int64_t
   TORCH_CHECK(tm * tn < (int64_t(1) << 31) && int64_t(G) * splits <= 65535,
               "fastconv (CUDA): conv grid too large");
   auto kern = &tc_gemm_kernel<T, C, AK, BKM, LA, LB, Epi>;
-  // more than 48 KiB of dynamic shared memory must be allowed per kernel (and device)
   static std::atomic<uint64_t> allowed{0};
-  const int dev = c10::cuda::current_device();
-  if (((allowed.load() >> dev) & 1) == 0) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
-    allowed.fetch_or(uint64_t(1) << dev);
-  }
+  allow_smem(kern, C::SMEM, allowed);
   Sched sc{int(tn), splits, kt_total, kps};
   kern<<<dim3(unsigned(tm * tn), 1, unsigned(G * splits)), C::THREADS, C::SMEM, stream()>>>(
       la, lb, epi, sc);
   FC_LAUNCH_CHECK();
-}
-
-// The cp.async loaders index pixels of the window origins in 32 bits and pack (h0, w0) in 16.
-bool tc_fits(int64_t N, int64_t H, int64_t W, int64_t R, int64_t S, int64_t dh, int64_t dw,
-             int64_t ph, int64_t pw) {
-  const int64_t hh = H + R * dh + std::abs(ph), ww = W + S * dw + std::abs(pw);
-  return hh < 32768 && ww < 32768 && (N + 2) * hh * ww < (int64_t(1) << 31);
-}
-
-// One convolution as the forward kernel computes it: channels_last 16-byte aligned input x with
-// Cg (% 8 == 0) channels per group, weights packed [G * Kg][ld] in (r, s, c) order and zero
-// padded to ld (a multiple of 64).
-struct TcConv {
-  const Tensor* x;
-  int Cg;
-  const Tensor* w;
-  int ld;
-  int N, H, W, P, Q, R, S, sh, sw, ph, pw, dh, dw, G, Kg;
-};
-
-template <typename T, class C> void run_fwd_tc(const TcConv& p, const tc::EpiOut<T>& epi) {
-  tc::FwdLoadA<C> la{};
-  la.x = reinterpret_cast<const uint16_t*>(p.x->data_ptr());
-  la.cstride = p.x->size(1);
-  la.cg = p.Cg;
-  la.H = p.H;
-  la.W = p.W;
-  la.S = p.S;
-  la.RS = p.R * p.S;
-  la.sh = p.sh;
-  la.sw = p.sw;
-  la.ph = p.ph;
-  la.pw = p.pw;
-  la.dh = p.dh;
-  la.dw = p.dw;
-  la.M = p.N * p.P * p.Q;
-  la.dPQ = FastDiv(int64_t(p.P) * p.Q);
-  la.dQ = FastDiv(p.Q);
-  la.dC8 = FastDiv(p.Cg / 8);
-  la.dS = FastDiv(p.S);
-  tc::RowsLoad<C::BN> lb{};
-  lb.w = reinterpret_cast<const uint16_t*>(p.w->data_ptr());
-  lb.ld = p.ld;
-  lb.rows_per_group = p.Kg;
-  const int kt = int(ceil_div(int64_t(p.R) * p.S * p.Cg, tc::BK));
-  launch_tc<T, C, true, true>(la, lb, epi, la.M, p.Kg, p.G, 1, kt, kt);
 }
 
 // Whether this device runs the sm_90a (wgmma) code: built with TORCH_CUDA_ARCH_LIST containing
@@ -674,143 +587,52 @@ bool wgmma_available() {
   return ok;
 }
 
-template <typename T> void run_fwd_wg(const TcConv& p, const tc::EpiOut<T>& epi) {
-  tc::FwdLoadA<tc::Big> la{};
-  la.x = reinterpret_cast<const uint16_t*>(p.x->data_ptr());
-  la.cstride = p.x->size(1);
-  la.cg = p.Cg;
-  la.H = p.H;
-  la.W = p.W;
-  la.S = p.S;
-  la.RS = p.R * p.S;
-  la.sh = p.sh;
-  la.sw = p.sw;
-  la.ph = p.ph;
-  la.pw = p.pw;
-  la.dh = p.dh;
-  la.dw = p.dw;
-  la.M = p.N * p.P * p.Q;
-  la.dPQ = FastDiv(int64_t(p.P) * p.Q);
-  la.dQ = FastDiv(p.Q);
-  la.dC8 = FastDiv(p.Cg / 8);
-  la.dS = FastDiv(p.S);
-  tc::RowsLoad<tc::Big::BN> lb{};
-  lb.w = reinterpret_cast<const uint16_t*>(p.w->data_ptr());
-  lb.ld = p.ld;
-  lb.rows_per_group = p.Kg;
-  const int kt = int(ceil_div(int64_t(p.R) * p.S * p.Cg, tc::BK));
-  const int64_t tm = ceil_div(la.M, tc::Big::BM), tn = ceil_div(p.Kg, tc::Big::BN);
-  TORCH_CHECK(tm * tn < (int64_t(1) << 31) && p.G <= 65535, "fastconv (CUDA): conv grid too large");
-  auto kern = &wg_gemm_kernel<T, tc::FwdLoadA<tc::Big>, tc::RowsLoad<tc::Big::BN>>;
-  static std::atomic<uint64_t> allowed{0};
-  const int dev = c10::cuda::current_device();
-  if (((allowed.load() >> dev) & 1) == 0) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, tc::WG_SMEM));
-    allowed.fetch_or(uint64_t(1) << dev);
+// The large-tile forward (and stride-1 grad_input): tile C on mma.sync, or with WG the Big
+// tile's loaders on Hopper's wgmma (sm_90a builds).
+template <typename T, class C, bool WG> void run_fwd_tc(const TcConv& p, const tc::EpiOut<T>& epi) {
+  tc::FwdLoadA<C> la{};
+  tc::RowsLoad<C::BN> lb{};
+  const int kt = plan::fill_fwd_loaders(p, la, lb);
+  if constexpr (WG) {
+    const int64_t tm = ceil_div(la.M, C::BM), tn = ceil_div(p.Kg, C::BN);
+    TORCH_CHECK(tm * tn < (int64_t(1) << 31) && p.G <= 65535, "fastconv (CUDA): conv grid too large");
+    auto kern = &wg_gemm_kernel<T, tc::FwdLoadA<C>, tc::RowsLoad<C::BN>>;
+    static std::atomic<uint64_t> allowed{0};
+    allow_smem(kern, tc::WG_SMEM, allowed);
+    const Sched sc{int(tn), 1, kt, kt};
+    kern<<<dim3(unsigned(tm * tn), 1, unsigned(p.G)), 256, tc::WG_SMEM, stream()>>>(la, lb, epi, sc);
+    FC_LAUNCH_CHECK();
+  } else {
+    launch_tc<T, C, true, true>(la, lb, epi, la.M, p.Kg, p.G, 1, kt, kt);
   }
-  const Sched sc{int(tn), 1, kt, kt};
-  kern<<<dim3(unsigned(tm * tn), 1, unsigned(p.G)), 256, tc::WG_SMEM, stream()>>>(la, lb, epi, sc);
-  FC_LAUNCH_CHECK();
 }
 
 // Forward (and stride-1 grad_input) tile: wgmma on sm_90a builds where a 256x128 tile suits the
 // grid (FASTCONV_CONV_TILE=wgmma forces it, big/mid/old rule it out), else Big or Mid.
 template <typename T> void fwd_tc(const TcConv& p, const tc::EpiOut<T>& epi) {
   const int64_t rows = int64_t(p.N) * p.P * p.Q;
-  const int ov = tile_override();
-  if ((ov == 4 || (ov == 0 && use_big(rows, p.Kg, p.G))) && wgmma_available()) {
-    run_fwd_wg<T>(p, epi);
+  const Tile ov = plan::tile_override();
+  if ((ov == Tile::Wgmma || (ov == Tile::Auto && use_big(rows, p.Kg, p.G))) && wgmma_available()) {
+    run_fwd_tc<T, tc::Big, true>(p, epi);
     return;
   }
-  if (use_big(rows, p.Kg, p.G)) run_fwd_tc<T, tc::Big>(p, epi);
-  else run_fwd_tc<T, tc::Mid>(p, epi);
+  if (use_big(rows, p.Kg, p.G)) run_fwd_tc<T, tc::Big, false>(p, epi);
+  else run_fwd_tc<T, tc::Mid, false>(p, epi);
 }
 
-template <typename T>
-tc::EpiOut<T> make_epi_tc(const Tensor& out, int64_t rows, int H, int W, int chg, const float* bias,
-                          bool relu) {
-  tc::EpiOut<T> e;
-  e.out = out.data_ptr<T>();
-  set_strides(e.os, out);
-  e.dHW = FastDiv(int64_t(H) * W);
-  e.dW = FastDiv(W);
-  e.M = int(rows);
-  e.chg = chg;
-  e.bias = bias;
-  e.relu = relu;
-  e.vec = e.os[1] == 1 && chg % 8 == 0 && out.size(1) % 8 == 0 && aligned_to(out.data_ptr(), 16);
-  if (e.vec)
-    for (int i : {0, 2, 3}) e.vec = e.vec && e.os[i] % 8 == 0;
-  return e;
-}
-
-// Weights [K][Cg][R][S] -> [K][(r, s, c)] padded to a multiple of 64 columns.
-Tensor pack_fwd_weight(const Tensor& w, int64_t& ld) {
-  const int64_t K = w.size(0), kr = w.size(1) * w.size(2) * w.size(3);
-  ld = round_up(kr, tc::BK);
-  return pad_last(w.permute({0, 2, 3, 1}).reshape({K, kr}), ld);
-}
-
-// grad_input of a stride-1 conv is the conv of the masked grad_output with these weights:
-// [G * Cg][(r', s', k)] = W[g Kg + k][c][R-1-r'][S-1-s'], padded to a multiple of 64 columns.
-Tensor pack_dgrad_weight(const Tensor& w, int64_t G, int64_t& ld) {
-  const int64_t K = w.size(0), Cg = w.size(1), R = w.size(2), S = w.size(3), Kg = K / G;
-  ld = round_up(R * S * Kg, tc::BK);
-  return pad_last(w.reshape({G, Kg, Cg, R, S}).flip({3, 4}).permute({0, 2, 3, 4, 1})
-                      .reshape({G * Cg, R * S * Kg}),
-                  ld);
-}
-
-// Reduction splits for grad_weight: the count whose CTAs fill the machine's slots most evenly
-// (at least one full wave when the reduction is long enough), workspace below 1 GiB.
-int pick_splits(int64_t tiles, int64_t kt_total, int64_t slots, int64_t bytes_per_split) {
-  const int64_t smax = std::max<int64_t>(
-      1, std::min<int64_t>({kt_total / 4, 4096, (int64_t(1) << 30) / std::max<int64_t>(1, bytes_per_split)}));
-  int64_t best = 1;
-  double best_score = -1;
-  for (int64_t s = 1; s <= smax && tiles * s <= 8 * slots; ++s) {
-    const int64_t ctas = tiles * s, waves = ceil_div(ctas, slots);
-    const double score = double(ctas) / double(waves * slots) * std::min(1.0, double(ctas) / slots);
-    if (score > best_score + 1e-6) {
-      best_score = score;
-      best = s;
-    }
-  }
-  return int(best);
-}
 
 template <typename T, class C>
 void run_wgrad_tc(const Tensor& dym, const Tensor& xc, const Geom& g, const Tensor& dw) {
   const int64_t M = int64_t(g.N) * g.P * g.Q, cols = int64_t(g.Cg) * g.R * g.S;
   const int64_t kt_total = ceil_div(M, tc::BK);
   const int64_t tiles = ceil_div(g.Kg, C::BM) * ceil_div(cols, C::BN) * g.G;
-  int splits = pick_splits(tiles, kt_total, int64_t(num_sms()) * C::MIN_CTAS,
-                           int64_t(g.G) * g.Kg * cols * 4);
-  const int kps = int(ceil_div(kt_total, splits));
-  splits = int(ceil_div(kt_total, kps));
+  const auto [splits, kps] = plan::even_split(
+      kt_total, plan::pick_splits(tiles, kt_total, int64_t(num_sms()) * C::MIN_CTAS,
+                                  int64_t(g.G) * g.Kg * cols * 4));
   const Tensor ws = at::empty({int64_t(splits) * g.G * g.Kg * cols}, dym.options().dtype(at::kFloat));
   tc::PixLoadMN<C::BM> la{};
-  la.dy = reinterpret_cast<const uint16_t*>(dym.data_ptr());
-  la.K = g.K;
-  la.kg = g.Kg;
-  la.M = int(M);
   tc::Im2colLoadMN<C::BN> lb{};
-  lb.x = reinterpret_cast<const uint16_t*>(xc.data_ptr());
-  lb.C = g.C;
-  lb.H = g.H;
-  lb.W = g.W;
-  lb.cg = g.Cg;
-  lb.ncols = int(cols);
-  lb.M = int(M);
-  lb.sh = g.sh;
-  lb.sw = g.sw;
-  lb.ph = g.ph;
-  lb.pw = g.pw;
-  lb.dh = g.dh;
-  lb.dw = g.dw;
-  lb.S = g.S;
-  lb.dPQ = FastDiv(int64_t(g.P) * g.Q);
-  lb.dQ = FastDiv(g.Q);
+  plan::fill_wgrad_loaders(g, dym.data_ptr(), xc.data_ptr(), la, lb);
   const tc::EpiPart epi{ws.data_ptr<float>(), g.Kg, int(cols), splits};
   launch_tc<T, C, false, false>(la, lb, epi, g.Kg, cols, g.G, splits, int(kt_total), kps);
   const int64_t total = dw.numel();
@@ -825,10 +647,9 @@ void run_wgrad_tc(const Tensor& dym, const Tensor& xc, const Geom& g, const Tens
 template <typename T>
 void mask_bias(const Tensor& dy, const Tensor& y, bool relu, const Tensor& dym, const Tensor& db,
                int64_t M, int K) {
-  const int KV = K / 8, PL = std::max(1, 256 / KV);
-  const int64_t want = 4 * int64_t(num_sms());
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(want, ceil_div(M, int64_t(PL) * 8)));
-  const int64_t per = ceil_div(M, blocks), nb = ceil_div(M, per);
+  const plan::MaskGrid mg = plan::mask_bias_grid(M, K, 4 * int64_t(num_sms()));
+  const int KV = mg.KV, PL = mg.PL;
+  const int64_t per = mg.per, nb = mg.blocks;
   Tensor part;
   if (db.defined()) part = at::empty({nb * K}, dy.options().dtype(at::kFloat));
   float* pp = db.defined() ? part.data_ptr<float>() : nullptr;
@@ -864,37 +685,31 @@ void conv_fwd_impl(const Tensor& input, const Tensor& weight, const std::optiona
   if (bias.has_value() && bias->defined())
     b = bias->to(std::is_same<T, double>::value ? at::kDouble : at::kFloat).contiguous();
   const A* bp = b.defined() ? b.data_ptr<A>() : nullptr;
-  const EpiPixel<T> epi = make_epi<T>(out, M, g.P, g.Q, g.Kg, bp, relu);
+  const auto epi = make_epi<EpiPixel<T>, T>(out, M, g.P, g.Q, g.Kg, bp, relu);
 
   if constexpr (std::is_same<T, c10::Half>::value || std::is_same<T, c10::BFloat16>::value) {
     if (tensor_cores(input)) {
-      if (g.Cg % 8 == 0 && tile_override() != 3 &&
-          tc_fits(g.N, g.H, g.W, g.R, g.S, g.dh, g.dw, g.ph, g.pw) &&
-          int64_t(g.K) * round_up(int64_t(g.Cg) * g.R * g.S, tc::BK) < (int64_t(1) << 31)) {
+      if (plan::tile_override() != Tile::Old && plan::fwd_tc_ok(g)) {
         const Tensor x = cl_aligned(input);
         int64_t ld = 0;
-        const Tensor wp = pack_fwd_weight(weight, ld);
-        const TcConv p{&x, g.Cg, &wp, int(ld), g.N, g.H, g.W, g.P, g.Q, g.R, g.S, g.sh, g.sw,
-                       g.ph, g.pw, g.dh, g.dw, g.G, g.Kg};
-        fwd_tc<T>(p, make_epi_tc<T>(out, M, g.P, g.Q, g.Kg, bp, relu));
+        const Tensor wp = plan::pack_fwd_weight(weight, ld);
+        const TcConv p = plan::fwd_problem(g, x.data_ptr(), wp.data_ptr(), ld);
+        fwd_tc<T>(p, make_epi<tc::EpiOut<T>, T>(out, M, g.P, g.Q, g.Kg, bp, relu));
       } else if (g.Cg % 8 == 0) {
         const Tensor x = cl_aligned(input);
-        const int64_t Cpad = round_up(g.Cg, BK);
-        const Tensor wp = pad_last(weight.reshape({g.G, g.Kg, g.Cg, g.R, g.S})
-                                       .permute({0, 1, 3, 4, 2})
-                                       .contiguous(),
-                                   Cpad);
+        int64_t Cpad = 0;
+        const Tensor wp = plan::pack_fwd_weight_cpad(weight, g.G, Cpad);
         Geom gx = g;
         set_strides(gx.xs, x);
         FwdAVec<T> la{x.data_ptr<T>(), gx, FastDiv(int64_t(g.P) * g.Q), FastDiv(g.Q), int(M),
                       int(Cpad / BK)};
         RowsCp<T> lb{wp.data_ptr<T>(), g.R * g.S * Cpad, g.Kg};
         const int kt = int(g.R * g.S * Cpad / BK);
-        launch_mma<T>(la, lb, epi, M, g.Kg, g.G, 1, kt, kt);
+        launch_gemm<T, false>(la, lb, epi, M, g.Kg, g.G, 1, kt, kt);
       } else {
         const Tensor x = input.contiguous(out_format(input));
-        const int64_t KR = int64_t(g.Cg) * g.R * g.S, KRp = round_up(KR, BK);
-        const Tensor wp = pad_last(weight.reshape({g.K, KR}), KRp);
+        int64_t KRp = 0;
+        const Tensor wp = plan::pack_fwd_weight_rows(weight, KRp);
         Geom gx = g;
         set_strides(gx.xs, x);
         FwdA<T> d{x.data_ptr<T>(), gx, FastDiv(int64_t(g.P) * g.Q), FastDiv(g.Q),
@@ -903,7 +718,7 @@ void conv_fwd_impl(const Tensor& input, const Tensor& weight, const std::optiona
         la.d = d;
         RowsCp<T> lb{wp.data_ptr<T>(), KRp, g.Kg};
         const int kt = int(KRp / BK);
-        launch_mma<T>(la, lb, epi, M, g.Kg, g.G, 1, kt, kt);
+        launch_gemm<T, false>(la, lb, epi, M, g.Kg, g.G, 1, kt, kt);
       }
       return;
     }
@@ -921,7 +736,7 @@ void conv_fwd_impl(const Tensor& input, const Tensor& weight, const std::optiona
   db.dS = FastDiv(g.S);
   db.grp = 0;
   const int kt = int(ceil_div(int64_t(g.Cg) * g.R * g.S, SBK));
-  launch_simt<T>(da, db, epi, M, g.Kg, g.G, 1, kt, kt);
+  launch_gemm<T, true>(da, db, epi, M, g.Kg, g.G, 1, kt, kt);
 }
 
 Tensor conv2d_relu_cuda(const Tensor& input, const Tensor& weight,
@@ -936,12 +751,12 @@ Tensor conv2d_relu_cuda(const Tensor& input, const Tensor& weight,
                 weight.size(0), " output channels");
   }
   c10::cuda::CUDAGuard guard(input.device());
-  const int64_t P = conv_out(input.size(2), weight.size(2), stride[0], padding[0], dilation[0]);
-  const int64_t Q = conv_out(input.size(3), weight.size(3), stride[1], padding[1], dilation[1]);
+  const int64_t P = plan::conv_out(input.size(2), weight.size(2), stride[0], padding[0], dilation[0]);
+  const int64_t Q = plan::conv_out(input.size(3), weight.size(3), stride[1], padding[1], dilation[1]);
   TORCH_CHECK(P > 0 && Q > 0, "fastconv (CUDA): input of shape ", input.sizes(),
               " is too small for weight of shape ", weight.sizes());
-  Tensor out = at::empty({input.size(0), weight.size(0), P, Q},
-                         input.options().memory_format(out_format(input)));
+  Tensor out = poisoned(at::empty({input.size(0), weight.size(0), P, Q},
+                                  input.options().memory_format(out_format(input))));
   if (out.numel() == 0) return out;
   check_rows(input.size(0) * P * Q, "output");
   check_rows(input.size(0) * input.size(2) * input.size(3), "input");
@@ -957,30 +772,25 @@ template <typename T>
 void conv_dgrad_impl(const Tensor& dy, const Tensor& y, const Tensor& weight, Geom g, bool relu,
                      const Tensor& dx) {
   const int64_t M = int64_t(g.N) * g.H * g.W;
-  const EpiPixel<T> epi = make_epi<T>(dx, M, g.H, g.W, g.Cg, nullptr, false);
+  const auto epi = make_epi<EpiPixel<T>, T>(dx, M, g.H, g.W, g.Cg,
+                                            static_cast<const typename Acc<T>::type*>(nullptr), false);
   if constexpr (std::is_same<T, c10::Half>::value || std::is_same<T, c10::BFloat16>::value) {
     if (tensor_cores(dy)) {
       if (g.Kg % 8 == 0) {
         const Tensor dyc = cl_aligned(dy);
         const Tensor yc = relu ? cl_aligned(y) : dyc;
-        const int64_t Kpad = round_up(g.Kg, BK);
-        const Tensor wp = pad_last(weight.reshape({g.G, g.Kg, g.Cg, g.R, g.S})
-                                       .permute({0, 2, 3, 4, 1})
-                                       .contiguous(),
-                                   Kpad);
+        int64_t Kpad = 0;
+        const Tensor wp = plan::pack_dgrad_weight_kpad(weight, g.G, Kpad);
         Geom gy = g;
         set_strides(gy.ys, dyc);
         DgradAVec<T> la{dyc.data_ptr<T>(), yc.data_ptr<T>(), relu, gy,
                         FastDiv(int64_t(g.H) * g.W), FastDiv(g.W), int(M), int(Kpad / BK)};
         RowsCp<T> lb{wp.data_ptr<T>(), g.R * g.S * Kpad, g.Cg};
         const int kt = int(g.R * g.S * Kpad / BK);
-        launch_mma<T>(la, lb, epi, M, g.Cg, g.G, 1, kt, kt);
+        launch_gemm<T, false>(la, lb, epi, M, g.Cg, g.G, 1, kt, kt);
       } else {
-        const int64_t KR = int64_t(g.Kg) * g.R * g.S, KRp = round_up(KR, BK);
-        const Tensor wp = pad_last(weight.reshape({g.G, g.Kg, g.Cg, g.R, g.S})
-                                       .permute({0, 2, 1, 3, 4})
-                                       .reshape({g.G * g.Cg, KR}),
-                                   KRp);
+        int64_t KRp = 0;
+        const Tensor wp = plan::pack_dgrad_weight_rows(weight, g.G, KRp);
         Geom gy = g;
         set_strides(gy.ys, dy);
         GatherLd<T, DgradA<T>> la{};
@@ -988,7 +798,7 @@ void conv_dgrad_impl(const Tensor& dy, const Tensor& y, const Tensor& weight, Ge
                          FastDiv(g.W), FastDiv(int64_t(g.R) * g.S), FastDiv(g.S), int(M), 0};
         RowsCp<T> lb{wp.data_ptr<T>(), KRp, g.Cg};
         const int kt = int(KRp / BK);
-        launch_mma<T>(la, lb, epi, M, g.Cg, g.G, 1, kt, kt);
+        launch_gemm<T, false>(la, lb, epi, M, g.Cg, g.G, 1, kt, kt);
       }
       return;
     }
@@ -1005,16 +815,7 @@ void conv_dgrad_impl(const Tensor& dy, const Tensor& y, const Tensor& weight, Ge
   db.dS = FastDiv(g.S);
   db.grp = 0;
   const int kt = int(ceil_div(int64_t(g.Kg) * g.R * g.S, SBK));
-  launch_simt<T>(da, db, epi, M, g.Cg, g.G, 1, kt, kt);
-}
-
-// Splits of the pixel reduction: about two waves of CTAs, at least 8 tiles per split, and a
-// workspace below 1 GiB.
-int wgrad_splits(int64_t tiles, int64_t kt_total, int64_t ws_per_split_bytes) {
-  const int64_t want = ceil_div(2 * int64_t(num_sms()), tiles);
-  int64_t s = std::max<int64_t>(1, std::min(want, kt_total / 8));
-  s = std::min<int64_t>(s, std::max<int64_t>(1, (int64_t(1) << 30) / ws_per_split_bytes));
-  return int(std::min<int64_t>(s, 4096));
+  launch_gemm<T, true>(da, db, epi, M, g.Cg, g.G, 1, kt, kt);
 }
 
 template <typename T>
@@ -1027,7 +828,7 @@ void conv_wgrad_impl(const Tensor& dy, const Tensor& y, const Tensor& input, Geo
   Tensor ws;
   int splits = 1;
   auto make_ws = [&](int64_t tiles, int64_t kt_total) {
-    splits = wgrad_splits(tiles, kt_total, int64_t(g.Kg) * cols * g.G * sizeof(A));
+    splits = plan::wgrad_splits(tiles, kt_total, int64_t(g.Kg) * cols * g.G * sizeof(A), num_sms());
     ws = at::empty({int64_t(splits) * g.G * g.Kg * cols},
                    dy.options().dtype(std::is_same<A, double>::value ? at::kDouble : at::kFloat));
     return EpiWs<A>{ws.data_ptr<A>(), g.Kg, int(cols), splits};
@@ -1059,13 +860,13 @@ void conv_wgrad_impl(const Tensor& dy, const Tensor& y, const Tensor& input, Geo
       EpiWs<A> e = epi;
       e.splits = splits;
       if (avec && bvec)
-        launch_mma<T>(av, bv, e, g.Kg, cols, g.G, splits, int(kt_total), kps);
+        launch_gemm<T, false>(av, bv, e, g.Kg, cols, g.G, splits, int(kt_total), kps);
       else if (avec)
-        launch_mma<T>(av, bg, e, g.Kg, cols, g.G, splits, int(kt_total), kps);
+        launch_gemm<T, false>(av, bg, e, g.Kg, cols, g.G, splits, int(kt_total), kps);
       else if (bvec)
-        launch_mma<T>(ag, bv, e, g.Kg, cols, g.G, splits, int(kt_total), kps);
+        launch_gemm<T, false>(ag, bv, e, g.Kg, cols, g.G, splits, int(kt_total), kps);
       else
-        launch_mma<T>(ag, bg, e, g.Kg, cols, g.G, splits, int(kt_total), kps);
+        launch_gemm<T, false>(ag, bg, e, g.Kg, cols, g.G, splits, int(kt_total), kps);
       done = true;
     }
   }
@@ -1081,7 +882,7 @@ void conv_wgrad_impl(const Tensor& dy, const Tensor& y, const Tensor& input, Geo
     set_strides(gg.xs, input);
     WgradA<T> da{dy.data_ptr<T>(), y.data_ptr<T>(), relu, gg, dPQ, dQ, 0};
     WgradB<T> db{input.data_ptr<T>(), gg, dPQ, dQ, dRS, dS, 0};
-    launch_simt<T>(da, db, epi, g.Kg, cols, g.G, splits, int(kt_total), kps);
+    launch_gemm<T, true>(da, db, epi, g.Kg, cols, g.G, splits, int(kt_total), kps);
   }
   const int64_t total = dw.numel();
   wgrad_reduce_kernel<T, A><<<unsigned(ceil_div(total, 256)), 256, 0, stream()>>>(
@@ -1120,8 +921,7 @@ template <typename T>
 bool backward_tc(const Tensor& grad_output, const Tensor& output, const Tensor& input,
                  const Tensor& weight, const Geom& g, bool relu, std::array<bool, 3> mask,
                  const Tensor& gi, const Tensor& gw, const Tensor& gb) {
-  if (!tensor_cores(grad_output) || tile_override() == 3 || g.K % 8 != 0 || g.Kg % 8 != 0 ||
-      g.K > 2048)
+  if (!tensor_cores(grad_output) || plan::tile_override() == Tile::Old || !plan::bwd_tc_ok(g))
     return false;
   const int64_t M = int64_t(g.N) * g.P * g.Q;
   const Tensor dyc = cl_aligned(grad_output);
@@ -1129,28 +929,24 @@ bool backward_tc(const Tensor& grad_output, const Tensor& output, const Tensor& 
   const bool masked = relu && (mask[0] || mask[1]);
   if (masked || mask[2]) {
     const Tensor yc = relu ? cl_aligned(output) : Tensor();
-    if (masked) dym = at::empty_like(dyc);
+    if (masked) dym = poisoned(at::empty_like(dyc));
     mask_bias<T>(dyc, yc, relu, masked ? dym : Tensor(), mask[2] ? gb : Tensor(), M, g.K);
   }
   if (mask[0]) {
-    const int php = g.dh * (g.R - 1) - g.ph, pwp = g.dw * (g.S - 1) - g.pw;
-    const int64_t ldd = round_up(int64_t(g.R) * g.S * g.Kg, tc::BK);
-    if (g.sh == 1 && g.sw == 1 && tc_fits(g.N, g.P, g.Q, g.R, g.S, g.dh, g.dw, php, pwp) &&
-        int64_t(g.C) * ldd < (int64_t(1) << 31)) {
+    if (plan::dgrad_tc_ok(g)) {
       int64_t ld = 0;
-      const Tensor wt = pack_dgrad_weight(weight, g.G, ld);
-      const TcConv p{&dym, g.Kg, &wt, int(ld), g.N, g.P, g.Q, g.H, g.W, g.R, g.S, 1, 1,
-                     php, pwp, g.dh, g.dw, g.G, g.Cg};
-      fwd_tc<T>(p, make_epi_tc<T>(gi, int64_t(g.N) * g.H * g.W, g.H, g.W, g.Cg, nullptr, false));
+      const Tensor wt = plan::pack_dgrad_weight(weight, g.G, ld);
+      const TcConv p = plan::dgrad_problem(g, dym.data_ptr(), wt.data_ptr(), ld);
+      fwd_tc<T>(p, make_epi<tc::EpiOut<T>, T>(gi, int64_t(g.N) * g.H * g.W, g.H, g.W, g.Cg,
+                                                (const float*)nullptr, false));
     } else {
       conv_dgrad_impl<T>(dym, dym, weight, g, false, gi);
     }
   }
   if (mask[1]) {
-    if (g.Cg % 8 == 0 && tc_fits(g.N, g.H, g.W, g.R, g.S, g.dh, g.dw, g.ph, g.pw)) {
+    if (plan::wgrad_tc_ok(g)) {
       const Tensor xc = cl_aligned(input);
-      const int ov = tile_override();
-      if (big_fits() && ov != 2 && (ov == 1 || g.Kg >= 256)) run_wgrad_tc<T, tc::Big>(dym, xc, g, gw);
+      if (plan::wgrad_big(g.Kg, big_fits(), plan::tile_override())) run_wgrad_tc<T, tc::Big>(dym, xc, g, gw);
       else run_wgrad_tc<T, tc::Mid>(dym, xc, g, gw);
     } else {
       const Tensor x = input.contiguous(out_format(input));
@@ -1170,8 +966,8 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_backward_cuda(
   check_conv_args(input, weight, stride, padding, dilation, groups);
   check_cuda(grad_output, "grad_output");
   c10::cuda::CUDAGuard guard(input.device());
-  const int64_t P = conv_out(input.size(2), weight.size(2), stride[0], padding[0], dilation[0]);
-  const int64_t Q = conv_out(input.size(3), weight.size(3), stride[1], padding[1], dilation[1]);
+  const int64_t P = plan::conv_out(input.size(2), weight.size(2), stride[0], padding[0], dilation[0]);
+  const int64_t Q = plan::conv_out(input.size(3), weight.size(3), stride[1], padding[1], dilation[1]);
   const std::vector<int64_t> oshape{input.size(0), weight.size(0), P, Q};
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(oshape), "fastconv (CUDA): grad_output of shape ",
               grad_output.sizes(), " does not match the output shape ", at::IntArrayRef(oshape));
@@ -1183,10 +979,10 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_backward_cuda(
               input.scalar_type());
   const auto fmt = out_format(input);
   Tensor grad_input, grad_weight, grad_bias;
-  grad_input = output_mask[0] ? at::empty(input.sizes(), input.options().memory_format(fmt))
+  grad_input = output_mask[0] ? poisoned(at::empty(input.sizes(), input.options().memory_format(fmt)))
                               : at::empty({0}, input.options());
-  grad_weight = output_mask[1] ? at::empty_like(weight) : at::empty({0}, input.options());
-  grad_bias = output_mask[2] ? at::empty({weight.size(0)}, input.options())
+  grad_weight = output_mask[1] ? poisoned(at::empty_like(weight)) : at::empty({0}, input.options());
+  grad_bias = output_mask[2] ? poisoned(at::empty({weight.size(0)}, input.options()))
                              : at::empty({0}, input.options());
   const int64_t M = input.size(0) * P * Q;
   if (M == 0 || input.numel() == 0 || weight.numel() == 0) {  // nothing to sum: zeros

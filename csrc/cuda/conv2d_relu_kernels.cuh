@@ -5,6 +5,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "conv2d_relu_plan.h"
 
 namespace fastconv_cuda {
 namespace convk {
@@ -255,6 +256,7 @@ template <typename T> struct WgradB {
 // ----------------------------------------------------------------------------------------------
 
 constexpr int BM = 128, BN = 128, BK = 32, STAGES = 3, THREADS = 256;
+static_assert(BK == plan::kMmaBK, "the planner packs weights for this k-tile");
 constexpr int LDC = BN + 8;  // staging row pitch (halves): 272 bytes keeps rows 16B aligned and
                              // spreads the fragment writes over all banks
 

@@ -22,6 +22,7 @@
 #pragma once
 
 #include "conv2d_relu_kernels.cuh"
+#include "conv2d_relu_plan.h"
 
 namespace fastconv_cuda {
 namespace tc {
@@ -32,6 +33,7 @@ using convk::bits16;
 using convk::cp_async16;
 
 constexpr int BK = 64;  // reduction elements per k-tile
+static_assert(BK == plan::kTcBK, "the planner packs weights for this k-tile");
 
 template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_CTAS_>
 struct Cfg {

@@ -45,7 +45,7 @@ std::tuple<Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntArrayRef 
   const auto fmt = out_format(input);
   const Tensor x = input.contiguous(fmt);
   const auto opts = x.options().memory_format(fmt);
-  Tensor out = at::empty({x.size(0), x.size(1), OH, OW}, opts);
+  Tensor out = poisoned(at::empty({x.size(0), x.size(1), OH, OW}, opts));
   const bool small = kernel_size[0] * kernel_size[1] <= 127;
   const auto idt = return_indices ? at::kLong : (small ? at::kChar : at::kInt);
   Tensor ind = at::empty({x.size(0), x.size(1), OH, OW}, opts.dtype(idt));
@@ -79,27 +79,13 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_output, const Tensor& output,
                                 at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode,
                                 bool return_indices, bool relu) {
-  check_cuda(grad_output, "grad_output");
+  check_pool_backward(grad_output, input_size, kernel_size, stride, padding, dilation, ceil_mode);
   check_cuda(indices, "indices");
-  check_4d(grad_output, "grad_output");
-  check_float(grad_output, "grad_output");
-  TORCH_CHECK(input_size.size() == 4, "fastconv (CUDA): input_size must have 4 elements, got ",
-              input_size);
-  check_pair(kernel_size, "kernel_size", 1);
-  check_pair(stride, "stride", 1);
-  check_pair(padding, "padding", 0);
-  check_pair(dilation, "dilation", 1);
   TORCH_CHECK(indices.sizes() == grad_output.sizes(), "fastconv (CUDA): indices of shape ",
               indices.sizes(), " do not match grad_output of shape ", grad_output.sizes());
   const auto idt = indices.scalar_type();
   TORCH_CHECK(return_indices ? idt == at::kLong : (idt == at::kChar || idt == at::kInt),
               "fastconv (CUDA): indices dtype ", idt, " does not fit return_indices=", return_indices);
-  const int64_t OH = pooled_size(input_size[2], kernel_size[0], padding[0], stride[0], dilation[0], ceil_mode);
-  const int64_t OW = pooled_size(input_size[3], kernel_size[1], padding[1], stride[1], dilation[1], ceil_mode);
-  TORCH_CHECK(grad_output.size(0) == input_size[0] && grad_output.size(1) == input_size[1] &&
-                  grad_output.size(2) == OH && grad_output.size(3) == OW,
-              "fastconv (CUDA): grad_output of shape ", grad_output.sizes(),
-              " does not match input_size ", input_size);
   TORCH_CHECK(!relu || output.sizes() == grad_output.sizes(), "fastconv (CUDA): output of shape ",
               output.sizes(), " does not match grad_output of shape ", grad_output.sizes());
   c10::cuda::CUDAGuard guard(grad_output.device());
@@ -107,7 +93,7 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_output, const Tensor& output,
   const Tensor gy = grad_output.contiguous(fmt);
   const Tensor y = relu ? output.contiguous(fmt) : gy;
   const Tensor ind = indices.contiguous(fmt);
-  Tensor gx = at::empty(input_size, gy.options().memory_format(fmt));
+  Tensor gx = poisoned(at::empty(input_size, gy.options().memory_format(fmt)));
   if (gx.numel() == 0) return gx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gy.scalar_type(), "max_pool2d_backward", [&] {
     using T = scalar_t;

@@ -139,6 +139,27 @@ inline void check_pool_input(const Tensor& input, at::IntArrayRef k, at::IntArra
               " must be at most half of kernel_size ", k);
 }
 
+// What both pooling backward ops check: grad_output has the pooled size of input_size.
+inline void check_pool_backward(const Tensor& grad_output, at::IntArrayRef input_size,
+                                at::IntArrayRef k, at::IntArrayRef s, at::IntArrayRef p,
+                                at::IntArrayRef d, bool ceil_mode) {
+  check_cuda(grad_output, "grad_output");
+  check_4d(grad_output, "grad_output");
+  check_float(grad_output, "grad_output");
+  TORCH_CHECK(input_size.size() == 4, "fastconv (CUDA): input_size must have 4 elements, got ",
+              input_size);
+  check_pair(k, "kernel_size", 1);
+  check_pair(s, "stride", 1);
+  check_pair(p, "padding", 0);
+  check_pair(d, "dilation", 1);
+  const int64_t OH = pooled_size(input_size[2], k[0], p[0], s[0], d[0], ceil_mode);
+  const int64_t OW = pooled_size(input_size[3], k[1], p[1], s[1], d[1], ceil_mode);
+  TORCH_CHECK(grad_output.size(0) == input_size[0] && grad_output.size(1) == input_size[1] &&
+                  grad_output.size(2) == OH && grad_output.size(3) == OW,
+              "fastconv (CUDA): grad_output of shape ", grad_output.sizes(),
+              " does not match input_size ", input_size);
+}
+
 // Launches f(grid, n0) over the batch in slices of at most 65535 images (grid.y).
 template <typename F> void over_batch(int64_t N, uint32_t units, F&& f) {
   const unsigned bx = unsigned(ceil_div(units, 256));

@@ -1,12 +1,15 @@
 """The "extension" backend: the C++ (CPU) and CUDA operators of ``csrc/``, built on first use.
 
 Build. ``torch.utils.cpp_extension.load`` (ninja, honours ``MAX_JOBS``) compiles
-``csrc/*.cpp`` (schemas, autograd), ``csrc/cpu/*.cpp`` and, when torch is a CUDA build and
-nvcc is found, ``csrc/cuda/*.cu`` into the per-user cache, ``cache_dir("extension", <key>)``,
-where the key hashes the sources, the flags, the torch/CUDA/Python versions, the CUDA arch list
-and the CPU's features (the CPU code is compiled with ``-march=native``). A file lock keeps two processes from
-building the same key at once; a marker file says a build is complete, and later processes just
-load the library. Object files stay in that directory (``cuobjdump`` them there).
+``csrc/*.cpp`` (schemas, autograd), ``csrc/cpu/*.cpp`` and, where a CUDA device is present or
+``FASTCONV_BUILD_CUDA=1`` asks for it (and torch is a CUDA build and nvcc is found),
+``csrc/cuda/*.cu`` into the per-user cache, ``cache_dir("extension", <key>)``, where the key
+hashes the sources, the flags, the torch/CUDA/Python versions, the CUDA arch list and the CPU's
+features (the CPU code is compiled with ``-march=native``). A file lock keeps two processes from
+building the same key at once (a waiting process says whom it waits for, and its progress); a
+marker file says a build is complete, and later processes just load the library. Object files
+stay in that directory (``cuobjdump`` them there). docs/ARCHITECTURE.md says why each piece
+beyond cpp_extension's own flow is there.
 
 Nothing is compiled at ``import fastconv``. The first real use (``unavailable_reason()``)
 builds and loads, unless ``FASTCONV_NO_EXTENSION_BUILD=1``, in which case an unbuilt extension
@@ -14,11 +17,17 @@ reports itself unavailable. A failed build is remembered with its compiler outpu
 process and on disk for the same key, and is retried only by an explicit ``build()``
 (``fastconv build-ext``).
 
+Prebuilt. ``build_prebuilt(DIR)`` (``fastconv build-ext --prebuilt DIR``) builds with portable
+CPU flags and copies the library, which links no Python, into DIR with DIR/manifest.json.
+``FASTCONV_EXTENSION_LIB=DIR`` loads it (``torch.ops.load_library``) when the manifest's torch
+version and source hash match; otherwise it says why and builds as usual (``status()`` says which).
+
 Environment: ``MAX_JOBS`` (parallel compile jobs), ``TORCH_CUDA_ARCH_LIST`` (default
-"8.0;9.0"), ``FASTCONV_EXTENSION_CUDA=0`` (build the CPU half only), ``CUDA_HOME``, ``CXX``,
-``FASTCONV_NO_EXTENSION_BUILD=1`` (never build lazily), ``FASTCONV_EXTENSION_SOURCES`` (another
-source tree of csrc/'s layout; the build tests use it), ``FASTCONV_EXTENSION_FLAGS=minimal``
-(diagnosis, scripts/gpu_proof/errors.py: the CPU half without -march=native, OpenMP and the at::vec
+"8.0;9.0"), ``FASTCONV_BUILD_CUDA`` (1: CUDA half without a device; 0: never), ``CUDA_HOME``,
+``CXX``, ``FASTCONV_NO_EXTENSION_BUILD=1`` (never build lazily), ``FASTCONV_EXTENSION_LIB``
+(prebuilt library), ``FASTCONV_EXTENSION_SOURCES`` (another source tree of csrc/'s layout; the
+build tests use it), ``FASTCONV_EXTENSION_FLAGS=minimal`` (diagnosis,
+scripts/gpu_proof/errors.py: the CPU half without -march=native, OpenMP and the at::vec
 capability macros; a separate cached build).
 
 Builds of one configuration (flags, torch, CUDA, CPU) start from the newest earlier build's
@@ -34,6 +43,7 @@ calls the registered ``*_backward`` ops, which refuse double backward (csrc/fast
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -45,7 +55,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from .base import OPS, Backend
 
@@ -129,20 +139,28 @@ def _cuda_home() -> Optional[str]:
 
 
 def _cuda_decision(cu_sources: list[Path]) -> tuple[bool, str]:
-    """Whether to compile the CUDA half, and why (not)."""
+    """Whether to compile the CUDA half, and why (not).
+
+    Only where a CUDA device is present, or when FASTCONV_BUILD_CUDA=1 asks for it (CI's compile
+    check of the CUDA sources, a build for another machine): on a GPU-less machine the CUDA half
+    is minutes of nvcc for kernels that cannot run.
+    """
     import torch
 
-    if os.environ.get("FASTCONV_EXTENSION_CUDA", "").strip() == "0":
-        return False, "disabled by FASTCONV_EXTENSION_CUDA=0"
+    asked = os.environ.get("FASTCONV_BUILD_CUDA", "").strip().lower()
+    if asked in ("0", "false", "no", "off"):
+        return False, "disabled by FASTCONV_BUILD_CUDA=0"
     if not cu_sources:
         return False, "no CUDA sources in csrc/cuda"
     if not torch.version.cuda:
         return False, "torch is a CPU-only build"
     if getattr(torch.version, "hip", None):
         return False, "ROCm builds are not supported"
+    if not asked and torch.cuda.device_count() == 0:
+        return False, "no CUDA device here (FASTCONV_BUILD_CUDA=1 builds the CUDA half anyway)"
     if _cuda_home() is None:
         return False, "nvcc not found (set CUDA_HOME)"
-    return True, f"CUDA {torch.version.cuda}"
+    return True, f"CUDA {torch.version.cuda}" + (" (FASTCONV_BUILD_CUDA=1)" if asked else "")
 
 
 def cuda_arch_flags() -> list[str]:
@@ -236,10 +254,39 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
 
 
-class _Plan:
-    """Everything that determines a build: sources, flags, and the cache key derived from them."""
+def _portable_cpu_flags() -> tuple[list[str], list[str]]:
+    """Flags of a prebuilt library's CPU half and the CPU features they need.
 
-    def __init__(self) -> None:
+    x86-64 with AVX2/FMA/F16C (every x86 server CPU since 2015) and at::vec's AVX2 path; plain
+    code elsewhere. Never -march=native: the library runs on another machine.
+    """
+    if platform.machine() in ("x86_64", "AMD64"):
+        return (["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+                ["avx2", "fma", "f16c"])
+    return [], []
+
+
+def source_hash(root: Optional[Path] = None) -> str:
+    """sha256 over every source and header under csrc/ (paths and contents)."""
+    root = root or source_root()
+    if root is None:
+        raise ExtensionBuildError(
+            "the C++ sources (csrc/fastconv.cpp) are not present next to the fastconv package")
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*")
+                       if p.suffix in (".cpp", ".cu", ".h", ".hpp", ".cuh") and p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+class _Plan:
+    """Everything that determines a build: sources, flags, and the cache key derived from them.
+
+    portable: the flags of a prebuilt library (`fastconv build-ext --prebuilt DIR`).
+    """
+
+    def __init__(self, portable: bool = False) -> None:
         import torch
         from .. import _cache
 
@@ -253,13 +300,20 @@ class _Plan:
         cu = sorted((root / "cuda").glob("*.cu"))
         self.with_cuda, self.cuda_note = _cuda_decision(cu)
         self.cu = cu if self.with_cuda else []
-        self.cflags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp",
-                       "-Wno-unknown-pragmas"] + _vec_flags()
-        self.ldflags = ["-fopenmp"]
+        self.portable = portable
+        self.cpu_needs: list[str] = []
+        if portable:
+            cpu_flags, self.cpu_needs = _portable_cpu_flags()
+        else:
+            cpu_flags = ["-march=native"] + _vec_flags()
+        self.cflags = ["-O3", "-fno-math-errno", "-fopenmp", "-Wno-unknown-pragmas"] + cpu_flags
+        # --as-needed drops libtorch_python, which cpp_extension adds and no fastconv code uses:
+        # the library then loads into any Python that runs the same torch (prebuilt libraries)
+        self.ldflags = ["-fopenmp", "-Wl,--as-needed"]
         if os.environ.get("FASTCONV_EXTENSION_FLAGS", "").strip().lower() == "minimal":
             # diagnosis only: rules the CPU-specific flags in or out as a cause (slower CPU code)
             self.cflags = ["-O2", "-Wno-unknown-pragmas"]
-            self.ldflags = []
+            self.ldflags = ["-Wl,--as-needed"]
         self.cuda_cflags: list[str] = []
         self.arch = ""
         if self.with_cuda:
@@ -267,24 +321,19 @@ class _Plan:
             # no --use_fast_math: batch-norm statistics and NaN propagation need IEEE division
             # and comparisons
             self.cuda_cflags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + cuda_arch_flags()
-        headers = [p for p in sorted(root.rglob("*"))
-                   if p.suffix in (".h", ".hpp", ".cuh") and p.is_file()]
-        digest = hashlib.sha256()
-        for path in self.cpp + self.cu + headers:
-            digest.update(str(path.relative_to(root)).encode() + b"\0")
-            digest.update(path.read_bytes() + b"\0")
+        self.sources = source_hash(root)
         config_parts = {
             "root": str(root), "files": [str(p.relative_to(root)) for p in self.cpp + self.cu],
             "cflags": self.cflags, "ldflags": self.ldflags, "cuda_cflags": self.cuda_cflags,
             "torch": torch.__version__, "cuda": torch.version.cuda if self.with_cuda else None,
-            "python": sys.version_info[:2], "cpu": _cpu_features(),
+            "python": sys.version_info[:2], "cpu": "portable" if portable else _cpu_features(),
             "cxx": os.environ.get("CXX", "c++"), "cuda_home": _cuda_home() if self.with_cuda else None,
         }
         # config: everything but the source contents. Builds of one config share the CUDA
         # fill-in directories (so their compile commands are identical) and a new build
         # starts from the previous one's object files: ninja recompiles only what changed.
         self.config = _digest(config_parts)
-        self.key = _digest({"config": self.config, "sources": digest.hexdigest()})
+        self.key = _digest({"config": self.config, "sources": self.sources})
         self.dir = _cache.cache_dir("extension", self.key)
         self.shared = _cache.cache_dir("extension", f"config-{self.config}")
         self.library = self.dir / f"{_EXT_NAME}.so"
@@ -422,6 +471,64 @@ def _prune_old_builds(plan: _Plan) -> None:
             lock.unlink()
 
 
+_WAIT_REPORT_S = 15.0  # a process waiting on another's build says so this often
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds the build lock, from what the holder wrote into the lock file."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "null")
+        since = time.strftime("%H:%M:%S", time.localtime(info["since"]))
+        ago = time.time() - info["since"]
+        return f"pid {info['pid']} on {info['host']} (building since {since}, {ago:.0f} s ago)"
+    except Exception:  # written by an older fastconv, or being rewritten right now
+        return "another process"
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """The per-key build lock (fcntl: released by the kernel if the holder dies).
+
+    The holder writes its pid, host and start time into the lock file; a process that has to
+    wait prints who it waits for and then its progress every ~15 s, instead of hanging silently
+    for the minutes a build takes.
+    """
+    import fcntl
+    import socket
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            start = time.monotonic()
+            print(f"fastconv: waiting for the extension build of {_lock_holder(fd)} ({path})",
+                  file=sys.stderr, flush=True)
+            next_report = start + _WAIT_REPORT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    time.sleep(0.25)
+                if time.monotonic() >= next_report:
+                    next_report += _WAIT_REPORT_S
+                    print(f"fastconv: still waiting ({time.monotonic() - start:.0f} s) for "
+                          f"{_lock_holder(fd)}", file=sys.stderr, flush=True)
+            print(f"fastconv: the other build finished; waited {time.monotonic() - start:.0f} s",
+                  file=sys.stderr, flush=True)
+        me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me.encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def _build_and_load(plan: _Plan, *, allow_build: bool, retry_failed: bool, verbose: bool) -> None:
     """Loads the cached build of ``plan``, building it first if needed. Raises ExtensionBuildError."""
     global _loaded
@@ -444,7 +551,7 @@ def _build_and_load(plan: _Plan, *, allow_build: bool, retry_failed: bool, verbo
         problem = _toolchain_problem()
         if problem:
             raise ExtensionBuildError(problem)
-        with _cache.file_lock(plan.dir.parent / f"{plan.key}.lock"):
+        with _build_lock(plan.dir.parent / f"{plan.key}.lock"):
             info = _cache.read_json(marker)  # another process may have finished meanwhile
             if (info is None or not plan.library.is_file()) and not retry_failed \
                     and failed.is_file():
@@ -499,6 +606,103 @@ def _load_library(info: dict[str, Any]) -> None:
     _register_python_side()
 
 
+# ------------------------------------------------------------------------------------------
+# prebuilt libraries (FASTCONV_EXTENSION_LIB=DIR)
+
+_MANIFEST = "manifest.json"
+_prebuilt_note: Optional[str] = None  # what happened to $FASTCONV_EXTENSION_LIB in this process
+
+
+def build_prebuilt(dest: Path, verbose: bool = False) -> dict[str, Any]:
+    """Builds the extension with portable flags and copies it into ``dest`` with a manifest.
+
+    The library registers its ops with TORCH_LIBRARY and links no Python, so any Python running
+    the same torch loads it (FASTCONV_EXTENSION_LIB=dest). The CUDA half follows the usual rule
+    (a device present, or FASTCONV_BUILD_CUDA=1), for TORCH_CUDA_ARCH_LIST's architectures.
+    """
+    import torch
+    from .. import _cache
+
+    plan = _Plan(portable=True)
+    problem = _toolchain_problem()
+    if problem:
+        raise ExtensionBuildError(problem)
+    with _lock:
+        if (_cache.read_json(plan.dir / _MARKER) is None or not plan.library.is_file()):
+            with _build_lock(plan.dir.parent / f"{plan.key}.lock"):
+                if _cache.read_json(plan.dir / _MARKER) is None or not plan.library.is_file():
+                    print(f"fastconv: building a prebuilt extension in {plan.dir} ...",
+                          file=sys.stderr, flush=True)
+                    start = time.monotonic()
+                    _ninja_on_path()
+                    try:
+                        # cpp_extension.load also loads it here: this process must not load
+                        # another fastconv library afterwards (build-ext --prebuilt exits)
+                        _compile(plan, verbose)
+                    except Exception as exc:
+                        text = str(exc)
+                        _cache.atomic_write_text(plan.dir / _LOG, text + "\n")
+                        raise ExtensionBuildError(
+                            f"building the prebuilt extension failed (log: {plan.dir / _LOG}):\n"
+                            f"{_tail(text)}") from exc
+                    _cache.atomic_write_json(plan.dir / _MARKER, {
+                        "library": str(plan.library), "cuda": plan.with_cuda, "key": plan.key,
+                        "config": plan.config, "seconds": round(time.monotonic() - start, 1)})
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = dest / f".{_EXT_NAME}.so.{os.getpid()}"
+    shutil.copy2(plan.library, tmp)
+    os.replace(tmp, dest / f"{_EXT_NAME}.so")
+    manifest = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
+                "sources": plan.sources, "cuda_archs": plan.arch if plan.with_cuda else "",
+                "cuda_note": plan.cuda_note, "cpu_needs": plan.cpu_needs,
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _cache.atomic_write_json(dest / _MANIFEST, manifest)
+    return manifest
+
+
+def _prebuilt_mismatch(lib_dir: Path) -> tuple[Optional[str], dict[str, Any]]:
+    """Why the prebuilt library in lib_dir cannot serve this process (None: it can)."""
+    import torch
+    from .. import _cache
+
+    manifest = _cache.read_json(lib_dir / _MANIFEST)
+    if not isinstance(manifest, dict):
+        return f"no readable {_MANIFEST} in {lib_dir}", {}
+    if not (lib_dir / f"{_EXT_NAME}.so").is_file():
+        return f"{lib_dir / f'{_EXT_NAME}.so'} is missing", manifest
+    if manifest.get("torch") != torch.__version__:
+        return (f"built for torch {manifest.get('torch')}, this is torch {torch.__version__}",
+                manifest)
+    if manifest.get("sources") != source_hash():
+        return "built from other sources than this csrc/ (source hash differs)", manifest
+    have = set(_cpu_features().split())
+    missing = [f for f in manifest.get("cpu_needs", []) if f not in have]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}", manifest
+    return None, manifest
+
+
+def _load_prebuilt(lib_dir: Path) -> Optional[str]:
+    """Loads lib_dir's library if its manifest matches; returns None or why not."""
+    global _prebuilt_note
+    reason, manifest = _prebuilt_mismatch(lib_dir)
+    if reason is None:
+        info = {"library": str(lib_dir / f"{_EXT_NAME}.so"), "cuda": bool(manifest["cuda_archs"]),
+                "cuda_note": manifest.get("cuda_note", ""), "arch": manifest["cuda_archs"],
+                "prebuilt": str(lib_dir)}
+        try:
+            _load_library(info)
+        except ExtensionBuildError as exc:
+            reason = str(exc)
+    if reason is None:
+        _prebuilt_note = (f"prebuilt library loaded from {lib_dir} (built "
+                          f"{manifest.get('built_at')}, torch {manifest['torch']})")
+    else:
+        _prebuilt_note = f"prebuilt library in {lib_dir} not used: {reason}"
+        print(f"fastconv: {_prebuilt_note}; using the per-user build", file=sys.stderr, flush=True)
+    return reason
+
+
 def _ensure(*, allow_build: bool, retry_failed: bool = False, verbose: bool = False) -> Optional[str]:
     """Loads (building if allowed) once per process; returns None or why it is unavailable."""
     global _failure
@@ -507,6 +711,13 @@ def _ensure(*, allow_build: bool, retry_failed: bool = False, verbose: bool = Fa
             return None
         if _failure is not None and not retry_failed:
             return _failure
+        lib_dir = os.environ.get("FASTCONV_EXTENSION_LIB", "").strip()
+        if lib_dir and _prebuilt_note is None:
+            try:
+                if _load_prebuilt(Path(lib_dir)) is None:
+                    return None
+            except Exception as exc:  # a broken manifest must not take the backend down
+                _note_prebuilt_failure(lib_dir, exc)
         try:
             plan = _Plan()
             _build_and_load(plan, allow_build=allow_build, retry_failed=retry_failed,
@@ -521,6 +732,12 @@ def _ensure(*, allow_build: bool, retry_failed: bool = False, verbose: bool = Fa
             return _failure
         _failure = None
         return None
+
+
+def _note_prebuilt_failure(lib_dir: str, exc: Exception) -> None:
+    global _prebuilt_note
+    _prebuilt_note = f"prebuilt library in {lib_dir} not used: {type(exc).__name__}: {exc}"
+    print(f"fastconv: {_prebuilt_note}", file=sys.stderr, flush=True)
 
 
 def build(verbose: bool = False) -> Path:
@@ -548,11 +765,14 @@ def status(build: bool = False) -> tuple[bool, str]:
     if _loaded is None:
         reason = _ensure(allow_build=build)
         if reason is not None:
-            return False, reason
+            return False, reason + (f"; {_prebuilt_note}" if _prebuilt_note else "")
     assert _loaded is not None
     cuda = (f"CUDA kernels compiled in (TORCH_CUDA_ARCH_LIST={_loaded['arch']})"
             if _loaded["cuda"] else f"no CUDA kernels ({_loaded['cuda_note']})")
-    return True, f"CPU kernels ({', '.join(_CPU_DTYPES)}); {cuda}; {Path(_loaded['library']).parent}"
+    where = str(Path(_loaded["library"]).parent)
+    if _prebuilt_note:
+        where = _prebuilt_note if _loaded.get("prebuilt") else f"{where}; {_prebuilt_note}"
+    return True, f"CPU kernels ({', '.join(_CPU_DTYPES)}); {cuda}; {where}"
 
 
 def loaded() -> bool:

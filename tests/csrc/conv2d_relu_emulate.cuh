@@ -10,6 +10,7 @@
 #pragma once
 
 #include "conv2d_relu_kernels.cuh"
+#include "conv2d_relu_plan.h"
 #include "conv2d_relu_tc.cuh"
 
 #include <cmath>
@@ -203,6 +204,18 @@ inline void strides(int64_t (&s)[4], int C, int H, int W, bool nhwc) {
   else      { s[0] = int64_t(C) * H * W; s[1] = int64_t(H) * W; s[2] = W; s[3] = 1; }
 }
 
+inline Geom geom_of(const Case& c) {
+  Geom g{};
+  g.N = c.N; g.C = c.C; g.H = c.H; g.W = c.W; g.K = c.K; g.R = c.R; g.S = c.S;
+  g.P = int(plan::conv_out(c.H, c.R, c.sh, c.ph, c.dh));
+  g.Q = int(plan::conv_out(c.W, c.S, c.sw, c.pw, c.dw));
+  g.sh = c.sh; g.sw = c.sw; g.ph = c.ph; g.pw = c.pw; g.dh = c.dh; g.dw = c.dw;
+  g.G = c.G; g.Cg = c.C / c.G; g.Kg = c.K / c.G;
+  strides(g.xs, c.C, c.H, c.W, c.nhwc);
+  strides(g.ys, c.K, g.P, g.Q, c.nhwc);
+  return g;
+}
+
 template <typename T> struct Problem {
   Case cs;
   Geom g{};
@@ -211,14 +224,7 @@ template <typename T> struct Problem {
   std::vector<float> bias;
   std::mt19937 rng;
 
-  explicit Problem(const Case& c) : cs(c), rng(1234) {
-    P = (c.H + 2 * c.ph - c.dh * (c.R - 1) - 1) / c.sh + 1;
-    Q = (c.W + 2 * c.pw - c.dw * (c.S - 1) - 1) / c.sw + 1;
-    g.N = c.N; g.C = c.C; g.H = c.H; g.W = c.W; g.K = c.K; g.P = P; g.Q = Q; g.R = c.R; g.S = c.S;
-    g.sh = c.sh; g.sw = c.sw; g.ph = c.ph; g.pw = c.pw; g.dh = c.dh; g.dw = c.dw;
-    g.G = c.G; g.Cg = c.C / c.G; g.Kg = c.K / c.G;
-    strides(g.xs, c.C, c.H, c.W, c.nhwc);
-    strides(g.ys, c.K, P, Q, c.nhwc);
+  explicit Problem(const Case& c) : cs(c), g(geom_of(c)), P(g.P), Q(g.Q), rng(1234) {
     std::uniform_real_distribution<float> U(-1.f, 1.f);
     auto fill = [&](std::vector<T>& v, size_t n) {
       v.resize(n);
@@ -240,6 +246,11 @@ template <typename T> struct Problem {
   int64_t yoff(int n, int k, int p, int q) const {
     return n * g.ys[0] + k * g.ys[1] + p * g.ys[2] + q * g.ys[3];
   }
+  // The weights as a CPU tensor (no copy) for the planner's packing functions.
+  at::Tensor weights() const {
+    return at::from_blob(const_cast<T*>(wt.data()), {cs.K, g.Cg, cs.R, cs.S},
+                         at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  }
   double DYm(int n, int k, int p, int q) const {
     const int64_t o = yoff(n, k, p, q);
     if (cs.relu && float(y[o]) <= 0.f) return 0.0;
@@ -257,20 +268,9 @@ template <typename T> EpiPixel<T> epi_for(T* out, const int64_t (&os)[4], int64_
                                           int W, int chg, int ctot,
                                           const typename Acc<T>::type* bias, bool relu) {
   EpiPixel<T> e;
-  e.out = out;
-  for (int i = 0; i < 4; ++i) e.os[i] = os[i];
-  e.dHW = FastDiv(int64_t(H) * W);
-  e.dW = FastDiv(W);
-  e.M = int(rows);
-  e.chg = chg;
-  e.bias = bias;
-  e.relu = relu;
-  e.vec = os[1] == 1 && chg % 8 == 0 && ctot % 8 == 0 && os[0] % 8 == 0 && os[2] % 8 == 0 &&
-          os[3] % 8 == 0;
+  plan::fill_epi(e, out, os, rows, H, W, chg, ctot, bias, relu, true);
   return e;
 }
-
-inline int64_t rup(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // forward: returns the number of mismatches (printing the first few)
 template <typename T> long check_fwd(const Case& c, bool simt = is_wide<T>()) {
@@ -297,25 +297,19 @@ template <typename T> long check_fwd(const Case& c, bool simt = is_wide<T>()) {
     run_simt<T>(da, db, epi, M, g.Kg, g.G, 1, kt, kt);
   } else if constexpr (!is_wide<T>()) {
    if (g.Cg % 8 == 0 && c.nhwc && !c.force_gather_a) {
-    const int64_t Cpad = rup(g.Cg, BK), ld = g.R * g.S * Cpad;
-    std::vector<T> wp(size_t(g.K) * ld, T(0.f));
-    for (int k = 0; k < g.K; ++k)
-      for (int cc = 0; cc < g.Cg; ++cc)
-        for (int r = 0; r < g.R; ++r)
-          for (int s = 0; s < g.S; ++s)
-            wp[k * ld + (r * g.S + s) * Cpad + cc] = pb.wt[((int64_t(k) * g.Cg + cc) * g.R + r) * g.S + s];
+    int64_t Cpad = 0;
+    const at::Tensor wp = plan::pack_fwd_weight_cpad(pb.weights(), g.G, Cpad);
+    const int64_t ld = g.R * g.S * Cpad;
     FwdAVec<T> la{pb.x.data(), g, FastDiv(int64_t(g.P) * g.Q), FastDiv(g.Q), int(M), int(Cpad / BK)};
-    RowsCp<T> lb{wp.data(), ld, g.Kg};
+    RowsCp<T> lb{wp.data_ptr<T>(), ld, g.Kg};
     bad += run_mma<T>(la, lb, epi, M, g.Kg, g.G, 1, int(ld / BK), int(ld / BK));
   } else {
-    const int64_t KR = int64_t(g.Cg) * g.R * g.S, KRp = rup(KR, BK);
-    std::vector<T> wp(size_t(g.K) * KRp, T(0.f));
-    for (int k = 0; k < g.K; ++k)
-      for (int64_t j = 0; j < KR; ++j) wp[k * KRp + j] = pb.wt[k * KR + j];
+    int64_t KRp = 0;
+    const at::Tensor wp = plan::pack_fwd_weight_rows(pb.weights(), KRp);
     GatherLd<T, FwdA<T>> la{};
     la.d = FwdA<T>{pb.x.data(), g, FastDiv(int64_t(g.P) * g.Q), FastDiv(g.Q),
                    FastDiv(int64_t(g.R) * g.S), FastDiv(g.S), int(M), 0};
-    RowsCp<T> lb{wp.data(), KRp, g.Kg};
+    RowsCp<T> lb{wp.data_ptr<T>(), KRp, g.Kg};
     bad += run_mma<T>(la, lb, epi, M, g.Kg, g.G, 1, int(KRp / BK), int(KRp / BK));
   }
   }
@@ -365,35 +359,20 @@ template <typename T> long check_dgrad(const Case& c, bool simt = is_wide<T>()) 
     run_simt<T>(da, db, epi, M, g.Cg, g.G, 1, kt, kt);
   } else if constexpr (!is_wide<T>()) {
    if (g.Kg % 8 == 0 && c.nhwc && !c.force_gather_a) {
-    const int64_t Kpad = rup(g.Kg, BK), ld = g.R * g.S * Kpad;
-    std::vector<T> wp(size_t(g.G) * g.Cg * ld, T(0.f));
-    for (int k = 0; k < g.K; ++k)
-      for (int cc = 0; cc < g.Cg; ++cc)
-        for (int r = 0; r < g.R; ++r)
-          for (int s = 0; s < g.S; ++s) {
-            const int grp = k / g.Kg, kk = k % g.Kg;
-            wp[(int64_t(grp) * g.Cg + cc) * ld + (r * g.S + s) * Kpad + kk] =
-                pb.wt[((int64_t(k) * g.Cg + cc) * g.R + r) * g.S + s];
-          }
+    int64_t Kpad = 0;
+    const at::Tensor wp = plan::pack_dgrad_weight_kpad(pb.weights(), g.G, Kpad);
+    const int64_t ld = g.R * g.S * Kpad;
     DgradAVec<T> la{pb.dy.data(), pb.y.data(), c.relu, g, FastDiv(int64_t(g.H) * g.W),
                     FastDiv(g.W), int(M), int(Kpad / BK)};
-    RowsCp<T> lb{wp.data(), ld, g.Cg};
+    RowsCp<T> lb{wp.data_ptr<T>(), ld, g.Cg};
     bad += run_mma<T>(la, lb, epi, M, g.Cg, g.G, 1, int(ld / BK), int(ld / BK));
   } else {
-    const int64_t KR = int64_t(g.Kg) * g.R * g.S, KRp = rup(KR, BK);
-    std::vector<T> wp(size_t(g.G) * g.Cg * KRp, T(0.f));
-    for (int k = 0; k < g.K; ++k)
-      for (int cc = 0; cc < g.Cg; ++cc)
-        for (int r = 0; r < g.R; ++r)
-          for (int s = 0; s < g.S; ++s) {
-            const int grp = k / g.Kg, kk = k % g.Kg;
-            wp[(int64_t(grp) * g.Cg + cc) * KRp + (int64_t(kk) * g.R + r) * g.S + s] =
-                pb.wt[((int64_t(k) * g.Cg + cc) * g.R + r) * g.S + s];
-          }
+    int64_t KRp = 0;
+    const at::Tensor wp = plan::pack_dgrad_weight_rows(pb.weights(), g.G, KRp);
     GatherLd<T, DgradA<T>> la{};
     la.d = DgradA<T>{pb.dy.data(), pb.y.data(), c.relu, g, FastDiv(int64_t(g.H) * g.W),
                      FastDiv(g.W), FastDiv(int64_t(g.R) * g.S), FastDiv(g.S), int(M), 0};
-    RowsCp<T> lb{wp.data(), KRp, g.Cg};
+    RowsCp<T> lb{wp.data_ptr<T>(), KRp, g.Cg};
     bad += run_mma<T>(la, lb, epi, M, g.Cg, g.G, 1, int(KRp / BK), int(KRp / BK));
   }
   }
@@ -431,8 +410,7 @@ template <typename T> long check_wgrad(const Case& c, int want_splits, bool simt
   const Geom& g = pb.g;
   const int64_t M = int64_t(g.N) * g.P * g.Q, cols = int64_t(g.Cg) * g.R * g.S;
   const int kt_total = int(ceil_div(M, simt ? SBK : BK));
-  const int kps = int(ceil_div(kt_total, want_splits));
-  const int splits = int(ceil_div(kt_total, kps));
+  const auto [splits, kps] = plan::even_split(kt_total, want_splits);
   std::vector<A> ws(size_t(splits) * g.G * g.Kg * cols, A(NAN));
   EpiWs<A> epi{ws.data(), g.Kg, int(cols), splits};
   const bool avec = !simt && g.Kg % 8 == 0 && c.nhwc && !c.force_gather_a;
@@ -691,9 +669,9 @@ long run_wg(const LA& la0, const LB& lb0, const tc::EpiOut<T>& epi, int64_t rows
 template <typename T>
 void emu_mask_bias(const T* dy, const T* y, bool relu, T* dym, float* db_sum, int64_t M, int K,
                    int blocks_wanted) {
-  const int KV = K / 8, PL = std::max(1, 256 / KV);
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(blocks_wanted, ceil_div(M, int64_t(PL) * 8)));
-  const int64_t per = ceil_div(M, blocks), nb = ceil_div(M, per);
+  const plan::MaskGrid mg = plan::mask_bias_grid(M, K, blocks_wanted);
+  const int KV = mg.KV, PL = mg.PL;
+  const int64_t per = mg.per, nb = mg.blocks;
   std::vector<float> red(256 * 8, NAN), part(size_t(nb) * K, NAN);
   for (int64_t b = 0; b < nb; ++b) {
     for (int ly = 0; ly < PL; ++ly)
@@ -712,8 +690,6 @@ void emu_mask_bias(const T* dy, const T* y, bool relu, T* dym, float* db_sum, in
   }
 }
 
-inline bool tc_ok(const Case& c) { return c.nhwc && (c.C / c.G) % 8 == 0 && (c.K / c.G) % 8 == 0; }
-
 // forward through the large-tile kernel (channels_last, Cg % 8 == 0)
 template <typename T, class C, bool WG = false> long check_fwd_tc(const Case& c) {
   Problem<T> pb(c);
@@ -721,36 +697,14 @@ template <typename T, class C, bool WG = false> long check_fwd_tc(const Case& c)
   const int64_t M = int64_t(g.N) * g.P * g.Q;
   std::vector<T> out(size_t(g.N) * g.K * g.P * g.Q, T(NAN));
   tc::EpiOut<T> epi;
-  epi.out = out.data();
-  for (int i = 0; i < 4; ++i) epi.os[i] = g.ys[i];
-  epi.dHW = FastDiv(int64_t(g.P) * g.Q);
-  epi.dW = FastDiv(g.Q);
-  epi.M = int(M);
-  epi.chg = g.Kg;
-  epi.bias = c.bias ? pb.bias.data() : nullptr;
-  epi.relu = c.relu;
-  epi.vec = g.Kg % 8 == 0 && g.K % 8 == 0;
-  // weights [K][(r, s, c)] padded to a multiple of 64
-  const int64_t kr = int64_t(g.R) * g.S * g.Cg, ld = rup(kr, tc::BK);
-  std::vector<T> wp(size_t(g.K) * ld, T(0.f));
-  for (int k = 0; k < g.K; ++k)
-    for (int cc = 0; cc < g.Cg; ++cc)
-      for (int r = 0; r < g.R; ++r)
-        for (int s = 0; s < g.S; ++s)
-          wp[k * ld + (r * g.S + s) * g.Cg + cc] = pb.wt[((int64_t(k) * g.Cg + cc) * g.R + r) * g.S + s];
+  plan::fill_epi(epi, out.data(), g.ys, M, g.P, g.Q, g.Kg, g.K,
+                 c.bias ? pb.bias.data() : nullptr, c.relu, true);
+  int64_t ld = 0;
+  const at::Tensor wp = plan::pack_fwd_weight(pb.weights(), ld);
   tc::FwdLoadA<C> la{};
-  la.x = reinterpret_cast<const uint16_t*>(pb.x.data());
-  la.cstride = g.C;
-  la.cg = g.Cg; la.H = g.H; la.W = g.W; la.S = g.S; la.RS = g.R * g.S;
-  la.sh = g.sh; la.sw = g.sw; la.ph = g.ph; la.pw = g.pw; la.dh = g.dh; la.dw = g.dw;
-  la.M = int(M);
-  la.dPQ = FastDiv(int64_t(g.P) * g.Q); la.dQ = FastDiv(g.Q); la.dC8 = FastDiv(g.Cg / 8);
-  la.dS = FastDiv(g.S);
   tc::RowsLoad<C::BN> lb{};
-  lb.w = reinterpret_cast<const uint16_t*>(wp.data());
-  lb.ld = int(ld);
-  lb.rows_per_group = g.Kg;
-  const int kt = int(ceil_div(kr, tc::BK));
+  const int kt =
+      plan::fill_fwd_loaders(plan::fwd_problem(g, pb.x.data(), wp.data_ptr(), ld), la, lb);
   long bad = WG ? run_wg<T>(la, lb, epi, M, g.Kg, g.G, kt)
                 : run_tc<T, C, true, true>(la, lb, epi, M, g.Kg, g.G, 1, kt, kt);
   if (bad) printf("  unwritten shared elements: %ld\n", bad);
@@ -792,39 +746,14 @@ template <typename T, class C> long check_dgrad_tc(const Case& c) {
   if (!c.relu) dym = pb.dy;
   std::vector<T> dx(size_t(g.N) * g.C * g.H * g.W, T(NAN));
   tc::EpiOut<T> epi;
-  epi.out = dx.data();
-  for (int i = 0; i < 4; ++i) epi.os[i] = g.xs[i];
-  epi.dHW = FastDiv(int64_t(g.H) * g.W);
-  epi.dW = FastDiv(g.W);
-  epi.M = int(M);
-  epi.chg = g.Cg;
-  epi.bias = nullptr;
-  epi.relu = false;
-  epi.vec = true;
-  const int64_t kr = int64_t(g.R) * g.S * g.Kg, ld = rup(kr, tc::BK);
-  std::vector<T> wt(size_t(g.C) * ld, T(0.f));
-  for (int k = 0; k < g.K; ++k)
-    for (int cc = 0; cc < g.Cg; ++cc)
-      for (int r = 0; r < g.R; ++r)
-        for (int s = 0; s < g.S; ++s) {
-          const int grp = k / g.Kg, kk = k % g.Kg;
-          wt[(int64_t(grp) * g.Cg + cc) * ld + ((g.R - 1 - r) * g.S + (g.S - 1 - s)) * g.Kg + kk] =
-              pb.wt[((int64_t(k) * g.Cg + cc) * g.R + r) * g.S + s];
-        }
+  plan::fill_epi(epi, dx.data(), g.xs, M, g.H, g.W, g.Cg, g.C, static_cast<const float*>(nullptr),
+                 false, true);
+  int64_t ld = 0;
+  const at::Tensor wt = plan::pack_dgrad_weight(pb.weights(), g.G, ld);
   tc::FwdLoadA<C> la{};
-  la.x = reinterpret_cast<const uint16_t*>(dym.data());
-  la.cstride = g.K;
-  la.cg = g.Kg; la.H = g.P; la.W = g.Q; la.S = g.S; la.RS = g.R * g.S;
-  la.sh = 1; la.sw = 1; la.ph = g.dh * (g.R - 1) - g.ph; la.pw = g.dw * (g.S - 1) - g.pw;
-  la.dh = g.dh; la.dw = g.dw;
-  la.M = int(M);
-  la.dPQ = FastDiv(int64_t(g.H) * g.W); la.dQ = FastDiv(g.W); la.dC8 = FastDiv(g.Kg / 8);
-  la.dS = FastDiv(g.S);
   tc::RowsLoad<C::BN> lb{};
-  lb.w = reinterpret_cast<const uint16_t*>(wt.data());
-  lb.ld = int(ld);
-  lb.rows_per_group = g.Cg;
-  const int kt = int(ceil_div(kr, tc::BK));
+  const int kt =
+      plan::fill_fwd_loaders(plan::dgrad_problem(g, dym.data(), wt.data_ptr(), ld), la, lb);
   long bad = run_tc<T, C, true, true>(la, lb, epi, M, g.Cg, g.G, 1, kt, kt);
   if (bad) printf("  unwritten shared elements: %ld\n", bad);
   const double tol = tol_of<T>();
@@ -876,20 +805,11 @@ template <typename T, class C> long check_wgrad_tc(const Case& c, int want_split
   emu_mask_bias<T>(pb.dy.data(), pb.y.data(), c.relu, dym.data(), db.data(), M, g.K, 5);
   if (!c.relu) dym = pb.dy;
   const int kt_total = int(ceil_div(M, tc::BK));
-  const int kps = int(ceil_div(kt_total, want_splits));
-  const int splits = int(ceil_div(kt_total, kps));
+  const auto [splits, kps] = plan::even_split(kt_total, want_splits);
   std::vector<float> ws(size_t(splits) * g.G * g.Kg * cols, NAN);
   tc::PixLoadMN<C::BM> la{};
-  la.dy = reinterpret_cast<const uint16_t*>(dym.data());
-  la.K = g.K;
-  la.kg = g.Kg;
-  la.M = int(M);
   tc::Im2colLoadMN<C::BN> lb{};
-  lb.x = reinterpret_cast<const uint16_t*>(pb.x.data());
-  lb.C = g.C; lb.H = g.H; lb.W = g.W; lb.cg = g.Cg; lb.ncols = int(cols); lb.M = int(M);
-  lb.sh = g.sh; lb.sw = g.sw; lb.ph = g.ph; lb.pw = g.pw; lb.dh = g.dh; lb.dw = g.dw; lb.S = g.S;
-  lb.dPQ = FastDiv(int64_t(g.P) * g.Q);
-  lb.dQ = FastDiv(g.Q);
+  plan::fill_wgrad_loaders(g, dym.data(), pb.x.data(), la, lb);
   const tc::EpiPart epi{ws.data(), g.Kg, int(cols), splits};
   long bad = run_tc<T, C, false, false>(la, lb, epi, g.Kg, cols, g.G, splits, kt_total, kps);
   if (bad) printf("  unwritten shared elements: %ld\n", bad);
@@ -922,9 +842,13 @@ template <typename T, class C> long check_wgrad_tc(const Case& c, int want_split
   return bad;
 }
 
+// Each pass whose large-tile path the planner would take for this problem (channels_last; the
+// launcher makes any layout so first).
 template <typename T, class C> long check_tc(const Case& c) {
-  long bad = check_fwd_tc<T, C>(c) + check_wgrad_tc<T, C>(c, 3);
-  if (c.sh == 1 && c.sw == 1) bad += check_dgrad_tc<T, C>(c);
+  const Geom g = geom_of(c);
+  long bad = plan::fwd_tc_ok(g) ? check_fwd_tc<T, C>(c) : 0;
+  if (plan::bwd_tc_ok(g) && plan::wgrad_tc_ok(g)) bad += check_wgrad_tc<T, C>(c, 3);
+  if (plan::bwd_tc_ok(g) && plan::dgrad_tc_ok(g)) bad += check_dgrad_tc<T, C>(c);
   return bad;
 }
 
@@ -943,7 +867,7 @@ inline int run_tc_all() {
   };
   int failed = 0;
   for (const Case& c : cases) {
-    if (!tc_ok(c)) continue;
+    if (!c.nhwc || !plan::fwd_tc_ok(geom_of(c))) continue;
     const long b1 = check_tc<c10::Half, tc::Big>(c), b2 = check_tc<c10::BFloat16, tc::Big>(c);
     const long b3 = check_tc<c10::Half, tc::Mid>(c), b4 = check_tc<c10::BFloat16, tc::Mid>(c);
     const long b5 = check_fwd_tc<c10::Half, tc::Big, true>(c);
