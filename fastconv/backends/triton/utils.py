@@ -1,5 +1,5 @@
 """What every Triton op module shares: host arithmetic, the 64-bit index decision, output
-allocation (and poisoning), real/fake tensor checks, launch plans, op definition, tuning data
+allocation (and poisoning), real/fake tensor checks, launch plans, op definition, eager autograd
 and the window-pooling tile that max_pool2d.py and avg_pool2d.py both use. (Launch
 configurations and their data files: autotune.py.)
 """
