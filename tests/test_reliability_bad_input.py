@@ -35,7 +35,7 @@ import fastconv
 import fastconv.functional as FF
 from fastconv import dispatch
 from fastconv import nn as fnn
-from test_reliability_numerics import BACKENDS, DEV, require
+from support import BACKENDS, DEV, require
 
 ROOT = Path(__file__).resolve().parents[1]
 
