@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from fastconv.backends.reference import TorchBackend
 
 HAS_CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if HAS_CUDA else "cpu")
+BACKENDS = ("torch", "extension", "triton")
 DEVICES = ("cpu", "cuda") if HAS_CUDA else ("cpu",)
 KERNEL_BACKENDS = ("extension", "triton")
 # unit roundoff of each storage dtype
@@ -118,12 +120,12 @@ def assert_layout(t, like, what=""):
 
 
 # --------------------------------------------------------------------------- backends
-def require(backend: str, device: str = "cpu") -> None:
+def require(backend: str, device=None) -> None:
     """Skip, with the backend's reason, when it cannot run on ``device`` here."""
     from fastconv import dispatch
 
     reason = dispatch.availability()[backend]
-    if reason is None and backend == "triton" and device == "cpu":
+    if reason is None and backend == "triton" and str(device) == "cpu":
         from fastconv.backends.triton import interpreter_enabled
         if not interpreter_enabled():
             reason = "the Triton interpreter is off (a GPU is present)"
@@ -341,3 +343,229 @@ def bn_reference(x, weight, bias, running_mean, running_var, training, momentum,
     if bias is not None:
         res["bias"] = (db, gamma(n * h * w_, acc) * mg_sum + U[bias.dtype] * db.abs())
     return res
+
+
+# --------------------------------------------------------------------------- whole models
+# Relative L2 norms, for comparisons of whole models and training runs (where rounding
+# differences propagate through many layers) only; single ops use assert_within.
+REL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 4e-3,
+           torch.bfloat16: 3e-2}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == e.shape, f"shape {tuple(a.shape)} != {tuple(e.shape)}"
+    assert not torch.isnan(a).any(), "result has NaN (unwritten or poisoned elements?)"
+    return float((a - e).norm() / e.norm().clamp_min(1e-30))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, tol=None, what=""):
+    tol = tol if tol is not None else REL_TOL[dtype or actual.dtype]
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{what} relative error {err:.3e} > {tol:.1e}"
+
+
+# --------------------------------------------------------------------------- whole-call checks
+# Used by test_reliability_numerics.py, test_property.py and test_determinism.py: any op,
+# arguments by name, against float64 torch with relative L2 tolerances.
+# Which tensor arguments each op differentiates, and the running statistics it mutates.
+STATS = ("running_mean", "running_var")
+
+
+def make_case(op: str, shape, dtype=torch.float32, *, scale=1.0, shift=0.0, seed=0,
+              **params) -> dict:
+    """Random arguments of ``op`` (keyword dict for fastconv.functional) on DEV.
+
+    conv2d_relu takes ``out_channels``, ``kernel`` (pair) and ``bias`` (bool) in ``params``;
+    batch_norm takes ``affine`` and ``stats`` (bools); ``channels_last=True`` makes the input
+    channels_last.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64)
+
+    x = (rnd(*shape) * scale + shift).to(dtype)
+    if params.pop("channels_last", False):
+        x = x.contiguous(memory_format=torch.channels_last)
+    args = {"input": x}
+    if op == "conv2d_relu":
+        k = params.pop("out_channels")
+        kh, kw = params.pop("kernel")
+        groups = params.get("groups", 1)
+        cin = shape[1] // groups
+        args["weight"] = (rnd(k, cin, kh, kw) / math.sqrt(max(1, cin * kh * kw))).to(dtype)
+        args["bias"] = (rnd(k) * 0.5).to(dtype) if params.pop("bias", True) else None
+    elif op == "batch_norm":
+        c = shape[1]
+        affine, stats = params.pop("affine", True), params.pop("stats", True)
+        pdtype = params.pop("param_dtype", dtype)
+        args["running_mean"] = (rnd(c) * 0.1).to(pdtype) if stats else None
+        args["running_var"] = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(
+            pdtype) if stats else None
+        args["weight"] = (rnd(c) * 0.5 + 1).to(pdtype) if affine else None
+        args["bias"] = (rnd(c) * 0.5).to(pdtype) if affine else None
+    args.update(params)
+    return {k: v.to(DEV) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+def _copy_args(args: dict, dtype=None) -> dict:
+    out = {}
+    for k, v in args.items():
+        if isinstance(v, torch.Tensor):
+            v = v.detach().clone()
+            if dtype is not None:
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def _leaves(op: str, args: dict, grad: bool) -> list[str]:
+    names = [n for n in GRAD_ARGS[op] if isinstance(args.get(n), torch.Tensor)]
+    if grad:
+        for n in names:
+            args[n].requires_grad_(True)
+    return names
+
+
+def _split(op: str, result):
+    if op == "max_pool2d" and isinstance(result, tuple):
+        return result[0], result[1]
+    return result, None
+
+
+def call(op: str, args: dict, backend, grad_out=None):
+    """Run ``op`` on copies of ``args``: (output, indices or None, {grad name: grad},
+    {running stat name: tensor after the call})."""
+    a = _copy_args(args)
+    names = _leaves(op, a, grad_out is not None)
+    out, idx = _split(op, getattr(importlib.import_module("fastconv.functional"), op)(**a, backend=backend))
+    grads = {}
+    if grad_out is not None and names:
+        got = torch.autograd.grad(out, [a[n] for n in names], grad_out, allow_unused=True)
+        grads = dict(zip(names, got))
+    return out, idx, grads, {n: a[n] for n in STATS if a.get(n) is not None}
+
+
+def torch_op(op: str, a: dict):
+    """The torch.nn.functional composition fastconv's op stands for."""
+    if op == "conv2d_relu":
+        y = F.conv2d(a["input"], a["weight"], a.get("bias"), a.get("stride", 1),
+                     a.get("padding", 0), a.get("dilation", 1), a.get("groups", 1))
+        return torch.relu(y) if a.get("relu", True) else y
+    if op == "max_pool2d":
+        res = F.max_pool2d(a["input"], a["kernel_size"], a.get("stride"), a.get("padding", 0),
+                           a.get("dilation", 1), a.get("ceil_mode", False),
+                           a.get("return_indices", False))
+        if not a.get("relu", False):
+            return res
+        return (torch.relu(res[0]), res[1]) if isinstance(res, tuple) else torch.relu(res)
+    if op == "avg_pool2d":
+        return F.avg_pool2d(a["input"], a["kernel_size"], a.get("stride"), a.get("padding", 0),
+                            a.get("ceil_mode", False), a.get("count_include_pad", True),
+                            a.get("divisor_override"))
+    if op == "adaptive_avg_pool2d":
+        return F.adaptive_avg_pool2d(a["input"], a["output_size"])
+    y = F.batch_norm(a["input"], a.get("running_mean"), a.get("running_var"), a.get("weight"),
+                     a.get("bias"), a.get("training", False), a.get("momentum", 0.1),
+                     a.get("eps", 1e-5))
+    return torch.relu(y) if a.get("relu", False) else y
+
+
+def reference(op: str, args: dict, grad_out=None, dtype=torch.float64):
+    """torch.nn.functional on float64 copies (``dtype=None``: on copies in their own dtypes,
+    torch's own answer): same tuple as :func:`call`."""
+    a = _copy_args(args, dtype)
+    names = _leaves(op, a, grad_out is not None)
+    out, idx = _split(op, torch_op(op, a))
+    grads = {}
+    if grad_out is not None and names:
+        g = grad_out if dtype is None else grad_out.to(dtype)
+        got = torch.autograd.grad(out, [a[n] for n in names], g, allow_unused=True)
+        grads = dict(zip(names, got))
+    return out, idx, grads, {n: a[n] for n in STATS if a.get(n) is not None}
+
+
+def grad_like(out: torch.Tensor, seed=1_000_003) -> torch.Tensor:
+    # a seed no make_case call uses: a gradient equal to the input's noise would make batch
+    # norm's grad_input cancel to nothing
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype).to(out.device)
+
+
+def _tol(got_dtype, own: torch.Tensor, ref: torch.Tensor, tol=None) -> float:
+    """A few unit roundoffs of the dtype, or twice torch's own error in that dtype where the
+    problem itself is ill-conditioned (batch-norm gradients of two values per channel)."""
+    base = tol if tol is not None else REL_TOL[got_dtype]
+    return max(base, 2 * rel_err(own, ref)) if own.numel() else base
+
+
+def _bn_grad_input_scale(args: dict, g: torch.Tensor) -> torch.Tensor:
+    """Magnitude of the terms batch norm's training grad_input sums, per element:
+    |w| invstd (|g| + mean|g| + |xhat| mean|g xhat|) (float64). Its result cancels to almost
+    nothing when a channel has two values, so errors are measured against this instead."""
+    x = args["input"].double()
+    dims = (0, 2, 3)
+    mean = x.mean(dims, keepdim=True)
+    invstd = (x.var(dims, unbiased=False, keepdim=True) + args.get("eps", 1e-5)).rsqrt()
+    xhat = (x - mean) * invstd
+    w = args.get("weight")
+    w = w.double().abs().view(1, -1, 1, 1) if w is not None else 1.0
+    ga = g.double().abs()
+    return w * invstd * (ga + ga.mean(dims, keepdim=True)
+                         + xhat.abs() * (ga * xhat.abs()).mean(dims, keepdim=True))
+
+
+def check_against_reference(op, args, backend, what="", tol=None, grads=True):
+    """Output, indices, every gradient and the running statistics against float64 torch."""
+    dtype = args["input"].dtype
+    probe, *_ = call(op, args, "torch")  # the output shape, for the gradient
+    g = grad_like(probe) if grads and probe.numel() else None
+    out, idx, gr, stats = call(op, args, backend, g)
+    ref, ref_idx, ref_gr, ref_stats = reference(op, args, g)
+    own, _, own_gr, own_stats = reference(op, args, g, dtype=None)  # torch in the same dtypes
+    assert out.shape == ref.shape and out.dtype == dtype, (
+        f"{what}: output {tuple(out.shape)} {out.dtype}, torch {tuple(ref.shape)}")
+    if out.numel():
+        assert_close(out, ref, tol=_tol(dtype, own, ref, tol), what=f"{what} output")
+    if ref_idx is not None:
+        assert torch.equal(idx.cpu(), ref_idx.cpu()), (
+            f"{what}: indices differ from torch's")
+    for name, r in ref_gr.items():
+        got = gr[name]
+        assert got is not None and got.shape == r.shape, f"{what}: grad of {name} missing"
+        if r.numel() and r.abs().max() > 0:
+            t = _tol(dtype, own_gr[name], r, tol)
+            if op == "batch_norm" and name == "input" and args.get("training"):
+                scale = _bn_grad_input_scale(args, g).cpu()
+                t = max(t, REL_TOL[dtype] * float(scale.norm() / r.norm().cpu()))
+            assert_close(got, r, tol=t, what=f"{what} grad {name}")
+        else:  # empty problems: exact zeros (torch's answer), never garbage
+            assert torch.equal(got.double().cpu(), r.cpu()), f"{what}: grad {name} not zero"
+    for name, r in ref_stats.items():
+        assert_close(stats[name], r, tol=_tol(stats[name].dtype, own_stats[name], r, tol),
+                     what=f"{what} {name}")
+    return out
+
+
+
+
+# --------------------------------------------------------------------------- data files
+def fake_fashion(root, n_train=40, n_test=16, gz=True, seed=0, layout="torchvision"):
+    """Small FashionMNIST IDX files in the standard names; returns the arrays written."""
+    import numpy as np
+
+    from fastconv.tools import data as D
+
+    rng = np.random.default_rng(seed)
+    folder = root / "FashionMNIST" / "raw" if layout == "torchvision" else root
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "train_images": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train_labels": rng.integers(0, 10, n_train, dtype=np.uint8),
+        "test_images": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "test_labels": rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    for key, arr in arrays.items():
+        D.write_idx(folder / (D.FASHION_FILES[key] + (".gz" if gz else "")), arr)
+    return arrays

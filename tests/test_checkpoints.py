@@ -24,8 +24,8 @@ from torch import nn
 
 import fastconv
 from fastconv import cli, models
-from helpers import assert_close
-from test_reliability_numerics import BACKENDS, DEV, require
+from support import assert_close
+from support import BACKENDS, DEV, require
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

@@ -9,7 +9,7 @@ from torch import nn
 import fastconv
 from fastconv import models
 from fastconv import nn as fnn
-from helpers import assert_close
+from support import assert_close
 
 # small inputs keep CPU time low; the models' Linear sizes follow the input size
 SMALL = {

@@ -19,8 +19,10 @@ import torch
 
 import fastconv
 from fastconv import models
-from test_reliability_numerics import (BACKENDS, DEV, HAS_CUDA, call, grad_like, make_case,
-                                       exact_kernels, require)  # noqa: F401 (autouse fixture)
+from support import (BACKENDS, DEV, HAS_CUDA, call, grad_like, make_case,
+                     require)
+
+pytestmark = pytest.mark.usefixtures("no_tf32")
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 

@@ -7,7 +7,7 @@ import fastconv
 from fastconv import dispatch
 from fastconv.backends.base import Backend
 from fastconv.functional import conv2d_relu
-from helpers import assert_close
+from support import assert_close
 
 
 class Recorder(Backend):

@@ -27,7 +27,7 @@ from torch import nn
 
 import fastconv
 from fastconv import models
-from test_reliability_numerics import BACKENDS, DEV, HAS_CUDA, require
+from support import BACKENDS, DEV, HAS_CUDA, require
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 

@@ -22,8 +22,9 @@ pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip insta
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from test_reliability_numerics import (BACKENDS, check_against_reference, make_case,
-                                       exact_kernels, require)  # noqa: F401 (autouse fixture)
+from support import BACKENDS, check_against_reference, make_case, require
+
+pytestmark = pytest.mark.usefixtures("no_tf32")
 
 _EXTRA = int(os.environ.get("FASTCONV_PROPERTY_EXAMPLES", "0"))
 

@@ -9,11 +9,10 @@
 Every case runs through the public layer (``fastconv.functional``) with an explicit backend:
 ``torch``, ``extension`` and ``triton`` (the interpreter on CPU, tiny shapes). A backend that
 cannot run here is skipped with its reason. References are torch.nn.functional on float64
-copies of the inputs; tolerances are those of tests/helpers.py (a few unit roundoffs of the
-storage dtype, relative L2). Triton buffers are poisoned (NaN) when allocated.
+copies of the inputs; tolerances are relative L2 norms (tests/support.py: 1e-5 for float32,
+about 170 unit roundoffs). Triton buffers are poisoned (NaN) when allocated.
 
-Shared helpers (``require``, ``call``, ``reference``, ``make_case``) are imported by the other
-reliability test files.
+The helpers (``require``, ``call``, ``reference``, ``make_case``) live in tests/support.py.
 """
 from __future__ import annotations
 
@@ -32,11 +31,10 @@ import fastconv
 import fastconv.functional as FF
 from fastconv import dispatch
 from fastconv import nn as fnn
-from helpers import REL_TOL, assert_close, rel_err
+from support import (BACKENDS, DEV, HAS_CUDA, REL_TOL, assert_close, call,  # noqa: F401
+                     check_against_reference, grad_like, make_case, reference, rel_err, require,
+                     torch_op)
 
-HAS_CUDA = torch.cuda.is_available()
-DEV = torch.device("cuda" if HAS_CUDA else "cpu")
-BACKENDS = ("torch", "extension", "triton")
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 ROOT = Path(__file__).resolve().parents[1]
 # the Triton interpreter computes in numpy, which warns about the Inf/NaN arithmetic that the
@@ -46,13 +44,6 @@ numpy_specials = pytest.mark.filterwarnings("ignore:invalid value encountered",
 
 
 # --------------------------------------------------------------------------- shared helpers
-def require(backend: str) -> None:
-    """Skip (with the backend's own reason) when ``backend`` cannot run on this machine."""
-    reason = dispatch.availability()[backend]
-    if reason is not None:
-        pytest.skip(f"backend {backend!r} unavailable: {reason}")
-
-
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     require(request.param)
@@ -69,189 +60,6 @@ def exact_kernels(monkeypatch):
     if HAS_CUDA:
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-
-
-# Which tensor arguments each op differentiates, and the running statistics it mutates.
-GRAD_ARGS = {"conv2d_relu": ("input", "weight", "bias"), "batch_norm": ("input", "weight", "bias"),
-             "max_pool2d": ("input",), "avg_pool2d": ("input",),
-             "adaptive_avg_pool2d": ("input",)}
-STATS = ("running_mean", "running_var")
-
-
-def make_case(op: str, shape, dtype=torch.float32, *, scale=1.0, shift=0.0, seed=0,
-              **params) -> dict:
-    """Random arguments of ``op`` (keyword dict for fastconv.functional) on DEV.
-
-    conv2d_relu takes ``out_channels``, ``kernel`` (pair) and ``bias`` (bool) in ``params``;
-    batch_norm takes ``affine`` and ``stats`` (bools); ``channels_last=True`` makes the input
-    channels_last.
-    """
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*s):
-        return torch.randn(*s, generator=g, dtype=torch.float64)
-
-    x = (rnd(*shape) * scale + shift).to(dtype)
-    if params.pop("channels_last", False):
-        x = x.contiguous(memory_format=torch.channels_last)
-    args = {"input": x}
-    if op == "conv2d_relu":
-        k = params.pop("out_channels")
-        kh, kw = params.pop("kernel")
-        groups = params.get("groups", 1)
-        cin = shape[1] // groups
-        args["weight"] = (rnd(k, cin, kh, kw) / math.sqrt(max(1, cin * kh * kw))).to(dtype)
-        args["bias"] = (rnd(k) * 0.5).to(dtype) if params.pop("bias", True) else None
-    elif op == "batch_norm":
-        c = shape[1]
-        affine, stats = params.pop("affine", True), params.pop("stats", True)
-        pdtype = params.pop("param_dtype", dtype)
-        args["running_mean"] = (rnd(c) * 0.1).to(pdtype) if stats else None
-        args["running_var"] = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(
-            pdtype) if stats else None
-        args["weight"] = (rnd(c) * 0.5 + 1).to(pdtype) if affine else None
-        args["bias"] = (rnd(c) * 0.5).to(pdtype) if affine else None
-    args.update(params)
-    return {k: v.to(DEV) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-
-
-def _copy_args(args: dict, dtype=None) -> dict:
-    out = {}
-    for k, v in args.items():
-        if isinstance(v, torch.Tensor):
-            v = v.detach().clone()
-            if dtype is not None:
-                v = v.to(dtype)
-        out[k] = v
-    return out
-
-
-def _leaves(op: str, args: dict, grad: bool) -> list[str]:
-    names = [n for n in GRAD_ARGS[op] if isinstance(args.get(n), torch.Tensor)]
-    if grad:
-        for n in names:
-            args[n].requires_grad_(True)
-    return names
-
-
-def _split(op: str, result):
-    if op == "max_pool2d" and isinstance(result, tuple):
-        return result[0], result[1]
-    return result, None
-
-
-def call(op: str, args: dict, backend, grad_out=None):
-    """Run ``op`` on copies of ``args``: (output, indices or None, {grad name: grad},
-    {running stat name: tensor after the call})."""
-    a = _copy_args(args)
-    names = _leaves(op, a, grad_out is not None)
-    out, idx = _split(op, getattr(FF, op)(**a, backend=backend))
-    grads = {}
-    if grad_out is not None and names:
-        got = torch.autograd.grad(out, [a[n] for n in names], grad_out, allow_unused=True)
-        grads = dict(zip(names, got))
-    return out, idx, grads, {n: a[n] for n in STATS if a.get(n) is not None}
-
-
-def torch_op(op: str, a: dict):
-    """The torch.nn.functional composition fastconv's op stands for."""
-    if op == "conv2d_relu":
-        y = F.conv2d(a["input"], a["weight"], a.get("bias"), a.get("stride", 1),
-                     a.get("padding", 0), a.get("dilation", 1), a.get("groups", 1))
-        return torch.relu(y) if a.get("relu", True) else y
-    if op == "max_pool2d":
-        res = F.max_pool2d(a["input"], a["kernel_size"], a.get("stride"), a.get("padding", 0),
-                           a.get("dilation", 1), a.get("ceil_mode", False),
-                           a.get("return_indices", False))
-        if not a.get("relu", False):
-            return res
-        return (torch.relu(res[0]), res[1]) if isinstance(res, tuple) else torch.relu(res)
-    if op == "avg_pool2d":
-        return F.avg_pool2d(a["input"], a["kernel_size"], a.get("stride"), a.get("padding", 0),
-                            a.get("ceil_mode", False), a.get("count_include_pad", True),
-                            a.get("divisor_override"))
-    if op == "adaptive_avg_pool2d":
-        return F.adaptive_avg_pool2d(a["input"], a["output_size"])
-    y = F.batch_norm(a["input"], a.get("running_mean"), a.get("running_var"), a.get("weight"),
-                     a.get("bias"), a.get("training", False), a.get("momentum", 0.1),
-                     a.get("eps", 1e-5))
-    return torch.relu(y) if a.get("relu", False) else y
-
-
-def reference(op: str, args: dict, grad_out=None, dtype=torch.float64):
-    """torch.nn.functional on float64 copies (``dtype=None``: on copies in their own dtypes,
-    torch's own answer): same tuple as :func:`call`."""
-    a = _copy_args(args, dtype)
-    names = _leaves(op, a, grad_out is not None)
-    out, idx = _split(op, torch_op(op, a))
-    grads = {}
-    if grad_out is not None and names:
-        g = grad_out if dtype is None else grad_out.to(dtype)
-        got = torch.autograd.grad(out, [a[n] for n in names], g, allow_unused=True)
-        grads = dict(zip(names, got))
-    return out, idx, grads, {n: a[n] for n in STATS if a.get(n) is not None}
-
-
-def grad_like(out: torch.Tensor, seed=1_000_003) -> torch.Tensor:
-    # a seed no make_case call uses: a gradient equal to the input's noise would make batch
-    # norm's grad_input cancel to nothing
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype).to(out.device)
-
-
-def _tol(got_dtype, own: torch.Tensor, ref: torch.Tensor, tol=None) -> float:
-    """A few unit roundoffs of the dtype, or twice torch's own error in that dtype where the
-    problem itself is ill-conditioned (batch-norm gradients of two values per channel)."""
-    base = tol if tol is not None else REL_TOL[got_dtype]
-    return max(base, 2 * rel_err(own, ref)) if own.numel() else base
-
-
-def _bn_grad_input_scale(args: dict, g: torch.Tensor) -> torch.Tensor:
-    """Magnitude of the terms batch norm's training grad_input sums, per element:
-    |w| invstd (|g| + mean|g| + |xhat| mean|g xhat|) (float64). Its result cancels to almost
-    nothing when a channel has two values, so errors are measured against this instead."""
-    x = args["input"].double()
-    dims = (0, 2, 3)
-    mean = x.mean(dims, keepdim=True)
-    invstd = (x.var(dims, unbiased=False, keepdim=True) + args.get("eps", 1e-5)).rsqrt()
-    xhat = (x - mean) * invstd
-    w = args.get("weight")
-    w = w.double().abs().view(1, -1, 1, 1) if w is not None else 1.0
-    ga = g.double().abs()
-    return w * invstd * (ga + ga.mean(dims, keepdim=True)
-                         + xhat.abs() * (ga * xhat.abs()).mean(dims, keepdim=True))
-
-
-def check_against_reference(op, args, backend, what="", tol=None, grads=True):
-    """Output, indices, every gradient and the running statistics against float64 torch."""
-    dtype = args["input"].dtype
-    probe, *_ = call(op, args, "torch")  # the output shape, for the gradient
-    g = grad_like(probe) if grads and probe.numel() else None
-    out, idx, gr, stats = call(op, args, backend, g)
-    ref, ref_idx, ref_gr, ref_stats = reference(op, args, g)
-    own, _, own_gr, own_stats = reference(op, args, g, dtype=None)  # torch in the same dtypes
-    assert out.shape == ref.shape and out.dtype == dtype, (
-        f"{what}: output {tuple(out.shape)} {out.dtype}, torch {tuple(ref.shape)}")
-    if out.numel():
-        assert_close(out, ref, tol=_tol(dtype, own, ref, tol), what=f"{what} output")
-    if ref_idx is not None:
-        assert torch.equal(idx.cpu(), ref_idx.cpu()), (
-            f"{what}: indices differ from torch's")
-    for name, r in ref_gr.items():
-        got = gr[name]
-        assert got is not None and got.shape == r.shape, f"{what}: grad of {name} missing"
-        if r.numel() and r.abs().max() > 0:
-            t = _tol(dtype, own_gr[name], r, tol)
-            if op == "batch_norm" and name == "input" and args.get("training"):
-                scale = _bn_grad_input_scale(args, g).cpu()
-                t = max(t, REL_TOL[dtype] * float(scale.norm() / r.norm().cpu()))
-            assert_close(got, r, tol=t, what=f"{what} grad {name}")
-        else:  # empty problems: exact zeros (torch's answer), never garbage
-            assert torch.equal(got.double().cpu(), r.cpu()), f"{what}: grad {name} not zero"
-    for name, r in ref_stats.items():
-        assert_close(stats[name], r, tol=_tol(stats[name].dtype, own_stats[name], r, tol),
-                     what=f"{what} {name}")
-    return out
 
 
 # --------------------------------------------------------------------------- edge shapes

@@ -8,22 +8,7 @@ import pytest
 import torch
 
 from fastconv.tools import data as D
-
-
-def _fake_fashion(root, n_train=40, n_test=16, gz=True, seed=0, layout="torchvision"):
-    """Small IDX files in the standard names; returns the arrays written."""
-    rng = np.random.default_rng(seed)
-    folder = root / "FashionMNIST" / "raw" if layout == "torchvision" else root
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "train_images": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        "train_labels": rng.integers(0, 10, n_train, dtype=np.uint8),
-        "test_images": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        "test_labels": rng.integers(0, 10, n_test, dtype=np.uint8),
-    }
-    for key, arr in arrays.items():
-        D.write_idx(folder / (D.FASHION_FILES[key] + (".gz" if gz else "")), arr)
-    return arrays
+from support import fake_fashion
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])
@@ -55,7 +40,7 @@ def test_idx_rejects_bad_files(tmp_path):
 
 @pytest.mark.parametrize("layout,gz", [("torchvision", True), ("flat", False)])
 def test_fashion_mnist_reads_both_layouts(tmp_path, layout, gz):
-    arrays = _fake_fashion(tmp_path, gz=gz, layout=layout)
+    arrays = fake_fashion(tmp_path, gz=gz, layout=layout)
     train, test = D.fashion_mnist(tmp_path)
     assert train.images.shape == (40, 1, 28, 28) and train.images.dtype == torch.uint8
     assert test.images.shape == (16, 1, 28, 28) and len(test) == 16
@@ -67,7 +52,7 @@ def test_fashion_mnist_reads_both_layouts(tmp_path, layout, gz):
 def test_fashion_mnist_missing_files_name_them(tmp_path):
     with pytest.raises(D.DataError, match="no such directory"):
         D.find_fashion_mnist(tmp_path / "nowhere")
-    _fake_fashion(tmp_path)
+    fake_fashion(tmp_path)
     (tmp_path / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(D.DataError) as info:
         D.find_fashion_mnist(tmp_path)
@@ -77,7 +62,7 @@ def test_fashion_mnist_missing_files_name_them(tmp_path):
 
 
 def test_fashion_mnist_mismatched_counts(tmp_path):
-    _fake_fashion(tmp_path, gz=False, layout="flat")
+    fake_fashion(tmp_path, gz=False, layout="flat")
     D.write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(39, dtype=np.uint8))
     with pytest.raises(D.DataError, match="do not match"):
         D.fashion_mnist(tmp_path)

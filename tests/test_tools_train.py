@@ -12,7 +12,7 @@ from fastconv import cli, models
 from fastconv.tools.common import xavier_init
 from fastconv.tools.progress import Progress
 
-from test_tools_data import _fake_fashion
+from support import fake_fashion
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -98,7 +98,7 @@ def test_resume_refuses_another_model(capsys, tmp_path):
 
 
 def test_fashion_mnist_from_idx_files_resized_for_alexnet(capsys, tmp_path):
-    _fake_fashion(tmp_path, n_train=8, n_test=4)
+    fake_fashion(tmp_path, n_train=8, n_test=4)
     rc, out, err = _train(capsys, "--model", "alexnet", "--data-dir", tmp_path, "--epochs", 1,
                           "--batch-size", 4, "--max-steps", 1, "--backend", "torch")
     assert rc == 0, err
