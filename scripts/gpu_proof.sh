@@ -95,8 +95,9 @@ plan_deadlines() {
 }
 plan_deadlines
 
-PYTEST_SEL_TRITON="triton and not memcheck and not sanitizer"
-PYTEST_SEL_CUDA="not triton and not memcheck and not sanitizer"
+# memcheck has its own stage; the AOT compile reports run in CI (ptxas, no GPU needed)
+PYTEST_SEL_TRITON="triton and not aot and not memcheck and not sanitizer"
+PYTEST_SEL_CUDA="not triton and not aot and not memcheck and not sanitizer"
 
 if [ "$DRY" = 1 ]; then
     echo "gpu_proof.sh plan: budget ${BUDGET}s (pack reserve ${RESERVE}s;" \
@@ -139,8 +140,11 @@ esac
 cd "$REPO" || exit 2
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# only the ext stage builds (its explicit build() ignores this): no stage or test starts a lazy
+# build of its own (the tune stage's separate cache dir would otherwise start one)
+export FASTCONV_NO_EXTENSION_BUILD=1
 if [ "$SMOKE" = 1 ]; then
-    export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES="" FASTCONV_NO_EXTENSION_BUILD=1
+    export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
     SMOKE_ARG=(--cpu-smoke)
 else
     export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
@@ -233,10 +237,8 @@ pytest_stage() {  # pytest_stage NAME SELECTION WORKERS PER_TEST_TIMEOUT
     [ "${HAVE_XDIST:-0}" = 1 ] && args+=(-n "$workers")
     [ "${HAVE_TIMEOUT:-0}" = 1 ] && args+=(--timeout "$per_test")
     [ "$SMOKE" = 1 ] && args+=(--co)
-    # no lazy extension build inside the tests (the ext stage builds once); inductor under xdist
-    # on one compile thread per worker
-    stage "$name" env FASTCONV_NO_EXTENSION_BUILD=1 TORCHINDUCTOR_COMPILE_THREADS=1 \
-        "$PY" "${args[@]}"
+    # inductor under xdist: one compile thread per worker
+    stage "$name" env TORCHINDUCTOR_COMPILE_THREADS=1 "$PY" "${args[@]}"
 }
 
 # ------------------------------------------------------------------------------ the run
@@ -249,7 +251,8 @@ py_stage preflight preflight
 ext_left=$(( ${END[ext]} - $(now) ))
 EXT_PID= ext_t0=$(now)
 if [ "$ext_left" -ge "$MIN_STAGE" ]; then
-    launch ext "$ext_left" "$PY" "$HERE/build_ext.py" --work "$WORK" "${SMOKE_ARG[@]}"
+    launch ext "$ext_left" env FASTCONV_NO_EXTENSION_BUILD=0 \
+        "$PY" "$HERE/build_ext.py" --work "$WORK" "${SMOKE_ARG[@]}"
     EXT_PID=$LAUNCHED
     echo "=== [ext] in the background (limit ${ext_left}s)" >&2
 else
