@@ -168,6 +168,8 @@ class _Graph:
         mod = self.module(src)
         if type(mod) not in (nn.Conv2d, nn.BatchNorm2d):
             if _is_add(src):
+                # relu(bn(x) + residual): one pattern for batch norm's residual input, when
+                # it has one (issue 17); until then the add and its ReLU stay
                 return None, RESIDUAL_LEFT
             if isinstance(mod, nn.Linear):
                 return None, "after a Linear layer (fastconv has no Linear+ReLU)"
