@@ -239,6 +239,13 @@ def test_prebuilt_library_loads_without_a_build_and_falls_back_when_stale(tmp_pa
     assert f"prebuilt library loaded from {lib}" in text
     assert BUILDING not in proc.stderr
 
+    # a local version tag (PyPI's 2.11.0 vs an index's 2.11.0+cu130) is the same libtorch
+    manifest["torch"] = torch.__version__.split("+")[0] + "+other"
+    (lib / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_py(PREBUILT_CHILD, child)
+    reason, ok, text, ran = last_json(proc)
+    assert reason is None and ok and ran, (reason, text)
+
     manifest["torch"] = "0.0.1"
     (lib / "manifest.json").write_text(json.dumps(manifest))
     proc = run_py(PREBUILT_CHILD, child)

@@ -670,9 +670,16 @@ def _prebuilt_mismatch(lib_dir: Path) -> tuple[Optional[str], dict[str, Any]]:
         return f"no readable {_MANIFEST} in {lib_dir}", {}
     if not (lib_dir / f"{_EXT_NAME}.so").is_file():
         return f"{lib_dir / f'{_EXT_NAME}.so'} is missing", manifest
-    if manifest.get("torch") != torch.__version__:
+    # The local part (+cu130) names the wheel's index, not its ABI: PyPI's 2.11.0 and the GPU
+    # image's 2.11.0+cu130 are one libtorch. A different CUDA major version is a different ABI.
+    base = lambda v: str(v).split("+")[0]  # noqa: E731
+    major = lambda v: str(v or "").split(".")[0]  # noqa: E731
+    if base(manifest.get("torch")) != base(torch.__version__):
         return (f"built for torch {manifest.get('torch')}, this is torch {torch.__version__}",
                 manifest)
+    if manifest.get("cuda_archs") and major(manifest.get("torch_cuda")) != major(torch.version.cuda):
+        return (f"built against CUDA {manifest.get('torch_cuda')}, this torch uses CUDA "
+                f"{torch.version.cuda}", manifest)
     if manifest.get("sources") != source_hash():
         return "built from other sources than this csrc/ (source hash differs)", manifest
     have = set(_cpu_features().split())
