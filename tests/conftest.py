@@ -28,6 +28,8 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 _SMALL_TILES = {
     "max_pool2d": {"tile": 256, "bwd_tile": 128, "max_cols": 4, "nchw_max_cols": 8,
                    "num_warps": 4},
+    "avg_pool2d": {"tile": 256, "bwd_tile": 128, "max_cols": 4, "nchw_max_cols": 8,
+                   "num_warps": 4},
     "batch_norm": {"tile": 64, "reduce_tile": 32, "max_channel_block": 4, "programs_per_sm": 24,
                    "num_warps": 4, "reduce_warps": 4, "fused_elements": 0, "min_chunk_tiles": 1,
                    "max_chunks": 1 << 20},
@@ -43,12 +45,10 @@ def _triton(op):
 
 @pytest.fixture(autouse=True, scope="session")
 def _poison_triton_outputs():
-    # the Triton switches are module attributes today (read once from the env var after the
-    # rename to triton/utils.py)
-    for op, attr in (("conv2d_relu", "POISON"), ("utils", "POISON_OUTPUTS")):
-        mod = _triton(op)
-        if mod is not None:
-            setattr(mod, attr, True)
+    # triton/utils.py reads the env var at import; set it too in case it was imported first
+    utils = _triton("utils")
+    if utils is not None:
+        utils.POISON_OUTPUTS = True
     yield
 
 

@@ -31,9 +31,10 @@ U = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11,
      torch.bfloat16: 2.0**-8}
 REF = TorchBackend()
 
-# today's module of each op (the lead's rename map: notes/triton_renames.md)
-_TRITON_MODULES = {"conv2d_relu": "conv", "max_pool2d": "pool", "avg_pool2d": "pool",
-                   "adaptive_avg_pool2d": "pool", "batch_norm": "batchnorm", "utils": "pool"}
+# the module of each op under fastconv/backends/triton/ ("utils": the shared helpers)
+_TRITON_MODULES = {"conv2d_relu": "conv2d_relu", "max_pool2d": "max_pool2d",
+                   "avg_pool2d": "avg_pool2d", "adaptive_avg_pool2d": "avg_pool2d",
+                   "batch_norm": "batch_norm", "utils": "utils"}
 
 
 def triton_module(op: str):

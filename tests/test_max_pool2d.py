@@ -30,6 +30,8 @@ CASES = [
     ("stride 3 > kernel 2: inputs in no window", (1, 3, 8, 10), 2, 3, 0, 1, True),
     ("k3 s(3,2) mixed", (1, 2, 10, 9), 3, (3, 2), 1, 1, True),
     ("long rows", (1, 2, 5, 70), 3, 2, 1, 1, False),
+    ("stem 3/2/1", (2, 3, 12, 12), 3, 2, 1, 1, False),
+    ("stride 3 (per-input gather)", (2, 3, 10, 11), 3, 3, 0, 1, False),
 ]
 # relu and return_indices alternate over the cases (all four pairs appear), both layouts each
 

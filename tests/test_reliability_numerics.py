@@ -31,7 +31,7 @@ import fastconv
 import fastconv.functional as FF
 from fastconv import dispatch
 from fastconv import nn as fnn
-from support import (BACKENDS, DEV, HAS_CUDA, REL_TOL, assert_close, call,  # noqa: F401
+from support import (BACKENDS, DEV, HAS_CUDA, REL_TOL, STATS, assert_close, call,  # noqa: F401
                      check_against_reference, grad_like, make_case, reference, rel_err, require,
                      torch_op)
 

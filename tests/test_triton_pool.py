@@ -48,23 +48,7 @@ def _exact(actual, expected, what):
                                equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
-# name, (N, C, H, W), kernel, stride, padding, dilation, ceil_mode -- MODELS.md pools, scaled
-MAX_CASES = [
-    ("alexnet 3/2", (2, 5, 13, 12), 3, 2, 0, 1, False),
-    ("inception 3/1/1", (2, 3, 7, 6), 3, 1, 1, 1, False),
-    ("vgg 2/2 odd", (2, 3, 7, 9), 2, 2, 0, 1, False),
-    ("vgg 2/2 odd ceil", (2, 3, 7, 9), 2, 2, 0, 1, True),
-    ("vgg 2x2 -> 1x1", (3, 5, 2, 2), 2, 2, 0, 1, False),
-    ("stem 3/2/1", (2, 3, 12, 12), 3, 2, 1, 1, False),
-    ("stem 3/2/1 odd ceil", (1, 3, 11, 13), 3, 2, 1, 1, True),
-    ("dilated ceil", (1, 3, 11, 10), (3, 2), (2, 1), (1, 1), (2, 3), True),
-    ("asymmetric", (1, 2, 9, 8), (1, 3), (1, 2), (0, 1), 1, False),
-    # the backward gathers over 2x2 cells for strides <= 2, per input element beyond
-    ("5/2/2: first cells outside", (1, 2, 11, 9), 5, 2, 2, 1, False),
-    ("stride 3 (per-input gather)", (2, 3, 10, 11), 3, 3, 0, 1, False),
-    ("k2 s3: inputs in no window", (1, 3, 8, 10), 2, 3, 0, 1, True),
-    ("k3 s(3,2) mixed", (1, 2, 10, 9), 3, (3, 2), 1, 1, True),
-]
+# (the max-pool numerics on every backend, model shapes included: tests/test_max_pool2d.py)
 
 
 def _pair(v):
@@ -96,28 +80,11 @@ def _check_max_pool(x, k, s, p, d, ceil, relu, return_indices, what):
     return out
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("relu,return_indices", [(False, True), (True, False)],
-                         ids=["indices", "relu"])
-@pytest.mark.parametrize("case", MAX_CASES, ids=[c[0] for c in MAX_CASES])
-def test_max_pool2d_model_shapes(case, relu, return_indices, channels_last):
-    name, shape, k, s, p, d, ceil = case
-    x = _input(shape, channels_last=channels_last)
-    _check_max_pool(x, k, s, p, d, ceil, relu, return_indices, name)
-
-
 @pytest.mark.parametrize("relu,return_indices", [(True, True), (False, False)])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_max_pool2d_other_modes(relu, return_indices, channels_last):
     x = _input((2, 3, 9, 11), channels_last=channels_last, seed=1)
     _check_max_pool(x, 3, 2, 1, 1, True, relu, return_indices, "3/2/1 ceil")
-
-
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_max_pool2d_float16(channels_last):
-    x = _input((2, 4, 9, 9), torch.float16, channels_last)
-    _check_max_pool(x, 3, 2, 0, 1, False, True, False, "fp16 3/2 relu")
-    _check_max_pool(x, 2, 2, 0, 1, True, False, True, "fp16 2/2 ceil indices")
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -272,6 +239,7 @@ def test_launch_plans_are_cached_and_follow_tuning(monkeypatch):
 
 
 # --------------------------------------------------------------------------- average pools
+# (their numerics on every backend: tests/test_avg_pool2d.py)
 def _check_avg(fn, ref_fn, x, what, tol=None):
     xt = x.detach().clone().requires_grad_(True)
     out = fn(xt)
@@ -288,51 +256,6 @@ def _check_avg(fn, ref_fn, x, what, tol=None):
     assert_close(gx, gref, dtype=x.dtype, tol=tol, what=f"{what} grad_input")
 
 
-AVG_CASES = [
-    # name, shape, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override
-    ("lenet 2/2", (2, 6, 8, 8), 2, 2, 0, False, True, None),
-    ("lenet 2/2 odd", (2, 3, 7, 9), 2, 2, 0, False, True, None),
-    ("3/2/1 ceil, pad excluded", (1, 3, 9, 10), 3, 2, 1, True, False, None),
-    ("3/2/1 ceil, pad counted", (1, 3, 9, 10), 3, 2, 1, True, True, None),
-    ("divisor_override", (1, 2, 7, 8), (3, 2), (1, 2), (1, 1), False, True, 5),
-]
-
-
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("case", AVG_CASES, ids=[c[0] for c in AVG_CASES])
-def test_avg_pool2d(case, channels_last):
-    name, shape, k, s, p, ceil, cip, div = case
-    k, s, p = _pair(k), _pair(s), _pair(p)
-    x = _input(shape, channels_last=channels_last)
-    _check_avg(lambda t: avg_pool.avg_pool2d(t, k, s, p, ceil, cip, div),
-               lambda t: F.avg_pool2d(t, k, s, p, ceil, cip, div), x, name)
-
-
-def test_avg_pool2d_float16():
-    x = _input((2, 6, 8, 8), torch.float16, channels_last=True)
-    _check_avg(lambda t: avg_pool.avg_pool2d(t, (2, 2), (2, 2), (0, 0), False, True, None),
-               lambda t: F.avg_pool2d(t, 2), x, "fp16 lenet 2/2")
-
-
-ADAPTIVE_CASES = [
-    ("nin 5x5 -> 1", (2, 4, 5, 5), (1, 1)),
-    ("googlenet 3x3 -> 1", (2, 4, 3, 3), (1, 1)),
-    ("resnet 7x7 -> 1", (2, 4, 7, 7), (1, 1)),
-    ("12x12 -> 1 (run-time loops)", (1, 3, 12, 12), (1, 1)),
-    ("8x8 -> 2x2", (1, 3, 8, 8), (2, 2)),
-    ("9x11 -> 3x4", (1, 3, 9, 11), (3, 4)),
-    ("9x11 -> 4x3", (1, 3, 9, 11), (4, 3)),
-    ("5x6 -> 7x9 (upsampling)", (1, 2, 5, 6), (7, 9)),
-]
-
-
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("case", ADAPTIVE_CASES, ids=[c[0] for c in ADAPTIVE_CASES])
-def test_adaptive_avg_pool2d(case, channels_last):
-    name, shape, size = case
-    x = _input(shape, channels_last=channels_last)
-    _check_avg(lambda t: avg_pool.adaptive_avg_pool2d(t, size),
-               lambda t: F.adaptive_avg_pool2d(t, size), x, name)
 
 
 def test_avg_pools_eager_path_matches_ops():
@@ -349,12 +272,6 @@ def test_avg_pools_eager_path_matches_ops():
         assert type(ye.grad_fn).__name__.endswith("FnBackward")
         assert torch.equal(ye, yo)
         assert torch.equal(torch.autograd.grad(ye, xe, g)[0], torch.autograd.grad(yo, xo, g)[0])
-
-
-def test_adaptive_avg_pool2d_float16():
-    x = _input((2, 8, 7, 7), torch.float16, channels_last=True)
-    _check_avg(lambda t: avg_pool.adaptive_avg_pool2d(t, (1, 1)),
-               lambda t: F.adaptive_avg_pool2d(t, 1), x, "fp16 global")
 
 
 # --------------------------------------------------------------------------- ops, API, dispatch
