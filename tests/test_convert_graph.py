@@ -36,14 +36,28 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 RATIO = 4.0
 U32 = 2.0 ** -24
 
+def _narrow(model, width=64):
+    """The model with its classifier's hidden Linear layers ``width`` wide instead of 4096
+    (same layers, same ReLUs): the 100M-parameter classifier, copied in float32, channels_last
+    and float64 with gradients and momentum, needs more memory than the shared machine has."""
+    layers = list(model.classifier)
+    linears = [i for i, m in enumerate(layers) if isinstance(m, nn.Linear)]
+    for i in linears:
+        m = layers[i]
+        layers[i] = nn.Linear(m.in_features if i == linears[0] else width,
+                              m.out_features if i == linears[-1] else width)
+    model.classifier = nn.Sequential(*layers)
+    return model
+
+
 # name -> (builder, input shape of one example); small inputs keep CPU time low
 MODELS = {
     "tv_resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 64, 64)),
     "tv_resnet50": (lambda: torchvision.models.resnet50(num_classes=10), (3, 64, 64)),
     "tv_googlenet": (lambda: torchvision.models.googlenet(
         num_classes=10, aux_logits=False, init_weights=True), (3, 64, 64)),
-    "tv_vgg11_bn": (lambda: torchvision.models.vgg11_bn(num_classes=10), (3, 64, 64)),
-    "tv_alexnet": (lambda: torchvision.models.alexnet(num_classes=10), (3, 64, 64)),
+    "tv_vgg11_bn": (lambda: _narrow(torchvision.models.vgg11_bn(num_classes=10)), (3, 64, 64)),
+    "tv_alexnet": (lambda: _narrow(torchvision.models.alexnet(num_classes=10)), (3, 64, 64)),
     "alexnet": (lambda: models.alexnet(image_size=67), (1, 67, 67)),
     "vgg11": (lambda: models.vgg11(narrow=True, image_size=32), (1, 32, 32)),
     "vgg16_bn": (models.vgg16_bn, (3, 32, 32)),
@@ -143,7 +157,7 @@ def _numerics_cases():
             yield pytest.param(name, "torch", id=f"{name}-torch")
 
 
-@pytest.mark.parametrize("name,backend", _numerics_cases())
+@pytest.mark.parametrize("name,backend", list(_numerics_cases()))
 def test_outputs_gradients_and_two_sgd_steps_match_stock(name, backend):
     require(backend)
     stock, x = build(name)
@@ -261,3 +275,34 @@ def test_forward_that_depends_on_the_mode_is_not_rewritten():
     report = fastconv.conversion_report(fast)
     assert "forward" not in fast.__dict__ and not fast.conv.relu
     assert "differs between train and eval" in report.relus_left[0][1]
+
+
+@pytest.mark.parametrize("name", ["tv_resnet18", "tv_googlenet"])
+def test_fold_bn_conv_carries_the_relu(name):
+    """Training: the conv before a BN runs without ReLU and the BN applies it; after
+    convert(model.eval(), fold_bn=True) the folded conv applies it."""
+    require("extension")
+    stock, x = build(name)
+    trained = fastconv.convert(stock, backend="extension")
+    convs = {n: m for n, m in trained.named_modules() if isinstance(m, fnn.Conv2dReLU)}
+    assert not any(c.relu for c in convs.values())
+    with torch.no_grad():  # non-trivial running statistics
+        stock(x)
+    stock.eval()
+    folded = fastconv.convert(stock, fold_bn=True, backend="extension")
+    report = fastconv.conversion_report(folded)
+    bns = [n for n, m in stock.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(isinstance(folded.get_submodule(n), fnn.FoldedBatchNorm) for n in bns)
+    carriers = {into for _, into in report.relus_fused}
+    assert carriers and all(isinstance(folded.get_submodule(c), (fnn.Conv2dReLU, fnn.MaxPool2d))
+                            for c in carriers)
+    assert all(folded.get_submodule(c).relu for c in carriers)
+    assert sum(isinstance(m, fnn.Conv2dReLU) and m.relu for m in folded.modules()) == \
+        sum(isinstance(folded.get_submodule(c), fnn.Conv2dReLU) for c in carriers)
+    assert relu_counts(folded, x).get("other", 0) == 0
+    ref = copy.deepcopy(stock).double()
+    with torch.no_grad():
+        out, want, own = folded(x).double(), ref(x.double()), stock(x).double()
+    err, err_stock = float((out - want).norm()), float((own - want).norm())
+    # the folded weights and biases are rounded to float32 once more than stock's
+    assert err <= RATIO * err_stock + 16 * U32 * float(want.norm()), (err, err_stock)
