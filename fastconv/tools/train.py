@@ -31,6 +31,8 @@ from torch import nn
 
 from .. import convert, conversion_report, models
 from . import data as datalib
+from .args import device as device_arg
+from .args import image_size, key_value, nonneg_int, positive_float, positive_int
 from .common import (BACKEND_CHOICES, grad_scaler, parse_model_args, pick_device, sgd_step,
                      short_reason, unusable_reason, xavier_init)
 from .progress import Progress
@@ -40,21 +42,25 @@ CHECKPOINT_FORMAT = "fastconv-train-1"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="lenet_bn", choices=sorted(models.MODELS),
-                   help="default lenet_bn: it learns the small digits set in seconds on CPU")
+                   help="lenet_bn learns the small digits set in seconds on CPU")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   type=key_value,
                    help="builder keyword, e.g. narrow=true (vgg11), variant=relu (lenet)")
     p.add_argument("--data", default=None, choices=datalib.DATA_SETS,
-                   help="default: fashion-mnist when --data-dir is given, else digits")
+                   help="default: fashion-mnist when --data-dir is given, else digits "
+                        "(needs scikit-learn)")
     p.add_argument("--data-dir", default=None,
                    help="folder with the Fashion-MNIST IDX files (raw or .gz; torchvision's "
-                        "FashionMNIST/raw layout works too)")
-    p.add_argument("--synthetic-size", type=int, default=None,
+                        "FashionMNIST/raw layout and d2l's ../data work too; default: none)")
+    p.add_argument("--synthetic-size", type=positive_int, default=None,
                    help="training examples of --data synthetic (default: 10 batches)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="resize to this side instead of the model's d2l input size")
-    p.add_argument("--epochs", type=int, default=None, help="default: the model's recipe")
-    p.add_argument("--lr", type=float, default=None, help="default: the model's recipe")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--image-size", type=image_size, default=None,
+                   help="resize to this side (default: the model's d2l input size)")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="default: the model's recipe")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="default: the model's recipe")
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="global batch size (default: the model's recipe)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="stock: plain torch.nn, no conversion; otherwise fastconv.convert "
@@ -62,16 +68,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", nargs="?", const="auto", default=None,
                    choices=("auto", "float16", "bfloat16"),
                    help="mixed precision under torch.autocast (bare --amp: bfloat16 where "
-                        "supported, else float16 with loss scaling)")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if "
+                        "supported, else float16 with loss scaling; default: off)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels_last input and model")
+    p.add_argument("--device", default=None, type=device_arg,
+                   help="cpu, cuda or cuda:N (default: cuda if "
                    "present; under torchrun each process takes cuda:LOCAL_RANK)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many training steps (quick runs)")
-    p.add_argument("--save", default=None, help="write a checkpoint here after every epoch")
-    p.add_argument("--resume", default=None, help="continue from this checkpoint")
-    p.add_argument("--json", default=None, help="write the per-epoch history here")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of init and shuffling")
+    p.add_argument("--max-steps", type=positive_int, default=None,
+                   help="stop after this many training steps (default: no limit)")
+    p.add_argument("--save", default=None,
+                   help="write a checkpoint here after every epoch (default: none)")
+    p.add_argument("--resume", default=None,
+                   help="continue from this checkpoint (default: none)")
+    p.add_argument("--json", default=None,
+                   help="write the per-epoch history here (default: none)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for the run's outputs: DIR/train.png (the plot), "
+                        "DIR/history.json (default: none)")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw train loss, train and test accuracy per epoch as d2l's animator "
+                        "does, refreshed every epoch (needs matplotlib; default: DIR/train.png "
+                        "with --out, else none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -291,9 +309,9 @@ def run(args) -> int:
 
 def _run(args, dist: DistInfo, device: torch.device, model_kwargs: dict) -> int:
     recipe = models.RECIPES[args.model]
-    epochs = args.epochs or recipe["epochs"]
+    epochs = args.epochs if args.epochs is not None else recipe["epochs"]
     lr = args.lr if args.lr is not None else recipe["lr"]
-    batch_size = args.batch_size or recipe["batch_size"]
+    batch_size = args.batch_size if args.batch_size is not None else recipe["batch_size"]
     data_name = args.data or ("fashion-mnist" if args.data_dir else "digits")
     amp = resolve_amp(args.amp, device)
     if args.backend not in ("stock", "auto"):
@@ -391,6 +409,5 @@ def _run(args, dist: DistInfo, device: torch.device, model_kwargs: dict) -> int:
 
 
 def main(argv: Optional[list] = None) -> int:
-    p = argparse.ArgumentParser(prog="fastconv train", description=__doc__)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    from ..cli import main as cli_main
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
