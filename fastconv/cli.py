@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional, Sequence
+
+from .tools.args import HelpFormatter, Parser, UsageError, check_model_options
 
 # sub-command -> module under fastconv.tools with add_arguments(parser) and run(args)
 TOOLS = {
@@ -55,10 +59,14 @@ def cmd_info(args) -> int:
         print(f"  {name:10s} {detail}")
     from . import selection
 
+    try:  # a diagnostic command: a bad variable is one finding among the others
+        default = repr(dispatch.resolve_name(None))
+    except ValueError as exc:
+        default = f"invalid: {exc}"
     how = "measured, fastest wins" if selection.enabled() else "fixed order (FASTCONV_AUTOTUNE=0)"
     order = "; ".join(f"{d}: {', '.join(o)}" for d, o in dispatch.AUTO_ORDER.items())
-    print(f"default  backend={dispatch.resolve_name(None)!r} (FASTCONV_BACKEND); auto ({how}) "
-          f"candidates: {order}")
+    print(f"default  backend={default} (FASTCONV_BACKEND); auto ({how}) candidates: {order}",
+          flush=True)
     return 0
 
 
@@ -104,26 +112,78 @@ def cmd_build_ext(args) -> int:
     return 0 if ok else 1
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastconv", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="command")
-    sub.add_parser("info", help="versions, devices and backend availability").set_defaults(
-        fn=cmd_info)
-    sub.add_parser("models", help="the target networks with parameter counts and FLOPs"
-                   ).set_defaults(fn=cmd_models)
-    p = sub.add_parser("build-ext", help="build (or reuse) the C++/CUDA extension")
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="fastconv", description=__doc__.split("\n\n")[0],
+                    formatter_class=HelpFormatter)
+    debug_help = "print the traceback of a failure (also FASTCONV_LOG=debug)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    sub = parser.add_subparsers(dest="command", metavar="command", parser_class=Parser)
+
+    def add(name, help_text, fn):
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=HelpFormatter)
+        p.set_defaults(fn=fn)
+        # also after the command; SUPPRESS keeps `fastconv --debug cmd` from being reset
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help=debug_help + " (default: False)")
+        return p
+
+    add("info", "versions, devices and backend availability", cmd_info)
+    add("models", "the target networks with parameter counts and FLOPs", cmd_models)
+    p = add("build-ext", "build (or reuse) the C++/CUDA extension", cmd_build_ext)
     p.add_argument("--prebuilt", metavar="DIR", default=None,
                    help="build a portable library (no -march=native, no Python linked) into DIR "
-                        "with DIR/manifest.json, for FASTCONV_EXTENSION_LIB=DIR elsewhere")
-    p.set_defaults(fn=cmd_build_ext)
+                        "with DIR/manifest.json, for FASTCONV_EXTENSION_LIB=DIR elsewhere "
+                        "(default: the per-user cache only)")
     for name, help_text in TOOLS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
         tool = importlib.import_module(f"fastconv.tools.{name}")
-        tool.add_arguments(p)
-        p.set_defaults(fn=tool.run)
-    args = parser.parse_args(argv)
+        tool.add_arguments(add(name, help_text, tool.run))
+    return parser
+
+
+def _exit_code(exc: SystemExit) -> int:
+    if exc.code is None:
+        return 0
+    return exc.code if isinstance(exc.code, int) else 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run a command; usage errors print one ``error:`` line and return 2, failures one line
+    and return 1 (with the traceback under ``--debug`` or ``FASTCONV_LOG=debug``)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed its line (or the help)
+        return _exit_code(exc)
     if not getattr(args, "fn", None):
         parser.print_help()
         return 2
-    return int(args.fn(args) or 0)
+    debug = args.debug or os.environ.get("FASTCONV_LOG", "").lower() == "debug"
+    prog = f"fastconv {args.command}"
+
+    def fail(message: str, code: int) -> int:
+        if debug:
+            traceback.print_exc()
+        sys.stdout.flush()
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        return code
+
+    try:
+        check_model_options(args)
+        return int(args.fn(args) or 0)
+    except UsageError as exc:
+        return fail(str(exc), 2)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):  # raise SystemExit("--option ...: why"): a usage error
+            return fail(exc.code, 2)
+        return _exit_code(exc)
+    except KeyboardInterrupt:
+        return fail("interrupted", 130)
+    except Exception as exc:
+        hint = "" if debug else " (--debug shows the traceback)"
+        return fail(f"{short_reason(exc, 400)}{hint}", 1)
+
+
+def short_reason(exc: BaseException, limit: int) -> str:
+    from .tools.common import short_reason as short
+    return short(exc, limit)

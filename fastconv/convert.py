@@ -306,6 +306,14 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     conv.bias = nn.Parameter(((bias - bn.running_mean.double()) * scale + shift).to(w.dtype))
 
 
+def _require_module(fn: str, model) -> None:
+    if not isinstance(model, nn.Module):
+        hint = " (build it first, e.g. fastconv.models.build(name))" if isinstance(model, str) \
+            else ""
+        raise TypeError(f"{fn}(model): model must be a torch.nn.Module, got "
+                        f"{type(model).__name__} {model!r:.60}{hint}")
+
+
 def convert(model: nn.Module, backend: Optional[str] = None, inplace: bool = False, *,
             fold_bn: bool = False, pool_relu: bool = True, verbose: bool = False) -> nn.Module:
     """Return ``model`` with its Conv2d(+ReLU), BatchNorm2d(+ReLU), MaxPool2d and average
@@ -320,6 +328,7 @@ def convert(model: nn.Module, backend: Optional[str] = None, inplace: bool = Fal
     was replaced and what was left alone is ``fastconv.conversion_report(result)``; it is
     logged at INFO and printed when ``verbose``.
     """
+    _require_module("convert", model)
     if backend is not None:
         dispatch.resolve_name(backend)
     if fold_bn and model.training:
@@ -401,6 +410,7 @@ def _rewrite_forward(model: nn.Module, graph: torch.fx.Graph) -> None:
 
 def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Undo :func:`convert`: stock torch.nn layers again, sharing the same parameters."""
+    _require_module("revert", model)
     if not inplace:
         model = copy.deepcopy(model)
     for name, mod in list(model.named_modules()):

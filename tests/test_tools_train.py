@@ -91,10 +91,10 @@ def test_resume_refuses_another_model(capsys, tmp_path):
     ck = tmp_path / "c.pt"
     rc, _, err = _train(capsys, *_vgg_args("--epochs", 1, "--max-steps", 1, "--save", ck))
     assert rc == 0, err
-    with pytest.raises(SystemExit, match="checkpoint has image_size=\\[32, 32\\]"):
-        _train(capsys, *_vgg_args("--epochs", 1, "--resume", ck, "--image-size", 64))
-    with pytest.raises(SystemExit, match="no such file"):
-        _train(capsys, *_vgg_args("--resume", tmp_path / "absent.pt"))
+    rc, _, err = _train(capsys, *_vgg_args("--epochs", 1, "--resume", ck, "--image-size", 64))
+    assert rc == 2 and "checkpoint has image_size=[32, 32]" in err
+    rc, _, err = _train(capsys, *_vgg_args("--resume", tmp_path / "absent.pt"))
+    assert rc == 2 and "no such file" in err
 
 
 def test_fashion_mnist_from_idx_files_resized_for_alexnet(capsys, tmp_path):
@@ -168,3 +168,75 @@ def test_gpu_amp_float16_channels_last(capsys, tmp_path, backend):
     assert "AMP float16, channels_last" in out and "examples/sec on cuda" in out
     losses = json.loads(hist.read_text())["step_losses"]
     assert len(losses) == 3 and all(0 < l < 20 for l in losses)
+
+
+def _png_size(path) -> tuple[int, int]:
+    raw = path.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR", raw[:16]
+    return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+
+
+def test_plot_under_out_draws_d2ls_three_series(capsys, tmp_path):
+    out_dir = tmp_path / "run"
+    rc, out, err = _train(capsys, "--model", "lenet", "--data", "synthetic", "--synthetic-size",
+                          80, "--batch-size", 8, "--epochs", 2, "--backend", "stock",
+                          "--no-progress", "--out", out_dir)
+    assert rc == 0, err
+    assert _png_size(out_dir / "train.png") == (500, 350)
+    plotted = json.loads((out_dir / "train.json").read_text())
+    history = json.loads((out_dir / "history.json").read_text())["epochs"]
+    assert plotted["lines"] == 3
+    series = plotted["series"]
+    # d2l's animator: loss and train accuracy five times an epoch, test accuracy per epoch
+    assert [x for x, _ in series["train loss"]] == pytest.approx(
+        [e + k / 5 for e in range(2) for k in range(1, 6)])
+    assert series["test acc"] == [[e["epoch"], e["test_acc"]] for e in history]
+    assert series["train loss"][4][1] == pytest.approx(history[0]["loss"], rel=1e-6)
+    assert series["train acc"][9][1] == pytest.approx(history[1]["train_acc"], rel=1e-6)
+    assert plotted["title"].startswith("lenet, stock, cpu: ") and "examples/sec" in plotted["title"]
+    assert f"plot: {out_dir / 'train.png'}" in out
+
+
+def test_plot_without_matplotlib_is_one_line(capsys, tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    rc, out, err = _train(capsys, "--model", "lenet", "--plot", tmp_path / "p.png")
+    assert rc == 2
+    assert err.strip() == ("fastconv train: error: --plot needs matplotlib, which is not "
+                           "installed: pip install matplotlib (or pip install 'fastconv[bench]')")
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_header_parameters_flops_and_vgg11_width(capsys):
+    rc, out, err = _train(capsys, *_vgg_args("--epochs", 1, "--max-steps", 1,
+                                             "--backend", "stock"))
+    assert rc == 0, err
+    narrow = models.vgg11(narrow=True, image_size=32)
+    assert f"  {sum(p.numel() for p in narrow.parameters()):,d} parameters" in out
+    assert "full-width" not in out
+    rc, out, err = _train(capsys, "--model", "vgg11", "--image-size", 32, "--data", "synthetic",
+                          "--synthetic-size", 8, "--batch-size", 8, "--epochs", 1,
+                          "--backend", "stock", "--no-progress", "--max-steps", 1)
+    assert rc == 0, err
+    assert "vgg11 is the full-width VGG-11" in out and "--model-arg narrow=true" in out
+    # 32x32 full VGG-11, 1 channel: convs and Linear layers, 2 FLOPs per multiply-add
+    convs = [(1, 64, 32), (64, 128, 16), (128, 256, 8), (256, 256, 8), (256, 512, 4),
+             (512, 512, 4), (512, 512, 2), (512, 512, 2)]
+    flops = sum(2 * ci * co * 9 * s * s for ci, co, s in convs)
+    flops += 2 * (512 * 4096 + 4096 * 4096 + 4096 * 10)
+    assert f"{flops / 1e9:.3g} GFLOP per example" in out
+
+
+def test_epoch_time_estimate_and_long_epoch_warning(capsys, monkeypatch):
+    from fastconv.tools import train as T
+    rc, out, err = _train(capsys, "--model", "lenet", "--data", "synthetic", "--synthetic-size",
+                          48, "--batch-size", 8, "--epochs", 1, "--backend", "stock",
+                          "--no-progress")
+    assert rc == 0, err
+    assert re.search(r"estimated time per epoch: \d+ s \(6 batches at [0-9.e-]+ s\)", err), err
+    assert "warning: an epoch will take" not in err
+    monkeypatch.setattr(T, "LONG_EPOCH_S", 0.0)
+    rc, out, err = _train(capsys, "--model", "lenet", "--data", "synthetic", "--synthetic-size",
+                          48, "--batch-size", 8, "--epochs", 1, "--backend", "stock",
+                          "--no-progress")
+    assert rc == 0 and "warning: an epoch will take about" in err, err

@@ -24,6 +24,8 @@ from torch import nn
 from .. import convert, dispatch, models, timing
 from .. import nn as fnn
 from . import results
+from .args import backend_list, key_value, nonneg_int, positive_int
+from .args import device as device_arg
 from .common import (DTYPES, amp_dtype, compile_unavailable, disable_dropout, grad_scaler,
                      parse_backends, parse_model_args, pick_device, rel_err, reset_compiler,
                      run_metadata, sgd_step, short_reason)
@@ -35,16 +37,19 @@ CHECK_FACTOR, CHECK_FLOOR_U = 2.0, 4.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="alexnet", choices=sorted(models.MODELS))
+    p.add_argument("--model", default="alexnet", choices=sorted(models.MODELS),
+                   help="network of fastconv.models")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   type=key_value,
                    help="builder keyword, e.g. narrow=true (vgg11), variant=relu (lenet)")
-    p.add_argument("--batch", type=int, default=None,
+    p.add_argument("--batch", type=positive_int, default=None,
                    help="batch size (default: 128 on a GPU, 8 on CPU)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--device", default=None, type=device_arg,
+                   help="cpu or cuda (default: cuda if present)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="float16/bfloat16 run the step under torch.autocast (AMP)")
     p.add_argument("--channels-last", action="store_true", help="channels_last input and model")
-    p.add_argument("--backends", default=None,
+    p.add_argument("--backends", default=None, type=backend_list,
                    help="comma-separated backends to compare, auto included (default: auto and "
                         "every available one)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -53,15 +58,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "off on CPU, where inductor takes minutes to compile on few cores)")
     p.add_argument("--mode", default="both", choices=("train", "infer", "both"),
                    help="which steps to time")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per round "
+    p.add_argument("--steps", type=positive_int, default=None, help="timed steps per round "
                    "(default: 10 on a GPU, 3 on CPU)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
-    p.add_argument("--inputs", type=int, default=3,
+    p.add_argument("--rounds", type=positive_int, default=3, help="alternating rounds")
+    p.add_argument("--warmup", type=nonneg_int, default=2, help="untimed steps per variant first")
+    p.add_argument("--inputs", type=positive_int, default=3,
                    help="distinct random batches, rotated so caches do not flatter")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="compare outputs and gradients with stock and float64 first")
-    p.add_argument("--check-batch", type=int, default=16, help="batch size of the check")
+    p.add_argument("--check-batch", type=positive_int, default=16, help="batch size of the check")
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
                    help="let cuDNN pick its fastest algorithms (the stronger stock baseline)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -448,6 +453,5 @@ def _print_table(rows: list[dict], modes, checked: bool) -> None:
 
 
 def main(argv: Optional[list] = None) -> int:
-    p = argparse.ArgumentParser(prog="fastconv bench", description=__doc__)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    from ..cli import main as cli_main
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])

@@ -90,8 +90,13 @@ def parse_backends(text: Optional[str], device: torch.device,
     return names
 
 
-def parse_model_args(items: list[str]) -> dict:
-    """``--model-arg KEY=VALUE`` items as builder keywords (true/false, ints, floats, text)."""
+def parse_model_args(items) -> dict:
+    """``--model-arg`` values as builder keywords. The command line has already validated them
+    against the model (``fastconv.tools.args.check_model_options``: a dict arrives here);
+    ``KEY=VALUE`` strings from other callers are parsed loosely (true/false, ints, floats,
+    text) and the builder judges them."""
+    if isinstance(items, dict):
+        return dict(items)
     out = {}
     for item in items:
         key, sep, value = item.partition("=")

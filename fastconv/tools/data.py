@@ -182,7 +182,7 @@ def synthetic(shape: tuple, n_train: int, n_test: int, seed: int = 0,
 def input_size(model: str, image_size: Optional[int] = None) -> tuple[int, int]:
     """The side length d2l resizes to for ``model`` (224 AlexNet/VGG/NiN, 96 GoogLeNet/ResNet,
     28 LeNet, 32 VGG-16-BN) unless ``image_size`` overrides it."""
-    if image_size:
+    if image_size is not None:
         return (image_size, image_size)
     return tuple(models.INPUT_SIZES[model][1:])
 
@@ -193,7 +193,7 @@ def load(name: str, model: str, *, data_dir: Optional[str] = None, batch_size: i
     """The train and test sets of data set ``name`` for ``model``."""
     if name == "synthetic":
         c = models.INPUT_SIZES[model][0]
-        n = synthetic_size or 10 * batch_size
+        n = synthetic_size if synthetic_size is not None else 10 * batch_size
         return synthetic((c, *input_size(model, image_size)), n, max(batch_size, n // 5), seed)
     if name == "digits":
         return digits()

@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import json
 import os
 import re
 import sys
+import tempfile
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .. import convert, models
+from .args import backend_list, key_value, nonneg_int, positive_int
+from .args import device as device_arg
 from .common import (DTYPES, amp_dtype, parse_backends, parse_model_args, pick_device,
                      run_metadata)
 
@@ -52,20 +56,26 @@ def categorize(name: str) -> Optional[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="alexnet", choices=sorted(models.MODELS))
-    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--batch", type=int, default=None,
+    p.add_argument("--model", default="alexnet", choices=sorted(models.MODELS),
+                   help="network of fastconv.models")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   type=key_value,
+                   help="builder keyword, e.g. narrow=true (vgg11), image_size=64 (alexnet)")
+    p.add_argument("--batch", type=positive_int, default=None,
                    help="batch size (default: 128 on a GPU, 8 on CPU)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, type=device_arg,
+                   help="cpu or cuda (default: cuda if present)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="float16/bfloat16 run under torch.autocast (AMP)")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--backends", default=None,
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels_last input and model")
+    p.add_argument("--backends", default=None, type=backend_list,
                    help="comma-separated backends (default: every available one); the stock "
                         "model is always profiled too")
-    p.add_argument("--steps", type=int, default=3, help="profiled training steps")
-    p.add_argument("--warmup", type=int, default=2, help="unprofiled steps first")
-    p.add_argument("--top", type=int, default=10, help="how many top kernels/ops to list")
+    p.add_argument("--steps", type=positive_int, default=3, help="profiled training steps")
+    p.add_argument("--warmup", type=nonneg_int, default=2, help="unprofiled steps first")
+    p.add_argument("--top", type=positive_int, default=10,
+                   help="how many top kernels/ops to list")
     p.add_argument("--out", default="fastconv-profile",
                    help="folder for the Chrome traces (and --json)")
     p.add_argument("--json", action="store_true", help="also write summary.json to --out")
@@ -138,6 +148,37 @@ def summarize(events, on_device: bool) -> dict:
 
 
 # --------------------------------------------------------------------------- main
+# What kineto (torch.profiler's native half) writes straight to file descriptor 2 whatever the
+# log level: a USDT trace-point line at every start and stop, and on a CUDA build of torch on
+# a machine without a driver a failed device count when it collects device properties.
+KINETO_NOISE = re.compile(r"^(USDT:|ERROR:.*\b(gpuGetDeviceCount|cudaGetDeviceCount)\b)")
+
+
+@contextlib.contextmanager
+def quiet_kineto():
+    """Capture the process's native stderr while the profiler runs and replay it afterwards
+    without kineto's noise lines (anything else, warnings included, still comes out)."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 to redirect
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().decode(errors="replace").splitlines()
+                    if not KINETO_NOISE.match(line)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr, flush=True)
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -148,7 +189,7 @@ def _safe(name: str) -> str:
 
 def run(args) -> int:
     device = pick_device(args.device)
-    batch = args.batch or (128 if device.type == "cuda" else 8)
+    batch = args.batch if args.batch is not None else (128 if device.type == "cuda" else 8)
     amp = amp_dtype(args.dtype)
     names = parse_backends(args.backends, device, _log)
     model_kwargs = parse_model_args(args.model_arg)
@@ -191,12 +232,13 @@ def run(args) -> int:
 
         for _ in range(args.warmup):
             step()
-        with torch.profiler.profile(activities=activities) as prof:
-            for _ in range(args.steps):
-                with torch.profiler.record_function(STEP_LABEL):
-                    step()
         trace = os.path.join(args.out, f"{_safe(args.model)}-{_safe(name)}.trace.json")
-        prof.export_chrome_trace(trace)
+        with quiet_kineto():
+            with torch.profiler.profile(activities=activities) as prof:
+                for _ in range(args.steps):
+                    with torch.profiler.record_function(STEP_LABEL):
+                        step()
+            prof.export_chrome_trace(trace)
         summary = summarize(prof.events(), on_device=device.type == "cuda")
         summary["trace"] = trace
         summaries[name] = summary
@@ -232,10 +274,12 @@ def _print_report(summaries: dict, args, device) -> None:
             short = kname if len(kname) <= 70 else kname[:67] + "..."
             print(f"  {100 * us / total:5.1f}% {us / 1e3 / max(args.steps, 1):9.3f} ms/step "
                   f"{calls // max(args.steps, 1):4d}x/step  {cat:10s} {short}")
-    print("\nChrome traces: " + ", ".join(s["trace"] for s in summaries.values()))
+    print(f"\nChrome traces in {os.path.abspath(args.out)}: "
+          + ", ".join(os.path.basename(s["trace"]) for s in summaries.values()))
+    print("open one in https://ui.perfetto.dev (Open trace file) or chrome://tracing (Load); "
+          "each step is the span named " + STEP_LABEL)
 
 
 def main(argv: Optional[list] = None) -> int:
-    p = argparse.ArgumentParser(prog="fastconv profile", description=__doc__)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    from ..cli import main as cli_main
+    return cli_main(["profile", *(sys.argv[1:] if argv is None else argv)])

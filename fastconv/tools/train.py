@@ -31,8 +31,12 @@ from torch import nn
 
 from .. import convert, conversion_report, models
 from . import data as datalib
+from .args import device as device_arg
+from .args import image_size, key_value, nonneg_int, positive_float, positive_int
 from .common import (BACKEND_CHOICES, grad_scaler, parse_model_args, pick_device, sgd_step,
                      short_reason, unusable_reason, xavier_init)
+from .flops import count as count_flops
+from .plot import TrainPlot, require_matplotlib
 from .progress import Progress
 
 CHECKPOINT_FORMAT = "fastconv-train-1"
@@ -40,21 +44,25 @@ CHECKPOINT_FORMAT = "fastconv-train-1"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="lenet_bn", choices=sorted(models.MODELS),
-                   help="default lenet_bn: it learns the small digits set in seconds on CPU")
+                   help="lenet_bn learns the small digits set in seconds on CPU")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   type=key_value,
                    help="builder keyword, e.g. narrow=true (vgg11), variant=relu (lenet)")
     p.add_argument("--data", default=None, choices=datalib.DATA_SETS,
-                   help="default: fashion-mnist when --data-dir is given, else digits")
+                   help="default: fashion-mnist when --data-dir is given, else digits "
+                        "(needs scikit-learn)")
     p.add_argument("--data-dir", default=None,
                    help="folder with the Fashion-MNIST IDX files (raw or .gz; torchvision's "
-                        "FashionMNIST/raw layout works too)")
-    p.add_argument("--synthetic-size", type=int, default=None,
+                        "FashionMNIST/raw layout and d2l's ../data work too; default: none)")
+    p.add_argument("--synthetic-size", type=positive_int, default=None,
                    help="training examples of --data synthetic (default: 10 batches)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="resize to this side instead of the model's d2l input size")
-    p.add_argument("--epochs", type=int, default=None, help="default: the model's recipe")
-    p.add_argument("--lr", type=float, default=None, help="default: the model's recipe")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--image-size", type=image_size, default=None,
+                   help="resize to this side (default: the model's d2l input size)")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="default: the model's recipe")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="default: the model's recipe")
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="global batch size (default: the model's recipe)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="stock: plain torch.nn, no conversion; otherwise fastconv.convert "
@@ -62,16 +70,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", nargs="?", const="auto", default=None,
                    choices=("auto", "float16", "bfloat16"),
                    help="mixed precision under torch.autocast (bare --amp: bfloat16 where "
-                        "supported, else float16 with loss scaling)")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if "
+                        "supported, else float16 with loss scaling; default: off)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels_last input and model")
+    p.add_argument("--device", default=None, type=device_arg,
+                   help="cpu, cuda or cuda:N (default: cuda if "
                    "present; under torchrun each process takes cuda:LOCAL_RANK)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many training steps (quick runs)")
-    p.add_argument("--save", default=None, help="write a checkpoint here after every epoch")
-    p.add_argument("--resume", default=None, help="continue from this checkpoint")
-    p.add_argument("--json", default=None, help="write the per-epoch history here")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of init and shuffling")
+    p.add_argument("--max-steps", type=positive_int, default=None,
+                   help="stop after this many training steps (default: no limit)")
+    p.add_argument("--save", default=None,
+                   help="write a checkpoint here after every epoch (default: none)")
+    p.add_argument("--resume", default=None,
+                   help="continue from this checkpoint (default: none)")
+    p.add_argument("--json", default=None,
+                   help="write the per-epoch history here (default: none)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for the run's outputs: DIR/train.png (the plot), "
+                        "DIR/history.json (default: none)")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw train loss, train and test accuracy per epoch as d2l's animator "
+                        "does, refreshed every epoch (needs matplotlib; default: DIR/train.png "
+                        "with --out, else none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -127,11 +147,16 @@ def fit(net: nn.Module, train_data: datalib.ArrayData, test_data: datalib.ArrayD
         max_steps: Optional[int] = None, optimizer: Optional[torch.optim.Optimizer] = None,
         start_epoch: int = 0, start_batch: int = 0, progress: bool = True,
         out=None, dist: DistInfo = DistInfo(),
-        on_epoch_end: Optional[Callable[[int, int, History], None]] = None) -> History:
+        on_epoch_end: Optional[Callable[[int, int, History], None]] = None,
+        on_progress: Optional[Callable[[float, float, float], None]] = None) -> History:
     """Train ``net`` (already on ``device``) with SGD and cross-entropy, d2l style.
 
     ``on_epoch_end(epoch, next_batch, history)`` runs after each epoch's evaluation
-    (``next_batch`` > 0 when ``max_steps`` stopped the epoch early).
+    (``next_batch`` > 0 when ``max_steps`` stopped the epoch early). ``on_progress(x, loss,
+    train_acc)`` gets this process's running means five times an epoch, as d2l's animator
+    does (``x``: epochs so far, fractional); it synchronises the device, so only when given.
+    After the first batches the estimated epoch time is printed on stderr (rank 0), with a
+    warning when an epoch will take more than :data:`LONG_EPOCH_S`.
     """
     out = out if out is not None else sys.stdout
     size = size or tuple(train_data.images.shape[-2:])
@@ -153,6 +178,7 @@ def fit(net: nn.Module, train_data: datalib.ArrayData, test_data: datalib.ArrayD
             return f"loss {float(loss_sum) / max(seen, 1):.3f}"
 
         t0 = time.perf_counter()
+        t_first = None
         for b, (x, y) in enumerate(datalib.train_batches(
                 train_data, batch_size, size, device, seed=seed, epoch=epoch, start=first,
                 rank=dist.rank, world=dist.world, channels_last=channels_last), start=first):
@@ -164,6 +190,22 @@ def fit(net: nn.Module, train_data: datalib.ArrayData, test_data: datalib.ArrayD
             seen += y.numel()
             history.steps += 1
             bar.update(1, postfix)
+            done = b + 1 - first
+            if epoch == start_epoch and dist.rank == 0 and n_batches - first > ESTIMATE_AFTER:
+                # the first batch pays for warm-up (allocation, autotuning): time the next few
+                if done == 1 or done == ESTIMATE_AFTER + 1:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    now = time.perf_counter()
+                    if done == 1:
+                        t_first = now
+                    else:
+                        per_batch = (now - t_first) / ESTIMATE_AFTER
+                        _print_estimate(per_batch, n_batches - first, epochs - epoch)
+            if on_progress is not None and (
+                    done % max(1, (n_batches - first) // 5) == 0 or b + 1 == n_batches):
+                on_progress(epoch + (b + 1) / n_batches, float(loss_sum) / max(seen, 1),
+                            float(correct) / max(seen, 1))
             if max_steps is not None and history.steps >= max_steps:
                 if b + 1 < n_batches:
                     stopped_at = b + 1
@@ -196,6 +238,29 @@ def fit(net: nn.Module, train_data: datalib.ArrayData, test_data: datalib.ArrayD
         if stopped_at is not None or (max_steps is not None and history.steps >= max_steps):
             break
     return history
+
+
+ESTIMATE_AFTER = 3   # timed batches (after the first) behind the epoch-time estimate
+LONG_EPOCH_S = 600.0
+
+
+def _fmt_seconds(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _print_estimate(per_batch: float, batches: int, epochs_left: int) -> None:
+    epoch_s = per_batch * batches
+    print(f"estimated time per epoch: {_fmt_seconds(epoch_s)} ({batches} batches at "
+          f"{per_batch:.3g} s), {_fmt_seconds(epoch_s * epochs_left)} for the "
+          f"{epochs_left} epoch(s) to go", file=sys.stderr, flush=True)
+    if epoch_s > LONG_EPOCH_S:
+        print(f"warning: an epoch will take about {_fmt_seconds(epoch_s)}; for a quick look "
+              "try --max-steps N, a smaller --image-size, a GPU (--device cuda) or the small "
+              "digits set (--data digits)", file=sys.stderr, flush=True)
 
 
 def _max_over_ranks(value: float, device) -> float:
@@ -277,6 +342,17 @@ def build_model(name: str, in_channels: int, num_classes: int, model_kwargs: dic
         raise SystemExit(f"--model-arg: {name} does not take {model_kwargs}: {exc}") from None
 
 
+def flops_per_example(name: str, in_channels: int, num_classes: int, model_kwargs: dict,
+                      size) -> int:
+    """Forward FLOPs of one example, counted on a meta-device copy (shapes only, no work)."""
+    kwargs = dict(model_kwargs)
+    if "image_size" in inspect.signature(models.MODELS[name]).parameters:
+        kwargs["image_size"] = size[0]
+    with torch.device("meta"):
+        model = models.build(name, in_channels=in_channels, num_classes=num_classes, **kwargs)
+    return count_flops(model.eval(), torch.empty(1, in_channels, *size, device="meta"))
+
+
 def run(args) -> int:
     dist, device = init_distributed(args.device)
     try:
@@ -291,11 +367,15 @@ def run(args) -> int:
 
 def _run(args, dist: DistInfo, device: torch.device, model_kwargs: dict) -> int:
     recipe = models.RECIPES[args.model]
-    epochs = args.epochs or recipe["epochs"]
+    epochs = args.epochs if args.epochs is not None else recipe["epochs"]
     lr = args.lr if args.lr is not None else recipe["lr"]
-    batch_size = args.batch_size or recipe["batch_size"]
+    batch_size = args.batch_size if args.batch_size is not None else recipe["batch_size"]
     data_name = args.data or ("fashion-mnist" if args.data_dir else "digits")
     amp = resolve_amp(args.amp, device)
+    plot_path = args.plot or (os.path.join(args.out, "train.png") if args.out else None)
+    json_path = args.json or (os.path.join(args.out, "history.json") if args.out else None)
+    if plot_path:
+        require_matplotlib()  # before any data is read or model built
     if args.backend not in ("stock", "auto"):
         reason = unusable_reason(args.backend, device)
         if reason is not None and not (args.backend == "triton" and device.type == "cpu"
@@ -347,7 +427,10 @@ def _run(args, dist: DistInfo, device: torch.device, model_kwargs: dict) -> int:
         model = nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
 
+    plot = None
     if dist.rank == 0:
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
         report = conversion_report(net)
         how = "stock torch.nn" if report is None else (
             f"converted (backend {args.backend}): {len(report.replaced)} layers replaced, "
@@ -359,11 +442,34 @@ def _run(args, dist: DistInfo, device: torch.device, model_kwargs: dict) -> int:
               f"{', channels_last' if args.channels_last else ''}"
               + (f"; resuming at epoch {start_epoch + 1}, batch {start_batch}"
                  if state is not None else ""), flush=True)
+        params = sum(p.numel() for p in net.parameters())
+        flops = flops_per_example(args.model, int(in_channels), train_data.num_classes,
+                                  model_kwargs, size)
+        print(f"  {params:,d} parameters, {flops / 1e9:.3g} GFLOP per example forward "
+              "(multiply-add = 2 FLOPs)", flush=True)
+        if args.model == "vgg11" and not model_kwargs.get("narrow"):
+            print("  vgg11 is the full-width VGG-11 (ImageNet's channel counts); d2l trains a "
+                  "narrow copy with 1/4 of the channels: --model-arg narrow=true", flush=True)
         if start_epoch >= epochs:
             print(f"nothing to do: the checkpoint already finished {start_epoch} epochs",
                   flush=True)
+        if plot_path:
+            plot = TrainPlot(plot_path, f"{args.model}, {args.backend}, {device}", epochs)
+            for e in past:
+                plot.add(e["epoch"], train_loss=e["loss"], train_acc=e["train_acc"],
+                         test_acc=e["test_acc"])
+    n_batches = datalib.num_batches(len(train_data), batch_size, dist.world)
+
+    def on_progress(x: float, loss: float, acc: float) -> None:
+        plot.add(x, train_loss=loss, train_acc=acc)
 
     def on_epoch_end(epoch: int, next_batch: int, history: History) -> None:
+        if plot is not None:
+            last = history.epochs[-1]
+            plot.add(epoch + (next_batch / n_batches if next_batch else 1),
+                     test_acc=last["test_acc"])
+            plot.save(f"{args.model}, {args.backend}, {device}: "
+                      f"{last['examples_per_sec']:.1f} examples/sec")
         if args.save and dist.rank == 0:
             save_checkpoint(args.save, net, opt,
                             epoch=epoch if next_batch else epoch + 1, next_batch=next_batch,
@@ -374,7 +480,8 @@ def _run(args, dist: DistInfo, device: torch.device, model_kwargs: dict) -> int:
                   device=device, size=size, seed=args.seed, amp=amp,
                   channels_last=args.channels_last, max_steps=args.max_steps, optimizer=opt,
                   start_epoch=start_epoch, start_batch=start_batch,
-                  progress=not args.no_progress, dist=dist, on_epoch_end=on_epoch_end)
+                  progress=not args.no_progress, dist=dist, on_epoch_end=on_epoch_end,
+                  on_progress=on_progress if plot is not None else None)
     if dist.rank == 0 and history.epochs:
         last = history.epochs[-1]
         total_time = sum(e["seconds"] for e in history.epochs)
@@ -383,14 +490,15 @@ def _run(args, dist: DistInfo, device: torch.device, model_kwargs: dict) -> int:
         print(f"loss {last['loss']:.3f}, train acc {last['train_acc']:.3f}, "
               f"test acc {last['test_acc']:.3f}")
         print(f"{total_ex / total_time if total_time else 0.0:.1f} examples/sec on {device}")
-        if args.json:
-            with open(args.json, "w") as f:
+        if plot is not None:
+            print(f"plot: {plot.path}")
+        if json_path:
+            with open(json_path, "w") as f:
                 json.dump(dict(config=config, epochs=past + history.epochs,
                                step_losses=history.step_losses), f, indent=1)
     return 0
 
 
 def main(argv: Optional[list] = None) -> int:
-    p = argparse.ArgumentParser(prog="fastconv train", description=__doc__)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    from ..cli import main as cli_main
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])

@@ -13,14 +13,17 @@ import torch
 from torch import nn
 
 from .. import convert, models, nn as fnn, selection
+from .args import device as device_arg
+from .args import positive_int
 from .common import DTYPES, amp_dtype, pick_device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, choices=sorted(models.MODELS))
-    p.add_argument("--batch", type=int, default=None,
+    p.add_argument("--model", required=True, choices=sorted(models.MODELS),
+                   help="network of fastconv.models")
+    p.add_argument("--batch", type=positive_int, default=None,
                    help="batch size (default: 128 on a GPU, 8 on CPU)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--device", default=None, type=device_arg, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="float16/bfloat16 run the model under torch.autocast (AMP)")
     p.add_argument("--channels-last", action="store_true", help="channels_last input and model")
@@ -29,9 +32,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    if args.batch is not None and args.batch < 1:
-        print(f"fastconv tune: --batch must be positive, got {args.batch}")
-        return 2
     if not selection.enabled() or torch.are_deterministic_algorithms_enabled():
         print("fastconv tune: measuring is off (FASTCONV_AUTOTUNE=0); nothing to decide")
         return 2
