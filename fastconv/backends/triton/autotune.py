@@ -156,10 +156,17 @@ class ConfigTable:
 
 
 def benchmark(fn: Callable[[], Any], warmup_ms: int = 10, rep_ms: int = 40) -> float:
-    """Median milliseconds of ``fn`` with ``triton.testing.do_bench``."""
-    from triton.testing import do_bench
+    """Median milliseconds per call of ``fn`` with :mod:`fastconv.timing` (the one timer):
+    about ``warmup_ms`` of untimed calls, then ten samples of ``rep_ms / 10`` each."""
+    import torch
 
-    return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    from ... import timing
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    inner = timing.calls_for(fn, rep_ms / 1e4, device)
+    warmup = max(1, round(inner * warmup_ms / (rep_ms / 10)))
+    return timing.measure(fn, device=device, rounds=10, inner=inner, warmup=warmup).median * 1e3
 
 
 def tune(candidates: Iterable[dict], run: Callable[[dict], Any],
