@@ -49,7 +49,8 @@ log = logging.getLogger("fastconv")
 _RELU_FUNCTIONS = {torch.relu, F.relu, torch.relu_}
 _ADDS = {operator.add, operator.iadd, torch.add}
 _STOCK = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-RESIDUAL_LEFT = "residual add not fusable (its operand is not a batch norm's only use)"
+RESIDUAL_LEFT = ("residual add not fused (that needs a batch norm operand with no other use, "
+                 "in a forward() fastconv rewrites)")
 
 
 @dataclasses.dataclass
@@ -234,7 +235,8 @@ def _fuse_residual_adds(g: _Graph) -> list[str]:
     the graph must then become forward()."""
     fused = []
     for add in list(g.graph.nodes):
-        if not _is_add(add) or len(add.users) != 1 or add.kwargs or len(add.args) != 2                 or not _is_relu(next(iter(add.users)), g.modules):
+        if not (_is_add(add) and len(add.users) == 1 and not add.kwargs and len(add.args) == 2
+                and _is_relu(next(iter(add.users)), g.modules)):
             continue
         for bn, identity in (add.args, add.args[::-1]):
             if (isinstance(bn, torch.fx.Node) and isinstance(identity, torch.fx.Node)
