@@ -164,6 +164,27 @@ def test_triton_gradient_subsets(wants, training, path):
               what=f"{'+'.join(wants)} nhwc={cl} {path}")
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_triton_without_autograd(training, path):
+    # no graph: eval is one launch reading the running statistics, training the statistics
+    # kernel (fused with the output in the one-program path) then the apply kernel
+    for cl in (False, True):
+        args, r, _ = make((2, 3, 8, 8), channels_last=cl, seed=("nograd", training))
+        rm, rv = args["running_mean"].clone(), args["running_var"].clone()
+        with torch.no_grad():
+            out = fastconv.functional.batch_norm(
+                args["input"], rm, rv, args["weight"], args["bias"], training, relu=True,
+                residual=r, backend="triton")
+        assert out.grad_fn is None
+        assert_layout(out, args["input"], "no-grad output")
+        ref = residual_reference(args["input"], r, args["weight"], args["bias"],
+                                 args["running_mean"], args["running_var"], training, 0.1, 1e-5,
+                                 True, out, None)
+        assert_within(out, *ref["output"], f"no-grad nhwc={cl} {path}")
+        if training:
+            assert_within(rm, *ref["running_mean"], "no-grad running_mean")
+
+
 def test_triton_float16():
     args, r, gen = make((2, 3, 8, 8), channels_last=True, seed=("fp16",))
     args["input"], r = args["input"].half(), r.half()
