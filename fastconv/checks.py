@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from .shapes import pool_output_size
+from .shapes import dense_channels_last, pool_output_size
 
 __all__ = ["check_conv2d_relu", "check_max_pool2d", "check_avg_pool2d",
            "check_adaptive_avg_pool2d", "check_batch_norm", "CHECKS"]
@@ -189,7 +189,7 @@ def check_adaptive_avg_pool2d(input, output_size) -> dict[str, Any]:
     return dict(input=input, output_size=size)
 
 def check_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-                      momentum=0.1, eps=1e-05, *, relu=False) -> dict[str, Any]:
+                      momentum=0.1, eps=1e-05, *, relu=False, residual=None) -> dict[str, Any]:
     op = "batch_norm"
     _tensor(op, "input", input, 4, "(N, C, H, W)")
     c = input.shape[1]
@@ -218,9 +218,37 @@ def check_batch_norm(input, running_mean, running_var, weight=None, bias=None, t
     if training and input.numel() // max(c, 1) == 1:
         raise ValueError(f"{op}: expected more than 1 value per channel when training, got "
                          f"input of shape {tuple(input.shape)}")
+    if residual is not None:
+        check_residual(op, input, residual)
     return dict(input=input, running_mean=running_mean, running_var=running_var, weight=weight,
                 bias=bias, training=bool(training), momentum=float(momentum), eps=float(eps),
-                relu=bool(relu))
+                relu=bool(relu), residual=residual)
+
+
+def _format_name(t: torch.Tensor) -> str:
+    return "channels_last" if dense_channels_last(t) else "contiguous (NCHW)"
+
+
+def check_residual(op: str, input: torch.Tensor, residual: Any) -> None:
+    """``residual`` is added to the normalised output: the kernels read it element for element
+    beside the input, so it must match the input exactly (no broadcasting, no promotion)."""
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"{op}: residual must be a torch.Tensor or None, got "
+                        f"{type(residual).__name__}")
+    if residual.shape != input.shape:
+        raise ValueError(f"{op}: residual must have the input's shape {tuple(input.shape)}, "
+                         f"got {tuple(residual.shape)}")
+    if residual.dtype != input.dtype:
+        raise TypeError(f"{op}: residual is {residual.dtype} but input is {input.dtype}; they "
+                        "must have one dtype")
+    if residual.device != input.device:
+        raise RuntimeError(f"{op}: residual is on {residual.device} but input is on "
+                           f"{input.device}; move them to one device")
+    if dense_channels_last(residual) != dense_channels_last(input):
+        raise ValueError(f"{op}: residual is {_format_name(residual)} (strides "
+                         f"{residual.stride()}) but input {tuple(input.shape)} is "
+                         f"{_format_name(input)} (strides {input.stride()}); pass them in one "
+                         "memory format")
 
 
 CHECKS = {

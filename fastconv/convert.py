@@ -14,6 +14,8 @@ class, submodules and state_dict keys stay, and ``revert`` restores the class's 
 Limits of that rewrite: it is the forward() of the root, so hooks on container modules no
 longer fire and a container called on its own runs its original code; and it is only done
 when forward() traces alike in train and eval mode.
+ResNet's block ending ``relu(bn(y) + identity)`` becomes one batch norm call
+``bn(y, residual=identity)`` with the ReLU fused (:func:`_fuse_residual_adds`).
 Every ReLU left, and why (a residual add, a Linear, a shared producer), is in the report.
 
 A ReLU between a conv (or batch norm) and a max-pool (``return_indices=False``) that is
@@ -47,7 +49,8 @@ log = logging.getLogger("fastconv")
 _RELU_FUNCTIONS = {torch.relu, F.relu, torch.relu_}
 _ADDS = {operator.add, operator.iadd, torch.add}
 _STOCK = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-RESIDUAL_LEFT = "residual add (needs batch_norm residual)"
+RESIDUAL_LEFT = ("residual add not fused (that needs a batch norm operand with no other use, "
+                 "in a forward() fastconv rewrites)")
 
 
 @dataclasses.dataclass
@@ -190,6 +193,7 @@ class _Graph:
 
     def plan_relus(self) -> _Plan:
         plan = self.plan
+        residual = _fuse_residual_adds(self) if self.rewritable else []
         for node in list(self.graph.nodes):
             if not _is_relu(node, self.modules):
                 continue
@@ -214,13 +218,43 @@ class _Graph:
         for name, nodes in self.calls.items():  # ReLU modules whose every call went
             if type(self.modules[name]) is nn.ReLU and all(n in self.dropped for n in nodes):
                 plan.absorb[name] = ", ".join(dict.fromkeys(self.dropped[n] for n in nodes))
-        if any(node.op != "call_module" or node.target not in plan.absorb
-               for node in self.dropped):
+        if residual or any(node.op != "call_module" or node.target not in plan.absorb
+                           for node in self.dropped):
             for node in self.dropped:
                 node.replace_all_uses_with(node.args[0] if node.args else node.kwargs["input"])
                 self.graph.erase_node(node)
             plan.graph = self.graph
         return plan
+
+
+def _fuse_residual_adds(g: _Graph) -> list[str]:
+    """Rewrite ``relu(bn(y) + identity)`` (``+``, ``+=``, ``torch.add``, ``.add(_)``; any ReLU
+    form) to ``bn(y, residual=identity)`` followed by that ReLU, which the ReLU rules then fuse
+    into the batch norm like any other: one pass instead of three. Only where the batch norm
+    is a stock BatchNorm2d called once (not folded), its output feeds only the add and the
+    add's feeds only the ReLU. The batch norm call moves down to the add's place (the identity
+    may be computed after it: torchvision's downsample). Returns the batch norms so rewritten;
+    the graph must then become forward()."""
+    fused = []
+    for add in list(g.graph.nodes):
+        if not (_is_add(add) and len(add.users) == 1 and not add.kwargs and len(add.args) == 2
+                and _is_relu(next(iter(add.users)), g.modules)):
+            continue
+        for bn, identity in (add.args, add.args[::-1]):
+            if (isinstance(bn, torch.fx.Node) and isinstance(identity, torch.fx.Node)
+                    and bn is not identity and type(g.module(bn)) is nn.BatchNorm2d
+                    and len(g.calls[bn.target]) == 1 and len(bn.users) == 1
+                    and len(bn.args) == 1 and not bn.kwargs and bn.target not in g.plan.fold):
+                break
+        else:
+            continue
+        add.prepend(bn)
+        bn.kwargs = {"residual": identity}
+        add.replace_all_uses_with(bn)
+        g.graph.erase_node(add)
+        g.plan.notes[bn.target] = f"the residual add {add.name} is fused into it"
+        fused.append(bn.target)
+    return fused
 
 
 def _trace(model: nn.Module) -> tuple[torch.fx.Graph, bool]:

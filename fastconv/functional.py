@@ -102,14 +102,16 @@ def adaptive_avg_pool2d(input, output_size, *, backend=None):
 
 # --------------------------------------------------------------------------- batch_norm
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-05, *, relu=False, backend=None):
+               momentum=0.1, eps=1e-05, *, relu=False, residual=None, backend=None):
     """:func:`torch.nn.functional.batch_norm` on (N, C, H, W) input, optionally fused with ReLU.
 
     In training mode ``running_mean``/``running_var`` (when given) are updated in place with
-    the unbiased batch variance, exactly as torch does.
+    the unbiased batch variance, exactly as torch does. ``residual`` (a tensor of the input's
+    shape, dtype, device and memory format) is added to the normalised output before the
+    ReLU: ``relu(batch_norm(input) + residual)``, ResNet's block ending, in one pass.
     """
     args = check_batch_norm(input, running_mean, running_var, weight, bias, training,
-                            momentum, eps, relu=relu)
+                            momentum, eps, relu=relu, residual=residual)
     return _run("batch_norm", args, backend)
 
 

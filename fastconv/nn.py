@@ -145,7 +145,8 @@ class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
 
 class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` (same buffers, ``num_batches_tracked`` and ``momentum=None``
-    semantics); ``relu=True`` fuses the following ReLU."""
+    semantics); ``relu=True`` fuses the following ReLU, and ``forward(input, residual)`` adds
+    ``residual`` before it (``relu(bn(input) + residual)``, ResNet's block ending)."""
 
     def __init__(self, num_features, eps=1e-05, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None, *, relu: bool = False,
@@ -170,7 +171,8 @@ class BatchNorm2d(nn.BatchNorm2d):
         _share_state(self, bn)
         return bn
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_input_dim(input)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         track = self.training and self.track_running_stats and self.num_batches_tracked is not None
@@ -184,7 +186,8 @@ class BatchNorm2d(nn.BatchNorm2d):
         # validate everything before any state (num_batches_tracked, running stats) changes,
         # and count the batch only once the op has run: a refused or failed call counts nothing
         args = check_batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                bn_training, factor, self.eps, relu=self.relu)
+                                bn_training, factor, self.eps, relu=self.relu,
+                                residual=residual)
         out = FF._run("batch_norm", args, self.backend)
         if track:
             self.num_batches_tracked.add_(1)

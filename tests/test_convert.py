@@ -121,8 +121,10 @@ def test_custom_modules_with_functional_relu():
 def test_residual_block_pattern():
     fast = fastconv.convert(models.resnet18())
     block = fast[2][0]
-    assert block.bn1.relu and not block.bn2.relu
+    # bn2 adds the residual and applies the ReLU after it (batch_norm's residual)
+    assert block.bn1.relu and block.bn2.relu
     assert not block.conv1.relu and not block.conv3.relu
+    assert "residual add" in dict(fastconv.conversion_report(fast).replaced)["2.0.bn2"]
 
 
 class SharedReLU(nn.Module):

@@ -15,15 +15,18 @@ The five ops and their normalised signatures (``Pair`` = ``tuple[int, int]``)::
                ceil_mode: bool, return_indices: bool, relu: bool)
         -> Tensor, or (Tensor, int64 indices) when return_indices
     batch_norm(input, running_mean, running_var, weight, bias, training: bool,
-               momentum: float, eps: float, relu: bool) -> Tensor
-        # when training and running stats are given they are updated in place
+               momentum: float, eps: float, relu: bool, residual) -> Tensor
+        # when training and running stats are given they are updated in place;
+        # residual (Tensor or None; the input's shape, dtype, device and memory format) is
+        # added after the normalisation, before the ReLU: relu(bn(input) + residual)
     avg_pool2d(input, kernel_size: Pair, stride: Pair, padding: Pair, ceil_mode: bool,
                count_include_pad: bool, divisor_override: int | None) -> Tensor
     adaptive_avg_pool2d(input, output_size: Pair) -> Tensor
 
 Every op is differentiable with respect to its floating-point tensor arguments, exactly as the
 matching ``torch.nn.functional`` composition (``relu`` applied last for conv and batch norm,
-first for max-pool, where the two commute).
+first for max-pool, where the two commute). Batch norm's residual gets ``grad_output`` masked
+by ``output > 0`` (``relu``) or ``grad_output`` itself.
 """
 from __future__ import annotations
 
@@ -60,7 +63,8 @@ class Backend:
     def bind(self, op: str, args: dict[str, Any]):
         """``op`` with ``args``' non-tensor arguments fixed: a function of the leading tensor
         arguments (conv: input, weight, bias; pools: input; batch norm: input, running_mean,
-        running_var, weight, bias), used by the decided fast path."""
+        running_var, weight, bias), used by the decided fast path. Batch norm's ``residual``
+        is a tensor after the fixed arguments: its calls take no fast path."""
         method = getattr(self, op)
         rest = tuple(args.values())[TENSOR_ARGS[op]:]
         return lambda *tensors: method(*tensors, *rest)

@@ -32,9 +32,11 @@ class TorchBackend(Backend):
         return torch.relu(result)
 
     def batch_norm(self, input, running_mean, running_var, weight, bias, training,
-                   momentum, eps, relu):
+                   momentum, eps, relu, residual=None):
         out = F.batch_norm(input, running_mean, running_var, weight, bias, training,
                            momentum, eps)
+        if residual is not None:
+            out = out + residual
         return torch.relu(out) if relu else out
 
     def avg_pool2d(self, input, kernel_size, stride, padding, ceil_mode, count_include_pad,

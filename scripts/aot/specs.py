@@ -338,16 +338,23 @@ def batch_norm_specs() -> list[KernelSpec]:
                 chunked = {} if single else {"part_ptr": "*fp32", "ticket_ptr": "*i32"}
                 nones = dict(mean_ptr=None, **({"part_ptr": None, "ticket_ptr": None}
                                                if single else {"y_ptr": None}))
-                specs.append(KernelSpec(
-                    name=f"bn_stats {tag}", kernel=bn._bn_stats_kernel,
-                    signature=dict(io, **chunked, **({"y_ptr": f"*{ty}"} if single else {}),
-                                   **ints, momentum="fp32", eps="fp32"),
-                    constexprs=dict(rconsts, **nones, HAS_RUNNING=True, WRITE_MEAN=False,
-                                    SINGLE=single, APPLY=single, HAS_W=True, HAS_B=True,
-                                    RELU=True),
-                    num_warps=red["warps"], num_stages=bn.NUM_STAGES, main=main_ty))
-                for relu, from_x in ((True, False), (True, True), (False, False)):
-                    rtag = f"relu={relu}{' mask-from-x' if from_x else ''} {tag}"
+                # a residual (relu(bn(x) + r)) is read only by the single-chunk fused apply
+                for res in ((False, True) if single else (False,)):
+                    specs.append(KernelSpec(
+                        name=f"bn_stats{' residual' if res else ''} {tag}",
+                        kernel=bn._bn_stats_kernel,
+                        signature=dict(io, **chunked, **({"y_ptr": f"*{ty}"} if single else {}),
+                                       **({"r_ptr": f"*{ty}"} if res else {}),
+                                       **ints, momentum="fp32", eps="fp32"),
+                        constexprs=dict(rconsts, **nones, **({} if res else {"r_ptr": None}),
+                                        HAS_RUNNING=True, WRITE_MEAN=False, SINGLE=single,
+                                        APPLY=single, HAS_W=True, HAS_B=True, RELU=True,
+                                        HAS_RES=res),
+                        num_warps=red["warps"], num_stages=bn.NUM_STAGES, main=main_ty))
+                for relu, from_x, dres in ((True, False, False), (True, True, False),
+                                           (False, False, False), (True, False, True)):
+                    rtag = (f"relu={relu}{' mask-from-x' if from_x else ''}"
+                            f"{' grad_residual' if dres else ''} {tag}")
                     main = main_ty and relu and not from_x
                     bsig = {"dy_ptr": f"*{ty}", "x_ptr": f"*{ty}", "centre_ptr": "*fp32",
                             "invstd_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
@@ -363,13 +370,22 @@ def batch_norm_specs() -> list[KernelSpec]:
                         bsig["y_ptr"] = f"*{ty}"
                     else:
                         bnone["y_ptr"] = None
+                    # grad_residual: in the fused dx loop (single), else in the dx pass; the
+                    # reduction loop writes it only when grad_input is not wanted
+                    dr_here = dres and single
+                    if dr_here:
+                        bsig["dr_ptr"] = f"*{ty}"
+                    else:
+                        bnone["dr_ptr"] = None
+                    if dres and not single:
+                        continue  # same compile as without (the dx kernel writes it)
                     specs.append(KernelSpec(
                         name=f"bn_bwd_reduce {rtag}", kernel=bn._bn_bwd_reduce_kernel,
                         signature=bsig,
                         constexprs=dict(rconsts, **bnone, TRAINING=True, RELU=relu,
                                         RELU_FROM_X=from_x, HAS_W=True, HAS_B=True,
                                         WRITE_DW=True, WRITE_DB=True, WRITE_COEF=not single,
-                                        SINGLE=single, DX=single),
+                                        SINGLE=single, DX=single, WRITE_DR=dr_here),
                         num_warps=red["warps"], num_stages=bn.NUM_STAGES, main=main))
                 if single:
                     continue
@@ -380,25 +396,31 @@ def batch_norm_specs() -> list[KernelSpec]:
                 assert (sints, sconsts) == _ints(bn._bn_bwd_dx_kernel, c, rows, cols)
                 sconsts = dict(sconsts, CHANNELS_LAST=cl, INDEX64=False, BLOCK_R=br,
                                BLOCK_S=bs)
-                for relu in (True, False):
-                    for from_running in (False, True):
-                        specs.append(KernelSpec(
-                            name=f"bn_apply relu={relu}{' eval' if from_running else ''} {tag}",
-                            kernel=bn._bn_apply_kernel,
-                            signature={"x_ptr": f"*{ty}", "y_ptr": f"*{ty}", "w_ptr": "*fp32",
-                                       "b_ptr": "*fp32", **sints, "eps": "fp32",
-                                       **({"rm_ptr": "*fp32", "rv_ptr": "*fp32"}
-                                          if from_running else
-                                          {"centre_ptr": "*fp32", "invstd_ptr": "*fp32"})},
-                            constexprs=dict(sconsts, FROM_RUNNING=from_running, HAS_W=True,
-                                            HAS_B=True, RELU=relu,
-                                            **({"centre_ptr": None, "invstd_ptr": None}
-                                               if from_running else
-                                               {"rm_ptr": None, "rv_ptr": None})),
-                            num_warps=warps, num_stages=bn.NUM_STAGES,
-                            main=main_ty and relu and not from_running))
-                for relu, from_x, training in ((True, False, True), (True, True, True),
-                                               (False, False, True), (True, False, False)):
+                for relu, from_running, res in ((True, False, False), (True, True, False),
+                                                (False, False, False), (False, True, False),
+                                                (True, False, True), (True, True, True)):
+                    specs.append(KernelSpec(
+                        name=f"bn_apply relu={relu}{' eval' if from_running else ''}"
+                             f"{' residual' if res else ''} {tag}",
+                        kernel=bn._bn_apply_kernel,
+                        signature={"x_ptr": f"*{ty}", "y_ptr": f"*{ty}", "w_ptr": "*fp32",
+                                   "b_ptr": "*fp32", **sints, "eps": "fp32",
+                                   **({"r_ptr": f"*{ty}"} if res else {}),
+                                   **({"rm_ptr": "*fp32", "rv_ptr": "*fp32"}
+                                      if from_running else
+                                      {"centre_ptr": "*fp32", "invstd_ptr": "*fp32"})},
+                        constexprs=dict(sconsts, FROM_RUNNING=from_running, HAS_W=True,
+                                        HAS_B=True, RELU=relu, HAS_RES=res,
+                                        **({} if res else {"r_ptr": None}),
+                                        **({"centre_ptr": None, "invstd_ptr": None}
+                                           if from_running else
+                                           {"rm_ptr": None, "rv_ptr": None})),
+                        num_warps=warps, num_stages=bn.NUM_STAGES,
+                        main=main_ty and relu and not from_running))
+                for relu, from_x, training, dres in (
+                        (True, False, True, False), (True, True, True, False),
+                        (False, False, True, False), (True, False, False, False),
+                        (True, False, True, True)):
                     dsig = {"dy_ptr": f"*{ty}", "x_ptr": f"*{ty}", "centre_ptr": "*fp32",
                             "w_ptr": "*fp32", "b_ptr": "*fp32", "dx_ptr": f"*{ty}", **sints}
                     dnone = {}
@@ -412,13 +434,19 @@ def batch_norm_specs() -> list[KernelSpec]:
                         dsig["y_ptr"] = f"*{ty}"
                     else:
                         dnone["y_ptr"] = None
+                    if dres:
+                        dsig["dr_ptr"] = f"*{ty}"
+                    else:
+                        dnone["dr_ptr"] = None
                     specs.append(KernelSpec(
                         name=f"bn_bwd_dx relu={relu}{' mask-from-x' if from_x else ''}"
-                             f"{'' if training else ' eval'} {tag}",
+                             f"{'' if training else ' eval'}{' grad_residual' if dres else ''}"
+                             f" {tag}",
                         kernel=bn._bn_bwd_dx_kernel, signature=dsig,
                         constexprs=dict(sconsts, **dnone, RELU=relu, RELU_FROM_X=from_x,
                                         HAS_W=True, HAS_B=True, TRAINING=training,
-                                        FROM_STATS=not training),
+                                        FROM_STATS=not training, WRITE_DX=True,
+                                        WRITE_DR=dres),
                         num_warps=warps, num_stages=bn.NUM_STAGES,
                         main=main_ty and relu and not from_x and training))
     return _checked(specs)

@@ -4,9 +4,16 @@ custom ops (torch.library gives no autograd to ops that mutate inputs, hence the
 * ``fastconv::triton_batch_norm_stats(input, running_mean!, running_var!, training, momentum,
   eps) -> (centre, save_mean, save_invstd)``: batch statistics (training) or running ones
   (eval); updates the running statistics in place. Called on a detached input.
-* ``fastconv::triton_batch_norm(input, weight, bias, centre, save_invstd, training, relu)
-  -> output``: normalise (+ReLU); functional, with ``register_autograd``.
-* ``fastconv::triton_batch_norm_backward(...) -> (grad_input, grad_weight, grad_bias)``.
+* ``fastconv::triton_batch_norm(input, weight, bias, centre, save_invstd, training, relu,
+  residual=None) -> output``: normalise (+ residual) (+ReLU); functional, with
+  ``register_autograd``.
+* ``fastconv::triton_batch_norm_backward(...) -> (grad_input, grad_weight, grad_bias,
+  grad_residual)``.
+
+A residual (ResNet's ``relu(bn(x) + identity)``) is read by the normalising pass (constexpr
+HAS_RES: nothing is read or computed without one); its gradient, dy masked by the ReLU (or dy
+itself without ReLU: no pass), is stored by the backward pass that writes grad_input, from the
+same loads.
 
 Those ops serve tracing and torch.compile. An eager call (real tensors, not compiling) runs the
 same launchers under one ``torch.autograd.Function`` instead: the op dispatcher costs ~120 us
@@ -48,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...checks import check_batch_norm
+from ...checks import check_batch_norm, check_residual
 from ...shapes import dense_channels_last, memory_format
 from . import utils
 from .autotune import device_tuning, load_tuning, tuning_state
@@ -176,6 +183,19 @@ def _bn_affine(v, shift, mean_s, scale, bias):
 
 
 @triton.jit
+def _bn_out(v, shift, mean_s, scale, bias, r_ptr, off, ok, RELU: tl.constexpr,
+            HAS_RES: tl.constexpr):
+    """The output at ``off``: normalise, add the residual (read in float32: one rounding of
+    the sum, where bn, add and relu in torch round twice), then ReLU."""
+    y = _bn_affine(v, shift, mean_s, scale, bias)
+    if HAS_RES:
+        y += tl.load(r_ptr + off, mask=ok, other=0.0).to(tl.float32)
+    if RELU:
+        y = tl.where(y < 0, 0.0, y)  # NaN stays NaN, as torch.relu
+    return y
+
+
+@triton.jit
 def _relu_grad(dy, y):
     # torch's ReLU backward: zero where the output is <= 0 (NaN outputs pass). Written as a
     # positive test: `where(y <= 0, 0, dy)` crashes Triton 3.8's LLVM lowering for float32
@@ -193,17 +213,19 @@ def _nchw_pass_count(nb, hb, NHW, ss, rem):
 
 
 @triton.jit
-def _bn_stats_kernel(x_ptr, y_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, centre_ptr, mean_ptr,
+def _bn_stats_kernel(x_ptr, y_ptr, r_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, centre_ptr, mean_ptr,
                      invstd_ptr, part_ptr, ticket_ptr,
                      C, HW, ROWS, ROWS_PER_CHUNK, NUM_CHUNKS, momentum, eps,
                      HAS_RUNNING: tl.constexpr, WRITE_MEAN: tl.constexpr, SINGLE: tl.constexpr,
                      APPLY: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                     RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX64: tl.constexpr,
+                     RELU: tl.constexpr, HAS_RES: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                     INDEX64: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
                      BLOCK_K: tl.constexpr):
     """Program (chunk, channel block): Welford summary of x - shift over the chunk's rows
     (NHWC: pixels; NCHW: samples). SINGLE (one chunk): finalise at once and, with APPLY, also
-    write y. Otherwise store the summary; the last program of the channel block finalises."""
+    write y (+ the residual r, then ReLU). Otherwise store the summary; the last program of
+    the channel block finalises."""
     chunk = tl.program_id(0)
     cv = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cv < C
@@ -275,9 +297,7 @@ def _bn_stats_kernel(x_ptr, y_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, centre_ptr, mea
                         rows = rows.to(tl.int64)
                     off = rows * C + c2
                     v = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
-                    y = _bn_affine(v, sh, ms, sc, bi)
-                    if RELU:
-                        y = tl.where(y < 0, 0.0, y)  # NaN stays NaN, as torch.relu
+                    y = _bn_out(v, sh, ms, sc, bi, r_ptr, off, ok, RELU, HAS_RES)
                     tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=ok)
             else:
                 ms = mean_c[None, :, None]
@@ -293,9 +313,7 @@ def _bn_stats_kernel(x_ptr, y_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, centre_ptr, mea
                         hw = hw0 + ss
                         ok = n_ok & (hw < HW)
                         v = tl.load(x_ptr + base + hw, mask=ok, other=0.0).to(tl.float32)
-                        y = _bn_affine(v, sh, ms, sc, bi)
-                        if RELU:
-                            y = tl.where(y < 0, 0.0, y)
+                        y = _bn_out(v, sh, ms, sc, bi, r_ptr, base + hw, ok, RELU, HAS_RES)
                         tl.store(y_ptr + base + hw, y.to(y_ptr.dtype.element_ty), mask=ok)
     else:
         plane = NUM_CHUNKS * C
@@ -340,13 +358,13 @@ def _channel_of(rows, cols, C, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _bn_apply_kernel(x_ptr, y_ptr, centre_ptr, invstd_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr,
-                     C, ROWS, COLS, eps,
+def _bn_apply_kernel(x_ptr, y_ptr, r_ptr, centre_ptr, invstd_ptr, w_ptr, b_ptr, rm_ptr,
+                     rv_ptr, C, ROWS, COLS, eps,
                      FROM_RUNNING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                     RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX64: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
-    """y = normalise(x) (+ReLU) over the dense [ROWS, COLS] view; FROM_RUNNING (eval,
-    inference): the per-channel statistics come straight from the running buffers."""
+                     RELU: tl.constexpr, HAS_RES: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                     INDEX64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """y = normalise(x) (+ residual r) (+ReLU) over the dense [ROWS, COLS] view; FROM_RUNNING
+    (eval, inference): the per-channel statistics come straight from the running buffers."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     cols = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
     r_ok = rows < ROWS
@@ -374,9 +392,7 @@ def _bn_apply_kernel(x_ptr, y_ptr, centre_ptr, invstd_ptr, w_ptr, b_ptr, rm_ptr,
         rows = rows.to(tl.int64)
     off = rows * COLS + cols
     v = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    y = _bn_affine(v, shift, mean_s, scale, bias)
-    if RELU:
-        y = tl.where(y < 0, 0.0, y)  # NaN stays NaN, as torch.relu
+    y = _bn_out(v, shift, mean_s, scale, bias, r_ptr, off, mask, RELU, HAS_RES)
     tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -422,19 +438,20 @@ def _bwd_finish(sdy, sdyx, cv, c_ok, invstd, w_ptr, dw_ptr, db_ptr, coef_ptr, C,
 # Kept beside _bn_stats_kernel although its loops walk rows the same way: the bodies differ
 # (dx vs y) inside the hot loop, and these kernels' sm_90 code is measured as it stands.
 @triton.jit
-def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, y_ptr, dx_ptr, centre_ptr, invstd_ptr, w_ptr, b_ptr,
-                          dw_ptr, db_ptr, coef_ptr, part_ptr, ticket_ptr,
+def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, y_ptr, dx_ptr, dr_ptr, centre_ptr, invstd_ptr, w_ptr,
+                          b_ptr, dw_ptr, db_ptr, coef_ptr, part_ptr, ticket_ptr,
                           C, HW, ROWS, ROWS_PER_CHUNK, NUM_CHUNKS, inv_count,
                           TRAINING: tl.constexpr, RELU: tl.constexpr, RELU_FROM_X: tl.constexpr,
                           HAS_W: tl.constexpr, HAS_B: tl.constexpr, WRITE_DW: tl.constexpr,
                           WRITE_DB: tl.constexpr, WRITE_COEF: tl.constexpr,
-                          SINGLE: tl.constexpr, DX: tl.constexpr,
+                          SINGLE: tl.constexpr, DX: tl.constexpr, WRITE_DR: tl.constexpr,
                           CHANNELS_LAST: tl.constexpr, INDEX64: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
                           BLOCK_K: tl.constexpr):
     """Program (chunk, channel block): sum(dy') and sum(dy' * (x - mean)) over its rows.
     SINGLE: finalise at once and, with DX, also write dx. Otherwise store the sums; the last
-    program of the channel block adds the chunks in order and finalises."""
+    program of the channel block adds the chunks in order and finalises. WRITE_DR: store dy'
+    (the residual's gradient) in the dx loop with DX, else in the reduction loop."""
     chunk = tl.program_id(0)
     cv = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cv < C
@@ -468,6 +485,8 @@ def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, y_ptr, dx_ptr, centre_ptr, invstd_ptr, 
                 rows = rows.to(tl.int64)
             dy, xc = _bwd_terms(dy_ptr, x_ptr, y_ptr, rows * C + c2, ok, sh, ms, sc, bi, RELU,
                                 RELU_FROM_X)
+            if WRITE_DR and not DX:
+                tl.store(dr_ptr + rows * C + c2, dy.to(dr_ptr.dtype.element_ty), mask=ok)
             sdy += dy
             sdyx += dy * xc
         sdy_c = tl.sum(sdy, 0)
@@ -491,8 +510,11 @@ def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, y_ptr, dx_ptr, centre_ptr, invstd_ptr, 
             base = (n * C + c3) * HW
             for hw0 in range(0, HW, BLOCK_S):
                 hw = hw0 + ss
-                dy, xc = _bwd_terms(dy_ptr, x_ptr, y_ptr, base + hw, n_ok & (hw < HW), sh, ms,
-                                    sc, bi, RELU, RELU_FROM_X)
+                ok = n_ok & (hw < HW)
+                dy, xc = _bwd_terms(dy_ptr, x_ptr, y_ptr, base + hw, ok, sh, ms, sc, bi, RELU,
+                                    RELU_FROM_X)
+                if WRITE_DR and not DX:
+                    tl.store(dr_ptr + base + hw, dy.to(dr_ptr.dtype.element_ty), mask=ok)
                 sdy += dy
                 sdyx += dy * xc
         sdy_c = tl.sum(tl.sum(sdy, 2), 0)
@@ -514,6 +536,8 @@ def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, y_ptr, dx_ptr, centre_ptr, invstd_ptr, 
                     off = rows * C + c2
                     dy, xc = _bwd_terms(dy_ptr, x_ptr, y_ptr, off, ok, sh, ms, sc, bi, RELU,
                                         RELU_FROM_X)
+                    if WRITE_DR:
+                        tl.store(dr_ptr + off, dy.to(dr_ptr.dtype.element_ty), mask=ok)
                     dx = a2 * dy
                     if TRAINING:  # eval never touches x: 0 * inf would be NaN
                         dx += k22 * xc + k32
@@ -533,6 +557,8 @@ def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, y_ptr, dx_ptr, centre_ptr, invstd_ptr, 
                         ok = n_ok & (hw < HW)
                         dy, xc = _bwd_terms(dy_ptr, x_ptr, y_ptr, base + hw, ok, sh, ms, sc,
                                             bi, RELU, RELU_FROM_X)
+                        if WRITE_DR:
+                            tl.store(dr_ptr + base + hw, dy.to(dr_ptr.dtype.element_ty), mask=ok)
                         dx = a3 * dy
                         if TRAINING:
                             dx += k23 * xc + k33
@@ -563,13 +589,15 @@ def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, y_ptr, dx_ptr, centre_ptr, invstd_ptr, 
 
 @triton.jit
 def _bn_bwd_dx_kernel(dy_ptr, x_ptr, y_ptr, centre_ptr, coef_ptr, invstd_ptr, w_ptr, b_ptr,
-                      dx_ptr, C, ROWS, COLS,
+                      dx_ptr, dr_ptr, C, ROWS, COLS,
                       RELU: tl.constexpr, RELU_FROM_X: tl.constexpr, HAS_W: tl.constexpr,
                       HAS_B: tl.constexpr, TRAINING: tl.constexpr, FROM_STATS: tl.constexpr,
+                      WRITE_DX: tl.constexpr, WRITE_DR: tl.constexpr,
                       CHANNELS_LAST: tl.constexpr, INDEX64: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     """dx = a * dy' + k2 * (x - mean) + k3 over the dense [ROWS, COLS] view; FROM_STATS (eval,
-    no reduction): a = invstd * weight, k2 = k3 = 0."""
+    no reduction): a = invstd * weight, k2 = k3 = 0. WRITE_DR: also store dy' (the residual's
+    gradient) from the same loads."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     cols = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
     r_ok = rows < ROWS
@@ -589,7 +617,7 @@ def _bn_bwd_dx_kernel(dy_ptr, x_ptr, y_ptr, centre_ptr, coef_ptr, invstd_ptr, w_
         rows = rows.to(tl.int64)
     off = rows * COLS + cols
     dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    if TRAINING or RELU_FROM_X:
+    if (TRAINING and WRITE_DX) or RELU_FROM_X:
         shift = tl.load(centre_ptr + ch, mask=ch_ok, other=0.0)
         mean_s = tl.load(centre_ptr + C + ch, mask=ch_ok, other=0.0)
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -599,12 +627,15 @@ def _bn_bwd_dx_kernel(dy_ptr, x_ptr, y_ptr, centre_ptr, coef_ptr, invstd_ptr, w_
             dy = _relu_grad(dy, _bn_affine(x, shift, mean_s, a, bias))
         else:
             dy = _relu_grad(dy, tl.load(y_ptr + off, mask=mask, other=0.0))
-    dx = a * dy
-    if TRAINING:
-        k2 = tl.load(coef_ptr + C + ch, mask=ch_ok, other=0.0)
-        k3 = tl.load(coef_ptr + 2 * C + ch, mask=ch_ok, other=0.0)
-        dx += k2 * ((x - shift) - mean_s) + k3
-    tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if WRITE_DR:
+        tl.store(dr_ptr + off, dy.to(dr_ptr.dtype.element_ty), mask=mask)
+    if WRITE_DX:
+        dx = a * dy
+        if TRAINING:
+            k2 = tl.load(coef_ptr + C + ch, mask=ch_ok, other=0.0)
+            k3 = tl.load(coef_ptr + 2 * C + ch, mask=ch_ok, other=0.0)
+            dx += k2 * ((x - shift) - mean_s) + k3
+        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launch geometry
@@ -749,10 +780,10 @@ def _stream_meta(plan: dict) -> dict:
 
 # --------------------------------------------------------------------------- launchers
 def _bn_statistics(x, plan, real, running_mean, running_var, training, momentum, eps,
-                   want_mean, y=None, weight=None, bias=None, relu=False):
+                   want_mean, y=None, weight=None, bias=None, relu=False, residual=None):
     """(centre, save_mean or None, save_invstd) of dense ``x``; in training the running
     statistics are updated. With ``y`` given (training only) the single-chunk plan also
-    writes the normalised output and the return says so: (..., applied)."""
+    writes the output (+ dense ``residual``, +ReLU) and the return says so: (..., applied)."""
     c = x.shape[1]
     dev = x.device
     centre = alloc((2, c), torch.float32, dev)
@@ -771,12 +802,13 @@ def _bn_statistics(x, plan, real, running_mean, running_var, training, momentum,
         part = alloc((2, red["chunks"], c), torch.float32, dev)
         tickets = _tickets(dev, red["grid"][1], real)
     run(_bn_stats_kernel, red["grid"],
-        (x, y if apply else None, weight, bias, running_mean, running_var, centre, save_mean,
-         invstd, part, tickets, c, plan["hw"], red["rows"], red["per_chunk"], red["chunks"],
-         float(momentum), float(eps)),
+        (x, y if apply else None, residual if apply else None, weight, bias, running_mean,
+         running_var, centre, save_mean, invstd, part, tickets, c, plan["hw"], red["rows"],
+         red["per_chunk"], red["chunks"], float(momentum), float(eps)),
         dict(_red_meta(plan), HAS_RUNNING=has_running, WRITE_MEAN=bool(want_mean),
              SINGLE=red["single"], APPLY=apply, HAS_W=weight is not None,
-             HAS_B=bias is not None, RELU=bool(relu)), real)
+             HAS_B=bias is not None, RELU=bool(relu),
+             HAS_RES=apply and residual is not None), real)
     if (has_running and real and _increment_version is not None
             and not running_mean.is_inference()):  # inference tensors have no version
         _increment_version(running_mean)  # as torch's in-place update would
@@ -785,18 +817,19 @@ def _bn_statistics(x, plan, real, running_mean, running_var, training, momentum,
 
 
 def _bn_apply(x, plan, real, weight, bias, centre, invstd, relu, y=None, running=None,
-              eps=0.0):
-    """y = normalise(x) (+ReLU); ``running=(mean, var)``: eval statistics read in-kernel."""
+              eps=0.0, residual=None):
+    """y = normalise(x) (+ dense ``residual``) (+ReLU); ``running=(mean, var)``: eval
+    statistics read in-kernel."""
     if y is None:
         y = alloc(x.shape, x.dtype, x.device, plan["fmt"])
     if y.numel() == 0:
         return y
     rm, rv = running if running is not None else (None, None)
     run(_bn_apply_kernel, plan["stream"]["grid"],
-        (x, y, centre, invstd, weight, bias, rm, rv, x.shape[1], plan["rows"], plan["cols"],
-         float(eps)),
+        (x, y, residual, centre, invstd, weight, bias, rm, rv, x.shape[1], plan["rows"],
+         plan["cols"], float(eps)),
         dict(_stream_meta(plan), FROM_RUNNING=running is not None, HAS_W=weight is not None,
-             HAS_B=bias is not None, RELU=bool(relu)), real)
+             HAS_B=bias is not None, RELU=bool(relu), HAS_RES=residual is not None), real)
     return y
 
 
@@ -806,8 +839,10 @@ def _dense(t: Optional[torch.Tensor], fmt) -> Optional[torch.Tensor]:
 
 
 def _bn_backward(dy, x, y, weight, bias, centre, invstd, training, relu, output_mask):
-    """-> (grad_input, grad_weight, grad_bias); those not asked for are empty. ``y``: the
-    saved output for the ReLU mask, or None to recompute the mask from ``x``."""
+    """-> (grad_input, grad_weight, grad_bias, grad_residual); those not asked for are empty
+    (``output_mask[3]``, when present, asks for grad_residual: dy masked by the ReLU, written
+    by the pass that writes grad_input, else by the reduction). ``y``: the saved output for
+    the ReLU mask, or None to recompute the mask from ``x`` (not with a residual)."""
     real = is_real(x)
     plan = _plan_of(x, real)
     fmt = plan["fmt"]
@@ -817,7 +852,8 @@ def _bn_backward(dy, x, y, weight, bias, centre, invstd, training, relu, output_
     relu_from_x = bool(relu) and y is None
     c = x.shape[1]
     dev = x.device
-    want_dx, want_dw, want_db = (bool(m) for m in output_mask)
+    want_dx, want_dw, want_db = (bool(m) for m in output_mask[:3])
+    want_dr = len(output_mask) > 3 and bool(output_mask[3])
     want_dw = want_dw and weight is not None
     want_db = want_db and bias is not None
     dx = alloc(x.shape if want_dx else (0,), x.dtype, dev, fmt if want_dx else
@@ -825,10 +861,18 @@ def _bn_backward(dy, x, y, weight, bias, centre, invstd, training, relu, output_
     dw = alloc((c if want_dw else 0,), weight.dtype if weight is not None else torch.float32,
                dev)
     db = alloc((c if want_db else 0,), bias.dtype if bias is not None else torch.float32, dev)
-    if not (want_dx or want_dw or want_db):
-        return dx, dw, db
+    dr = alloc(x.shape if want_dr else (0,), x.dtype, dev, fmt if want_dr else
+               torch.contiguous_format)
+    if want_dr and not relu:  # the residual's gradient is grad_output itself
+        dr.copy_(dy)
+        want_dr = False
+    if want_dr and relu_from_x:
+        raise ValueError("triton_batch_norm_backward: grad_residual needs the saved output "
+                         "(the ReLU mask of bn(input) + residual cannot come from input)")
+    if not (want_dx or want_dw or want_db or want_dr):
+        return dx, dw, db, dr
     if x.numel() == 0:
-        return dx, dw.zero_(), db.zero_()
+        return dx, dw.zero_(), db.zero_(), dr
     red = plan["red"]
     common = dict(RELU=bool(relu), RELU_FROM_X=relu_from_x, HAS_W=weight is not None,
                   HAS_B=bias is not None, TRAINING=bool(training))
@@ -842,18 +886,25 @@ def _bn_backward(dy, x, y, weight, bias, centre, invstd, training, relu, output_
         if not red["single"]:
             part = alloc((2, red["chunks"], c), torch.float32, dev)
             tickets = _tickets(dev, red["grid"][1], real)
+        # grad_residual goes with grad_input (fused here, or the dx pass below) when that is
+        # wanted, else with the reduction's own reads
+        dr_here = want_dr and (fused_dx or not want_dx)
         run(_bn_bwd_reduce_kernel, red["grid"],
-            (dy, x, y, dx if fused_dx else None, centre, invstd, weight, bias,
-             dw if want_dw else None, db if want_db else None, coef, part, tickets, c,
-             plan["hw"], red["rows"], red["per_chunk"], red["chunks"], plan["inv_count"]),
+            (dy, x, y, dx if fused_dx else None, dr if dr_here else None, centre, invstd,
+             weight, bias, dw if want_dw else None, db if want_db else None, coef, part,
+             tickets, c, plan["hw"], red["rows"], red["per_chunk"], red["chunks"],
+             plan["inv_count"]),
             dict(_red_meta(plan), **common, WRITE_DW=want_dw, WRITE_DB=want_db,
-                 WRITE_COEF=coef is not None, SINGLE=red["single"], DX=fused_dx), real)
+                 WRITE_COEF=coef is not None, SINGLE=red["single"], DX=fused_dx,
+                 WRITE_DR=dr_here), real)
         if not want_dx or fused_dx:
-            return dx, dw, db
+            return dx, dw, db, dr
     run(_bn_bwd_dx_kernel, plan["stream"]["grid"],
-        (dy, x, y, centre, coef, invstd, weight, bias, dx, c, plan["rows"], plan["cols"]),
-        dict(_stream_meta(plan), **common, FROM_STATS=coef is None), real)
-    return dx, dw, db
+        (dy, x, y, centre, coef, invstd, weight, bias, dx if want_dx else None,
+         dr if want_dr else None, c, plan["rows"], plan["cols"]),
+        dict(_stream_meta(plan), **common, FROM_STATS=coef is None, WRITE_DX=want_dx,
+             WRITE_DR=want_dr), real)
+    return dx, dw, db, dr
 
 
 # --------------------------------------------------------------------------- ops
@@ -887,67 +938,87 @@ def _batch_norm_stats_op(input: torch.Tensor, running_mean: Optional[torch.Tenso
 
 @define_op("triton_batch_norm",
            "(Tensor input, Tensor? weight, Tensor? bias, Tensor centre, Tensor save_invstd, "
-           "bool training, bool relu) -> Tensor")
+           "bool training, bool relu, Tensor? residual=None) -> Tensor")
 def _batch_norm_op(input: torch.Tensor, weight: Optional[torch.Tensor],
                    bias: Optional[torch.Tensor], centre: torch.Tensor, save_invstd: torch.Tensor,
-                   training: bool, relu: bool) -> torch.Tensor:
-    """Normalise (+ReLU) with the statistics of ``triton_batch_norm_stats``; ``training``
-    only selects the backward formula."""
+                   training: bool, relu: bool,
+                   residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Normalise (+ ``residual``) (+ReLU) with the statistics of ``triton_batch_norm_stats``;
+    ``training`` only selects the backward formula."""
+    if residual is not None:
+        check_residual("triton_batch_norm", input, residual)
     real = is_real(input)
     plan = _plan_of(input, real)
     x = input if plan["dense"] else input.contiguous(memory_format=plan["fmt"])
-    return _bn_apply(x, plan, real, weight, bias, centre, save_invstd, relu)
+    return _bn_apply(x, plan, real, weight, bias, centre, save_invstd, relu,
+                     residual=_dense(residual, plan["fmt"]))
 
 
 @define_op("triton_batch_norm_backward",
            "(Tensor grad_output, Tensor input, Tensor? output, Tensor? weight, Tensor? bias, "
            "Tensor centre, Tensor save_invstd, bool training, bool relu, bool[] output_mask) "
-           "-> (Tensor, Tensor, Tensor)")
+           "-> (Tensor, Tensor, Tensor, Tensor)")
 def _batch_norm_backward_op(grad_output: torch.Tensor, input: torch.Tensor,
                             output: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                             bias: Optional[torch.Tensor], centre: torch.Tensor,
                             save_invstd: torch.Tensor, training: bool, relu: bool,
-                            output_mask: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (grad_input, grad_weight, grad_bias); those not asked for are empty. relu=True
-    masks grad_output where the output is <= 0: the saved ``output`` when given, else the
-    output recomputed from ``input`` with the forward's own expression (``bias`` is then
-    needed; this saves two passes over the tensor)."""
-    dx, dw, db = _bn_backward(grad_output, input, output, weight, bias, centre, save_invstd,
-                              training, relu, output_mask)
-    return dx, dw, db
+                            output_mask: List[bool]
+                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (grad_input, grad_weight, grad_bias, grad_residual); those not asked for are empty
+    (``output_mask`` has 3 entries, or 4 with grad_residual). relu=True masks grad_output
+    where the output is <= 0: the saved ``output`` when given, else the output recomputed
+    from ``input`` with the forward's own expression (``bias`` is then needed; this saves two
+    passes over the tensor). A forward with a residual must pass its ``output``."""
+    return _bn_backward(grad_output, input, output, weight, bias, centre, save_invstd,
+                        training, relu, output_mask)
 
 
-def _save(ctx, x, y, weight, bias, centre, invstd, training, relu, n_inputs):
+def _save(ctx, x, y, weight, bias, centre, invstd, training, relu, residual, n_inputs):
     # The output is saved only for the ReLU mask (torch's own BN does not save it, so without
     # relu an in-place op on it, ResNet's `Y += X`, stays legal); RELU_MASK_FROM_OUTPUT=False
-    # recomputes the mask from x instead.
-    keep_y = relu and RELU_MASK_FROM_OUTPUT
+    # recomputes the mask from x instead, which a residual rules out (the mask is that of
+    # bn(x) + residual: the saved output costs what a saved residual would).
+    has_residual = residual is not None
+    keep_y = relu and (RELU_MASK_FROM_OUTPUT or has_residual)
     ctx.save_for_backward(x, y if keep_y else None, weight, bias, centre, invstd)
     ctx.flags = (bool(training), bool(relu))
+    ctx.has_residual = has_residual
     ctx.n_inputs = n_inputs
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, centre, save_invstd, training, relu = inputs
-    _save(ctx, x, output, weight, bias, centre, save_invstd, training, relu, len(inputs))
+    x, weight, bias, centre, save_invstd, training, relu = inputs[:7]
+    residual = inputs[7] if len(inputs) > 7 else None
+    _save(ctx, x, output, weight, bias, centre, save_invstd, training, relu, residual,
+          len(inputs))
 
 
 def _backward(ctx, grad_y):
     """The gradient of triton_batch_norm and of the eager forward alike: both take (input,
-    weight, bias) first."""
+    weight, bias) first and the residual last."""
     x, y, weight, bias, centre, invstd = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [bool(need[0]), bool(need[1]) and weight is not None,
             bool(need[2]) and bias is not None]
-    nones = (None,) * (ctx.n_inputs - 3)
-    if grad_y is None or not any(mask):
-        return (None, None, None) + nones
-    if is_real(grad_y):  # eager: the launchers; tracing: the op, so graphs show it
-        dx, dw, db = _bn_backward(grad_y, x, y, weight, bias, centre, invstd, *ctx.flags, mask)
-    else:
-        dx, dw, db = torch.ops.fastconv.triton_batch_norm_backward(
-            grad_y, x, y, weight, bias, centre, invstd, *ctx.flags, mask)
-    return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None) + nones
+    want_dr = ctx.has_residual and bool(need[-1])
+    relu = ctx.flags[1]
+    nones = (None,) * (ctx.n_inputs - 4)
+    if grad_y is None or not (any(mask) or want_dr):
+        return (None, None, None) + nones + (None,)
+    dr = grad_y if want_dr and not relu else None  # d(bn(x) + r)/dr = 1: no pass at all
+    dx = dw = db = None
+    if any(mask) or (want_dr and dr is None):
+        full = mask + [want_dr and relu]
+        if is_real(grad_y):  # eager: the launchers; tracing: the op, so graphs show it
+            dx, dw, db, dr_op = _bn_backward(grad_y, x, y, weight, bias, centre, invstd,
+                                             *ctx.flags, full)
+        else:
+            dx, dw, db, dr_op = torch.ops.fastconv.triton_batch_norm_backward(
+                grad_y, x, y, weight, bias, centre, invstd, *ctx.flags, full)
+        if full[3]:
+            dr = dr_op
+    return (dx if mask[0] else None, dw if mask[1] else None,
+            db if mask[2] else None) + nones + (dr,)
 
 
 _batch_norm_op.register_autograd(_backward, setup_context=_setup_context)
@@ -958,21 +1029,23 @@ declare_kernels({"triton_batch_norm_stats": [_bn_stats_kernel, _bn_eval_stats_ke
 
 # --------------------------------------------------------------------------- eager path
 def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps, relu,
-             need_stats):
+             need_stats, residual=None):
     """Eager forward: -> (y, centre, save_invstd, x made dense); the statistics only when
     ``need_stats`` (a backward follows) or training (they are computed anyway)."""
     plan = _plan_of(x, True)
     if not plan["dense"]:
         x = x.contiguous(memory_format=plan["fmt"])
+    r = _dense(residual, plan["fmt"])
     if not training and not need_stats:  # inference: one launch
         return _bn_apply(x, plan, True, weight, bias, None, None, relu,
-                         running=(running_mean, running_var), eps=eps), None, None, x
+                         running=(running_mean, running_var), eps=eps,
+                         residual=r), None, None, x
     y = alloc(x.shape, x.dtype, x.device, plan["fmt"])
     centre, _, invstd, applied = _bn_statistics(x, plan, True, running_mean, running_var,
                                                 training, momentum, eps, False, y, weight,
-                                                bias, relu)
+                                                bias, relu, r)
     if not applied:
-        _bn_apply(x, plan, True, weight, bias, centre, invstd, relu, y=y)
+        _bn_apply(x, plan, True, weight, bias, centre, invstd, relu, y=y, residual=r)
     return y, centre, invstd, x
 
 
@@ -982,10 +1055,10 @@ class _BatchNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps,
-                relu):
+                relu, residual):
         y, centre, invstd, xd = _forward(x, weight, bias, running_mean, running_var, training,
-                                         momentum, eps, relu, True)
-        _save(ctx, xd, y, weight, bias, centre, invstd, training, relu, 9)
+                                         momentum, eps, relu, True, residual)
+        _save(ctx, xd, y, weight, bias, centre, invstd, training, relu, residual, 10)
         return y
 
     @staticmethod
@@ -995,18 +1068,19 @@ class _BatchNormFn(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- backend entry points
-def batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu):
+def batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu,
+               residual=None):
     training, relu, momentum, eps = bool(training), bool(relu), float(momentum), float(eps)
     if eager(input):
-        if grad_needed(input, weight, bias):
+        if grad_needed(input, weight, bias, residual):
             return _BatchNormFn.apply(input, weight, bias, running_mean, running_var, training,
-                                      momentum, eps, relu)
+                                      momentum, eps, relu, residual)
         return _forward(input, weight, bias, running_mean, running_var, training, momentum,
-                        eps, relu, False)[0]
+                        eps, relu, False, residual)[0]
     centre, _, save_invstd = torch.ops.fastconv.triton_batch_norm_stats(
         input.detach(), running_mean, running_var, training, momentum, eps)
     return torch.ops.fastconv.triton_batch_norm(input, weight, bias, centre, save_invstd,
-                                                training, relu)
+                                                training, relu, residual)
 
 
 def why_not_batch_norm(args) -> Optional[str]:
