@@ -206,6 +206,14 @@ inline void write_channels(const Tensor& t, const std::vector<double>& v) {
   });
 }
 
+// Channels-last pooling backward tasks: (image, channel slab). With at least as many images as
+// threads a slab is all channels (contiguous zeroing, long inner loops); otherwise channels are
+// split so every thread has work.
+inline int64_t cl_slab(int64_t N, int64_t C) {
+  const int64_t per_image = div_up(at::get_num_threads(), std::max<int64_t>(N, 1));
+  return per_image <= 1 ? C : std::max<int64_t>(16, div_up(div_up(C, per_image), 16) * 16);
+}
+
 // Sizes of the input a pooling backward op reconstructs: (N, C, H, W), or (H, W) with N, C
 // taken from grad_output.
 inline std::vector<int64_t> full_input_size(c10::IntArrayRef input_size, const Tensor& grad_output,

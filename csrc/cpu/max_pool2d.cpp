@@ -430,14 +430,6 @@ void max_bwd_nchw(const scalar_t* go, const scalar_t* out, const index_t* ind, s
   });
 }
 
-// Channels-last backward tasks: (image, channel slab). With at least as many images as
-// threads a slab is all channels (contiguous zeroing, long inner loops); otherwise channels are
-// split so every thread has work.
-inline int64_t cl_slab(int64_t N, int64_t C) {
-  const int64_t per_image = div_up(at::get_num_threads(), std::max<int64_t>(N, 1));
-  return per_image <= 1 ? C : std::max<int64_t>(16, div_up(div_up(C, per_image), 16) * 16);
-}
-
 template <typename scalar_t, typename index_t, bool RELU, bool FLAT>
 void max_bwd_cl(const scalar_t* go, const scalar_t* out, const index_t* ind, scalar_t* gi,
                 const Geom& g) {
