@@ -661,8 +661,8 @@ def test_batch_norm_backward(ops, shape, cl, dtype, training):
     for relu in (False, True):
         y, smean, sinv = ops.batch_norm(x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5, relu)
         dy = _rand(shape, dtype, cl)
-        gi, gw, gb = ops.batch_norm_backward(dy, x, y if relu else dy.new_empty((0,)), w, smean, sinv,
-                                             training, relu, [True, True, True])
+        gi, gw, gb, _ = ops.batch_norm_backward(dy, x, y if relu else dy.new_empty((0,)), w, smean,
+                                                sinv, training, relu, [True, True, True, False])
         # reference: autograd of the float64 formula with the kernel's saved statistics, masked by
         # the kernel's saved output
         dy64 = dy.double() * ((~(y <= 0)).double() if relu else 1.0)
@@ -691,7 +691,7 @@ def test_batch_norm_backward(ops, shape, cl, dtype, training):
                       "bn grad_weight")
         assert_within(gb, rgb, gamma(n, torch.float32) * sdy.flatten(), "bn grad_bias")
         again = ops.batch_norm_backward(dy, x, y if relu else dy.new_empty((0,)), w, smean, sinv,
-                                        training, relu, [True, True, True])
+                                        training, relu, [True, True, True, False])
         for a, c in zip(again, (gi, gw, gb)):
             assert torch.equal(a, c), "batch-norm backward is not deterministic"
 
@@ -735,7 +735,7 @@ def _opcheck_samples():
                          torch.ones(c, device="cuda"), True, 0.1, 1e-5, True)
     yb, m, s = torch.ops.fastconv.batch_norm(x, wb, None, None, None, True, 0.1, 1e-5, True)
     yield "batch_norm_backward", (torch.randn_like(yb), x, yb, wb, m, s, True, True,
-                                  [True, True, True])
+                                  [True, True, True, True])
 
 
 @requires_cuda
@@ -818,7 +818,7 @@ for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
                 for training in (True, False):
                     yb, m, sd = ops.batch_norm(xb, wb, bb, rm, rv, training, 0.1, 1e-5, True)
                     ops.batch_norm_backward(torch.randn_like(yb), xb, yb, wb, m, sd, training, True,
-                                            [True, True, True])
+                                            [True, True, True, True])
 torch.cuda.synchronize()
 print("SANITIZER-SCRIPT-DONE")
 '''
