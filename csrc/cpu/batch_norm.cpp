@@ -55,10 +55,12 @@ inline void shifted_sums(const scalar_t* p, int64_t n, acc_t K, PairSum<acc_t>& 
   }
 }
 
-// Sums of g' and g' * (x - mean) where g' = g masked by the ReLU on the saved output.
-template <typename scalar_t, typename acc_t, bool RELU>
+// Sums of g' and g' * (x - mean) where g' = g masked by the ReLU on the saved output; with
+// GOUT g' is also stored to go (the residual's gradient, which the grad_input pass then reads
+// in place of g and y).
+template <typename scalar_t, typename acc_t, bool RELU, bool GOUT = false>
 inline void grad_sums(const scalar_t* g, const scalar_t* x, const scalar_t* y, int64_t n,
-                      acc_t mean, PairSum<acc_t>& acc) {
+                      acc_t mean, PairSum<acc_t>& acc, scalar_t* go = nullptr) {
   for (int64_t base = 0; base < n; base += kFoldChunk) {
     const int64_t stop = std::min(n, base + kFoldChunk);
     int64_t i = base;
@@ -73,6 +75,10 @@ inline void grad_sums(const scalar_t* g, const scalar_t* x, const scalar_t* y, i
           g0 = V::blendv(g0, zero, V::loadu(y + i) <= zero);
           g1 = V::blendv(g1, zero, V::loadu(y + i + L) <= zero);
         }
+        if (GOUT) {
+          g0.store(go + i);
+          g1.store(go + i + L);
+        }
         acc.a0 += g0;
         acc.a1 += g1;
         acc.b0 = at::vec::fmadd(g0, V::loadu(x + i) - mv, acc.b0);
@@ -83,6 +89,7 @@ inline void grad_sums(const scalar_t* g, const scalar_t* x, const scalar_t* y, i
         const int64_t cnt = std::min<int64_t>(L, stop - i);
         V gv = V::loadu(g + i, cnt);
         if (RELU) gv = V::blendv(gv, zero, V::loadu(y + i, cnt) <= zero);
+        if (GOUT) gv.store(go + i, cnt);
         acc.a0 += gv;
         acc.b0 = at::vec::fmadd(gv, V::loadu(x + i, cnt) - mv, acc.b0);
       }
@@ -90,6 +97,7 @@ inline void grad_sums(const scalar_t* g, const scalar_t* x, const scalar_t* y, i
     for (; i < stop; ++i) {
       acc_t gv = static_cast<acc_t>(g[i]);
       if (RELU) gv = relu_passes(static_cast<acc_t>(y[i])) ? gv : acc_t(0);
+      if (GOUT) go[i] = static_cast<scalar_t>(gv);
       acc.t1 += gv;
       acc.t2 += gv * (static_cast<acc_t>(x[i]) - mean);
     }
@@ -322,14 +330,25 @@ inline void columns_to_channels(const std::vector<double>& cols, int64_t HW, dou
 }
 
 // Channels-last backward sums over R rows of C: sum of g' and of g' * (x - m) per column, g'
-// masked by the ReLU on y when y is given.
+// masked by the ReLU on y when y is given, and stored to gop when that is given (with y).
 template <typename scalar_t, typename acc_t>
 void grad_sums_cl(const scalar_t* gp, const scalar_t* xp, const scalar_t* yp, int64_t R,
-                  int64_t C, const acc_t* m, double* sum_g, double* sum_gx) {
+                  int64_t C, const acc_t* m, double* sum_g, double* sum_gx,
+                  scalar_t* gop = nullptr) {
   column_pair_sums<acc_t>(R, C, [&](int64_t r, acc_t* __restrict pa, acc_t* __restrict pb) {
     const scalar_t* __restrict gr = gp + r * C;
     const scalar_t* __restrict xr = xp + r * C;
-    if (yp != nullptr) {
+    if (yp != nullptr && gop != nullptr) {
+      const scalar_t* __restrict yr = yp + r * C;
+      scalar_t* __restrict gor = gop + r * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t gv = relu_passes(static_cast<acc_t>(yr[c])) ? static_cast<acc_t>(gr[c])
+                                                                : acc_t(0);
+        gor[c] = static_cast<scalar_t>(gv);
+        pa[c] += gv;
+        pb[c] += gv * (static_cast<acc_t>(xr[c]) - m[c]);
+      }
+    } else if (yp != nullptr) {
       const scalar_t* __restrict yr = yp + r * C;
       for (int64_t c = 0; c < C; ++c) {
         const acc_t gv = relu_passes(static_cast<acc_t>(yr[c])) ? static_cast<acc_t>(gr[c])
@@ -584,13 +603,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     std::vector<acc_t> m(C);
     for (int64_t c = 0; c < C; ++c) m[c] = static_cast<acc_t>(mean[c]);
     const std::vector<acc_t> m_cols = rows ? per_column(m, HW) : std::vector<acc_t>();
+    // With the ReLU the reduction pass stores the masked g as the residual's gradient and the
+    // grad_input pass reads it instead of g and y: one tensor less to read.
+    const bool fuse_gr = need_gr && relu && need_sums && M > 0;
+    scalar_t* grp = need_gr ? grad_residual.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gr_sums = fuse_gr ? grp : nullptr;
     if (need_sums && M > 0) {
       if (cl) {
-        grad_sums_cl<scalar_t, acc_t>(gp, xp, yp, M, C, m.data(), sum_g.data(), sum_gx.data());
+        grad_sums_cl<scalar_t, acc_t>(gp, xp, yp, M, C, m.data(), sum_g.data(), sum_gx.data(),
+                                      gr_sums);
       } else if (rows) {
         std::vector<double> col_g(C * HW), col_gx(C * HW);
         grad_sums_cl<scalar_t, acc_t>(gp, xp, yp, N, C * HW, m_cols.data(), col_g.data(),
-                                      col_gx.data());
+                                      col_gx.data(), gr_sums);
         columns_to_channels(col_g, HW, sum_g.data());
         columns_to_channels(col_gx, HW, sum_gx.data());
       } else {
@@ -599,7 +624,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
             PairSum<acc_t> acc;
             for (int64_t n = 0; n < N; ++n) {
               const int64_t off = (n * C + c) * HW;
-              if (relu) {
+              if (fuse_gr) {
+                grad_sums<scalar_t, acc_t, true, true>(gp + off, xp + off, yp + off, HW, m[c],
+                                                       acc, gr_sums + off);
+              } else if (relu) {
                 grad_sums<scalar_t, acc_t, true>(gp + off, xp + off, yp + off, HW, m[c], acc);
               } else {
                 grad_sums<scalar_t, acc_t, false>(gp + off, xp + off, nullptr, HW, m[c], acc);
@@ -613,8 +641,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
       }
     }
 
-    scalar_t* grp = need_gr ? grad_residual.data_ptr<scalar_t>() : nullptr;
-    if (need_gr && !need_gi) residual_grad_only<scalar_t>(gp, yp, grp, x.numel());
+    if (need_gr && !need_gi && !fuse_gr) residual_grad_only<scalar_t>(gp, yp, grp, x.numel());
+    if (need_gi && fuse_gr) {  // g' is in grad_residual already: no mask, nothing more to write
+      gp = grp;
+      yp = nullptr;
+      grp = nullptr;
+    }
     if (need_gi) {
       grad_input = at::empty_like(x, x.options(), fmt);
       scalar_t* gip = grad_input.data_ptr<scalar_t>();
@@ -637,10 +669,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
                                        m_cols.data());
       } else {
         const acc_t *Ap = A.data(), *Bp = B.data(), *Ep = E.data(), *mp = m.data();
-        if (relu && grp) {
+        if (yp && grp) {
           grad_input_nchw_t<scalar_t, acc_t, true, true>(gp, xp, yp, gip, grp, N, C, HW, Ap, Bp,
                                                          Ep, mp);
-        } else if (relu) {
+        } else if (yp) {
           grad_input_nchw_t<scalar_t, acc_t, true, false>(gp, xp, yp, gip, grp, N, C, HW, Ap,
                                                           Bp, Ep, mp);
         } else if (grp) {
