@@ -6,8 +6,9 @@
 // Eval forward: one pass. The residual is read in the normalising pass (ResNet's
 // relu(bn(x) + identity): eager torch writes bn(x), reads it back for the add, and again for
 // the ReLU). Backward: one reduction pass (sum of g and of g * (x - mean), with the ReLU mask
-// recomputed from the saved output), one pass that writes grad_input and, when asked, the
-// residual's gradient (the masked g it already holds).
+// recomputed from the saved output), one pass for grad_input. The residual's gradient (g
+// masked by the ReLU) is written by the reduction pass when there is one and a ReLU (the
+// grad_input pass then reads it instead of g and the output), else by the grad_input pass.
 #include "common.h"
 
 #include <torch/library.h>
