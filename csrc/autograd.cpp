@@ -240,29 +240,35 @@ Tensor adaptive_avg_pool2d_autograd(const Tensor& input, c10::IntArrayRef output
 
 using BnSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
-    const std::optional<Tensor>&, const std::optional<Tensor>&, bool, double, double, bool);
-using BnBwdSig = std::tuple<Tensor, Tensor, Tensor>(
+    const std::optional<Tensor>&, const std::optional<Tensor>&, bool, double, double, bool,
+    const std::optional<Tensor>&);
+using BnBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
-    const Tensor&, bool, bool, std::array<bool, 3>);
+    const Tensor&, bool, bool, std::array<bool, 4>);
 
 struct BatchNormFunction : torch::autograd::Function<BatchNormFunction> {
   // running_mean/running_var are updated in place below autograd; they are buffers and take
-  // no gradient.
+  // no gradient. The residual saves nothing: its gradient is grad_output masked by the saved
+  // output (relu), or grad_output itself.
   static variable_list forward(AutogradContext* ctx, const Tensor& input,
                                const std::optional<Tensor>& weight,
                                const std::optional<Tensor>& bias,
                                const std::optional<Tensor>& running_mean,
                                const std::optional<Tensor>& running_var, bool training,
-                               double momentum, double eps, bool relu) {
+                               double momentum, double eps, bool relu,
+                               const std::optional<Tensor>& residual) {
     FASTCONV_OP(fwd, "batch_norm", BnSig);
-    auto [out, save_mean, save_invstd] = call_below(
-        fwd, input, weight, bias, running_mean, running_var, training, momentum, eps, relu);
+    auto [out, save_mean, save_invstd] =
+        call_below(fwd, input, weight, bias, running_mean, running_var, training, momentum, eps,
+                   relu, residual);
     ctx->mark_non_differentiable({save_mean, save_invstd});
     ctx->save_for_backward({input, defined(weight) ? *weight : Tensor(),
                             relu ? out : Tensor(), save_mean, save_invstd});
     ctx->saved_data["training"] = training;
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["has_bias"] = defined(bias);
+    ctx->saved_data["n_running"] = int64_t(defined(running_mean)) + int64_t(defined(running_var));
+    ctx->saved_data["has_residual"] = defined(residual);
     return {out, save_mean, save_invstd};
   }
 
@@ -274,24 +280,33 @@ struct BatchNormFunction : torch::autograd::Function<BatchNormFunction> {
     EdgeIndex e;
     const int ei = e.take(true), ew = e.take(has_weight),
               eb = e.take(ctx->saved_data["has_bias"].toBool());
-    const std::array<bool, 3> mask{needs(ctx, ei), needs(ctx, ew), needs(ctx, eb)};
+    // running_mean/running_var, when given, are variables too and come before the residual
+    e.next += ctx->saved_data["n_running"].toInt();
+    const int eres = e.take(ctx->saved_data["has_residual"].toBool());
+    const bool need_res = needs(ctx, eres);
     const Tensor& grad = grads[0];
+    // without the ReLU the residual's gradient is grad_output itself: no kernel work
+    const std::array<bool, 4> mask{needs(ctx, ei), needs(ctx, ew), needs(ctx, eb),
+                                   need_res && relu};
     const Tensor out = relu ? saved[2] : grad.new_empty({0});
     const std::optional<Tensor> weight = has_weight ? std::optional<Tensor>(saved[1])
                                                     : std::nullopt;
-    auto [gi, gw, gb] = bwd.call(grad, saved[0], out, weight, saved[3], saved[4],
-                                 ctx->saved_data["training"].toBool(), relu, mask);
+    auto [gi, gw, gb, gr] = bwd.call(grad, saved[0], out, weight, saved[3], saved[4],
+                                     ctx->saved_data["training"].toBool(), relu, mask);
+    Tensor grad_res;
+    if (need_res) grad_res = relu ? gr : grad;
     return {mask[0] ? gi : Tensor(), mask[1] ? gw : Tensor(), mask[2] ? gb : Tensor(),
-            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), grad_res};
   }
 };
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_autograd(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
-    bool training, double momentum, double eps, bool relu) {
+    bool training, double momentum, double eps, bool relu,
+    const std::optional<Tensor>& residual) {
   auto r = BatchNormFunction::apply(input, weight, bias, running_mean, running_var, training,
-                                    momentum, eps, relu);
+                                    momentum, eps, relu, residual);
   return {r[0], r[1], r[2]};
 }
 

@@ -28,12 +28,13 @@ TORCH_LIBRARY(fastconv, m) {
 
   m.def(
       "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
-      "Tensor(b!)? running_var, bool training, float momentum, float eps, bool relu) "
-      "-> (Tensor output, Tensor save_mean, Tensor save_invstd)");
+      "Tensor(b!)? running_var, bool training, float momentum, float eps, bool relu, "
+      "Tensor? residual=None) -> (Tensor output, Tensor save_mean, Tensor save_invstd)");
+  // output_mask[3]: the residual's gradient (grad_output masked by output > 0 when relu)
   m.def(
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor output, Tensor? weight, "
-      "Tensor save_mean, Tensor save_invstd, bool training, bool relu, bool[3] output_mask) "
-      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+      "Tensor save_mean, Tensor save_invstd, bool training, bool relu, bool[4] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
 
   m.def(
       "avg_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "

@@ -661,8 +661,8 @@ def test_batch_norm_backward(ops, shape, cl, dtype, training):
     for relu in (False, True):
         y, smean, sinv = ops.batch_norm(x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5, relu)
         dy = _rand(shape, dtype, cl)
-        gi, gw, gb = ops.batch_norm_backward(dy, x, y if relu else dy.new_empty((0,)), w, smean, sinv,
-                                             training, relu, [True, True, True])
+        gi, gw, gb, _ = ops.batch_norm_backward(dy, x, y if relu else dy.new_empty((0,)), w, smean,
+                                                sinv, training, relu, [True, True, True, False])
         # reference: autograd of the float64 formula with the kernel's saved statistics, masked by
         # the kernel's saved output
         dy64 = dy.double() * ((~(y <= 0)).double() if relu else 1.0)
@@ -691,9 +691,63 @@ def test_batch_norm_backward(ops, shape, cl, dtype, training):
                       "bn grad_weight")
         assert_within(gb, rgb, gamma(n, torch.float32) * sdy.flatten(), "bn grad_bias")
         again = ops.batch_norm_backward(dy, x, y if relu else dy.new_empty((0,)), w, smean, sinv,
-                                        training, relu, [True, True, True])
+                                        training, relu, [True, True, True, False])
         for a, c in zip(again, (gi, gw, gb)):
             assert torch.equal(a, c), "batch-norm backward is not deterministic"
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batch_norm_residual(ops, shape, cl, dtype, training):
+    """relu?(bn(x) + residual): the forward as test_batch_norm_training/eval's plus the float32
+    add (u of |bn(x) + residual|); the residual's gradient is dy masked by the kernel's output,
+    exactly, whether or not grad_input is asked for, and asking for it leaves grad_input,
+    grad_weight and grad_bias bit-identical."""
+    C = shape[1]
+    x = _rand(shape, dtype, cl, lo=-2.0, hi=3.0)
+    res = _rand(shape, dtype, cl, lo=-1.5, hi=1.0)
+    w, b = _bn_params(C, torch.float32, True)
+    rm0 = _rand((C,), torch.float32)
+    rv0 = _rand((C,), torch.float32, lo=0.5, hi=2.0)
+    u = 2.0**-24
+    for relu in (False, True):
+        rm, rv = rm0.clone(), rv0.clone()
+        out, smean, sinv = ops.batch_norm(x, w, b, rm, rv, training, 0.1, 1e-5, relu, res)
+        x64 = x.double()
+        if training:
+            mean = x64.mean((0, 2, 3))
+            invstd = 1 / torch.sqrt(x64.var((0, 2, 3), unbiased=False) + 1e-5)
+            slack = 128 * u
+        else:
+            mean, invstd = rm0.double(), 1 / torch.sqrt(rv0.double() + 1e-5)
+            slack = 16 * u
+        xhat = (x64 - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
+        lin = xhat * w.double().view(1, -1, 1, 1) + b.double().view(1, -1, 1, 1)
+        pre = lin + res.double()
+        ref = pre.clamp_min(0) if relu else pre
+        mag = (xhat.abs() + 1) * w.double().abs().view(1, -1, 1, 1) + b.double().abs().view(1, -1, 1, 1)
+        assert out.is_contiguous(memory_format=_fmt(cl))
+        assert_within(out, ref, U_OUT[dtype] * ref.abs() + u * pre.abs() + slack * mag,
+                      f"bn+residual out relu={relu}")
+        if not training:
+            assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+        dy = _rand(shape, dtype, cl)
+        y = out if relu else dy.new_empty((0,))
+        want = dy * (~(out <= 0)).to(dtype) if relu else dy
+        base = ops.batch_norm_backward(dy, x, y, w, smean, sinv, training, relu,
+                                       [True, True, True, False])
+        both = ops.batch_norm_backward(dy, x, y, w, smean, sinv, training, relu,
+                                       [True, True, True, True])
+        alone = ops.batch_norm_backward(dy, x, y, w, smean, sinv, training, relu,
+                                        [False, False, False, True])
+        for a, c in zip(both[:3], base[:3]):
+            assert torch.equal(a, c), "asking for the residual's gradient changed another"
+        for gr in (both[3], alone[3]):
+            assert gr.is_contiguous(memory_format=_fmt(cl))
+            assert torch.equal(gr, want), f"grad_residual relu={relu}"
 
 
 @requires_cuda
@@ -735,7 +789,7 @@ def _opcheck_samples():
                          torch.ones(c, device="cuda"), True, 0.1, 1e-5, True)
     yb, m, s = torch.ops.fastconv.batch_norm(x, wb, None, None, None, True, 0.1, 1e-5, True)
     yield "batch_norm_backward", (torch.randn_like(yb), x, yb, wb, m, s, True, True,
-                                  [True, True, True])
+                                  [True, True, True, True])
 
 
 @requires_cuda
@@ -818,7 +872,7 @@ for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
                 for training in (True, False):
                     yb, m, sd = ops.batch_norm(xb, wb, bb, rm, rv, training, 0.1, 1e-5, True)
                     ops.batch_norm_backward(torch.randn_like(yb), xb, yb, wb, m, sd, training, True,
-                                            [True, True, True])
+                                            [True, True, True, True])
 torch.cuda.synchronize()
 print("SANITIZER-SCRIPT-DONE")
 '''

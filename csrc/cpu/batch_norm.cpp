@@ -1,10 +1,14 @@
-// Batch norm with optional fused ReLU on CPU.
+// Batch norm with optional fused residual add and ReLU on CPU: relu?(bn(x) + residual?).
 //
 // Training forward: one read pass for the statistics (shifted sums, see below), one pass that
 // normalises, applies the ReLU and writes. Eager torch reads the input twice for statistics,
 // once to normalise, and relu reads and writes the result again.
-// Eval forward: one pass. Backward: one reduction pass (sum of g and of g * (x - mean), with
-// the ReLU mask recomputed from the saved output), one pass for grad_input.
+// Eval forward: one pass. The residual is read in the normalising pass (ResNet's
+// relu(bn(x) + identity): eager torch writes bn(x), reads it back for the add, and again for
+// the ReLU). Backward: one reduction pass (sum of g and of g * (x - mean), with the ReLU mask
+// recomputed from the saved output), one pass for grad_input. The residual's gradient (g
+// masked by the ReLU) is written by the reduction pass when there is one and a ReLU (the
+// grad_input pass then reads it instead of g and the output), else by the grad_input pass.
 #include "common.h"
 
 #include <torch/library.h>
@@ -52,10 +56,12 @@ inline void shifted_sums(const scalar_t* p, int64_t n, acc_t K, PairSum<acc_t>& 
   }
 }
 
-// Sums of g' and g' * (x - mean) where g' = g masked by the ReLU on the saved output.
-template <typename scalar_t, typename acc_t, bool RELU>
+// Sums of g' and g' * (x - mean) where g' = g masked by the ReLU on the saved output; with
+// GOUT g' is also stored to go (the residual's gradient, which the grad_input pass then reads
+// in place of g and y).
+template <typename scalar_t, typename acc_t, bool RELU, bool GOUT = false>
 inline void grad_sums(const scalar_t* g, const scalar_t* x, const scalar_t* y, int64_t n,
-                      acc_t mean, PairSum<acc_t>& acc) {
+                      acc_t mean, PairSum<acc_t>& acc, scalar_t* go = nullptr) {
   for (int64_t base = 0; base < n; base += kFoldChunk) {
     const int64_t stop = std::min(n, base + kFoldChunk);
     int64_t i = base;
@@ -70,6 +76,10 @@ inline void grad_sums(const scalar_t* g, const scalar_t* x, const scalar_t* y, i
           g0 = V::blendv(g0, zero, V::loadu(y + i) <= zero);
           g1 = V::blendv(g1, zero, V::loadu(y + i + L) <= zero);
         }
+        if (GOUT) {
+          g0.store(go + i);
+          g1.store(go + i + L);
+        }
         acc.a0 += g0;
         acc.a1 += g1;
         acc.b0 = at::vec::fmadd(g0, V::loadu(x + i) - mv, acc.b0);
@@ -80,6 +90,7 @@ inline void grad_sums(const scalar_t* g, const scalar_t* x, const scalar_t* y, i
         const int64_t cnt = std::min<int64_t>(L, stop - i);
         V gv = V::loadu(g + i, cnt);
         if (RELU) gv = V::blendv(gv, zero, V::loadu(y + i, cnt) <= zero);
+        if (GOUT) gv.store(go + i, cnt);
         acc.a0 += gv;
         acc.b0 = at::vec::fmadd(gv, V::loadu(x + i, cnt) - mv, acc.b0);
       }
@@ -87,6 +98,7 @@ inline void grad_sums(const scalar_t* g, const scalar_t* x, const scalar_t* y, i
     for (; i < stop; ++i) {
       acc_t gv = static_cast<acc_t>(g[i]);
       if (RELU) gv = relu_passes(static_cast<acc_t>(y[i])) ? gv : acc_t(0);
+      if (GOUT) go[i] = static_cast<scalar_t>(gv);
       acc.t1 += gv;
       acc.t2 += gv * (static_cast<acc_t>(x[i]) - mean);
     }
@@ -94,9 +106,10 @@ inline void grad_sums(const scalar_t* g, const scalar_t* x, const scalar_t* y, i
   }
 }
 
-// y = relu?(x * scale + shift) over n contiguous elements.
-template <typename scalar_t, typename acc_t, bool RELU>
-inline void affine_row(const scalar_t* x, scalar_t* y, int64_t n, acc_t scale, acc_t shift) {
+// y = relu?(x * scale + shift + r?) over n contiguous elements (r read only when RES).
+template <typename scalar_t, typename acc_t, bool RELU, bool RES>
+inline void affine_row(const scalar_t* x, const scalar_t* r, scalar_t* y, int64_t n, acc_t scale,
+                       acc_t shift) {
   int64_t i = 0;
   if constexpr (kVectorPath<scalar_t>) {
     using V = Vec<acc_t>;
@@ -105,32 +118,36 @@ inline void affine_row(const scalar_t* x, scalar_t* y, int64_t n, acc_t scale, a
     for (; i < n; i += L) {  // masked tail: planes of 3x3 to 7x7 are one partial vector
       const int64_t cnt = std::min<int64_t>(L, n - i);
       V v = at::vec::fmadd(V::loadu(x + i, cnt), sc, sh);
+      if (RES) v = v + V::loadu(r + i, cnt);
       if (RELU) v = at::vec::maximum(v, zero);  // keeps NaN
       v.store(y + i, cnt);
     }
   }
   for (; i < n; ++i) {
     acc_t v = static_cast<acc_t>(x[i]) * scale + shift;
+    if (RES) v += static_cast<acc_t>(r[i]);
     if (RELU) v = relu_keep_nan(v);
     y[i] = static_cast<scalar_t>(v);
   }
 }
 
-// Channels-last version: y[c] = relu?(x[c] * scale[c] + shift[c]) for one row of C.
-template <typename scalar_t, typename acc_t, bool RELU>
-inline void affine_cl_row(const scalar_t* x, scalar_t* y, int64_t C, const acc_t* scale,
-                          const acc_t* shift) {
+// Channels-last version: y[c] = relu?(x[c] * scale[c] + shift[c] + r[c]?) for one row of C.
+template <typename scalar_t, typename acc_t, bool RELU, bool RES>
+inline void affine_cl_row(const scalar_t* x, const scalar_t* r, scalar_t* y, int64_t C,
+                          const acc_t* scale, const acc_t* shift) {
   for (int64_t c = 0; c < C; ++c) {
     acc_t v = static_cast<acc_t>(x[c]) * scale[c] + shift[c];
+    if (RES) v += static_cast<acc_t>(r[c]);
     if (RELU) v = relu_keep_nan(v);
     y[c] = static_cast<scalar_t>(v);
   }
 }
 
-// dx = A * g' + B * (x - mean) + E over one channel's plane.
-template <typename scalar_t, typename acc_t, bool RELU>
+// dx = A * g' + B * (x - mean) + E over one channel's plane; with GRES also dr = g' (the
+// residual's gradient), written from the same registers.
+template <typename scalar_t, typename acc_t, bool RELU, bool GRES>
 inline void dx_plane(const scalar_t* g, const scalar_t* x, const scalar_t* y, scalar_t* dx,
-                     int64_t n, acc_t A, acc_t B, acc_t E, acc_t mean) {
+                     scalar_t* dr, int64_t n, acc_t A, acc_t B, acc_t E, acc_t mean) {
   int64_t i = 0;
   if constexpr (kVectorPath<scalar_t>) {
     using V = Vec<acc_t>;
@@ -140,6 +157,7 @@ inline void dx_plane(const scalar_t* g, const scalar_t* x, const scalar_t* y, sc
       const int64_t cnt = std::min<int64_t>(L, n - i);
       V gv = V::loadu(g + i, cnt);
       if (RELU) gv = V::blendv(gv, zero, V::loadu(y + i, cnt) <= zero);
+      if (GRES) gv.store(dr + i, cnt);
       V r = at::vec::fmadd(a, gv, e);
       if (B != acc_t(0)) r = at::vec::fmadd(b, V::loadu(x + i, cnt) - mv, r);
       r.store(dx + i, cnt);
@@ -148,6 +166,7 @@ inline void dx_plane(const scalar_t* g, const scalar_t* x, const scalar_t* y, sc
   for (; i < n; ++i) {
     acc_t gv = static_cast<acc_t>(g[i]);
     if (RELU) gv = relu_passes(static_cast<acc_t>(y[i])) ? gv : acc_t(0);
+    if (GRES) dr[i] = static_cast<scalar_t>(gv);
     // eval (B = 0) never reads x: 0 * (inf - mean) would turn a finite gradient into NaN
     const acc_t centred = B != acc_t(0) ? B * (static_cast<acc_t>(x[i]) - mean) : acc_t(0);
     dx[i] = static_cast<scalar_t>(A * gv + centred + E);
@@ -155,13 +174,15 @@ inline void dx_plane(const scalar_t* g, const scalar_t* x, const scalar_t* y, sc
 }
 
 // The same over one channels-last row, coefficients per channel.
-template <typename scalar_t, typename acc_t, bool RELU>
+template <typename scalar_t, typename acc_t, bool RELU, bool GRES>
 inline void dx_cl_row(const scalar_t* g, const scalar_t* x, const scalar_t* y, scalar_t* dx,
-                      int64_t C, const acc_t* __restrict A, const acc_t* __restrict B,
-                      const acc_t* __restrict E, const acc_t* __restrict mean) {
+                      scalar_t* dr, int64_t C, const acc_t* __restrict A,
+                      const acc_t* __restrict B, const acc_t* __restrict E,
+                      const acc_t* __restrict mean) {
   for (int64_t c = 0; c < C; ++c) {
     acc_t gv = static_cast<acc_t>(g[c]);
     if (RELU) gv = relu_passes(static_cast<acc_t>(y[c])) ? gv : acc_t(0);
+    if (GRES) dr[c] = static_cast<scalar_t>(gv);
     const acc_t centred = B[c] != acc_t(0) ? B[c] * (static_cast<acc_t>(x[c]) - mean[c])
                                            : acc_t(0);
     dx[c] = static_cast<scalar_t>(A[c] * gv + centred + E[c]);
@@ -237,30 +258,39 @@ void channel_stats_cl(const scalar_t* x, int64_t R, int64_t C, const acc_t* K, d
   }, s1, s2);
 }
 
-template <typename scalar_t, typename acc_t>
-void normalize(const scalar_t* x, scalar_t* y, int64_t N, int64_t C, int64_t HW, bool cl,
-               const acc_t* scale, const acc_t* shift, bool relu) {
+template <typename scalar_t, typename acc_t, bool RELU, bool RES>
+void normalize_t(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t N, int64_t C,
+                 int64_t HW, bool cl, const acc_t* scale, const acc_t* shift) {
   if (!cl) {
     at::parallel_for(0, N * C, grain_for(HW), [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t c = p % C;
-        if (relu) {
-          affine_row<scalar_t, acc_t, true>(x + p * HW, y + p * HW, HW, scale[c], shift[c]);
-        } else {
-          affine_row<scalar_t, acc_t, false>(x + p * HW, y + p * HW, HW, scale[c], shift[c]);
-        }
+        affine_row<scalar_t, acc_t, RELU, RES>(x + p * HW, RES ? res + p * HW : nullptr,
+                                               y + p * HW, HW, scale[c], shift[c]);
       }
     });
   } else {
     at::parallel_for(0, N * HW, grain_for(C), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        if (relu) {
-          affine_cl_row<scalar_t, acc_t, true>(x + r * C, y + r * C, C, scale, shift);
-        } else {
-          affine_cl_row<scalar_t, acc_t, false>(x + r * C, y + r * C, C, scale, shift);
-        }
+        affine_cl_row<scalar_t, acc_t, RELU, RES>(x + r * C, RES ? res + r * C : nullptr,
+                                                  y + r * C, C, scale, shift);
       }
     });
+  }
+}
+
+// res == nullptr: no residual.
+template <typename scalar_t, typename acc_t>
+void normalize(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t N, int64_t C,
+               int64_t HW, bool cl, const acc_t* scale, const acc_t* shift, bool relu) {
+  if (relu && res) {
+    normalize_t<scalar_t, acc_t, true, true>(x, res, y, N, C, HW, cl, scale, shift);
+  } else if (relu) {
+    normalize_t<scalar_t, acc_t, true, false>(x, res, y, N, C, HW, cl, scale, shift);
+  } else if (res) {
+    normalize_t<scalar_t, acc_t, false, true>(x, res, y, N, C, HW, cl, scale, shift);
+  } else {
+    normalize_t<scalar_t, acc_t, false, false>(x, res, y, N, C, HW, cl, scale, shift);
   }
 }
 
@@ -301,14 +331,25 @@ inline void columns_to_channels(const std::vector<double>& cols, int64_t HW, dou
 }
 
 // Channels-last backward sums over R rows of C: sum of g' and of g' * (x - m) per column, g'
-// masked by the ReLU on y when y is given.
+// masked by the ReLU on y when y is given, and stored to gop when that is given (with y).
 template <typename scalar_t, typename acc_t>
 void grad_sums_cl(const scalar_t* gp, const scalar_t* xp, const scalar_t* yp, int64_t R,
-                  int64_t C, const acc_t* m, double* sum_g, double* sum_gx) {
+                  int64_t C, const acc_t* m, double* sum_g, double* sum_gx,
+                  scalar_t* gop = nullptr) {
   column_pair_sums<acc_t>(R, C, [&](int64_t r, acc_t* __restrict pa, acc_t* __restrict pb) {
     const scalar_t* __restrict gr = gp + r * C;
     const scalar_t* __restrict xr = xp + r * C;
-    if (yp != nullptr) {
+    if (yp != nullptr && gop != nullptr) {
+      const scalar_t* __restrict yr = yp + r * C;
+      scalar_t* __restrict gor = gop + r * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t gv = relu_passes(static_cast<acc_t>(yr[c])) ? static_cast<acc_t>(gr[c])
+                                                                : acc_t(0);
+        gor[c] = static_cast<scalar_t>(gv);
+        pa[c] += gv;
+        pb[c] += gv * (static_cast<acc_t>(xr[c]) - m[c]);
+      }
+    } else if (yp != nullptr) {
       const scalar_t* __restrict yr = yp + r * C;
       for (int64_t c = 0; c < C; ++c) {
         const acc_t gv = relu_passes(static_cast<acc_t>(yr[c])) ? static_cast<acc_t>(gr[c])
@@ -327,18 +368,67 @@ void grad_sums_cl(const scalar_t* gp, const scalar_t* xp, const scalar_t* yp, in
 }
 
 // Channels-last grad_input over R rows of C, coefficients per column (see dx_cl_row).
-template <typename scalar_t, typename acc_t>
-void grad_input_cl(const scalar_t* gp, const scalar_t* xp, const scalar_t* yp, scalar_t* gip,
-                   int64_t R, int64_t C, const acc_t* A, const acc_t* B, const acc_t* E,
-                   const acc_t* m) {
+// (and the residual's gradient into grp when it is not null)
+template <typename scalar_t, typename acc_t, bool RELU, bool GRES>
+void grad_input_cl_t(const scalar_t* gp, const scalar_t* xp, const scalar_t* yp, scalar_t* gip,
+                     scalar_t* grp, int64_t R, int64_t C, const acc_t* A, const acc_t* B,
+                     const acc_t* E, const acc_t* m) {
   at::parallel_for(0, R, grain_for(C), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = r * C;
-      if (yp != nullptr) {
-        dx_cl_row<scalar_t, acc_t, true>(gp + off, xp + off, yp + off, gip + off, C, A, B, E, m);
-      } else {
-        dx_cl_row<scalar_t, acc_t, false>(gp + off, xp + off, nullptr, gip + off, C, A, B, E, m);
+      dx_cl_row<scalar_t, acc_t, RELU, GRES>(gp + off, xp + off, RELU ? yp + off : nullptr,
+                                             gip + off, GRES ? grp + off : nullptr, C, A, B, E,
+                                             m);
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void grad_input_cl(const scalar_t* gp, const scalar_t* xp, const scalar_t* yp, scalar_t* gip,
+                   scalar_t* grp, int64_t R, int64_t C, const acc_t* A, const acc_t* B,
+                   const acc_t* E, const acc_t* m) {
+  if (yp && grp) {
+    grad_input_cl_t<scalar_t, acc_t, true, true>(gp, xp, yp, gip, grp, R, C, A, B, E, m);
+  } else if (yp) {
+    grad_input_cl_t<scalar_t, acc_t, true, false>(gp, xp, yp, gip, grp, R, C, A, B, E, m);
+  } else if (grp) {
+    grad_input_cl_t<scalar_t, acc_t, false, true>(gp, xp, yp, gip, grp, R, C, A, B, E, m);
+  } else {
+    grad_input_cl_t<scalar_t, acc_t, false, false>(gp, xp, yp, gip, grp, R, C, A, B, E, m);
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool RELU, bool GRES>
+void grad_input_nchw_t(const scalar_t* gp, const scalar_t* xp, const scalar_t* yp,
+                       scalar_t* gip, scalar_t* grp, int64_t N, int64_t C, int64_t HW,
+                       const acc_t* A, const acc_t* B, const acc_t* E, const acc_t* m) {
+  at::parallel_for(0, N * C, grain_for(HW), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t c = p % C, off = p * HW;
+      dx_plane<scalar_t, acc_t, RELU, GRES>(gp + off, xp + off, RELU ? yp + off : nullptr,
+                                            gip + off, GRES ? grp + off : nullptr, HW, A[c],
+                                            B[c], E[c], m[c]);
+    }
+  });
+}
+
+// The residual's gradient alone (grad_input not asked for): g masked by the ReLU, or g.
+template <typename scalar_t>
+void residual_grad_only(const scalar_t* gp, const scalar_t* yp, scalar_t* grp, int64_t n) {
+  at::parallel_for(0, n, 1 << 14, [&](int64_t i0, int64_t i1) {
+    int64_t i = i0;
+    if constexpr (kVectorPath<scalar_t>) {
+      using V = Vec<scalar_t>;
+      constexpr int64_t L = V::size();
+      const V zero(0);
+      for (; i + L <= i1; i += L) {
+        V gv = V::loadu(gp + i);
+        if (yp) gv = V::blendv(gv, zero, V::loadu(yp + i) <= zero);
+        gv.store(grp + i);
       }
+    }
+    for (; i < i1; ++i) {
+      grp[i] = (!yp || relu_passes(static_cast<double>(yp[i]))) ? gp[i] : scalar_t(0);
     }
   });
 }
@@ -346,11 +436,22 @@ void grad_input_cl(const scalar_t* gp, const scalar_t* xp, const scalar_t* yp, s
 std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
-    bool training, double momentum, double eps, bool relu) {
+    bool training, double momentum, double eps, bool relu,
+    const std::optional<Tensor>& residual) {
   check_4d(input, "input");
   check_cpu_float(input, "input");
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   const int64_t HW = H * W, M = N * HW;
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res) {
+    TORCH_CHECK(residual->sizes() == input.sizes(), "fastconv batch_norm: residual shape ",
+                residual->sizes(), " does not match input shape ", input.sizes());
+    TORCH_CHECK(residual->scalar_type() == input.scalar_type(), "fastconv batch_norm: residual "
+                "dtype ", residual->scalar_type(), " does not match input dtype ",
+                input.scalar_type());
+    TORCH_CHECK(residual->device().is_cpu(), "fastconv batch_norm: residual must be on CPU, got ",
+                residual->device());
+  }
   check_channel_param(weight, C, "weight");
   check_channel_param(bias, C, "bias");
   check_channel_param(running_mean, C, "running_mean");
@@ -370,6 +471,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(
   const auto fmt = layout_of(input);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const Tensor x = input.contiguous(fmt);
+  // in the input's layout (a copy only if the caller's residual is laid out otherwise)
+  const Tensor res = has_res ? residual->contiguous(fmt) : Tensor();
   Tensor out = poisoned(at::empty_like(x, x.options(), fmt));
   // saved statistics in the accumulation type: float32, or float64 for float64 input (as
   // torch's), so a float64 backward is not limited by float32 statistics
@@ -440,22 +543,23 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(
       scale[c] = static_cast<acc_t>(w[c] * invstd);
       shift[c] = static_cast<acc_t>(b[c] - mean[c] * w[c] * invstd);
     }
+    const scalar_t* rp = has_res ? res.const_data_ptr<scalar_t>() : nullptr;
     if (!cl && HW < kSmallPlane) {  // N rows of C * HW columns
-      normalize<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), N,
+      normalize<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), rp, out.data_ptr<scalar_t>(), N,
                                  C * HW, 1, /*cl=*/true, per_column(scale, HW).data(),
                                  per_column(shift, HW).data(), relu);
     } else {
-      normalize<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), N, C,
-                                 HW, cl, scale.data(), shift.data(), relu);
+      normalize<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), rp, out.data_ptr<scalar_t>(), N,
+                                 C, HW, cl, scale.data(), shift.data(), relu);
     }
   });
   return {out, save_mean, save_invstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     const Tensor& grad_output, const Tensor& input, const Tensor& output,
     const std::optional<Tensor>& weight, const Tensor& save_mean, const Tensor& save_invstd,
-    bool training, bool relu, std::array<bool, 3> output_mask_ref) {
+    bool training, bool relu, std::array<bool, 4> output_mask_ref) {
   check_4d(input, "input");
   check_cpu_float(input, "input");
   check_cpu_float(grad_output, "grad_output");
@@ -475,7 +579,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   TORCH_CHECK(save_mean.numel() == C && save_invstd.numel() == C,
               "fastconv batch_norm_backward: save_mean/save_invstd must have ", C, " elements");
   const bool need_gi = output_mask_ref[0], need_gw = output_mask_ref[1],
-             need_gb = output_mask_ref[2];
+             need_gb = output_mask_ref[2], need_gr = output_mask_ref[3];
 
   const auto fmt = layout_of(input);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
@@ -490,6 +594,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   const bool need_sums = need_gw || need_gb || (need_gi && training);
   std::vector<double> sum_g(C, 0.0), sum_gx(C, 0.0);
   Tensor grad_input, grad_weight, grad_bias;
+  Tensor grad_residual = need_gr ? poisoned(at::empty_like(x, x.options(), fmt)) : empty_grad(x);
   FASTCONV_DISPATCH_FLOATING(x.scalar_type(), "fastconv_bn_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -499,13 +604,19 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     std::vector<acc_t> m(C);
     for (int64_t c = 0; c < C; ++c) m[c] = static_cast<acc_t>(mean[c]);
     const std::vector<acc_t> m_cols = rows ? per_column(m, HW) : std::vector<acc_t>();
+    // With the ReLU the reduction pass stores the masked g as the residual's gradient and the
+    // grad_input pass reads it instead of g and y: one tensor less to read.
+    const bool fuse_gr = need_gr && relu && need_sums && M > 0;
+    scalar_t* grp = need_gr ? grad_residual.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gr_sums = fuse_gr ? grp : nullptr;
     if (need_sums && M > 0) {
       if (cl) {
-        grad_sums_cl<scalar_t, acc_t>(gp, xp, yp, M, C, m.data(), sum_g.data(), sum_gx.data());
+        grad_sums_cl<scalar_t, acc_t>(gp, xp, yp, M, C, m.data(), sum_g.data(), sum_gx.data(),
+                                      gr_sums);
       } else if (rows) {
         std::vector<double> col_g(C * HW), col_gx(C * HW);
         grad_sums_cl<scalar_t, acc_t>(gp, xp, yp, N, C * HW, m_cols.data(), col_g.data(),
-                                      col_gx.data());
+                                      col_gx.data(), gr_sums);
         columns_to_channels(col_g, HW, sum_g.data());
         columns_to_channels(col_gx, HW, sum_gx.data());
       } else {
@@ -514,7 +625,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
             PairSum<acc_t> acc;
             for (int64_t n = 0; n < N; ++n) {
               const int64_t off = (n * C + c) * HW;
-              if (relu) {
+              if (fuse_gr) {
+                grad_sums<scalar_t, acc_t, true, true>(gp + off, xp + off, yp + off, HW, m[c],
+                                                       acc, gr_sums + off);
+              } else if (relu) {
                 grad_sums<scalar_t, acc_t, true>(gp + off, xp + off, yp + off, HW, m[c], acc);
               } else {
                 grad_sums<scalar_t, acc_t, false>(gp + off, xp + off, nullptr, HW, m[c], acc);
@@ -528,6 +642,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
       }
     }
 
+    if (need_gr && !need_gi && !fuse_gr) residual_grad_only<scalar_t>(gp, yp, grp, x.numel());
+    if (need_gi && fuse_gr) {  // g' is in grad_residual already: no mask, nothing more to write
+      gp = grp;
+      yp = nullptr;
+      grp = nullptr;
+    }
     if (need_gi) {
       grad_input = poisoned(at::empty_like(x, x.options(), fmt));
       scalar_t* gip = grad_input.data_ptr<scalar_t>();
@@ -542,25 +662,27 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
         E[c] = training ? static_cast<acc_t>(-a * sum_g[c] / M) : acc_t(0);
       }
       if (cl) {
-        grad_input_cl<scalar_t, acc_t>(gp, xp, yp, gip, M, C, A.data(), B.data(), E.data(),
+        grad_input_cl<scalar_t, acc_t>(gp, xp, yp, gip, grp, M, C, A.data(), B.data(), E.data(),
                                        m.data());
       } else if (rows) {
-        grad_input_cl<scalar_t, acc_t>(gp, xp, yp, gip, N, C * HW, per_column(A, HW).data(),
+        grad_input_cl<scalar_t, acc_t>(gp, xp, yp, gip, grp, N, C * HW, per_column(A, HW).data(),
                                        per_column(B, HW).data(), per_column(E, HW).data(),
                                        m_cols.data());
       } else {
-        at::parallel_for(0, N * C, grain_for(HW), [&](int64_t p0, int64_t p1) {
-          for (int64_t p = p0; p < p1; ++p) {
-            const int64_t c = p % C, off = p * HW;
-            if (relu) {
-              dx_plane<scalar_t, acc_t, true>(gp + off, xp + off, yp + off, gip + off, HW, A[c],
-                                              B[c], E[c], m[c]);
-            } else {
-              dx_plane<scalar_t, acc_t, false>(gp + off, xp + off, nullptr, gip + off, HW, A[c],
-                                               B[c], E[c], m[c]);
-            }
-          }
-        });
+        const acc_t *Ap = A.data(), *Bp = B.data(), *Ep = E.data(), *mp = m.data();
+        if (yp && grp) {
+          grad_input_nchw_t<scalar_t, acc_t, true, true>(gp, xp, yp, gip, grp, N, C, HW, Ap, Bp,
+                                                         Ep, mp);
+        } else if (yp) {
+          grad_input_nchw_t<scalar_t, acc_t, true, false>(gp, xp, yp, gip, grp, N, C, HW, Ap,
+                                                          Bp, Ep, mp);
+        } else if (grp) {
+          grad_input_nchw_t<scalar_t, acc_t, false, true>(gp, xp, yp, gip, grp, N, C, HW, Ap,
+                                                          Bp, Ep, mp);
+        } else {
+          grad_input_nchw_t<scalar_t, acc_t, false, false>(gp, xp, yp, gip, grp, N, C, HW, Ap,
+                                                           Bp, Ep, mp);
+        }
       }
     }
   });
@@ -578,7 +700,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   grad_weight = need_gw ? to_tensor(sum_gx, true) : empty_grad(x);
   grad_bias = need_gb ? to_tensor(sum_g, false) : empty_grad(x);
   if (!need_gi) grad_input = empty_grad(x);
-  return {grad_input, grad_weight, grad_bias};
+  return {grad_input, grad_weight, grad_bias, grad_residual};
 }
 
 }  // namespace

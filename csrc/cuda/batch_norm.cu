@@ -1,4 +1,4 @@
-// Batch norm (+ fused ReLU) on CUDA: training and eval forward, backward.
+// Batch norm (+ fused residual add and ReLU) on CUDA: training and eval forward, backward.
 //
 // Training forward reads the input twice (statistics, then normalise): the mean must be known
 // before any output can be written. Statistics are a two-level deterministic reduction: CTAs
@@ -6,7 +6,8 @@
 // order (Chan's formula) and also updates the running statistics. Backward is one reduction pass
 // (sum of dy and of dy * (x - mean), dy masked by the saved output when relu) and one
 // elementwise pass. NCHW and channels_last each have their own kernels; 16-byte vectors where the
-// channel (channels_last) or plane (NCHW) size allows.
+// channel (channels_last) or plane (NCHW) size allows. The residual is read by the normalising
+// pass; its gradient (dy masked by the saved output) is written by the grad_input pass.
 #include "batch_norm_kernels.cuh"
 
 #include <ATen/Dispatch.h>
@@ -102,26 +103,23 @@ __global__ void grad_finalize_kernel(const float* __restrict__ part, int splits,
 }
 
 template <typename T, int V, bool BWD>
-__global__ void __launch_bounds__(NT) apply_nhwc_kernel(const T* __restrict__ x,
-                                                        const T* __restrict__ dy,
-                                                        const T* __restrict__ y, T* __restrict__ out,
-                                                        const float* __restrict__ coef,
-                                                        int64_t rows, int C, int Cv,
-                                                        int64_t row_step, bool relu,
-                                                        bool training) {
-  apply_nhwc_thread<T, V, BWD>(x, dy, y, out, coef, rows, C, Cv, row_step, relu, training,
-                               int64_t(blockIdx.x) * NT + threadIdx.x);
+__global__ void __launch_bounds__(NT) apply_nhwc_kernel(
+    const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ y,
+    const T* __restrict__ res, T* __restrict__ out, T* __restrict__ gres,
+    const float* __restrict__ coef, int64_t rows, int C, int Cv, int64_t row_step, bool relu,
+    bool training) {
+  apply_nhwc_thread<T, V, BWD>(x, dy, y, res, out, gres, coef, rows, C, Cv, row_step, relu,
+                               training, int64_t(blockIdx.x) * NT + threadIdx.x);
 }
 
 template <typename T, int V, bool BWD>
-__global__ void __launch_bounds__(NT) apply_nchw_kernel(const T* __restrict__ x,
-                                                        const T* __restrict__ dy,
-                                                        const T* __restrict__ y, T* __restrict__ out,
-                                                        const float* __restrict__ coef, int C,
-                                                        FastDiv dHWv, uint32_t upi, int64_t n0,
-                                                        int64_t sN, bool relu, bool training) {
-  apply_nchw_thread<T, V, BWD>(x, dy, y, out, coef, C, dHWv, upi, n0 + blockIdx.y, sN, relu,
-                               training, blockIdx.x * NT + threadIdx.x);
+__global__ void __launch_bounds__(NT) apply_nchw_kernel(
+    const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ y,
+    const T* __restrict__ res, T* __restrict__ out, T* __restrict__ gres,
+    const float* __restrict__ coef, int C, FastDiv dHWv, uint32_t upi, int64_t n0, int64_t sN,
+    bool relu, bool training) {
+  apply_nchw_thread<T, V, BWD>(x, dy, y, res, out, gres, coef, C, dHWv, upi, n0 + blockIdx.y,
+                               sN, relu, training, blockIdx.x * NT + threadIdx.x);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -165,25 +163,30 @@ int launch_reduce(const Tensor& x, const Tensor& dy, const Tensor& y, bool relu,
   return int(p.splits);
 }
 
+// res: the forward's residual; gres: the backward's residual gradient; out (backward) may be
+// undefined when only gres is asked for. Undefined tensors are null pointers to the kernels.
 template <typename T, bool BWD>
-void launch_apply(const Tensor& x, const Tensor& dy, const Tensor& y, const Tensor& out,
-                  const Tensor& coef, const Layout& L, bool relu, bool training) {
+void launch_apply(const Tensor& x, const Tensor& dy, const Tensor& y, const Tensor& res,
+                  const Tensor& out, const Tensor& gres, const Tensor& coef, const Layout& L,
+                  bool relu, bool training) {
   const int C = int(x.size(1));
   constexpr int VM = 16 / sizeof(T);
   const T* xp = x.data_ptr<T>();
   const T* dp = dy.defined() ? dy.data_ptr<T>() : nullptr;
   const T* yp = y.defined() ? y.data_ptr<T>() : nullptr;
-  T* op = out.data_ptr<T>();
+  const T* rp = res.defined() ? res.data_ptr<T>() : nullptr;
+  T* op = out.defined() ? out.data_ptr<T>() : nullptr;
+  T* gp = gres.defined() ? gres.data_ptr<T>() : nullptr;
   const float* kp = coef.data_ptr<float>();
   if (L.cl) {
     const int Cv = C / L.V;
     const ApplyPlan p = plan_apply_nhwc(L.rows, Cv, num_sms());
     if (L.V == VM)
       apply_nhwc_kernel<T, VM, BWD><<<unsigned(p.blocks), NT, 0, stream()>>>(
-          xp, dp, yp, op, kp, L.rows, C, Cv, p.row_step, relu, training);
+          xp, dp, yp, rp, op, gp, kp, L.rows, C, Cv, p.row_step, relu, training);
     else
       apply_nhwc_kernel<T, 1, BWD><<<unsigned(p.blocks), NT, 0, stream()>>>(
-          xp, dp, yp, op, kp, L.rows, C, Cv, p.row_step, relu, training);
+          xp, dp, yp, rp, op, gp, kp, L.rows, C, Cv, p.row_step, relu, training);
     FC_LAUNCH_CHECK();
     return;
   }
@@ -195,10 +198,10 @@ void launch_apply(const Tensor& x, const Tensor& dy, const Tensor& y, const Tens
     const dim3 grid(unsigned(ceil_div(upi, NT)), unsigned(std::min<int64_t>(kMaxGridY, N - n0)));
     if (L.V == VM)
       apply_nchw_kernel<T, VM, BWD><<<grid, NT, 0, stream()>>>(
-          xp, dp, yp, op, kp, C, FastDiv(HWv), uint32_t(upi), n0, sN, relu, training);
+          xp, dp, yp, rp, op, gp, kp, C, FastDiv(HWv), uint32_t(upi), n0, sN, relu, training);
     else
       apply_nchw_kernel<T, 1, BWD><<<grid, NT, 0, stream()>>>(
-          xp, dp, yp, op, kp, C, FastDiv(HWv), uint32_t(upi), n0, sN, relu, training);
+          xp, dp, yp, rp, op, gp, kp, C, FastDiv(HWv), uint32_t(upi), n0, sN, relu, training);
     FC_LAUNCH_CHECK();
   }
 }
@@ -228,9 +231,20 @@ void check_bn_input(const Tensor& input) {
 std::tuple<Tensor, Tensor, Tensor> batch_norm_cuda(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
-    bool training, double momentum, double eps, bool relu) {
+    bool training, double momentum, double eps, bool relu,
+    const std::optional<Tensor>& residual) {
   check_bn_input(input);
   const int64_t C = input.size(1);
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res) {
+    check_cuda(*residual, "residual");
+    TORCH_CHECK(residual->sizes() == input.sizes() &&
+                    residual->scalar_type() == input.scalar_type(),
+                "fastconv (CUDA): residual ", residual->sizes(), " ", residual->scalar_type(),
+                " does not match input ", input.sizes(), " ", input.scalar_type());
+    TORCH_CHECK(residual->device() == input.device(), "fastconv (CUDA): residual on ",
+                residual->device(), ", input on ", input.device());
+  }
   check_param(weight, C, "weight");
   check_param(bias, C, "bias");
   check_param(running_mean, C, "running_mean");
@@ -240,6 +254,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cuda(
   c10::cuda::CUDAGuard guard(input.device());
   const auto fmt = out_format(input);
   const Tensor x = input.contiguous(fmt);
+  const Tensor res = has_res ? residual->contiguous(fmt) : Tensor();
   const auto f32 = x.options().dtype(at::kFloat);
   Tensor out = poisoned(at::empty(x.sizes(), x.options().memory_format(fmt)));
   Tensor save_mean = poisoned(at::empty({C}, f32)), save_invstd = poisoned(at::empty({C}, f32));
@@ -268,7 +283,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cuda(
             has_rv ? rv.data_ptr<float>() : nullptr, float(momentum), float(eps),
             save_mean.data_ptr<float>(), save_invstd.data_ptr<float>(), coef.data_ptr<float>());
         FC_LAUNCH_CHECK();
-        launch_apply<T, false>(x, Tensor(), Tensor(), out, coef, layout_of<T>(x, {&out}), relu, true);
+        launch_apply<T, false>(x, Tensor(), Tensor(), res, out, Tensor(), coef,
+                               layout_of<T>(x, {&out, &res}), relu, true);
       }
     });
     if (has_rm && !rm.is_same(*running_mean)) running_mean->copy_(rm);
@@ -288,18 +304,18 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cuda(
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm", [&] {
         using T = scalar_t;
         if constexpr (!std::is_same<T, double>::value)
-          launch_apply<T, false>(x, Tensor(), Tensor(), out, coef, layout_of<T>(x, {&out}), relu,
-                                 false);
+          launch_apply<T, false>(x, Tensor(), Tensor(), res, out, Tensor(), coef,
+                                 layout_of<T>(x, {&out, &res}), relu, false);
       });
     }
   }
   return {out, save_mean, save_invstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cuda(
     const Tensor& grad_output, const Tensor& input, const Tensor& output,
     const std::optional<Tensor>& weight, const Tensor& save_mean, const Tensor& save_invstd,
-    bool training, bool relu, std::array<bool, 3> output_mask) {
+    bool training, bool relu, std::array<bool, 4> output_mask) {
   check_bn_input(input);
   check_cuda(grad_output, "grad_output");
   const int64_t C = input.size(1);
@@ -328,6 +344,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
   Tensor coef = at::empty({4 * C}, f32);
   Tensor grad_input = output_mask[0] ? poisoned(at::empty(x.sizes(), x.options().memory_format(fmt)))
                                      : at::empty({0}, x.options());
+  Tensor grad_residual = output_mask[3]
+                             ? poisoned(at::empty(x.sizes(), x.options().memory_format(fmt)))
+                             : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward", [&] {
     using T = scalar_t;
     if constexpr (!std::is_same<T, double>::value) {
@@ -344,16 +363,19 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
             coef.data_ptr<float>());
         FC_LAUNCH_CHECK();
       }
-      if (output_mask[0] && x.numel() > 0) {
-        const Layout L = relu ? layout_of<T>(x, {&dy, &y, &grad_input}) : layout_of<T>(x, {&dy, &grad_input});
-        launch_apply<T, true>(x, dy, y, grad_input, coef, L, relu, training);
+      if ((output_mask[0] || output_mask[3]) && x.numel() > 0) {
+        // one pass writes grad_input and the residual's gradient, whichever are asked for
+        const Tensor gi = output_mask[0] ? grad_input : Tensor();
+        const Tensor gr = output_mask[3] ? grad_residual : Tensor();
+        const Layout L = layout_of<T>(x, {&dy, &y, &gi, &gr});
+        launch_apply<T, true>(x, dy, y, Tensor(), gi, gr, coef, L, relu, training);
       }
     }
   });
   const auto pdt = (weight.has_value() && weight->defined()) ? weight->scalar_type() : x.scalar_type();
   Tensor grad_weight = output_mask[1] ? gw.to(pdt) : at::empty({0}, x.options());
   Tensor grad_bias = output_mask[2] ? gb.to(pdt) : at::empty({0}, x.options());
-  return {grad_input, grad_weight, grad_bias};
+  return {grad_input, grad_weight, grad_bias, grad_residual};
 }
 
 }  // namespace

@@ -252,15 +252,16 @@ FC_HD void grad_write(int c, int C, float s1, float s2, float count, bool traini
 }
 
 // ---------------------------------------------------------------------------------------------
-// Elementwise. BWD=false: out = relu?((x - m) * s + t).
-// BWD=true: out = dy_m * A + (x - m) * B + Cc   (x read only when training).
+// Elementwise. BWD=false: out = relu?((x - m) * s + t + res?)   (res may be null).
+// BWD=true: out = dy_m * A + (x - m) * B + Cc   (x read only when training; out may be null)
+// and gres = dy_m, the residual's gradient, from the same loads (gres may be null).
 // ---------------------------------------------------------------------------------------------
 
 template <typename T, int V, bool BWD>
-FC_HD void element(const T* x, const T* dy, const T* y, T* out, int64_t off,
-                   const float (&k)[4][V], bool relu, bool training) {
+FC_HD void element(const T* x, const T* dy, const T* y, const T* res, T* out, T* gres,
+                   int64_t off, const float (&k)[4][V], bool relu, bool training) {
   float xv[V], g[V], o[V];
-  if (!BWD || training) {
+  if (!BWD || (training && out)) {
     ld<T, V>(x + off, xv);
   } else {
 #pragma unroll
@@ -275,13 +276,22 @@ FC_HD void element(const T* x, const T* dy, const T* y, T* out, int64_t off,
       for (int e = 0; e < V; ++e)
         if (!passes(yv[e])) g[e] = 0.f;
     }
+    if (gres) st<T, V>(gres + off, g);
+    if (!out) return;
+  }
+  float r[V];
+  if (!BWD && res) {
+    ld<T, V>(res + off, r);
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) r[e] = 0.f;
   }
 #pragma unroll
   for (int e = 0; e < V; ++e) {
     if (BWD) {
       o[e] = g[e] * k[1][e] + (xv[e] - k[0][e]) * k[2][e] + k[3][e];
     } else {
-      const float v = (xv[e] - k[0][e]) * k[1][e] + k[2][e];
+      const float v = (xv[e] - k[0][e]) * k[1][e] + k[2][e] + r[e];
       o[e] = relu ? relu_nan(v) : v;
     }
   }
@@ -291,9 +301,9 @@ FC_HD void element(const T* x, const T* dy, const T* y, T* out, int64_t off,
 // channels_last: global thread gt keeps one channel vector (and its coefficients in registers)
 // and strides over rows.
 template <typename T, int V, bool BWD>
-FC_HD void apply_nhwc_thread(const T* x, const T* dy, const T* y, T* out, const float* coef,
-                             int64_t rows, int C, int Cv, int64_t row_step, bool relu,
-                             bool training, int64_t gt) {
+FC_HD void apply_nhwc_thread(const T* x, const T* dy, const T* y, const T* res, T* out,
+                             T* gres, const float* coef, int64_t rows, int C, int Cv,
+                             int64_t row_step, bool relu, bool training, int64_t gt) {
   if (gt >= row_step * Cv) return;
   const int cv = int(gt % Cv);
   float k[4][V];
@@ -302,14 +312,15 @@ FC_HD void apply_nhwc_thread(const T* x, const T* dy, const T* y, T* out, const 
 #pragma unroll
     for (int e = 0; e < V; ++e) k[j][e] = (j < 3 || BWD) ? coef[int64_t(j) * C + cv * V + e] : 0.f;
   for (int64_t r = gt / Cv; r < rows; r += row_step)
-    element<T, V, BWD>(x, dy, y, out, r * C + int64_t(cv) * V, k, relu, training);
+    element<T, V, BWD>(x, dy, y, res, out, gres, r * C + int64_t(cv) * V, k, relu, training);
 }
 
 // NCHW: image n, unit u = (c, V-element piece of the plane) at offset n * sN + u * V.
 template <typename T, int V, bool BWD>
-FC_HD void apply_nchw_thread(const T* x, const T* dy, const T* y, T* out, const float* coef,
-                             int C, const FastDiv& dHWv, uint32_t upi, int64_t n, int64_t sN,
-                             bool relu, bool training, uint32_t u) {
+FC_HD void apply_nchw_thread(const T* x, const T* dy, const T* y, const T* res, T* out,
+                             T* gres, const float* coef, int C, const FastDiv& dHWv,
+                             uint32_t upi, int64_t n, int64_t sN, bool relu, bool training,
+                             uint32_t u) {
   if (u >= upi) return;
   const int c = int(dHWv.div(u));
   float k[4][V];
@@ -319,7 +330,7 @@ FC_HD void apply_nchw_thread(const T* x, const T* dy, const T* y, T* out, const 
 #pragma unroll
     for (int e = 0; e < V; ++e) k[j][e] = v;
   }
-  element<T, V, BWD>(x, dy, y, out, n * sN + int64_t(u) * V, k, relu, training);
+  element<T, V, BWD>(x, dy, y, res, out, gres, n * sN + int64_t(u) * V, k, relu, training);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -342,7 +353,7 @@ Layout layout_of(const Tensor& x, std::initializer_list<const Tensor*> others) {
   L.rows = x.size(0) * L.HW;
   constexpr int VM = 16 / sizeof(T);
   bool al = aligned_to(x.data_ptr(), 16);
-  for (const Tensor* t : others) al = al && aligned_to(t->data_ptr(), 16);
+  for (const Tensor* t : others) al = al && (!t->defined() || aligned_to(t->data_ptr(), 16));
   const int64_t inner = L.cl ? x.size(1) : L.HW;
   L.V = (al && inner % VM == 0) ? VM : 1;
   return L;

@@ -865,7 +865,8 @@ def _register_python_side() -> None:
         return empty(_full_input_size(input_size, grad_output), grad_output, layout_of(grad_output))
 
     @register_fake("fastconv::batch_norm")
-    def _(input, weight, bias, running_mean, running_var, training, momentum, eps, relu):
+    def _(input, weight, bias, running_mean, running_var, training, momentum, eps, relu,
+          residual=None):
         c = input.shape[1]
         sdtype = torch.float64 if input.dtype == torch.float64 else torch.float32
         stat = torch.empty((c,), dtype=sdtype, device=input.device)
@@ -880,7 +881,8 @@ def _register_python_side() -> None:
               else nothing(input))
         gb = (torch.empty((c,), dtype=pdtype, device=input.device) if output_mask[2]
               else nothing(input))
-        return gi, gw, gb
+        gr = empty(input.shape, input, layout_of(input)) if output_mask[3] else nothing(input)
+        return gi, gw, gb, gr
 
     @register_fake("fastconv::avg_pool2d")
     def _(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
@@ -965,6 +967,10 @@ class ExtensionBackend(Backend):
                 t = args.get(name)
                 if t is not None and not t.is_floating_point():
                     return f"extension batch_norm needs a floating-point {name}, got {_dtype_name(t)}"
+            r = args.get("residual")
+            if r is not None and (r.dtype != x.dtype or r.device != x.device):
+                return (f"extension batch_norm needs the residual on the input's device and "
+                        f"dtype ({x.device}, {_dtype_name(x)}), got {r.device}, {_dtype_name(r)}")
         return None
 
     def bind(self, op: str, args: dict[str, Any]):
@@ -993,12 +999,12 @@ class ExtensionBackend(Backend):
         return (out, indices) if return_indices else out
 
     def batch_norm(self, input, running_mean, running_var, weight, bias, training, momentum,
-                   eps, relu):
+                   eps, relu, residual=None):
         import torch
 
         return torch.ops.fastconv.batch_norm(input, weight, bias, running_mean, running_var,
                                              bool(training), float(momentum), float(eps),
-                                             bool(relu))[0]
+                                             bool(relu), residual)[0]
 
     def avg_pool2d(self, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
                    divisor_override):

@@ -60,7 +60,7 @@ for dt, cl in ((torch.bfloat16, True), (torch.float16, False), (torch.float32, F
     for training in (True, False):
         yb, m, sd = ops.batch_norm(x, wb, bb, rm, rv, training, 0.1, 1e-5, True)
         ops.batch_norm_backward(torch.randn_like(yb), x, yb, wb, m, sd, training, True,
-                                [True, True, True])
+                                [True, True, True, True])
     calls += 12
 if dev == "cuda":
     torch.cuda.synchronize()

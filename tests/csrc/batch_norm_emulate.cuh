@@ -64,13 +64,14 @@ template <typename F> void shfl_tree(float (&a)[32], float (&b)[32], float (&c)[
 }
 
 template <typename T, int V, bool BWD>
-void apply(const Layout& L, const T* x, const T* dy, const T* y, T* out, const float* coef,
-           int64_t N, int C, bool relu, bool training, int sms) {
+void apply(const Layout& L, const T* x, const T* dy, const T* y, const T* res, T* out, T* gres,
+           const float* coef, int64_t N, int C, bool relu, bool training, int sms) {
   if (L.cl) {
     const int Cv = C / L.V;
     const ApplyPlan p = plan_apply_nhwc(L.rows, Cv, sms);
     for (int64_t gt = 0; gt < p.blocks * NT; ++gt)
-      apply_nhwc_thread<T, V, BWD>(x, dy, y, out, coef, L.rows, C, Cv, p.row_step, relu, training, gt);
+      apply_nhwc_thread<T, V, BWD>(x, dy, y, res, out, gres, coef, L.rows, C, Cv, p.row_step, relu,
+                                   training, gt);
   } else {
     const int64_t HWv = L.HW / L.V;
     const FastDiv d(HWv);
@@ -78,8 +79,8 @@ void apply(const Layout& L, const T* x, const T* dy, const T* y, T* out, const f
     const uint32_t blocks = uint32_t(ceil_div(upi, NT));
     for (int64_t n = 0; n < N; ++n)
       for (uint32_t u = 0; u < blocks * NT; ++u)
-        apply_nchw_thread<T, V, BWD>(x, dy, y, out, coef, C, d, upi, n, int64_t(C) * L.HW, relu,
-                                     training, u);
+        apply_nchw_thread<T, V, BWD>(x, dy, y, res, out, gres, coef, C, d, upi, n,
+                                     int64_t(C) * L.HW, relu, training, u);
   }
 }
 
@@ -99,14 +100,19 @@ template <typename T> double tol_of() {
   return std::is_same<T, c10::Half>::value ? 2.0 / 1024 : 2.0 / 128;
 }
 
+// residual: out = relu?(bn(x) + r), and the backward pass also writes r's gradient.
 template <typename T, int VM>
 int check(std::vector<int64_t> shape, bool cl, bool training, bool relu, bool affine, int sms,
-          bool force_scalar) {
+          bool force_scalar, bool residual) {
   const auto st = c10::CppTypeToScalarType<T>::value;
   at::manual_seed(3);
   const int64_t N = shape[0], C = shape[1];
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const Tensor x = (at::rand(shape, at::kDouble) * 5 - 2).to(st).contiguous(fmt);
+  // around zero after the add, so the ReLU cuts about half of it
+  const Tensor res = residual ? (at::rand(shape, at::kDouble) * 3 - 1.5).to(st).contiguous(fmt)
+                              : Tensor();
+  const T* rp = residual ? res.data_ptr<T>() : nullptr;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   const Tensor w = affine ? at::rand({C}, f32) + 0.5 : Tensor();
   const Tensor b = affine ? at::rand({C}, f32) - 0.5 : Tensor();
@@ -142,9 +148,9 @@ int check(std::vector<int64_t> shape, bool cl, bool training, bool relu, bool af
       eval_prep_one(c, rm.data_ptr<float>(), rv.data_ptr<float>(), int(C), wp, bp, eps,
                     smean.data_ptr<float>(), sinv.data_ptr<float>(), coef.data_ptr<float>());
   }
-  const Layout La = layout(x, {&out});
-  if (La.V == VM) apply<T, VM, false>(La, xp, nullptr, nullptr, out.data_ptr<T>(), coef.data_ptr<float>(), N, int(C), relu, training, sms);
-  else apply<T, 1, false>(La, xp, nullptr, nullptr, out.data_ptr<T>(), coef.data_ptr<float>(), N, int(C), relu, training, sms);
+  const Layout La = layout(x, {&out, &res});
+  if (La.V == VM) apply<T, VM, false>(La, xp, nullptr, nullptr, rp, out.data_ptr<T>(), nullptr, coef.data_ptr<float>(), N, int(C), relu, training, sms);
+  else apply<T, 1, false>(La, xp, nullptr, nullptr, rp, out.data_ptr<T>(), nullptr, coef.data_ptr<float>(), N, int(C), relu, training, sms);
 
   // reference
   const Tensor xd = x.to(at::kDouble);
@@ -152,10 +158,11 @@ int check(std::vector<int64_t> shape, bool cl, bool training, bool relu, bool af
   const Tensor bd = affine ? b.to(at::kDouble) : at::zeros({C}, at::kDouble);
   Tensor rmd = rm0.to(at::kDouble), rvd = rv0.to(at::kDouble);
   auto [ref, rs_mean, rs_inv] = at::native_batch_norm(xd, wd, bd, rmd, rvd, training, momentum, eps);
+  if (residual) ref = ref + res.to(at::kDouble);
   if (relu) ref = at::relu(ref);
   const std::string tag = std::string(c10::toString(st)) + (cl ? " cl" : " nchw") +
                           (training ? " train" : " eval") + (relu ? " relu" : "") +
-                          (force_scalar ? " scalar" : "");
+                          (force_scalar ? " scalar" : "") + (residual ? " residual" : "");
   int bad = 0;
   bad += !close(out, ref, tol_of<T>(), "bn out " + tag);
   if (training) {
@@ -173,6 +180,9 @@ int check(std::vector<int64_t> shape, bool cl, bool training, bool relu, bool af
   const Tensor dy = (at::rand(shape, at::kDouble) * 2 - 1).to(st).contiguous(fmt);
   const Tensor yy = out;
   Tensor gi = at::full(shape, NAN, x.options()).contiguous(fmt);
+  Tensor gr = at::full(shape, NAN, x.options()).contiguous(fmt);
+  Tensor gr_only = at::full(shape, NAN, x.options()).contiguous(fmt);
+  T* grp = residual ? gr.data_ptr<T>() : nullptr;
   Tensor gw = at::zeros({C}, f32), gb = at::zeros({C}, f32), bcoef = at::full({4 * C}, NAN, f32);
   const int64_t count = N * shape[2] * shape[3];
   {
@@ -188,9 +198,13 @@ int check(std::vector<int64_t> shape, bool cl, bool training, bool relu, bool af
       grad_write(c, int(C), s1[0], s2[0], float(count), training, wp, smean.data_ptr<float>(),
                  sinv.data_ptr<float>(), gw.data_ptr<float>(), gb.data_ptr<float>(), bcoef.data_ptr<float>());
     }
-    const Layout La2 = layout(x, {&dy, &yy, &gi});
-    if (La2.V == VM) apply<T, VM, true>(La2, xp, dy.data_ptr<T>(), yy.data_ptr<T>(), gi.data_ptr<T>(), bcoef.data_ptr<float>(), N, int(C), relu, training, sms);
-    else apply<T, 1, true>(La2, xp, dy.data_ptr<T>(), yy.data_ptr<T>(), gi.data_ptr<T>(), bcoef.data_ptr<float>(), N, int(C), relu, training, sms);
+    const Layout La2 = layout(x, {&dy, &yy, &gi, &gr});
+    if (La2.V == VM) apply<T, VM, true>(La2, xp, dy.data_ptr<T>(), yy.data_ptr<T>(), nullptr, gi.data_ptr<T>(), grp, bcoef.data_ptr<float>(), N, int(C), relu, training, sms);
+    else apply<T, 1, true>(La2, xp, dy.data_ptr<T>(), yy.data_ptr<T>(), nullptr, gi.data_ptr<T>(), grp, bcoef.data_ptr<float>(), N, int(C), relu, training, sms);
+    if (residual) {  // the residual's gradient alone (grad_input not asked for): out is null
+      if (La2.V == VM) apply<T, VM, true>(La2, xp, dy.data_ptr<T>(), yy.data_ptr<T>(), nullptr, nullptr, gr_only.data_ptr<T>(), bcoef.data_ptr<float>(), N, int(C), relu, training, sms);
+      else apply<T, 1, true>(La2, xp, dy.data_ptr<T>(), yy.data_ptr<T>(), nullptr, nullptr, gr_only.data_ptr<T>(), bcoef.data_ptr<float>(), N, int(C), relu, training, sms);
+    }
   }
   Tensor dym = dy.to(at::kDouble);
   if (relu) dym = dym * (yy.to(at::kDouble) <= 0).logical_not().to(at::kDouble);
@@ -203,6 +217,10 @@ int check(std::vector<int64_t> shape, bool cl, bool training, bool relu, bool af
   bad += !close(gw / wscale, rgw / wscale, 1e-5, "bn grad_weight " + tag);
   const double bscale = std::max(1.0, rgb.abs().max().item<double>());
   bad += !close(gb / bscale, rgb / bscale, 1e-5, "bn grad_bias " + tag);
+  if (residual) {  // dy masked by the kernel's own output: exact
+    bad += !close(gr, dym, 0, "bn grad_residual " + tag);
+    bad += !close(gr_only, dym, 0, "bn grad_residual alone " + tag);
+  }
   return bad;
 }
 
@@ -216,10 +234,12 @@ inline int run_all() {
         for (int relu = 0; relu < 2; ++relu)
           for (int sms : {132, 3}) {
             const bool affine = (relu + tr + sms) % 2 == 0;
+            // every (layout, training, relu) runs with a residual at one of the two SM counts
+            const bool res = (cl + tr + relu + (sms == 3)) % 2 == 1;
             for (int sc = 0; sc < 2; ++sc) {
-              failed += check<float, 4>(s, cl, tr, relu, affine, sms, sc);
-              failed += check<c10::Half, 8>(s, cl, tr, relu, affine, sms, sc);
-              failed += check<c10::BFloat16, 8>(s, cl, tr, relu, affine, sms, sc);
+              failed += check<float, 4>(s, cl, tr, relu, affine, sms, sc, res);
+              failed += check<c10::Half, 8>(s, cl, tr, relu, affine, sms, sc, res);
+              failed += check<c10::BFloat16, 8>(s, cl, tr, relu, affine, sms, sc, res);
             }
           }
   printf("%d failing checks\n", failed);
