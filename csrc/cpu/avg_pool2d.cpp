@@ -14,16 +14,18 @@ struct AvgPlan {
   int64_t N, C, H, W, OH, OW;
   Windows wh, ww;
   int64_t divisor_override;  // 0: none
+
+  // What output (oh, ow) divides by: divisor_override, else its windows' counts.
+  template <typename acc_t>
+  acc_t divisor(int64_t oh, int64_t ow) const {
+    return static_cast<acc_t>(divisor_override ? divisor_override : wh.count[oh] * ww.count[ow]);
+  }
 };
 
 template <typename scalar_t>
 void avg_fwd(const scalar_t* x, scalar_t* y, const AvgPlan& a, bool cl) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = a.H, W = a.W, C = a.C, OH = a.OH, OW = a.OW;
-  auto divisor = [&](int64_t oh, int64_t ow) -> acc_t {
-    return static_cast<acc_t>(a.divisor_override ? a.divisor_override
-                                                 : a.wh.count[oh] * a.ww.count[ow]);
-  };
   if (!cl) {
     const int64_t win = div_up(H, OH) * div_up(W, OW) + 1;
     at::parallel_for(0, a.N * C, grain_for(OH * OW * win), [&](int64_t p0, int64_t p1) {
@@ -42,7 +44,7 @@ void avg_fwd(const scalar_t* x, scalar_t* y, const AvgPlan& a, bool cl) {
             for (int64_t ih = hs; ih < he; ++ih) {
               for (int64_t iw = ws; iw < we; ++iw) sum += static_cast<acc_t>(xp[ih * W + iw]);
             }
-            yp[oh * OW + ow] = static_cast<scalar_t>(sum / divisor(oh, ow));
+            yp[oh * OW + ow] = static_cast<scalar_t>(sum / a.divisor<acc_t>(oh, ow));
           }
         }
       }
@@ -67,7 +69,7 @@ void avg_fwd(const scalar_t* x, scalar_t* y, const AvgPlan& a, bool cl) {
             for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(xr[c]);
           }
         }
-        const acc_t d = divisor(oh, ow);
+        const acc_t d = a.divisor<acc_t>(oh, ow);
         for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<scalar_t>(acc[c] / d);
       }
     });
@@ -78,10 +80,6 @@ template <typename scalar_t>
 void avg_bwd(const scalar_t* go, scalar_t* gi, const AvgPlan& a, bool cl) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = a.H, W = a.W, C = a.C, OH = a.OH, OW = a.OW;
-  auto divisor = [&](int64_t oh, int64_t ow) -> acc_t {
-    return static_cast<acc_t>(a.divisor_override ? a.divisor_override
-                                                 : a.wh.count[oh] * a.ww.count[ow]);
-  };
   if (!cl) {
     at::parallel_for(0, a.N * C, grain_for(H * W + OH * OW * 4), [&](int64_t p0, int64_t p1) {
       // accumulate in acc_t so half/bfloat16 gradients do not round at every overlap
@@ -94,7 +92,7 @@ void avg_bwd(const scalar_t* go, scalar_t* gi, const AvgPlan& a, bool cl) {
           for (int64_t ow = 0; ow < OW; ++ow) {
             const int64_t ws = a.ww.start[ow], we = a.ww.end[ow];
             if (hs >= he || ws >= we) continue;
-            const acc_t v = static_cast<acc_t>(gop[oh * OW + ow]) / divisor(oh, ow);
+            const acc_t v = static_cast<acc_t>(gop[oh * OW + ow]) / a.divisor<acc_t>(oh, ow);
             for (int64_t ih = hs; ih < he; ++ih) {
               for (int64_t iw = ws; iw < we; ++iw) buf[ih * W + iw] += v;
             }
@@ -120,7 +118,7 @@ void avg_bwd(const scalar_t* go, scalar_t* gi, const AvgPlan& a, bool cl) {
           for (int64_t ow = 0; ow < OW; ++ow) {
             const int64_t ws = a.ww.start[ow], we = a.ww.end[ow];
             if (hs >= he || ws >= we) continue;
-            const acc_t d = divisor(oh, ow);
+            const acc_t d = a.divisor<acc_t>(oh, ow);
             const scalar_t* gor = go + ((n * OH + oh) * OW + ow) * C + c0;
             for (int64_t c = 0; c < len; ++c) val[c] = static_cast<acc_t>(gor[c]) / d;
             for (int64_t ih = hs; ih < he; ++ih) {
