@@ -44,8 +44,9 @@ inline void check_pair(c10::IntArrayRef v, const char* name) {
   TORCH_CHECK(v.size() == 2, "fastconv: ", name, " must have 2 elements, got ", v.size());
 }
 
-// The pooling window arguments, checked in torch's order. Without dilation (the average pool)
-// the padding limit is half the kernel, with it half the effective (dilated) kernel.
+// The pooling window arguments: the pairs, then per dimension kernel_size, stride (dilation) and
+// padding. Without dilation (the average pools) padding may be half the kernel, with it half the
+// effective (dilated) kernel, as torch allows.
 inline void check_window(c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
                          c10::IntArrayRef padding, std::optional<c10::IntArrayRef> dilation,
                          const char* op) {

@@ -184,7 +184,8 @@ template <typename F> void over_batch(int64_t N, uint32_t units, F&& f) {
 
 // Launches f(std::integral_constant<int, V>{}, grid, n0) over the batch: V = 16 / sizeof(T)
 // channels per thread (the channels_last kernel) when the plan vectorises, else 1 (strided).
-template <typename T, typename F> void over_batch_planned(const Plan& pl, int64_t N, uint32_t units, F&& f) {
+template <typename T, typename F>
+void over_batch_planned(const Plan& pl, int64_t N, uint32_t units, F&& f) {
   constexpr int VM = 16 / sizeof(T);
   over_batch(N, units, [&](dim3 grid, int64_t n0) {
     if (pl.vec == VM) f(std::integral_constant<int, VM>{}, grid, n0);
