@@ -65,6 +65,16 @@ void save_input_geometry(AutogradContext* ctx, const Tensor& input) {
       input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 }
 
+// ... and the windowed pools' backward also the window.
+void save_window(AutogradContext* ctx, const Tensor& input, c10::IntArrayRef kernel_size,
+                 c10::IntArrayRef stride, c10::IntArrayRef padding, bool ceil_mode) {
+  save_input_geometry(ctx, input);
+  ctx->saved_data["kernel_size"] = vec(kernel_size);
+  ctx->saved_data["stride"] = vec(stride);
+  ctx->saved_data["padding"] = vec(padding);
+  ctx->saved_data["ceil_mode"] = ceil_mode;
+}
+
 // ---------------------------------------------------------------------------- conv2d_relu
 
 using ConvSig = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
@@ -134,12 +144,8 @@ struct MaxPool2dFunction : torch::autograd::Function<MaxPool2dFunction> {
     ctx->mark_non_differentiable({indices});
     // the output is needed only to mask by the fused ReLU; the indices always
     ctx->save_for_backward({relu ? out : Tensor(), indices});
-    save_input_geometry(ctx, input);
-    ctx->saved_data["kernel_size"] = vec(kernel_size);
-    ctx->saved_data["stride"] = vec(stride);
-    ctx->saved_data["padding"] = vec(padding);
+    save_window(ctx, input, kernel_size, stride, padding, ceil_mode);
     ctx->saved_data["dilation"] = vec(dilation);
-    ctx->saved_data["ceil_mode"] = ceil_mode;
     ctx->saved_data["return_indices"] = return_indices;
     ctx->saved_data["relu"] = relu;
     return {out, indices};
@@ -184,11 +190,7 @@ struct AvgPool2dFunction : torch::autograd::Function<AvgPool2dFunction> {
     FASTCONV_OP(fwd, "avg_pool2d", AvgSig);
     Tensor out = call_below(fwd, input, kernel_size, stride, padding, ceil_mode,
                             count_include_pad, divisor_override);
-    save_input_geometry(ctx, input);
-    ctx->saved_data["kernel_size"] = vec(kernel_size);
-    ctx->saved_data["stride"] = vec(stride);
-    ctx->saved_data["padding"] = vec(padding);
-    ctx->saved_data["ceil_mode"] = ceil_mode;
+    save_window(ctx, input, kernel_size, stride, padding, ceil_mode);
     ctx->saved_data["count_include_pad"] = count_include_pad;
     ctx->saved_data["divisor_override"] = divisor_override;
     return out;

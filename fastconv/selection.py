@@ -104,7 +104,7 @@ def device_name(device: torch.device) -> str:
             idx = device.index if device.index is not None else torch.cuda.current_device()
             name = f"cuda {torch.cuda.get_device_name(idx)}"
         elif device.type == "cpu":
-            name = f"cpu {_cpu_model()} x{threads} threads"
+            name = f"cpu {cpu_model() or 'unknown'} x{threads} threads"
         else:
             name = device.type
         _device_names[key] = name
@@ -112,7 +112,8 @@ def device_name(device: torch.device) -> str:
     return name
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, else what platform knows; may be empty)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -120,7 +121,7 @@ def _cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    return platform.processor() or platform.machine()
 
 
 def _tensor_sig(t: torch.Tensor) -> tuple:

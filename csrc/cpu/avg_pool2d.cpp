@@ -2,6 +2,8 @@
 // divisors) and one pair of loops; only the windows differ.
 #include "common.h"
 
+#include <array>
+
 #include <torch/library.h>
 
 namespace fastconv {
@@ -12,16 +14,18 @@ struct AvgPlan {
   int64_t N, C, H, W, OH, OW;
   Windows wh, ww;
   int64_t divisor_override;  // 0: none
+
+  // What output (oh, ow) divides by: divisor_override, else its windows' counts.
+  template <typename acc_t>
+  acc_t divisor(int64_t oh, int64_t ow) const {
+    return static_cast<acc_t>(divisor_override ? divisor_override : wh.count[oh] * ww.count[ow]);
+  }
 };
 
 template <typename scalar_t>
 void avg_fwd(const scalar_t* x, scalar_t* y, const AvgPlan& a, bool cl) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = a.H, W = a.W, C = a.C, OH = a.OH, OW = a.OW;
-  auto divisor = [&](int64_t oh, int64_t ow) -> acc_t {
-    return static_cast<acc_t>(a.divisor_override ? a.divisor_override
-                                                 : a.wh.count[oh] * a.ww.count[ow]);
-  };
   if (!cl) {
     const int64_t win = div_up(H, OH) * div_up(W, OW) + 1;
     at::parallel_for(0, a.N * C, grain_for(OH * OW * win), [&](int64_t p0, int64_t p1) {
@@ -40,7 +44,7 @@ void avg_fwd(const scalar_t* x, scalar_t* y, const AvgPlan& a, bool cl) {
             for (int64_t ih = hs; ih < he; ++ih) {
               for (int64_t iw = ws; iw < we; ++iw) sum += static_cast<acc_t>(xp[ih * W + iw]);
             }
-            yp[oh * OW + ow] = static_cast<scalar_t>(sum / divisor(oh, ow));
+            yp[oh * OW + ow] = static_cast<scalar_t>(sum / a.divisor<acc_t>(oh, ow));
           }
         }
       }
@@ -65,7 +69,7 @@ void avg_fwd(const scalar_t* x, scalar_t* y, const AvgPlan& a, bool cl) {
             for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(xr[c]);
           }
         }
-        const acc_t d = divisor(oh, ow);
+        const acc_t d = a.divisor<acc_t>(oh, ow);
         for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<scalar_t>(acc[c] / d);
       }
     });
@@ -76,10 +80,6 @@ template <typename scalar_t>
 void avg_bwd(const scalar_t* go, scalar_t* gi, const AvgPlan& a, bool cl) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = a.H, W = a.W, C = a.C, OH = a.OH, OW = a.OW;
-  auto divisor = [&](int64_t oh, int64_t ow) -> acc_t {
-    return static_cast<acc_t>(a.divisor_override ? a.divisor_override
-                                                 : a.wh.count[oh] * a.ww.count[ow]);
-  };
   if (!cl) {
     at::parallel_for(0, a.N * C, grain_for(H * W + OH * OW * 4), [&](int64_t p0, int64_t p1) {
       // accumulate in acc_t so half/bfloat16 gradients do not round at every overlap
@@ -92,7 +92,7 @@ void avg_bwd(const scalar_t* go, scalar_t* gi, const AvgPlan& a, bool cl) {
           for (int64_t ow = 0; ow < OW; ++ow) {
             const int64_t ws = a.ww.start[ow], we = a.ww.end[ow];
             if (hs >= he || ws >= we) continue;
-            const acc_t v = static_cast<acc_t>(gop[oh * OW + ow]) / divisor(oh, ow);
+            const acc_t v = static_cast<acc_t>(gop[oh * OW + ow]) / a.divisor<acc_t>(oh, ow);
             for (int64_t ih = hs; ih < he; ++ih) {
               for (int64_t iw = ws; iw < we; ++iw) buf[ih * W + iw] += v;
             }
@@ -118,7 +118,7 @@ void avg_bwd(const scalar_t* go, scalar_t* gi, const AvgPlan& a, bool cl) {
           for (int64_t ow = 0; ow < OW; ++ow) {
             const int64_t ws = a.ww.start[ow], we = a.ww.end[ow];
             if (hs >= he || ws >= we) continue;
-            const acc_t d = divisor(oh, ow);
+            const acc_t d = a.divisor<acc_t>(oh, ow);
             const scalar_t* gor = go + ((n * OH + oh) * OW + ow) * C + c0;
             for (int64_t c = 0; c < len; ++c) val[c] = static_cast<acc_t>(gor[c]) / d;
             for (int64_t ih = hs; ih < he; ++ih) {
@@ -140,44 +140,40 @@ void avg_bwd(const scalar_t* go, scalar_t* gi, const AvgPlan& a, bool cl) {
   }
 }
 
+// One pass of the average pool into a new tensor of `size` in the layout of `src`;
+// kernel(src, dst, channels_last) fills it.
+template <class Kernel>
+Tensor run_avg(const Tensor& src, std::array<int64_t, 4> size, const Kernel& kernel) {
+  const auto fmt = layout_of(src);
+  const Tensor s = src.contiguous(fmt);
+  Tensor dst = poisoned(at::empty(size, s.options().memory_format(fmt)));
+  if (dst.numel() == 0) return dst;
+  kernel(s, dst, fmt == at::MemoryFormat::ChannelsLast);
+  return dst;
+}
+
 Tensor run_avg_fwd(const Tensor& input, AvgPlan& plan) {
-  const auto fmt = layout_of(input);
-  const Tensor x = input.contiguous(fmt);
-  Tensor out = poisoned(at::empty({plan.N, plan.C, plan.OH, plan.OW}, x.options().memory_format(fmt)));
-  if (out.numel() == 0) return out;
-  FASTCONV_DISPATCH_FLOATING(x.scalar_type(), "fastconv_avg_pool", [&] {
-    avg_fwd<scalar_t>(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), plan,
-                      fmt == at::MemoryFormat::ChannelsLast);
+  return run_avg(input, {plan.N, plan.C, plan.OH, plan.OW},
+                 [&](const Tensor& x, Tensor& y, bool cl) {
+    FASTCONV_DISPATCH_FLOATING(x.scalar_type(), "fastconv_avg_pool", [&] {
+      avg_fwd<scalar_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), plan, cl);
+    });
   });
-  return out;
 }
 
 Tensor run_avg_bwd(const Tensor& grad_output, AvgPlan& plan) {
-  const auto fmt = layout_of(grad_output);
-  const Tensor go = grad_output.contiguous(fmt);
-  Tensor gi = poisoned(at::empty({plan.N, plan.C, plan.H, plan.W}, go.options().memory_format(fmt)));
-  if (gi.numel() == 0) return gi;
-  FASTCONV_DISPATCH_FLOATING(go.scalar_type(), "fastconv_avg_pool_backward", [&] {
-    avg_bwd<scalar_t>(go.const_data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(), plan,
-                      fmt == at::MemoryFormat::ChannelsLast);
+  return run_avg(grad_output, {plan.N, plan.C, plan.H, plan.W},
+                 [&](const Tensor& go, Tensor& gi, bool cl) {
+    FASTCONV_DISPATCH_FLOATING(go.scalar_type(), "fastconv_avg_pool_backward", [&] {
+      avg_bwd<scalar_t>(go.const_data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(), plan, cl);
+    });
   });
-  return gi;
 }
 
 AvgPlan avg_plan(c10::IntArrayRef in, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
                  c10::IntArrayRef padding, bool ceil_mode, bool count_include_pad,
                  std::optional<int64_t> divisor_override, const char* op) {
-  check_pair(kernel_size, "kernel_size");
-  check_pair(stride, "stride");
-  check_pair(padding, "padding");
-  for (int i = 0; i < 2; ++i) {
-    TORCH_CHECK(kernel_size[i] > 0, "fastconv ", op, ": kernel_size must be positive, got ",
-                kernel_size);
-    TORCH_CHECK(stride[i] > 0, "fastconv ", op, ": stride must be positive, got ", stride);
-    TORCH_CHECK(padding[i] >= 0 && padding[i] <= kernel_size[i] / 2, "fastconv ", op,
-                ": pad should be at least 0 and at most half of kernel size, got padding=",
-                padding, " kernel_size=", kernel_size);
-  }
+  check_window(kernel_size, stride, padding, std::nullopt, op);
   TORCH_CHECK(!divisor_override.has_value() || *divisor_override != 0, "fastconv ", op,
               ": divisor_override must be non-zero");
   AvgPlan p{};

@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace fastconv {
@@ -40,6 +42,46 @@ inline void check_4d(const Tensor& t, const char* name) {
 
 inline void check_pair(c10::IntArrayRef v, const char* name) {
   TORCH_CHECK(v.size() == 2, "fastconv: ", name, " must have 2 elements, got ", v.size());
+}
+
+// The pooling window arguments: the pairs, then per dimension kernel_size, stride (dilation) and
+// padding. Without dilation (the average pools) padding may be half the kernel, with it half the
+// effective (dilated) kernel, as torch allows.
+inline void check_window(c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                         c10::IntArrayRef padding, std::optional<c10::IntArrayRef> dilation,
+                         const char* op) {
+  check_pair(kernel_size, "kernel_size");
+  check_pair(stride, "stride");
+  check_pair(padding, "padding");
+  if (dilation) check_pair(*dilation, "dilation");
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(kernel_size[i] > 0, "fastconv ", op, ": kernel_size must be positive, got ",
+                kernel_size);
+    TORCH_CHECK(stride[i] > 0, "fastconv ", op, ": stride must be positive, got ", stride);
+    if (!dilation) {
+      TORCH_CHECK(padding[i] >= 0 && padding[i] <= kernel_size[i] / 2, "fastconv ", op,
+                  ": pad should be at least 0 and at most half of kernel size, got padding=",
+                  padding, " kernel_size=", kernel_size);
+      continue;
+    }
+    const c10::IntArrayRef d = *dilation;
+    TORCH_CHECK(d[i] > 0, "fastconv ", op, ": dilation must be positive, got ", d);
+    TORCH_CHECK(padding[i] >= 0 && padding[i] <= (d[i] * (kernel_size[i] - 1) + 1) / 2,
+                "fastconv ", op, ": padding should be at least 0 and at most half of the "
+                "effective kernel size, got padding=", padding, " kernel_size=", kernel_size,
+                " dilation=", d);
+  }
+}
+
+// f(std::bool_constant<a>{}, std::bool_constant<b>{}): two runtime flags become template
+// arguments once, outside the loops, so each kernel variant compiles branch-free.
+template <class F>
+void with_flags(bool a, bool b, const F& f) {
+  if (a) {
+    b ? f(std::true_type{}, std::true_type{}) : f(std::true_type{}, std::false_type{});
+  } else {
+    b ? f(std::false_type{}, std::true_type{}) : f(std::false_type{}, std::false_type{});
+  }
 }
 
 inline void check_cpu_float(const Tensor& t, const char* name) {

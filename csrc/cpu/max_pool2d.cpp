@@ -36,24 +36,6 @@ Taps taps_along(int64_t in, int64_t out, int64_t k, int64_t stride, int64_t pad,
   return t;
 }
 
-void check_pool_args(c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
-                     c10::IntArrayRef padding, c10::IntArrayRef dilation, const char* op) {
-  check_pair(kernel_size, "kernel_size");
-  check_pair(stride, "stride");
-  check_pair(padding, "padding");
-  check_pair(dilation, "dilation");
-  for (int i = 0; i < 2; ++i) {
-    TORCH_CHECK(kernel_size[i] > 0, "fastconv ", op, ": kernel_size must be positive, got ",
-                kernel_size);
-    TORCH_CHECK(stride[i] > 0, "fastconv ", op, ": stride must be positive, got ", stride);
-    TORCH_CHECK(dilation[i] > 0, "fastconv ", op, ": dilation must be positive, got ", dilation);
-    TORCH_CHECK(padding[i] >= 0 && padding[i] <= (dilation[i] * (kernel_size[i] - 1) + 1) / 2,
-                "fastconv ", op, ": padding should be at least 0 and at most half of the "
-                "effective kernel size, got padding=", padding, " kernel_size=", kernel_size,
-                " dilation=", dilation);
-  }
-}
-
 Geom make_geom(c10::IntArrayRef in, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
                c10::IntArrayRef padding, c10::IntArrayRef dilation, bool ceil_mode,
                const char* op) {
@@ -486,7 +468,7 @@ std::tuple<Tensor, Tensor> max_pool2d_cpu(const Tensor& input, c10::IntArrayRef 
                                           bool return_indices, bool relu) {
   check_4d(input, "input");
   check_cpu_float(input, "input");
-  check_pool_args(kernel_size, stride, padding, dilation, "max_pool2d");
+  check_window(kernel_size, stride, padding, dilation, "max_pool2d");
   const Geom g = make_geom(input.sizes(), kernel_size, stride, padding, dilation, ceil_mode,
                            "max_pool2d");
   const auto fmt = layout_of(input);
@@ -511,23 +493,11 @@ std::tuple<Tensor, Tensor> max_pool2d_cpu(const Tensor& input, c10::IntArrayRef 
                         (return_indices ? g.H * g.W : g.kh * g.kw) > kExactIndexLimit<scalar_t>;
       auto run = [&](auto lane_tag) {
         using lane_t = decltype(lane_tag);
-        if (cl) {
-          if (relu) {
-            return_indices ? max_fwd_cl<scalar_t, index_t, true, true, lane_t>(xp, yp, ip, g, th, tw)
-                           : max_fwd_cl<scalar_t, index_t, true, false, lane_t>(xp, yp, ip, g, th, tw);
-          } else {
-            return_indices ? max_fwd_cl<scalar_t, index_t, false, true, lane_t>(xp, yp, ip, g, th, tw)
-                           : max_fwd_cl<scalar_t, index_t, false, false, lane_t>(xp, yp, ip, g, th, tw);
-          }
-        } else {
-          if (relu) {
-            return_indices ? max_fwd_nchw<scalar_t, index_t, true, true, lane_t>(xp, yp, ip, g, th, tw)
-                           : max_fwd_nchw<scalar_t, index_t, true, false, lane_t>(xp, yp, ip, g, th, tw);
-          } else {
-            return_indices ? max_fwd_nchw<scalar_t, index_t, false, true, lane_t>(xp, yp, ip, g, th, tw)
-                           : max_fwd_nchw<scalar_t, index_t, false, false, lane_t>(xp, yp, ip, g, th, tw);
-          }
-        }
+        with_flags(relu, return_indices, [&](auto r, auto f) {
+          constexpr bool R = decltype(r)::value, F = decltype(f)::value;
+          if (cl) max_fwd_cl<scalar_t, index_t, R, F, lane_t>(xp, yp, ip, g, th, tw);
+          else max_fwd_nchw<scalar_t, index_t, R, F, lane_t>(xp, yp, ip, g, th, tw);
+        });
       };
       if (wide) {
         run(int64_t{});
@@ -546,7 +516,7 @@ Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& output,
                                bool ceil_mode, bool return_indices, bool relu) {
   check_4d(grad_output, "grad_output");
   check_cpu_float(grad_output, "grad_output");
-  check_pool_args(kernel_size, stride, padding, dilation, "max_pool2d_backward");
+  check_window(kernel_size, stride, padding, dilation, "max_pool2d_backward");
   const auto in_size = full_input_size(input_size, grad_output, "max_pool2d_backward");
   const Geom g = make_geom(in_size, kernel_size, stride, padding, dilation, ceil_mode,
                            "max_pool2d_backward");
@@ -579,23 +549,11 @@ Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& output,
       const scalar_t* op = relu ? out.const_data_ptr<scalar_t>() : nullptr;
       const index_t* ip = ind.const_data_ptr<index_t>();
       scalar_t* gip = gi.data_ptr<scalar_t>();
-      if (cl) {
-        if (relu) {
-          return_indices ? max_bwd_cl<scalar_t, index_t, true, true>(gop, op, ip, gip, g)
-                         : max_bwd_cl<scalar_t, index_t, true, false>(gop, op, ip, gip, g);
-        } else {
-          return_indices ? max_bwd_cl<scalar_t, index_t, false, true>(gop, op, ip, gip, g)
-                         : max_bwd_cl<scalar_t, index_t, false, false>(gop, op, ip, gip, g);
-        }
-      } else {
-        if (relu) {
-          return_indices ? max_bwd_nchw<scalar_t, index_t, true, true>(gop, op, ip, gip, g)
-                         : max_bwd_nchw<scalar_t, index_t, true, false>(gop, op, ip, gip, g);
-        } else {
-          return_indices ? max_bwd_nchw<scalar_t, index_t, false, true>(gop, op, ip, gip, g)
-                         : max_bwd_nchw<scalar_t, index_t, false, false>(gop, op, ip, gip, g);
-        }
-      }
+      with_flags(relu, return_indices, [&](auto r, auto f) {
+        constexpr bool R = decltype(r)::value, F = decltype(f)::value;
+        if (cl) max_bwd_cl<scalar_t, index_t, R, F>(gop, op, ip, gip, g);
+        else max_bwd_nchw<scalar_t, index_t, R, F>(gop, op, ip, gip, g);
+      });
     });
   });
   return gi;

@@ -41,15 +41,13 @@ Tensor avg_fwd(const Tensor& input, int64_t OH, int64_t OW, const AvgArgs& aa,
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "avg_pool2d", [&] {
     using T = scalar_t;
-    constexpr int VM = 16 / sizeof(T);
     const Plan pl = plan_for<T>(x, out);
     PoolGeom g = make_geom(x, out, false, pl);
     set_geom_pool(g, k, s, p, at::IntArrayRef({1, 1}));
-    over_batch(x.size(0), g.units, [&](dim3 grid, int64_t n0) {
-      if (pl.vec == VM)
-        avgpool_fwd_kernel<T, VM, true><<<grid, 256, 0, stream()>>>(x.data_ptr<T>(), out.data_ptr<T>(), g, aa, n0);
-      else
-        avgpool_fwd_kernel<T, 1, false><<<grid, 256, 0, stream()>>>(x.data_ptr<T>(), out.data_ptr<T>(), g, aa, n0);
+    over_batch_planned<T>(pl, x.size(0), g.units, [&](auto v, dim3 grid, int64_t n0) {
+      constexpr int V = decltype(v)::value;
+      avgpool_fwd_kernel<T, V, V != 1><<<grid, 256, 0, stream()>>>(x.data_ptr<T>(),
+                                                                   out.data_ptr<T>(), g, aa, n0);
     });
   });
   return out;
@@ -64,15 +62,13 @@ Tensor avg_bwd(const Tensor& grad_output, at::IntArrayRef input_size, const AvgA
   if (gx.numel() == 0) return gx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gy.scalar_type(), "avg_pool2d_backward", [&] {
     using T = scalar_t;
-    constexpr int VM = 16 / sizeof(T);
     const Plan pl = plan_for<T>(gx, gy);
     PoolGeom g = make_geom(gx, gy, true, pl);
     set_geom_pool(g, k, s, p, at::IntArrayRef({1, 1}));
-    over_batch(gx.size(0), g.units, [&](dim3 grid, int64_t n0) {
-      if (pl.vec == VM)
-        avgpool_bwd_kernel<T, VM, true><<<grid, 256, 0, stream()>>>(gy.data_ptr<T>(), gx.data_ptr<T>(), g, aa, n0);
-      else
-        avgpool_bwd_kernel<T, 1, false><<<grid, 256, 0, stream()>>>(gy.data_ptr<T>(), gx.data_ptr<T>(), g, aa, n0);
+    over_batch_planned<T>(pl, gx.size(0), g.units, [&](auto v, dim3 grid, int64_t n0) {
+      constexpr int V = decltype(v)::value;
+      avgpool_bwd_kernel<T, V, V != 1><<<grid, 256, 0, stream()>>>(gy.data_ptr<T>(),
+                                                                   gx.data_ptr<T>(), g, aa, n0);
     });
   });
   return gx;

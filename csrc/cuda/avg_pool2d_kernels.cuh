@@ -28,6 +28,25 @@ FC_HD void adaptive_window(int o, int in, int out, int& st, int& en) {
   st = int((int64_t(o) * in) / out);
   en = int((int64_t(o + 1) * in + out - 1) / out);
 }
+// Input window [st, en) of output o along one dimension; `padded` (the count_include_pad
+// divisor) is left as it is for adaptive windows.
+FC_HD void window_of(const AvgArgs& aa, int o, int in, int out, int k, int s, int p, int& st,
+                     int& en, int& padded) {
+  if (aa.adaptive) adaptive_window(o, in, out, st, en);
+  else avg_window(o, in, k, s, p, st, en, padded);
+}
+// Outputs [o0, o1) whose windows may cover input i along one dimension.
+FC_HD void covering(const AvgArgs& aa, int i, int in, int out, int k, int s, int p, int& o0,
+                    int& o1) {
+  if (aa.adaptive) {
+    o0 = int((int64_t(i) * out) / in);
+    o1 = int((int64_t(i + 1) * out + in - 1) / in);
+  } else {
+    o0 = (i + p < k) ? 0 : (i + p - k) / s + 1;
+    o1 = min((i + p) / s + 1, out);
+  }
+  o1 = min(o1, out);
+}
 
 template <typename A>
 FC_HD A avg_divisor(const AvgArgs& a, int hs, int he, int ws, int we,
@@ -44,13 +63,8 @@ FC_HD void avgpool_fwd_one(const T* __restrict__ x, T* __restrict__ y, const Poo
   int c, oh, ow;
   decode<CL, V>(g, u, c, oh, ow);
   int hs, he, ws, we, ph_ = 0, pw_ = 0;
-  if (aa.adaptive) {
-    adaptive_window(oh, g.H, g.OH, hs, he);
-    adaptive_window(ow, g.W, g.OW, ws, we);
-  } else {
-    avg_window(oh, g.H, g.kh, g.sh, g.ph, hs, he, ph_);
-    avg_window(ow, g.W, g.kw, g.sw, g.pw, ws, we, pw_);
-  }
+  window_of(aa, oh, g.H, g.OH, g.kh, g.sh, g.ph, hs, he, ph_);
+  window_of(aa, ow, g.W, g.OW, g.kw, g.sw, g.pw, ws, we, pw_);
   A acc[V];
 #pragma unroll
   for (int e = 0; e < V; ++e) acc[e] = A(0);
@@ -83,32 +97,19 @@ FC_HD void avgpool_bwd_one(const T* __restrict__ gy, T* __restrict__ gx, const P
   int c, h, w;
   decode<CL, V>(g, u, c, h, w);
   int oh0, oh1, ow0, ow1;  // outputs whose window may cover (h, w)
-  if (aa.adaptive) {
-    oh0 = int((int64_t(h) * g.OH) / g.H);
-    oh1 = int((int64_t(h + 1) * g.OH + g.H - 1) / g.H);
-    ow0 = int((int64_t(w) * g.OW) / g.W);
-    ow1 = int((int64_t(w + 1) * g.OW + g.W - 1) / g.W);
-  } else {
-    oh0 = (h + g.ph < g.kh) ? 0 : (h + g.ph - g.kh) / g.sh + 1;
-    oh1 = min((h + g.ph) / g.sh + 1, g.OH);
-    ow0 = (w + g.pw < g.kw) ? 0 : (w + g.pw - g.kw) / g.sw + 1;
-    ow1 = min((w + g.pw) / g.sw + 1, g.OW);
-  }
-  oh1 = min(oh1, g.OH);
-  ow1 = min(ow1, g.OW);
+  covering(aa, h, g.H, g.OH, g.kh, g.sh, g.ph, oh0, oh1);
+  covering(aa, w, g.W, g.OW, g.kw, g.sw, g.pw, ow0, ow1);
   A acc[V];
 #pragma unroll
   for (int e = 0; e < V; ++e) acc[e] = A(0);
   const T* gp = gy + n * g.os[0] + int64_t(c) * g.os[1];
   for (int oh = oh0; oh < oh1; ++oh) {
     int hs, he, ph_ = 0;
-    if (aa.adaptive) adaptive_window(oh, g.H, g.OH, hs, he);
-    else avg_window(oh, g.H, g.kh, g.sh, g.ph, hs, he, ph_);
+    window_of(aa, oh, g.H, g.OH, g.kh, g.sh, g.ph, hs, he, ph_);
     if (h < hs || h >= he) continue;
     for (int ow = ow0; ow < ow1; ++ow) {
       int ws, we, pw_ = 0;
-      if (aa.adaptive) adaptive_window(ow, g.W, g.OW, ws, we);
-      else avg_window(ow, g.W, g.kw, g.sw, g.pw, ws, we, pw_);
+      window_of(aa, ow, g.W, g.OW, g.kw, g.sw, g.pw, ws, we, pw_);
       if (w < ws || w >= we) continue;
       const A div = avg_divisor<A>(aa, hs, he, ws, we, ph_ * pw_);
       T d[V];
@@ -117,11 +118,7 @@ FC_HD void avgpool_bwd_one(const T* __restrict__ gy, T* __restrict__ gx, const P
       for (int e = 0; e < V; ++e) acc[e] += to_acc(d[e]) / div;
     }
   }
-  T out[V];
-#pragma unroll
-  for (int e = 0; e < V; ++e) out[e] = from_acc<T>(acc[e]);
-  store_v<T, V>(gx + n * g.is[0] + int64_t(c) * g.is[1] + int64_t(h) * g.is[2] + int64_t(w) * g.is[3],
-                out);
+  store_acc<T, V>(gx, g.is, n, c, h, w, acc);
 }
 
 }  // namespace poolk

@@ -481,6 +481,19 @@ void check_conv_args(const Tensor& input, const Tensor& weight, at::IntArrayRef 
               st);
 }
 
+// The SIMT weight operand (FwdB or DgradB: the same fields, different gathers) over `weight`
+// in its own strides.
+template <class B> B simt_weights(const Tensor& weight, const Geom& g) {
+  B b;
+  b.w = weight.data_ptr<std::remove_const_t<std::remove_pointer_t<decltype(b.w)>>>();
+  set_strides(b.ws, weight);
+  b.g = g;
+  b.dRS = FastDiv(int64_t(g.R) * g.S);
+  b.dS = FastDiv(g.S);
+  b.grp = 0;
+  return b;
+}
+
 bool tensor_cores(const Tensor& t) {
   const auto st = t.scalar_type();
   return (st == at::kHalf || st == at::kBFloat16) &&
@@ -621,6 +634,17 @@ template <typename T> void fwd_tc(const TcConv& p, const tc::EpiOut<T>& epi) {
 }
 
 
+// grad_weight = the split partials of workspace ws (columns (r, s, c) when rsc, else (c, r, s))
+// summed in split order.
+template <typename T, typename A>
+void wgrad_reduce(const Tensor& ws, const Tensor& dw, const Geom& g, int splits, bool rsc) {
+  const int64_t total = dw.numel();
+  wgrad_reduce_kernel<T, A><<<unsigned(ceil_div(total, 256)), 256, 0, stream()>>>(
+      ws.data_ptr<A>(), dw.data_ptr<T>(), g.Kg, g.Cg, g.R, g.S, splits, rsc, dw.stride(0),
+      dw.stride(1), dw.stride(2), dw.stride(3), total);
+  FC_LAUNCH_CHECK();
+}
+
 template <typename T, class C>
 void run_wgrad_tc(const Tensor& dym, const Tensor& xc, const Geom& g, const Tensor& dw) {
   const int64_t M = int64_t(g.N) * g.P * g.Q, cols = int64_t(g.Cg) * g.R * g.S;
@@ -635,11 +659,7 @@ void run_wgrad_tc(const Tensor& dym, const Tensor& xc, const Geom& g, const Tens
   plan::fill_wgrad_loaders(g, dym.data_ptr(), xc.data_ptr(), la, lb);
   const tc::EpiPart epi{ws.data_ptr<float>(), g.Kg, int(cols), splits};
   launch_tc<T, C, false, false>(la, lb, epi, g.Kg, cols, g.G, splits, int(kt_total), kps);
-  const int64_t total = dw.numel();
-  wgrad_reduce_kernel<T, float><<<unsigned(ceil_div(total, 256)), 256, 0, stream()>>>(
-      ws.data_ptr<float>(), dw.data_ptr<T>(), g.Kg, g.Cg, g.R, g.S, splits, true, dw.stride(0),
-      dw.stride(1), dw.stride(2), dw.stride(3), total);
-  FC_LAUNCH_CHECK();
+  wgrad_reduce<T, float>(ws, dw, g, splits, true);
 }
 
 // Masked grad_output (when `dym` is defined) and grad_bias (when `db` is defined) in one pass
@@ -728,13 +748,7 @@ void conv_fwd_impl(const Tensor& input, const Tensor& weight, const std::optiona
   set_strides(gx.xs, x);
   FwdA<T> da{x.data_ptr<T>(), gx, FastDiv(int64_t(g.P) * g.Q), FastDiv(g.Q),
              FastDiv(int64_t(g.R) * g.S), FastDiv(g.S), int(M), 0};
-  FwdB<T> db;
-  db.w = weight.data_ptr<T>();
-  set_strides(db.ws, weight);
-  db.g = gx;
-  db.dRS = FastDiv(int64_t(g.R) * g.S);
-  db.dS = FastDiv(g.S);
-  db.grp = 0;
+  const auto db = simt_weights<FwdB<T>>(weight, gx);
   const int kt = int(ceil_div(int64_t(g.Cg) * g.R * g.S, SBK));
   launch_gemm<T, true>(da, db, epi, M, g.Kg, g.G, 1, kt, kt);
 }
@@ -807,13 +821,7 @@ void conv_dgrad_impl(const Tensor& dy, const Tensor& y, const Tensor& weight, Ge
   set_strides(gy.ys, dy);
   DgradA<T> da{dy.data_ptr<T>(), y.data_ptr<T>(), relu, gy, FastDiv(int64_t(g.H) * g.W),
                FastDiv(g.W), FastDiv(int64_t(g.R) * g.S), FastDiv(g.S), int(M), 0};
-  DgradB<T> db;
-  db.w = weight.data_ptr<T>();
-  set_strides(db.ws, weight);
-  db.g = gy;
-  db.dRS = FastDiv(int64_t(g.R) * g.S);
-  db.dS = FastDiv(g.S);
-  db.grp = 0;
+  const auto db = simt_weights<DgradB<T>>(weight, gy);
   const int kt = int(ceil_div(int64_t(g.Kg) * g.R * g.S, SBK));
   launch_gemm<T, true>(da, db, epi, M, g.Cg, g.G, 1, kt, kt);
 }
@@ -841,8 +849,8 @@ void conv_wgrad_impl(const Tensor& dy, const Tensor& y, const Tensor& input, Geo
       const int64_t kt_total = ceil_div(M, BK);
       const int64_t tiles = ceil_div(g.Kg, BM) * ceil_div(cols, BN) * g.G;
       const auto epi = make_ws(tiles, kt_total);
-      const int kps = int(ceil_div(kt_total, splits));
-      splits = int(ceil_div(kt_total, kps));
+      int kps;
+      std::tie(splits, kps) = plan::even_split(kt_total, splits);
       const bool avec = g.Kg % 8 == 0, bvec = g.Cg % 8 == 0;
       rsc = bvec;
       const Tensor dyc = avec ? cl_aligned(dy) : dy;
@@ -874,8 +882,8 @@ void conv_wgrad_impl(const Tensor& dy, const Tensor& y, const Tensor& input, Geo
     const int64_t kt_total = ceil_div(M, SBK);
     const int64_t tiles = ceil_div(g.Kg, SBM) * ceil_div(cols, SBN) * g.G;
     auto epi = make_ws(tiles, kt_total);
-    const int kps = int(ceil_div(kt_total, splits));
-    splits = int(ceil_div(kt_total, kps));
+    int kps;
+    std::tie(splits, kps) = plan::even_split(kt_total, splits);
     epi.splits = splits;
     Geom gg = g;
     set_strides(gg.ys, dy);
@@ -884,11 +892,7 @@ void conv_wgrad_impl(const Tensor& dy, const Tensor& y, const Tensor& input, Geo
     WgradB<T> db{input.data_ptr<T>(), gg, dPQ, dQ, dRS, dS, 0};
     launch_gemm<T, true>(da, db, epi, g.Kg, cols, g.G, splits, int(kt_total), kps);
   }
-  const int64_t total = dw.numel();
-  wgrad_reduce_kernel<T, A><<<unsigned(ceil_div(total, 256)), 256, 0, stream()>>>(
-      ws.data_ptr<A>(), dw.data_ptr<T>(), g.Kg, g.Cg, g.R, g.S, splits, rsc, dw.stride(0),
-      dw.stride(1), dw.stride(2), dw.stride(3), total);
-  FC_LAUNCH_CHECK();
+  wgrad_reduce<T, A>(ws, dw, g, splits, rsc);
 }
 
 template <typename T>

@@ -7,6 +7,8 @@
 #include "common.cuh"
 #include "conv2d_relu_plan.h"
 
+#include <type_traits>
+
 namespace fastconv_cuda {
 namespace convk {
 
@@ -47,6 +49,30 @@ template <typename T> FC_HD bool relu_passes(T y) {
 // row(i) hoists what depends on the row; col(k) decodes a reduction index, next() steps it.
 // ----------------------------------------------------------------------------------------------
 
+// Reduction column of the forward and grad_input gathers: (channel, r, s) with s fastest.
+struct Crs { int ch, r, s; };
+FC_HD Crs crs_col(const FastDiv& dRS, const FastDiv& dS, int k) {
+  uint32_t ch, rs, r, s;
+  dRS.divmod(k, ch, rs);
+  dS.divmod(rs, r, s);
+  return {int(ch), int(r), int(s)};
+}
+FC_HD void crs_next(Crs& c, const Geom& g) {
+  if (++c.s == g.S) { c.s = 0; if (++c.r == g.R) { c.r = 0; ++c.ch; } }
+}
+
+// Reduction column of the grad_weight gathers: an output pixel (n, p, q) with q fastest.
+struct Pix { int n, p, q; };
+FC_HD Pix pix_col(const FastDiv& dPQ, const FastDiv& dQ, int m) {
+  uint32_t n, pq, p, q;
+  dPQ.divmod(m, n, pq);
+  dQ.divmod(pq, p, q);
+  return {int(n), int(p), int(q)};
+}
+FC_HD void pix_next(Pix& c, const Geom& g) {
+  if (++c.q == g.Q) { c.q = 0; if (++c.p == g.P) { c.p = 0; ++c.n; } }
+}
+
 // forward A: rows (n, p, q), cols (c, r, s)
 template <typename T> struct FwdA {
   const T* x;
@@ -54,36 +80,28 @@ template <typename T> struct FwdA {
   FastDiv dPQ, dQ, dRS, dS;
   int M, grp;
   struct Row { int64_t base; int h0, w0; bool ok; };
-  struct Col { int c, r, s; };
+  using Col = Crs;
   FC_HD Row row(int m) const {
     Row w;
     w.ok = m < M;
-    uint32_t n, pq, p, q;
-    dPQ.divmod(w.ok ? m : 0, n, pq);
-    dQ.divmod(pq, p, q);
-    w.base = int64_t(n) * g.xs[0] + int64_t(grp) * g.Cg * g.xs[1];
-    w.h0 = int(p) * g.sh - g.ph;
-    w.w0 = int(q) * g.sw - g.pw;
+    const Pix px = pix_col(dPQ, dQ, w.ok ? m : 0);
+    w.base = int64_t(px.n) * g.xs[0] + int64_t(grp) * g.Cg * g.xs[1];
+    w.h0 = px.p * g.sh - g.ph;
+    w.w0 = px.q * g.sw - g.pw;
     return w;
   }
-  FC_HD Col col(int k) const {
-    uint32_t c, rs, r, s;
-    dRS.divmod(k, c, rs);
-    dS.divmod(rs, r, s);
-    return {int(c), int(r), int(s)};
-  }
-  FC_HD void next(Col& c) const {
-    if (++c.s == g.S) { c.s = 0; if (++c.r == g.R) { c.r = 0; ++c.c; } }
-  }
+  FC_HD Col col(int k) const { return crs_col(dRS, dS, k); }
+  FC_HD void next(Col& c) const { crs_next(c, g); }
   FC_HD T load(const Row& w, const Col& c) const {
     const int h = w.h0 + c.r * g.dh, ww = w.w0 + c.s * g.dw;
-    if (!w.ok || c.c >= g.Cg || unsigned(h) >= unsigned(g.H) || unsigned(ww) >= unsigned(g.W))
+    if (!w.ok || c.ch >= g.Cg || unsigned(h) >= unsigned(g.H) || unsigned(ww) >= unsigned(g.W))
       return T(0);
-    return x[w.base + c.c * g.xs[1] + h * g.xs[2] + ww * g.xs[3]];
+    return x[w.base + c.ch * g.xs[1] + h * g.xs[2] + ww * g.xs[3]];
   }
 };
 
 // forward B (SIMT only): rows = output channel of the group, cols (c, r, s)
+// (DgradB has the same fields but must differ in row/load: its rows are input channels.)
 template <typename T> struct FwdB {
   const T* w;
   int64_t ws[4];
@@ -91,28 +109,22 @@ template <typename T> struct FwdB {
   FastDiv dRS, dS;
   int grp;
   struct Row { int64_t base; bool ok; };
-  using Col = typename FwdA<T>::Col;
+  using Col = Crs;
   FC_HD Row row(int k) const {
     const bool ok = k < g.Kg;
     return {int64_t(grp * g.Kg + (ok ? k : 0)) * ws[0], ok};
   }
-  FC_HD Col col(int k) const {
-    uint32_t c, rs, r, s;
-    dRS.divmod(k, c, rs);
-    dS.divmod(rs, r, s);
-    return {int(c), int(r), int(s)};
-  }
-  FC_HD void next(Col& c) const {
-    if (++c.s == g.S) { c.s = 0; if (++c.r == g.R) { c.r = 0; ++c.c; } }
-  }
+  FC_HD Col col(int k) const { return crs_col(dRS, dS, k); }
+  FC_HD void next(Col& c) const { crs_next(c, g); }
   FC_HD T load(const Row& rw, const Col& c) const {
-    if (!rw.ok || c.c >= g.Cg) return T(0);
-    return w[rw.base + c.c * ws[1] + c.r * ws[2] + c.s * ws[3]];
+    if (!rw.ok || c.ch >= g.Cg) return T(0);
+    return w[rw.base + c.ch * ws[1] + c.r * ws[2] + c.s * ws[3]];
   }
 };
 
 // dgrad A: rows (n, h, w) of the input, cols (k, r, s); masked grad_output gathered where
-// h = p*sh - ph + r*dh has an integer p in range.
+// h = p*sh - ph + r*dh has an integer p in range. (Shaped like FwdA, but must differ: the
+// transposed convolution's gather, strided and ReLU-masked.)
 template <typename T> struct DgradA {
   const T* dy;
   const T* y;
@@ -121,39 +133,31 @@ template <typename T> struct DgradA {
   FastDiv dHW, dW, dRS, dS;
   int M, grp;
   struct Row { int64_t base; int hh, ww; bool ok; };
-  struct Col { int k, r, s; };
+  using Col = Crs;
   FC_HD Row row(int m) const {
     Row w;
     w.ok = m < M;
-    uint32_t n, hw, h, ww;
-    dHW.divmod(w.ok ? m : 0, n, hw);
-    dW.divmod(hw, h, ww);
-    w.base = int64_t(n) * g.ys[0] + int64_t(grp) * g.Kg * g.ys[1];
-    w.hh = int(h) + g.ph;
-    w.ww = int(ww) + g.pw;
+    const Pix px = pix_col(dHW, dW, w.ok ? m : 0);  // an input pixel (n, h, w)
+    w.base = int64_t(px.n) * g.ys[0] + int64_t(grp) * g.Kg * g.ys[1];
+    w.hh = px.p + g.ph;
+    w.ww = px.q + g.pw;
     return w;
   }
-  FC_HD Col col(int k) const {
-    uint32_t kk, rs, r, s;
-    dRS.divmod(k, kk, rs);
-    dS.divmod(rs, r, s);
-    return {int(kk), int(r), int(s)};
-  }
-  FC_HD void next(Col& c) const {
-    if (++c.s == g.S) { c.s = 0; if (++c.r == g.R) { c.r = 0; ++c.k; } }
-  }
+  FC_HD Col col(int k) const { return crs_col(dRS, dS, k); }
+  FC_HD void next(Col& c) const { crs_next(c, g); }
   FC_HD T load(const Row& w, const Col& c) const {
     const int pn = w.hh - c.r * g.dh, qn = w.ww - c.s * g.dw;
-    if (!w.ok || c.k >= g.Kg || pn < 0 || qn < 0) return T(0);
+    if (!w.ok || c.ch >= g.Kg || pn < 0 || qn < 0) return T(0);
     const int p = pn / g.sh, q = qn / g.sw;
     if (p * g.sh != pn || q * g.sw != qn || p >= g.P || q >= g.Q) return T(0);
-    const int64_t off = w.base + c.k * g.ys[1] + p * g.ys[2] + q * g.ys[3];
+    const int64_t off = w.base + c.ch * g.ys[1] + p * g.ys[2] + q * g.ys[3];
     if (relu && !relu_passes(y[off])) return T(0);
     return dy[off];
   }
 };
 
 // dgrad B (SIMT only): rows = input channel of the group, cols (k, r, s)
+// (FwdB's fields; must differ in row/load: the weight read transposed, rows are input channels.)
 template <typename T> struct DgradB {
   const T* w;
   int64_t ws[4];
@@ -161,28 +165,18 @@ template <typename T> struct DgradB {
   FastDiv dRS, dS;
   int grp;
   struct Row { int64_t base; bool ok; };
-  using Col = typename DgradA<T>::Col;
+  using Col = Crs;
   FC_HD Row row(int c) const {
     const bool ok = c < g.Cg;
     return {int64_t(ok ? c : 0) * ws[1], ok};
   }
-  FC_HD Col col(int k) const {
-    uint32_t kk, rs, r, s;
-    dRS.divmod(k, kk, rs);
-    dS.divmod(rs, r, s);
-    return {int(kk), int(r), int(s)};
-  }
-  FC_HD void next(Col& c) const {
-    if (++c.s == g.S) { c.s = 0; if (++c.r == g.R) { c.r = 0; ++c.k; } }
-  }
+  FC_HD Col col(int k) const { return crs_col(dRS, dS, k); }
+  FC_HD void next(Col& c) const { crs_next(c, g); }
   FC_HD T load(const Row& rw, const Col& c) const {
-    if (!rw.ok || c.k >= g.Kg) return T(0);
-    return w[rw.base + int64_t(grp * g.Kg + c.k) * ws[0] + c.r * ws[2] + c.s * ws[3]];
+    if (!rw.ok || c.ch >= g.Kg) return T(0);
+    return w[rw.base + int64_t(grp * g.Kg + c.ch) * ws[0] + c.r * ws[2] + c.s * ws[3]];
   }
 };
-
-// pixel counter shared by the wgrad operands: the reduction runs over (n, p, q)
-struct Pix { int n, p, q; };
 
 // wgrad A: rows = output channel of the group, cols = output pixels; masked grad_output
 template <typename T> struct WgradA {
@@ -198,15 +192,8 @@ template <typename T> struct WgradA {
     const bool ok = k < g.Kg;
     return {int64_t(grp * g.Kg + (ok ? k : 0)) * g.ys[1], ok};
   }
-  FC_HD Col col(int m) const {
-    uint32_t n, pq, p, q;
-    dPQ.divmod(m, n, pq);
-    dQ.divmod(pq, p, q);
-    return {int(n), int(p), int(q)};
-  }
-  FC_HD void next(Col& c) const {
-    if (++c.q == g.Q) { c.q = 0; if (++c.p == g.P) { c.p = 0; ++c.n; } }
-  }
+  FC_HD Col col(int m) const { return pix_col(dPQ, dQ, m); }
+  FC_HD void next(Col& c) const { pix_next(c, g); }
   FC_HD T load(const Row& rw, const Col& c) const {
     if (!rw.ok || c.n >= g.N) return T(0);
     const int64_t off = rw.base + c.n * g.ys[0] + c.p * g.ys[2] + c.q * g.ys[3];
@@ -234,15 +221,8 @@ template <typename T> struct WgradB {
     w.soff = int(s) * g.dw - g.pw;
     return w;
   }
-  FC_HD Col col(int m) const {
-    uint32_t n, pq, p, q;
-    dPQ.divmod(m, n, pq);
-    dQ.divmod(pq, p, q);
-    return {int(n), int(p), int(q)};
-  }
-  FC_HD void next(Col& c) const {
-    if (++c.q == g.Q) { c.q = 0; if (++c.p == g.P) { c.p = 0; ++c.n; } }
-  }
+  FC_HD Col col(int m) const { return pix_col(dPQ, dQ, m); }
+  FC_HD void next(Col& c) const { pix_next(c, g); }
   FC_HD T load(const Row& w, const Col& c) const {
     const int h = c.p * g.sh + w.roff, ww = c.q * g.sw + w.soff;
     if (!w.ok || c.n >= g.N || unsigned(h) >= unsigned(g.H) || unsigned(ww) >= unsigned(g.W))
@@ -440,31 +420,25 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* p)
 #endif
 }
 
-template <typename T> struct Mma;
-template <> struct Mma<c10::Half> {
+// mma.sync m16n8k16 with f32 accumulators; TY is the PTX operand type (f16 or bf16).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define FC_MMA_16816(TY)                                                                   \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY ".f32 {%0,%1,%2,%3}, "   \
+               "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                                 \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                            \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+#else
+#define FC_MMA_16816(TY)
+#endif
+template <typename T> struct Mma {
   static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
+    static_assert(std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>);
+    if constexpr (std::is_same_v<T, c10::Half>) FC_MMA_16816("f16");
+    else FC_MMA_16816("bf16");
   }
 };
-template <> struct Mma<c10::BFloat16> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-  }
-};
+#undef FC_MMA_16816
 
 // One BK=32 slice of the 128x128 tile: warp (wm, wn) owns rows wm*64.. and cols wn*32..
 // Rows of a prepacked row-major [groups * rows_per_group][ld] matrix (weights), cp.async.
@@ -495,6 +469,21 @@ template <typename T> struct RowsCp {
   FC_HD void store(uint16_t*) {}
 };
 
+// k-tile counter of the vector forward and grad_input loaders: (r, s, 32-channel block b), b
+// fastest.
+struct RsBlock {
+  int r, s, b;
+  FC_HD void start(int kt0, int blocks, int S) {
+    b = kt0 % blocks;
+    const int rs = kt0 / blocks;
+    r = rs / S;
+    s = rs % S;
+  }
+  FC_HD void next(int blocks, int S) {
+    if (++b == blocks) { b = 0; if (++s == S) { s = 0; ++r; } }
+  }
+};
+
 // Forward A from a channels_last input with Cg % 8 == 0: reduction tiles are (r, s, 32
 // channels); 16-byte cp.async per (pixel, 8 channels), zero-filled outside the image.
 template <typename T> struct FwdAVec {
@@ -505,41 +494,38 @@ template <typename T> struct FwdAVec {
   int64_t base[2];
   int h0[2], w0[2];
   bool rok[2];
-  int chunk, r, s, cb;
+  int chunk;
+  RsBlock t;
   FC_HD void init(int row0, int grp, int kt0, int tid) {
     chunk = tid & 3;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int m = row0 + (tid >> 2) + i * 64;
       rok[i] = m < M;
-      uint32_t n, pq, p, q;
-      dPQ.divmod(rok[i] ? m : 0, n, pq);
-      dQ.divmod(pq, p, q);
-      base[i] = int64_t(n) * g.xs[0] + grp * g.Cg + chunk * 8;
-      h0[i] = int(p) * g.sh - g.ph;
-      w0[i] = int(q) * g.sw - g.pw;
+      const Pix px = pix_col(dPQ, dQ, rok[i] ? m : 0);
+      base[i] = int64_t(px.n) * g.xs[0] + grp * g.Cg + chunk * 8;
+      h0[i] = px.p * g.sh - g.ph;
+      w0[i] = px.q * g.sw - g.pw;
     }
-    cb = kt0 % CB;
-    const int rs = kt0 / CB;
-    r = rs / g.S;
-    s = rs % g.S;
+    t.start(kt0, CB, g.S);
   }
   FC_HD void issue(uint16_t* st) {
-    const bool cok = cb * BK + chunk * 8 < g.Cg;
+    const bool cok = t.b * BK + chunk * 8 < g.Cg;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int h = h0[i] + r * g.dh, w = w0[i] + s * g.dw;
+      const int h = h0[i] + t.r * g.dh, w = w0[i] + t.s * g.dw;
       const bool ok = rok[i] && cok && unsigned(h) < unsigned(g.H) && unsigned(w) < unsigned(g.W);
-      const T* src = ok ? x + base[i] + h * g.xs[2] + w * g.xs[3] + cb * BK : x;
+      const T* src = ok ? x + base[i] + h * g.xs[2] + w * g.xs[3] + t.b * BK : x;
       cp_async16(st + swz_chunk((FC_TID() >> 2) + i * 64, chunk), src, ok);
     }
-    if (++cb == CB) { cb = 0; if (++s == g.S) { s = 0; ++r; } }
+    t.next(CB, g.S);
   }
   FC_HD void store(uint16_t*) {}
 };
 
 // dgrad A from channels_last grad_output with Kg % 8 == 0: tiles are (r, s, 32 channels);
-// 16-byte loads of grad_output and the saved output, masked in registers.
+// 16-byte loads of grad_output and the saved output, masked in registers. (Must differ from
+// FwdAVec: the ReLU mask needs the data in registers, so no cp.async; the gather is transposed.)
 template <typename T> struct DgradAVec {
   const T* dy;
   const T* y;
@@ -550,7 +536,8 @@ template <typename T> struct DgradAVec {
   int64_t base[2];
   int hh[2], ww[2];
   bool rok[2];
-  int chunk, r, s, kb;
+  int chunk;
+  RsBlock t;
   uint4 v[2];
   FC_HD void init(int row0, int grp, int kt0, int tid) {
     chunk = tid & 3;
@@ -558,29 +545,24 @@ template <typename T> struct DgradAVec {
     for (int i = 0; i < 2; ++i) {
       const int m = row0 + (tid >> 2) + i * 64;
       rok[i] = m < M;
-      uint32_t n, hw, h, w;
-      dHW.divmod(rok[i] ? m : 0, n, hw);
-      dW.divmod(hw, h, w);
-      base[i] = int64_t(n) * g.ys[0] + grp * g.Kg + chunk * 8;
-      hh[i] = int(h) + g.ph;
-      ww[i] = int(w) + g.pw;
+      const Pix px = pix_col(dHW, dW, rok[i] ? m : 0);  // an input pixel (n, h, w)
+      base[i] = int64_t(px.n) * g.ys[0] + grp * g.Kg + chunk * 8;
+      hh[i] = px.p + g.ph;
+      ww[i] = px.q + g.pw;
     }
-    kb = kt0 % KB;
-    const int rs = kt0 / KB;
-    r = rs / g.S;
-    s = rs % g.S;
+    t.start(kt0, KB, g.S);
   }
   FC_HD void issue(uint16_t*) {
-    const bool kok = kb * BK + chunk * 8 < g.Kg;
+    const bool kok = t.b * BK + chunk * 8 < g.Kg;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int pn = hh[i] - r * g.dh, qn = ww[i] - s * g.dw;
+      const int pn = hh[i] - t.r * g.dh, qn = ww[i] - t.s * g.dw;
       bool ok = rok[i] && kok && pn >= 0 && qn >= 0;
       const int p = ok ? pn / g.sh : 0, q = ok ? qn / g.sw : 0;
       ok = ok && p * g.sh == pn && q * g.sw == qn && p < g.P && q < g.Q;
       v[i] = make_uint4(0, 0, 0, 0);
       if (ok) {
-        const int64_t off = base[i] + p * g.ys[2] + q * g.ys[3] + kb * BK;
+        const int64_t off = base[i] + p * g.ys[2] + q * g.ys[3] + t.b * BK;
         Vec<T, 8> d = load_vec<T, 8>(dy + off);
         if (relu) {
           const Vec<T, 8> o = load_vec<T, 8>(y + off);
@@ -591,7 +573,7 @@ template <typename T> struct DgradAVec {
         v[i] = *reinterpret_cast<const uint4*>(&d);
       }
     }
-    if (++kb == KB) { kb = 0; if (++s == g.S) { s = 0; ++r; } }
+    t.next(KB, g.S);
   }
   FC_HD void store(uint16_t* st) {
 #pragma unroll
@@ -603,6 +585,21 @@ template <typename T> struct DgradAVec {
 // wgrad operands from channels_last tensors: each lane owns one pixel of the 32-pixel reduction
 // tile and each warp two 8-channel chunks; a 16-byte load is transposed into eight 2-byte
 // shared stores (the lanes of a warp write one 64-byte row: no bank conflicts).
+// The output pixel of this lane's reduction column in k-tile kt; mok: the column is < M.
+FC_HD Pix lane_pix(int kt, int M, const FastDiv& dPQ, const FastDiv& dQ, bool& mok) {
+  const int m = kt * BK + (FC_TID() & 31);
+  mok = m < M;
+  return pix_col(dPQ, dQ, mok ? m : 0);
+}
+// Lane = reduction column; the warp's two 8-channel chunks become rows (warp + 8 i) * 8 + e.
+template <typename T> FC_HD void store_transposed(uint16_t* st, const Vec<T, 8> (&v)[2]) {
+  const int lane = FC_TID() & 31, warp = FC_TID() >> 5;
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) st[swz((warp + 8 * i) * 8 + e, lane)] = bits16(v[i].v[e]);
+}
+
 template <typename T> struct WgradAVec {  // rows: output channels; needs Kg % 8 == 0
   const T* dy;
   const T* y;
@@ -625,12 +622,9 @@ template <typename T> struct WgradAVec {  // rows: output channels; needs Kg % 8
     kt = kt0;
   }
   FC_HD void issue(uint16_t*) {
-    const int m = kt * BK + (FC_TID() & 31);
-    const bool mok = m < M;
-    uint32_t n, pq, p, q;
-    dPQ.divmod(mok ? m : 0, n, pq);
-    dQ.divmod(pq, p, q);
-    const int64_t off = int64_t(n) * g.ys[0] + int64_t(p) * g.ys[2] + int64_t(q) * g.ys[3];
+    bool mok;
+    const Pix px = lane_pix(kt, M, dPQ, dQ, mok);
+    const int64_t off = int64_t(px.n) * g.ys[0] + int64_t(px.p) * g.ys[2] + int64_t(px.q) * g.ys[3];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
 #pragma unroll
@@ -647,16 +641,12 @@ template <typename T> struct WgradAVec {  // rows: output channels; needs Kg % 8
     }
     ++kt;
   }
-  FC_HD void store(uint16_t* st) {
-    const int lane = FC_TID() & 31, warp = FC_TID() >> 5;
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int e = 0; e < 8; ++e) st[swz((warp + 8 * i) * 8 + e, lane)] = bits16(v[i].v[e]);
-  }
+  FC_HD void store(uint16_t* st) { store_transposed(st, v); }
 };
 
-template <typename T> struct WgradBVec {  // rows: (r, s, c) with c fastest; needs Cg % 8 == 0
+// rows: (r, s, c) with c fastest; needs Cg % 8 == 0. Must differ from WgradAVec: an im2col
+// gather of the input (bounds per tap), where A reads whole masked grad_output pixels.
+template <typename T> struct WgradBVec {
   const T* x;
   Geom g;
   FastDiv dPQ, dQ;
@@ -681,16 +671,13 @@ template <typename T> struct WgradBVec {  // rows: (r, s, c) with c fastest; nee
     kt = kt0;
   }
   FC_HD void issue(uint16_t*) {
-    const int m = kt * BK + (FC_TID() & 31);
-    const bool mok = m < M;
-    uint32_t n, pq, p, q;
-    dPQ.divmod(mok ? m : 0, n, pq);
-    dQ.divmod(pq, p, q);
+    bool mok;
+    const Pix px = lane_pix(kt, M, dPQ, dQ, mok);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int h = int(p) * g.sh + roff[i], w = int(q) * g.sw + soff[i];
+      const int h = px.p * g.sh + roff[i], w = px.q * g.sw + soff[i];
       if (mok && jok[i] && unsigned(h) < unsigned(g.H) && unsigned(w) < unsigned(g.W)) {
-        v[i] = load_vec<T, 8>(x + int64_t(n) * g.xs[0] + int64_t(h) * g.xs[2] +
+        v[i] = load_vec<T, 8>(x + int64_t(px.n) * g.xs[0] + int64_t(h) * g.xs[2] +
                               int64_t(w) * g.xs[3] + cbase[i]);
       } else {
 #pragma unroll
@@ -699,13 +686,7 @@ template <typename T> struct WgradBVec {  // rows: (r, s, c) with c fastest; nee
     }
     ++kt;
   }
-  FC_HD void store(uint16_t* st) {
-    const int lane = FC_TID() & 31, warp = FC_TID() >> 5;
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int e = 0; e < 8; ++e) st[swz((warp + 8 * i) * 8 + e, lane)] = bits16(v[i].v[e]);
-  }
+  FC_HD void store(uint16_t* st) { store_transposed(st, v); }
 };
 
 // Any gather description, element by element: thread = one row, 16 consecutive reduction

@@ -256,6 +256,16 @@ template <class G> TcConv dgrad_problem(const G& g, const void* dym, const void*
                 php, pwp, g.dh, g.dw, g.G, g.Cg};
 }
 
+// Stride, padding and dilation, which the geometries and the loaders name alike.
+template <class From, class To> void copy_window(const From& f, To& t) {
+  t.sh = f.sh;
+  t.sw = f.sw;
+  t.ph = f.ph;
+  t.pw = f.pw;
+  t.dh = f.dh;
+  t.dw = f.dw;
+}
+
 // Fills the forward kernel's loaders (tc::FwdLoadA, tc::RowsLoad); returns the k-tile count.
 template <class LA, class LB> int fill_fwd_loaders(const TcConv& p, LA& la, LB& lb) {
   using Div = decltype(la.dQ);
@@ -266,12 +276,7 @@ template <class LA, class LB> int fill_fwd_loaders(const TcConv& p, LA& la, LB& 
   la.W = p.W;
   la.S = p.S;
   la.RS = p.R * p.S;
-  la.sh = p.sh;
-  la.sw = p.sw;
-  la.ph = p.ph;
-  la.pw = p.pw;
-  la.dh = p.dh;
-  la.dw = p.dw;
+  copy_window(p, la);
   la.M = p.N * p.P * p.Q;
   la.dPQ = Div(int64_t(p.P) * p.Q);
   la.dQ = Div(p.Q);
@@ -300,12 +305,7 @@ void fill_wgrad_loaders(const G& g, const void* dym, const void* x, LA& la, LB& 
   lb.cg = g.Cg;
   lb.ncols = int(int64_t(g.Cg) * g.R * g.S);
   lb.M = int(M);
-  lb.sh = g.sh;
-  lb.sw = g.sw;
-  lb.ph = g.ph;
-  lb.pw = g.pw;
-  lb.dh = g.dh;
-  lb.dw = g.dw;
+  copy_window(g, lb);
   lb.S = g.S;
   lb.dPQ = Div(int64_t(g.P) * g.Q);
   lb.dQ = Div(g.Q);

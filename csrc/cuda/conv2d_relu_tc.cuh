@@ -207,6 +207,7 @@ template <int COLS> struct PixLoadMN {
 
 // grad_weight B, MN-major tile [64 pixels][COLS columns (r, s, c), c fastest] of the im2col of
 // a channels_last input (Cg % 8 == 0): a chunk is 8 channels at one (r, s) of one output pixel.
+// (Must differ from PixLoadMN: each chunk is a tap of the im2col with its own bounds check.)
 template <int COLS> struct Im2colLoadMN {
   static constexpr int CH = COLS / 8, PASSES = BK / (256 / CH);
   const uint16_t* x;
@@ -435,34 +436,27 @@ __device__ __forceinline__ void wg_fence_operand(float& r) {
   "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "   \
   "%56, %57, %58, %59, %60, %61, %62, %63}"
 
-// D(64x128, f32) += A(64x16) B(16x128), both K-major in shared memory (no transpose).
-template <typename T> struct Wgmma;
-template <> struct Wgmma<c10::Half> {
-  static __device__ __forceinline__ void run(float (&d)[64], uint64_t da, uint64_t db) {
+// D(64x128, f32) += A(64x16) B(16x128), both K-major in shared memory (no transpose); TY is the
+// PTX operand type (f16 or bf16).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " FC_WG_REGS
-        ", %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : FC_WG_D8(0), FC_WG_D8(8), FC_WG_D8(16), FC_WG_D8(24), FC_WG_D8(32), FC_WG_D8(40),
-          FC_WG_D8(48), FC_WG_D8(56)
-        : "l"(da), "l"(db), "r"(1));
+#define FC_WGMMA_64x128(TY)                                                                    \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                  \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " FC_WG_REGS          \
+               ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                              \
+               : FC_WG_D8(0), FC_WG_D8(8), FC_WG_D8(16), FC_WG_D8(24), FC_WG_D8(32),          \
+                 FC_WG_D8(40), FC_WG_D8(48), FC_WG_D8(56)                                      \
+               : "l"(da), "l"(db), "r"(1))
+#else
+#define FC_WGMMA_64x128(TY)
 #endif
+template <typename T> struct Wgmma {
+  static __device__ __forceinline__ void run(float (&d)[64], uint64_t da, uint64_t db) {
+    static_assert(std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>);
+    if constexpr (std::is_same_v<T, c10::Half>) FC_WGMMA_64x128("f16");
+    else FC_WGMMA_64x128("bf16");
   }
 };
-template <> struct Wgmma<c10::BFloat16> {
-  static __device__ __forceinline__ void run(float (&d)[64], uint64_t da, uint64_t db) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " FC_WG_REGS
-        ", %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : FC_WG_D8(0), FC_WG_D8(8), FC_WG_D8(16), FC_WG_D8(24), FC_WG_D8(32), FC_WG_D8(40),
-          FC_WG_D8(48), FC_WG_D8(56)
-        : "l"(da), "l"(db), "r"(1));
-#endif
-  }
-};
+#undef FC_WGMMA_64x128
 #undef FC_WG_D8
 #undef FC_WG_REGS
 

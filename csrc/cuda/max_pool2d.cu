@@ -55,21 +55,14 @@ std::tuple<Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntArrayRef 
     const Plan pl = plan_for<T>(x, out, {&ind});
     PoolGeom g = make_geom(x, out, false, pl);
     set_geom_pool(g, kernel_size, stride, padding, dilation);
-    auto go = [&](auto idx_tag) {
+    with_index_type(idt, [&](auto idx_tag) {
       using I = decltype(idx_tag);
-      constexpr int VM = 16 / sizeof(T);
-      over_batch(x.size(0), g.units, [&](dim3 grid, int64_t n0) {
-        if (pl.vec == VM)
-          maxpool_fwd_kernel<T, VM, true, I><<<grid, 256, 0, stream()>>>(
-              x.data_ptr<T>(), out.data_ptr<T>(), ind.data_ptr<I>(), g, return_indices, relu, n0);
-        else
-          maxpool_fwd_kernel<T, 1, false, I><<<grid, 256, 0, stream()>>>(
-              x.data_ptr<T>(), out.data_ptr<T>(), ind.data_ptr<I>(), g, return_indices, relu, n0);
+      over_batch_planned<T>(pl, x.size(0), g.units, [&](auto v, dim3 grid, int64_t n0) {
+        constexpr int V = decltype(v)::value;
+        maxpool_fwd_kernel<T, V, V != 1, I><<<grid, 256, 0, stream()>>>(
+            x.data_ptr<T>(), out.data_ptr<T>(), ind.data_ptr<I>(), g, return_indices, relu, n0);
       });
-    };
-    if (idt == at::kLong) go(int64_t{});
-    else if (idt == at::kInt) go(int32_t{});
-    else go(int8_t{});
+    });
   });
   return {out, ind};
 }
@@ -100,23 +93,15 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_output, const Tensor& output,
     const Plan pl = plan_for<T>(gx, gy, {&y, &ind});
     PoolGeom g = make_geom(gx, gy, true, pl);
     set_geom_pool(g, kernel_size, stride, padding, dilation);
-    auto go = [&](auto idx_tag) {
+    with_index_type(idt, [&](auto idx_tag) {
       using I = decltype(idx_tag);
-      constexpr int VM = 16 / sizeof(T);
-      over_batch(gx.size(0), g.units, [&](dim3 grid, int64_t n0) {
-        if (pl.vec == VM)
-          maxpool_bwd_kernel<T, VM, true, I><<<grid, 256, 0, stream()>>>(
-              gy.data_ptr<T>(), y.data_ptr<T>(), ind.data_ptr<I>(), gx.data_ptr<T>(), g,
-              return_indices, relu, n0);
-        else
-          maxpool_bwd_kernel<T, 1, false, I><<<grid, 256, 0, stream()>>>(
-              gy.data_ptr<T>(), y.data_ptr<T>(), ind.data_ptr<I>(), gx.data_ptr<T>(), g,
-              return_indices, relu, n0);
+      over_batch_planned<T>(pl, gx.size(0), g.units, [&](auto v, dim3 grid, int64_t n0) {
+        constexpr int V = decltype(v)::value;
+        maxpool_bwd_kernel<T, V, V != 1, I><<<grid, 256, 0, stream()>>>(
+            gy.data_ptr<T>(), y.data_ptr<T>(), ind.data_ptr<I>(), gx.data_ptr<T>(), g,
+            return_indices, relu, n0);
       });
-    };
-    if (idt == at::kLong) go(int64_t{});
-    else if (idt == at::kInt) go(int32_t{});
-    else go(int8_t{});
+    });
   });
   return gx;
 }

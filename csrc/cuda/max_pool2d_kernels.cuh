@@ -87,11 +87,7 @@ FC_HD void maxpool_bwd_one(const T* __restrict__ gy, const T* __restrict__ y,
         if (int64_t(id[e]) == target && (!relu || passes(o[e]))) acc[e] += to_acc(d[e]);
     }
   }
-  T out[V];
-#pragma unroll
-  for (int e = 0; e < V; ++e) out[e] = from_acc<T>(acc[e]);
-  store_v<T, V>(gx + n * g.is[0] + int64_t(c) * g.is[1] + int64_t(h) * g.is[2] + int64_t(w) * g.is[3],
-                out);
+  store_acc<T, V>(gx, g.is, n, c, h, w, acc);
 }
 
 

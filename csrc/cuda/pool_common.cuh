@@ -5,6 +5,8 @@
 
 #include "common.cuh"
 
+#include <type_traits>
+
 namespace fastconv_cuda {
 namespace poolk {
 
@@ -45,6 +47,16 @@ template <typename T, int V> FC_HD void store_v(T* p, const T (&v)[V]) {
     for (int e = 0; e < V; ++e) t.v[e] = v[e];
     store_vec<T, V>(p, t);
   }
+}
+
+// Accumulators converted to T and stored at (n, c, a, b) of the tensor with strides st.
+template <typename T, int V, typename A>
+FC_HD void store_acc(T* p, const int64_t (&st)[4], int64_t n, int c, int a, int b,
+                     const A (&acc)[V]) {
+  T out[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) out[e] = from_acc<T>(acc[e]);
+  store_v<T, V>(p + n * st[0] + int64_t(c) * st[1] + int64_t(a) * st[2] + int64_t(b) * st[3], out);
 }
 
 // threshold_backward semantics for the fused ReLU: drop where the output is <= 0 (NaN passes).
@@ -168,6 +180,24 @@ template <typename F> void over_batch(int64_t N, uint32_t units, F&& f) {
     f(dim3(bx, ny), n0);
     FC_LAUNCH_CHECK();
   }
+}
+
+// Launches f(std::integral_constant<int, V>{}, grid, n0) over the batch: V = 16 / sizeof(T)
+// channels per thread (the channels_last kernel) when the plan vectorises, else 1 (strided).
+template <typename T, typename F>
+void over_batch_planned(const Plan& pl, int64_t N, uint32_t units, F&& f) {
+  constexpr int VM = 16 / sizeof(T);
+  over_batch(N, units, [&](dim3 grid, int64_t n0) {
+    if (pl.vec == VM) f(std::integral_constant<int, VM>{}, grid, n0);
+    else f(std::integral_constant<int, 1>{}, grid, n0);
+  });
+}
+
+// f(I{}) for the index dtype of max-pool indices: int64 (return_indices), int32 or int8.
+template <typename F> void with_index_type(at::ScalarType idt, F&& f) {
+  if (idt == at::kLong) f(int64_t{});
+  else if (idt == at::kInt) f(int32_t{});
+  else f(int8_t{});
 }
 
 }  // namespace poolk

@@ -55,7 +55,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from .base import OPS, Backend
 
@@ -566,22 +566,16 @@ def _build_and_load(plan: _Plan, *, allow_build: bool, retry_failed: bool, verbo
                     when = f"first use, ~{'5-10' if plan.with_cuda else '2-4'} min"
                 print(f"fastconv: building the {what} extension ({when}) in {plan.dir} ...",
                       file=sys.stderr, flush=True)
-                start = time.monotonic()
-                _ninja_on_path()
-                try:
-                    _compile(plan, verbose)
-                except Exception as exc:  # compiler errors arrive as RuntimeError text
-                    text = str(exc)
-                    _cache.atomic_write_text(plan.dir / _LOG, text + "\n")
+
+                def record_failure(text: str) -> None:
                     _cache.atomic_write_text(failed, _tail(text) + "\n")
                     print(f"fastconv: the extension build failed; see {plan.dir / _LOG}",
                           file=sys.stderr, flush=True)
-                    raise ExtensionBuildError(
-                        f"building the extension failed (full log: {plan.dir / _LOG}):\n"
-                        f"{_tail(text)}") from exc
+
+                seconds = _compile_logged(plan, verbose, "the extension", record_failure)
                 info = {"library": str(plan.library), "cuda": plan.with_cuda,
                         "cuda_note": plan.cuda_note, "arch": plan.arch, "key": plan.key,
-                        "config": plan.config, "seconds": round(time.monotonic() - start, 1)}
+                        "config": plan.config, "seconds": seconds}
                 _cache.atomic_write_json(marker, info)
                 if failed.exists():
                     failed.unlink()
@@ -592,6 +586,26 @@ def _build_and_load(plan: _Plan, *, allow_build: bool, retry_failed: bool, verbo
                 _register_python_side()
                 return
     _load_library(info)
+
+
+def _compile_logged(plan: _Plan, verbose: bool, what: str,
+                    on_failure: Callable[[str], None] = lambda text: None) -> float:
+    """Compiles ``plan`` (``what``: how the error names it) and returns the seconds it took; on
+    a compiler error writes the full output to the build's log, calls ``on_failure`` with it
+    and raises with its tail."""
+    from .. import _cache
+
+    start = time.monotonic()
+    _ninja_on_path()
+    try:
+        _compile(plan, verbose)
+    except Exception as exc:  # compiler errors arrive as RuntimeError text
+        text = str(exc)
+        _cache.atomic_write_text(plan.dir / _LOG, text + "\n")
+        on_failure(text)
+        raise ExtensionBuildError(
+            f"building {what} failed (full log: {plan.dir / _LOG}):\n{_tail(text)}") from exc
+    return round(time.monotonic() - start, 1)
 
 
 def _load_library(info: dict[str, Any]) -> None:
@@ -633,21 +647,12 @@ def build_prebuilt(dest: Path, verbose: bool = False) -> dict[str, Any]:
                 if _cache.read_json(plan.dir / _MARKER) is None or not plan.library.is_file():
                     print(f"fastconv: building a prebuilt extension in {plan.dir} ...",
                           file=sys.stderr, flush=True)
-                    start = time.monotonic()
-                    _ninja_on_path()
-                    try:
-                        # cpp_extension.load also loads it here: this process must not load
-                        # another fastconv library afterwards (build-ext --prebuilt exits)
-                        _compile(plan, verbose)
-                    except Exception as exc:
-                        text = str(exc)
-                        _cache.atomic_write_text(plan.dir / _LOG, text + "\n")
-                        raise ExtensionBuildError(
-                            f"building the prebuilt extension failed (log: {plan.dir / _LOG}):\n"
-                            f"{_tail(text)}") from exc
+                    # cpp_extension.load also loads it here: this process must not load
+                    # another fastconv library afterwards (build-ext --prebuilt exits)
+                    seconds = _compile_logged(plan, verbose, "the prebuilt extension")
                     _cache.atomic_write_json(plan.dir / _MARKER, {
                         "library": str(plan.library), "cuda": plan.with_cuda, "key": plan.key,
-                        "config": plan.config, "seconds": round(time.monotonic() - start, 1)})
+                        "config": plan.config, "seconds": seconds})
     dest.mkdir(parents=True, exist_ok=True)
     tmp = dest / f".{_EXT_NAME}.so.{os.getpid()}"
     shutil.copy2(plan.library, tmp)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import dispatch
+from ..selection import cpu_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BACKEND_CHOICES = ("stock", "auto", *dispatch.BACKENDS)
@@ -137,14 +138,7 @@ def git_commit() -> Optional[str]:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_model()
 
 
 def run_metadata(device: torch.device, **extra) -> dict:

@@ -404,6 +404,42 @@ template <typename T> long check_dgrad(const Case& c, bool simt = is_wide<T>()) 
   return bad;
 }
 
+// grad_weight from the split partials in ws (columns (r, s, c) when rsc), checked element by
+// element against the float64 reference; `bad` counts on from the caller's.
+template <typename T, typename A>
+long wgrad_reduce_and_check(const Problem<T>& pb, const std::vector<A>& ws, int splits, bool rsc,
+                            const char* what, long bad) {
+  const Geom& g = pb.g;
+  const int64_t cols = int64_t(g.Cg) * g.R * g.S;
+  std::vector<T> dw(size_t(g.K) * cols, T(NAN));
+  for (int64_t i = 0; i < int64_t(g.K) * cols; ++i)
+    wgrad_reduce_one(ws.data(), dw.data(), g.Kg, g.Cg, g.R, g.S, splits, rsc, cols,
+                     int64_t(g.R) * g.S, int64_t(g.S), int64_t(1), i);
+  const double tol = tol_of<T>();
+  for (int k = 0; k < g.K; ++k)
+    for (int cc = 0; cc < g.Cg; ++cc)
+      for (int r = 0; r < g.R; ++r)
+        for (int s = 0; s < g.S; ++s) {
+          const int grp = k / g.Kg;
+          double ref = 0, mag = 0;
+          for (int n = 0; n < g.N; ++n)
+            for (int p = 0; p < g.P; ++p)
+              for (int q = 0; q < g.Q; ++q) {
+                const int h = p * g.sh - g.ph + r * g.dh, w = q * g.sw - g.pw + s * g.dw;
+                if (h < 0 || h >= g.H || w < 0 || w >= g.W) continue;
+                const double t = pb.DYm(n, k, p, q) * pb.X(n, grp * g.Cg + cc, h, w);
+                ref += t;
+                mag += std::fabs(t);
+              }
+          const double got = dbl(dw[((int64_t(k) * g.Cg + cc) * g.R + r) * g.S + s]);
+          if (!(std::fabs(got - ref) <= tol * (1 + mag))) {
+            if (bad < 5) printf("  %s k%d c%d r%d s%d: got %g want %g\n", what, k, cc, r, s, got, ref);
+            ++bad;
+          }
+        }
+  return bad;
+}
+
 template <typename T> long check_wgrad(const Case& c, int want_splits, bool simt = is_wide<T>()) {
   using A = typename Acc<T>::type;
   Problem<T> pb(c);
@@ -432,34 +468,7 @@ template <typename T> long check_wgrad(const Case& c, int want_splits, bool simt
     else bad += run_mma<T>(ag, bg, epi, g.Kg, cols, g.G, splits, kt_total, kps);
   }
   if (bad) printf("  unwritten shared elements: %ld\n", bad);
-  std::vector<T> dw(size_t(g.K) * cols, T(NAN));
-  const int64_t total = int64_t(g.K) * cols;
-  for (int64_t i = 0; i < total; ++i)
-    wgrad_reduce_one(ws.data(), dw.data(), g.Kg, g.Cg, g.R, g.S, splits, bvec, cols,
-                     int64_t(g.R) * g.S, int64_t(g.S), int64_t(1), i);
-  const double tol = tol_of<T>();
-  for (int k = 0; k < g.K; ++k)
-    for (int cc = 0; cc < g.Cg; ++cc)
-      for (int r = 0; r < g.R; ++r)
-        for (int s = 0; s < g.S; ++s) {
-          const int grp = k / g.Kg;
-          double ref = 0, mag = 0;
-          for (int n = 0; n < g.N; ++n)
-            for (int p = 0; p < g.P; ++p)
-              for (int q = 0; q < g.Q; ++q) {
-                const int h = p * g.sh - g.ph + r * g.dh, w = q * g.sw - g.pw + s * g.dw;
-                if (h < 0 || h >= g.H || w < 0 || w >= g.W) continue;
-                const double t = pb.DYm(n, k, p, q) * pb.X(n, grp * g.Cg + cc, h, w);
-                ref += t;
-                mag += std::fabs(t);
-              }
-          const double got = dbl(dw[((int64_t(k) * g.Cg + cc) * g.R + r) * g.S + s]);
-          if (!(std::fabs(got - ref) <= tol * (1 + mag))) {
-            if (bad < 5) printf("  wgrad k%d c%d r%d s%d: got %g want %g\n", k, cc, r, s, got, ref);
-            ++bad;
-          }
-        }
-  return bad;
+  return wgrad_reduce_and_check(pb, ws, splits, bvec, "wgrad", bad);
 }
 
 // ================================================================================================
@@ -813,33 +822,7 @@ template <typename T, class C> long check_wgrad_tc(const Case& c, int want_split
   const tc::EpiPart epi{ws.data(), g.Kg, int(cols), splits};
   long bad = run_tc<T, C, false, false>(la, lb, epi, g.Kg, cols, g.G, splits, kt_total, kps);
   if (bad) printf("  unwritten shared elements: %ld\n", bad);
-  std::vector<T> dw(size_t(g.K) * cols, T(NAN));
-  for (int64_t i = 0; i < int64_t(g.K) * cols; ++i)
-    wgrad_reduce_one(ws.data(), dw.data(), g.Kg, g.Cg, g.R, g.S, splits, true, cols,
-                     int64_t(g.R) * g.S, int64_t(g.S), int64_t(1), i);
-  const double tol = tol_of<T>();
-  for (int k = 0; k < g.K; ++k)
-    for (int cc = 0; cc < g.Cg; ++cc)
-      for (int r = 0; r < g.R; ++r)
-        for (int s = 0; s < g.S; ++s) {
-          const int grp = k / g.Kg;
-          double ref = 0, mag = 0;
-          for (int n = 0; n < g.N; ++n)
-            for (int p = 0; p < g.P; ++p)
-              for (int q = 0; q < g.Q; ++q) {
-                const int h = p * g.sh - g.ph + r * g.dh, w = q * g.sw - g.pw + s * g.dw;
-                if (h < 0 || h >= g.H || w < 0 || w >= g.W) continue;
-                const double t = pb.DYm(n, k, p, q) * pb.X(n, grp * g.Cg + cc, h, w);
-                ref += t;
-                mag += std::fabs(t);
-              }
-          const double got = dbl(dw[((int64_t(k) * g.Cg + cc) * g.R + r) * g.S + s]);
-          if (!(std::fabs(got - ref) <= tol * (1 + mag))) {
-            if (bad < 5) printf("  tc wgrad k%d c%d r%d s%d: got %g want %g\n", k, cc, r, s, got, ref);
-            ++bad;
-          }
-        }
-  return bad;
+  return wgrad_reduce_and_check(pb, ws, splits, true, "tc wgrad", bad);
 }
 
 // Each pass whose large-tile path the planner would take for this problem (channels_last; the
