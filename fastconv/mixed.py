@@ -62,8 +62,8 @@ class Mixed(Backend):
     def __init__(self, forward: str, grad_input: Optional[str], grad_weight: Optional[str]):
         self.forward, self.grad_input = forward, grad_input or forward
         self.grad_weight = grad_weight or forward
-        self.name = f"forward {forward}, grad_input {self.grad_input}, " \
-                    f"grad_weight {self.grad_weight}"
+        self.name = f"forward {forward}, grad_input {grad_input or 'unused'}, " \
+                    f"grad_weight {grad_weight or 'unused'}"
 
     def conv2d_relu(self, input, weight, bias, stride, padding, dilation, groups, relu):
         return _MixedConv2dReLU.apply(input, weight, bias, list(stride), list(padding),

@@ -188,13 +188,13 @@ def test_training_and_inference_are_decided_separately(monkeypatch, tuning):
     out.sum().backward()
     # training: each pass alone, the forward of fwd_fast with the gradients of balanced
     assert fastconv.backend_for("conv2d_relu", x, w, b, padding=1) == \
-        "forward fwd_fast, grad_input balanced, grad_weight balanced"
+        "forward fwd_fast, grad_input unused, grad_weight balanced"
     with torch.no_grad():
         assert fastconv.backend_for("conv2d_relu", x, w, b, padding=1) == "fwd_fast"
     text = fastconv.explain("conv2d_relu", x, w, b, padding=1)
     assert "infer      fwd_fast (measured" in text, text
     assert "train      forward fwd_fast (fwd_fast 1 ms, balanced 2 ms, torch 5 ms); " \
-        "grad_input balanced (balanced 2 ms, torch 5 ms, fwd_fast 10 ms)" in text, text
+        "grad_weight balanced (balanced 2 ms, torch 5 ms, fwd_fast 10 ms)" in text, text
     gw = w.grad.clone()
     w.grad = None
     FF.conv2d_relu(x, w, b, padding=1, backend="torch").sum().backward()
@@ -461,8 +461,15 @@ def test_tune_command_decides_every_layer(cache_file, capsys):
         (layer, op, pass_) for pass_ in ("train", "infer")
         for layer, op in (("0", "conv2d_relu"), ("2", "avg_pool2d"), ("3", "conv2d_relu"),
                           ("5", "avg_pool2d"))]
-    assert all(r[4] == "torch" and "measured:" in " ".join(r) for r in rows)
-    assert len(timed) == 8
+    # conv2d_relu's training rows: one decision per pass (the first conv's input needs no
+    # gradient: forward and grad_weight only)
+    per_pass = [" ".join(r) for r in rows if r[1] == "conv2d_relu" and r[2] == "train"]
+    assert len(per_pass) == 2 and all("forward torch (" in t and "grad_weight torch (" in t
+                                      and "[measured]" in t for t in per_pass), per_pass
+    assert ("grad_input" in per_pass[1]) and ("grad_input" not in per_pass[0])
+    assert all(r[4] == "torch" and "measured:" in " ".join(r) for r in rows
+               if not (r[1] == "conv2d_relu" and r[2] == "train"))
+    assert len(timed) == 8 + 3
     tables = json.loads(cache_file.read_text())["tables"]
     assert sum(len(t) for t in tables.values()) == 8
 
