@@ -113,6 +113,11 @@ def select_call(op: str, args: dict[str, Any], backend: Optional[str]) -> tuple[
             and not torch.compiler.is_compiling():  # dynamo cannot trace logging
         log.debug("fastconv %s: using %s; %s", op, choice, "; ".join(
             f"{n}: {r}" for n, r in reasons(op, args, order[:order.index(choice)]).items()))
+    passes = entry.get("passes")
+    if passes is not None and any(n not in (None, choice) for n in passes.values()):
+        from .mixed import mixed
+
+        return mixed(passes["forward"], passes["grad_input"], passes["grad_weight"]), final
     return BACKENDS[choice], final
 
 

@@ -5,7 +5,12 @@ strides, dtype and ``requires_grad``, the arguments that change the kernel (stri
 ``relu``, ``training``, ...; not batch norm's ``momentum``/``eps``), the device's name (and on
 CPU torch's thread count) and the *pass*: ``"infer"`` (no autograd graph) is decided by forward
 time, ``"train"`` by forward + backward time, so inference and training may pick differently.
-Each backend keeps its own saved tensors for its own backward, so a choice never mixes passes.
+The pools and batch norm keep one backend for a training call (each its own saved tensors).
+conv2d_relu's ``"train"`` decision is a triple: its forward, grad_input and grad_weight (with
+grad_bias) are each timed alone (``fastconv.backends.base.ConvPasses``: every backend's passes
+save the same tensors, so any forward pairs with any backward) and each takes its fastest
+backend; ``fastconv.mixed`` runs a mixed triple under one autograd Function. A backend without
+passes is no candidate for conv2d_relu's training calls.
 
 On the first call of an undecided signature every backend of :data:`fastconv.dispatch.AUTO_ORDER`
 that can serve it (``why_not`` is None; ``torch`` always can) runs on random tensors of that
@@ -39,7 +44,7 @@ import torch
 
 log = logging.getLogger("fastconv")
 
-FORMAT = 1
+FORMAT = 2  # 2: conv2d_relu's train entries hold per-pass choices ("passes")
 BUDGET_S = 0.5       # measuring budget per signature and pass (all candidates together)
 SAMPLE_S = 0.002     # one sample lasts about this long (back-to-back calls)
 MIN_ROUNDS, MAX_ROUNDS = 3, 7
@@ -51,7 +56,8 @@ _override: Optional[bool] = None
 _timer: Optional[Timer] = None
 _clock: Optional[Callable[[], float]] = None
 _lock = threading.RLock()
-# (device name, pass, signature) -> {"choice": name, "ms": {name: ms} | None, "how": str}
+# (device name, pass, signature) -> {"choice": name, "ms": {name: ms} | None, "how": str}; a
+# per-pass entry also has "passes" {piece: name | None} and "ms" {piece: {name: ms}}
 _decided: dict[tuple, dict] = {}
 _loaded_devices: set[str] = set()
 _device_names: dict[Any, str] = {}
@@ -229,6 +235,10 @@ def _load(device: str) -> None:
             pass_, sig = _from_json(json.loads(key))
             if not (isinstance(entry, dict) and isinstance(entry.get("choice"), str)):
                 raise ValueError("entry without a choice")
+            passes = entry.get("passes")
+            if passes is not None and not (isinstance(passes, dict) and set(passes) == set(
+                    PIECES) and all(v is None or isinstance(v, str) for v in passes.values())):
+                raise ValueError(f"malformed passes {passes!r}")
         except Exception as exc:
             log.debug("fastconv: ignoring selection cache entry %s: %s", key[:80], exc)
             continue
@@ -246,7 +256,7 @@ def _persist(device: str, pass_: str, sig: tuple, entry: dict) -> None:
                        if isinstance(t, dict) and not _stale(tag)}
             tag = _table_tag(device)
             current.setdefault(tag, {})[_entry_key(pass_, sig)] = {
-                "choice": entry["choice"], "ms": entry["ms"]}
+                k: entry[k] for k in ("choice", "passes", "ms") if k in entry}
             atomic_write_json(path, {"format": FORMAT, "tables": current})
     except Exception as exc:  # read-only or unsafe cache: the decision stays in memory
         log.debug("fastconv: could not write the selection cache: %s: %s",
@@ -346,6 +356,94 @@ def _measure(op: str, args: dict[str, Any], pass_: str, names: list[str]) -> dic
     return seconds
 
 
+PIECES = ("forward", "grad_input", "grad_weight")
+
+
+def per_pass(op: str, pass_: str) -> bool:
+    """Whether this op and pass is decided pass by pass (conv2d_relu's training calls)."""
+    return op == "conv2d_relu" and pass_ == "train"
+
+
+def _piece_runs(args: dict[str, Any], names: list[str], gen: torch.Generator) -> dict:
+    """``{piece: {name: run}}``: each backend's conv2d_relu passes on random tensors of the
+    signature; pieces the signature never needs (no gradient asked) are left out."""
+    from . import dispatch
+    from .backends.reference import TorchConvPasses
+
+    x, w, b = (None if args[k] is None else _random_tensor(args[k], gen, False, False)
+               for k in ("input", "weight", "bias"))
+    geo = tuple(args[k] for k in ("stride", "padding", "dilation", "groups", "relu"))
+    with torch.no_grad():
+        out = TorchConvPasses().forward(x, w, b, *geo)
+    saved = out if geo[-1] else None  # what every backend's forward saves for the mask
+    g = torch.empty_like(out).normal_(generator=gen)
+    need_x = bool(args["input"].requires_grad)
+    need_w = bool(args["weight"].requires_grad)
+    need_b = args["bias"] is not None and bool(args["bias"].requires_grad)
+    makers = {"forward": lambda p: lambda: p.forward(x, w, b, *geo)}
+    if need_x:
+        makers["grad_input"] = lambda p: lambda: p.backward(g, x, w, saved, *geo,
+                                                            (True, False, False))
+    if need_w or need_b:
+        makers["grad_weight"] = lambda p: lambda: p.backward(g, x, w, saved, *geo,
+                                                             (False, need_w, need_b))
+    out_runs: dict = {}
+    for piece, make in makers.items():
+        runs = {}
+        for name in names:
+            passes = dispatch.BACKENDS[name].conv2d_relu_passes()
+            run = _no_grad(make(passes))
+            run.piece = piece  # lets an injected timer tell the passes apart
+            runs[name] = run
+        out_runs[piece] = runs
+    return out_runs
+
+
+def _no_grad(fn):
+    def run():
+        with torch.no_grad():
+            return fn()
+    return run
+
+
+def _measure_passes(args: dict[str, Any], names: list[str]) -> dict:
+    """``{piece: {name: seconds or None}}`` for conv2d_relu's passes (see :func:`_measure`)."""
+    device = args["input"].device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0)
+    timer = _timer or _default_timer
+    result = {}
+    for piece, runs in _piece_runs(args, names, gen).items():
+        ok = {}
+        for name, run in runs.items():
+            try:
+                run()
+            except Exception as exc:
+                log.debug("fastconv conv2d_relu %s: %s failed while measuring, left out: %s: %s",
+                          piece, name, type(exc).__name__, exc)
+                continue
+            ok[name] = run
+        result[piece] = timer(ok, device) if len(ok) > 1 else {n: None for n in ok}
+    return result
+
+
+def _pick(seconds: dict, able: list[str]) -> tuple[Optional[str], Optional[dict]]:
+    timed = {n: s for n, s in seconds.items() if s is not None}
+    if timed:
+        choice = min(timed, key=lambda n: (timed[n], able.index(n)))
+    else:
+        choice = next(iter(seconds), None)
+    return choice, ({n: round(s * 1e3, 6) for n, s in timed.items()} or None)
+
+
+def usable(entry: dict, able: list[str]) -> bool:
+    """Whether a decision names only backends that can serve this call now."""
+    passes = entry.get("passes")
+    if passes is None:
+        return entry["choice"] in able
+    return all(n is None or n in able for n in passes.values())
+
+
 # --------------------------------------------------------------------------- choosing
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -382,7 +480,7 @@ def _choose(op: str, args: dict[str, Any], order, pass_: str):
         # no file reads and no timing inside a trace: what this process already decided
         dev = _last_name.get(args["input"].device)
         entry = _decided.get((dev, pass_, signature(op, args)))
-        if entry is not None and entry["choice"] in able:
+        if entry is not None and usable(entry, able):
             return entry["choice"], entry, True
         return able[0], fixed, False
     if not enabled():
@@ -392,8 +490,11 @@ def _choose(op: str, args: dict[str, Any], order, pass_: str):
     with _lock:
         _load(dev)
         entry = _decided.get((dev, pass_, sig))
-        if entry is not None and entry["choice"] in able:
+        if entry is not None and usable(entry, able):
             return entry["choice"], entry, True
+        if per_pass(op, pass_):  # only backends with separate passes can be mixed
+            able = [n for n in able if dispatch.BACKENDS[n].conv2d_relu_passes() is not None]
+            fixed = dict(fixed, choice=able[0]) if able else fixed
         if len(able) == 1:
             entry = dict(fixed, how="the only candidate")
             _decided[(dev, pass_, sig)] = entry
@@ -402,14 +503,17 @@ def _choose(op: str, args: dict[str, Any], order, pass_: str):
             return able[0], dict(fixed, how="fixed order (deterministic mode, undecided)"), True
         if _capturing(device):
             return able[0], dict(fixed, how="fixed order (CUDA graph capture, undecided)"), False
-        seconds = _measure(op, args, pass_, able)
-        timed = {n: s for n, s in seconds.items() if s is not None}
-        if timed:
-            choice = min(timed, key=lambda n: (timed[n], able.index(n)))
+        if per_pass(op, pass_):
+            picks = {p: _pick(s, able) for p, s in _measure_passes(args, able).items()}
+            passes = {p: picks[p][0] if p in picks else None for p in PIECES}
+            choice = passes["forward"] or able[0]
+            passes["forward"] = choice
+            entry = {"choice": choice, "passes": passes, "how": "measured",
+                     "ms": {p: ms for p, (_, ms) in picks.items()}}
         else:
-            choice = next(iter(seconds), able[0])
-        entry = {"choice": choice, "how": "measured",
-                 "ms": {n: round(s * 1e3, 6) for n, s in timed.items()} or None}
+            choice, ms = _pick(_measure(op, args, pass_, able), able)
+            choice = choice or able[0]
+            entry = {"choice": choice, "how": "measured", "ms": ms}
         _decided[(dev, pass_, sig)] = entry
         _persist(dev, pass_, sig, entry)
     log.debug("fastconv %s %s %s: %s -> %s", op, pass_, _short(sig), describe(entry), choice)
@@ -427,11 +531,19 @@ def decided(op: str, args: dict[str, Any], pass_: str) -> Optional[dict]:
 def describe(entry: Optional[dict]) -> str:
     if entry is None:
         return "undecided"
+    passes = entry.get("passes")
+    if passes is not None:
+        ms = entry.get("ms") or {}
+        parts = [f"{p} {n}" + (f" ({_times(ms[p])})" if ms.get(p) else "")
+                 for p, n in passes.items() if n is not None]
+        return f"{'; '.join(parts)} [{entry['how']}]"
     if not entry.get("ms"):
         return f"{entry['choice']} ({entry['how']})"
-    times = ", ".join(f"{n} {ms:.4g} ms" for n, ms in sorted(entry["ms"].items(),
-                                                               key=lambda kv: kv[1]))
-    return f"{entry['choice']} ({entry['how']}: {times})"
+    return f"{entry['choice']} ({entry['how']}: {_times(entry['ms'])})"
+
+
+def _times(ms: dict) -> str:
+    return ", ".join(f"{n} {v:.4g} ms" for n, v in sorted(ms.items(), key=lambda kv: kv[1]))
 
 
 def _short(sig: tuple) -> str:

@@ -16,7 +16,7 @@ from torch import nn
 import fastconv
 from fastconv import dispatch, selection
 from fastconv import functional as FF
-from fastconv.backends.reference import TorchBackend
+from fastconv.backends.reference import TorchBackend, TorchConvPasses
 
 
 class FakeClock:
@@ -64,6 +64,24 @@ class Ticking(TorchBackend):
     def batch_norm(self, *args):
         self.clock.now += self.fwd
         return super().batch_norm(*args)
+
+    def conv2d_relu_passes(self):
+        return TickingPasses(self)
+
+
+class TickingPasses(TorchConvPasses):
+    """torch's passes; the forward costs the backend's ``fwd``, each backward ``bwd``."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def forward(self, *args):
+        self.backend.clock.now += self.backend.fwd
+        return super().forward(*args)
+
+    def backward(self, *args):
+        self.backend.clock.now += self.backend.bwd
+        return super().backward(*args)
 
 
 @pytest.fixture
@@ -168,11 +186,15 @@ def test_training_and_inference_are_decided_separately(monkeypatch, tuning):
         FF.conv2d_relu(x, w, b, padding=1)
     out = FF.conv2d_relu(x, w, b, padding=1)
     out.sum().backward()
-    assert fastconv.backend_for("conv2d_relu", x, w, b, padding=1) == "balanced"
+    # training: each pass alone, the forward of fwd_fast with the gradients of balanced
+    assert fastconv.backend_for("conv2d_relu", x, w, b, padding=1) == \
+        "forward fwd_fast, grad_input unused, grad_weight balanced"
     with torch.no_grad():
         assert fastconv.backend_for("conv2d_relu", x, w, b, padding=1) == "fwd_fast"
     text = fastconv.explain("conv2d_relu", x, w, b, padding=1)
-    assert "infer      fwd_fast (measured" in text and "train      balanced (measured" in text
+    assert "infer      fwd_fast (measured" in text, text
+    assert "train      forward fwd_fast (fwd_fast 1 ms, balanced 2 ms, torch 5 ms); " \
+        "grad_weight balanced (balanced 2 ms, torch 5 ms, fwd_fast 10 ms)" in text, text
     gw = w.grad.clone()
     w.grad = None
     FF.conv2d_relu(x, w, b, padding=1, backend="torch").sum().backward()
@@ -310,8 +332,8 @@ def dispatch_args(x, w, b):
     return check_conv2d_relu(x, w, b, padding=1)
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"format": 1, "tables": []}',
-                                     '{"format": 1, "tables": {"TAG": {"[1": {}}}}'])
+@pytest.mark.parametrize("content", ["{not json", '{"format": 2, "tables": []}',
+                                     '{"format": 2, "tables": {"TAG": {"[1": {}}}}'])
 def test_unreadable_cache_is_ignored(monkeypatch, cache_file, caplog, content):
     x, w, b = xwb(7)
     content = content.replace("TAG", selection._table_tag(selection.device_name(x.device)))
@@ -327,7 +349,7 @@ def test_unreadable_cache_is_ignored(monkeypatch, cache_file, caplog, content):
         selection.set_timer(None)
     assert timed == [1]
     assert "ignoring" in caplog.text and "selection cache" in caplog.text
-    assert json.loads(cache_file.read_text())["format"] == 1  # rewritten whole
+    assert json.loads(cache_file.read_text())["format"] == selection.FORMAT  # rewritten whole
 
 
 def test_a_fresh_process_starts_decided(tmp_path):
@@ -439,8 +461,15 @@ def test_tune_command_decides_every_layer(cache_file, capsys):
         (layer, op, pass_) for pass_ in ("train", "infer")
         for layer, op in (("0", "conv2d_relu"), ("2", "avg_pool2d"), ("3", "conv2d_relu"),
                           ("5", "avg_pool2d"))]
-    assert all(r[4] == "torch" and "measured:" in " ".join(r) for r in rows)
-    assert len(timed) == 8
+    # conv2d_relu's training rows: one decision per pass (the first conv's input needs no
+    # gradient: forward and grad_weight only)
+    per_pass = [" ".join(r) for r in rows if r[1] == "conv2d_relu" and r[2] == "train"]
+    assert len(per_pass) == 2 and all("forward torch (" in t and "grad_weight torch (" in t
+                                      and "[measured]" in t for t in per_pass), per_pass
+    assert ("grad_input" in per_pass[1]) and ("grad_input" not in per_pass[0])
+    assert all(r[4] == "torch" and "measured:" in " ".join(r) for r in rows
+               if not (r[1] == "conv2d_relu" and r[2] == "train"))
+    assert len(timed) == 8 + 3
     tables = json.loads(cache_file.read_text())["tables"]
     assert sum(len(t) for t in tables.values()) == 8
 

@@ -60,6 +60,11 @@ class Backend:
             return f"{self.name} has no {op} kernel"
         return None
 
+    def conv2d_relu_passes(self) -> Optional["ConvPasses"]:
+        """This backend's conv2d_relu split into passes (see :class:`ConvPasses`), or ``None``
+        when it cannot serve them separately (it is then no candidate for a mixed choice)."""
+        return None
+
     def bind(self, op: str, args: dict[str, Any]):
         """``op`` with ``args``' non-tensor arguments fixed: a function of the leading tensor
         arguments (conv: input, weight, bias; pools: input; batch norm: input, running_mean,
@@ -71,3 +76,23 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<fastconv backend {self.name!r}>"
+
+
+class ConvPasses:
+    """conv2d_relu as separate passes, so that ``auto`` may take each from another backend.
+
+    Every implementation saves the same tensors: the input, the weight and, with ``relu``, the
+    output (the ReLU mask is ``output > 0``). Any ``forward`` therefore pairs with any
+    ``backward``, and the backward of one backend may serve grad_input while another serves
+    grad_weight (+ grad_bias). ``backward`` masks ``grad_output`` itself (its own mask pass).
+    """
+
+    def forward(self, input, weight, bias, stride, padding, dilation, groups, relu):
+        """The output alone (no autograd graph is recorded by the caller's Function)."""
+        raise NotImplementedError
+
+    def backward(self, grad_output, input, weight, output, stride, padding, dilation, groups,
+                 relu, output_mask):
+        """``(grad_input, grad_weight, grad_bias)``; an entry whose ``output_mask`` is False
+        may be anything (the caller drops it). ``output`` is None without ``relu``."""
+        raise NotImplementedError

@@ -57,7 +57,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from .base import OPS, Backend
+from .base import OPS, Backend, ConvPasses
 
 _EXT_NAME = "fastconv_ext"
 _DEFAULT_ARCH_LIST = "8.0;9.0"
@@ -919,10 +919,37 @@ def _dtype_name(t) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
+class ExtensionConvPasses(ConvPasses):
+    """The extension's conv2d_relu and conv2d_relu_backward ops (the backward masks
+    grad_output in its own pass, grad_bias on the way)."""
+
+    def forward(self, input, weight, bias, stride, padding, dilation, groups, relu):
+        import torch
+
+        return torch.ops.fastconv.conv2d_relu(input, weight, bias, list(stride), list(padding),
+                                              list(dilation), int(groups), bool(relu))
+
+    def backward(self, grad_output, input, weight, output, stride, padding, dilation, groups,
+                 relu, output_mask):
+        import torch
+
+        if output is None:
+            output = grad_output.new_empty((0,))
+        return torch.ops.fastconv.conv2d_relu_backward(
+            grad_output, input, weight, output, list(stride), list(padding), list(dilation),
+            int(groups), bool(relu), [bool(m) for m in output_mask])
+
+
+_PASSES = ExtensionConvPasses()
+
+
 class ExtensionBackend(Backend):
     """Runs the ops through ``torch.ops.fastconv.*`` (C++ CPU kernels, CUDA kernels if built)."""
 
     name = "extension"
+
+    def conv2d_relu_passes(self):
+        return _PASSES
 
     def unavailable_reason(self) -> Optional[str]:
         if _loaded is not None:

@@ -8,11 +8,33 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Backend
+from .base import Backend, ConvPasses
+
+
+class TorchConvPasses(ConvPasses):
+    """ATen's passes: the conv (+ReLU); the mask then ``convolution_backward``."""
+
+    def forward(self, input, weight, bias, stride, padding, dilation, groups, relu):
+        out = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        return torch.relu(out) if relu else out
+
+    def backward(self, grad_output, input, weight, output, stride, padding, dilation, groups,
+                 relu, output_mask):
+        g = torch.ops.aten.threshold_backward(grad_output, output, 0) if relu else grad_output
+        bias_sizes = [weight.shape[0]] if output_mask[2] else None
+        return torch.ops.aten.convolution_backward(
+            g, input, weight, bias_sizes, list(stride), list(padding), list(dilation), False,
+            [0, 0], groups, list(output_mask))
+
+
+_TORCH_PASSES = TorchConvPasses()
 
 
 class TorchBackend(Backend):
     name = "torch"
+
+    def conv2d_relu_passes(self):
+        return _TORCH_PASSES
 
     def conv2d_relu(self, input, weight, bias, stride, padding, dilation, groups, relu):
         out = F.conv2d(input, weight, bias, stride, padding, dilation, groups)

@@ -11,7 +11,7 @@ import importlib
 import os
 from typing import Any, Optional
 
-from ..base import Backend
+from ..base import Backend, ConvPasses
 
 _MODULE_OF = {
     "conv2d_relu": "conv2d_relu",
@@ -89,6 +89,12 @@ class TritonBackend(Backend):
         check = getattr(module, f"why_not_{op}", None)
         return check(args) if check is not None else None
 
+    def conv2d_relu_passes(self):
+        passes = _state.get("passes")
+        if passes is None:
+            passes = _state["passes"] = _TritonConvPasses(self._module("conv2d_relu"))
+        return passes
+
     def conv2d_relu(self, *args):
         return self._module("conv2d_relu").conv2d_relu(*args)
 
@@ -103,3 +109,8 @@ class TritonBackend(Backend):
 
     def batch_norm(self, *args):
         return self._module("batch_norm").batch_norm(*args)
+
+
+class _TritonConvPasses(ConvPasses):
+    def __init__(self, module):
+        self.forward, self.backward = module.forward, module.backward

@@ -1068,6 +1068,31 @@ def _backward(ctx, grad):
     input, weight, output = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.geometry
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    gi, gw, gb = _grads(grad, input, weight, output, stride, padding, dilation, groups,
+                        ctx.input_size, ctx.input_cl, ctx.weight_cl, need_x, need_w, need_b)
+    return gi, gw, gb, None, None, None, None, None
+
+
+def backward(grad_output, input, weight, output, stride, padding, dilation, groups, relu,
+             output_mask):
+    """The backward as a pass of its own (fastconv.backends.base.ConvPasses): ``output`` is
+    the saved forward output (None without ``relu``); entries not in ``output_mask`` are None."""
+    stride, padding, dilation = list(stride), list(padding), list(dilation)
+    input_cl = conv_memory_format(input, weight) == torch.channels_last
+    weight_cl = suggest_memory_format(weight) == torch.channels_last
+    return _grads(grad_output, input, weight, output if relu else None, stride, padding,
+                  dilation, int(groups), list(input.shape), input_cl, weight_cl, *output_mask)
+
+
+def forward(input, weight, bias, stride, padding, dilation, groups, relu):
+    """The forward as a pass of its own (no autograd): launches, or the op while tracing."""
+    args = (input, weight, bias, list(stride), list(padding), list(dilation), int(groups),
+            bool(relu))
+    return _forward(*args) if eager(input) else conv2d_relu_op(*args)
+
+
+def _grads(grad, input, weight, output, stride, padding, dilation, groups, input_size,
+           input_cl, weight_cl, need_x, need_w, need_b):
     # eager: call the launchers directly (the op dispatcher costs ~100 us of host time per call);
     # tracing (fake/functional tensors): the registered ops, so graphs show fastconv ops
     now = is_real(grad)
@@ -1081,11 +1106,11 @@ def _backward(ctx, grad):
         gb = gb_ if need_b else None
     if need_x:
         fn = _grad_input if now else grad_input_op
-        gi = fn(g, weight, ctx.input_size, ctx.input_cl, stride, padding, dilation, groups)
+        gi = fn(g, weight, input_size, input_cl, stride, padding, dilation, groups)
     if need_w:
         fn = _grad_weight if now else grad_weight_op
-        gw = fn(g, input, list(weight.shape), ctx.weight_cl, stride, padding, dilation, groups)
-    return gi, gw, gb, None, None, None, None, None
+        gw = fn(g, input, list(weight.shape), weight_cl, stride, padding, dilation, groups)
+    return gi, gw, gb
 
 
 conv2d_relu_op.register_autograd(_backward, setup_context=_setup_context)
