@@ -319,12 +319,12 @@ def layer_backends(model: nn.Module, x: torch.Tensor, amp=None) -> list[tuple[st
     on ``x``: what dispatch selects for that layer's actual call signature."""
     seen: list[tuple[str, str, str]] = []
     current: list[str] = []
-    select = dispatch.select
+    select_call, fast = dispatch.select_call, dispatch.FAST
 
     def recording_select(op, checked, backend):
-        chosen = select(op, checked, backend)
+        chosen, final = select_call(op, checked, backend)
         seen.append((current[-1] if current else "?", op, chosen.name))
-        return chosen
+        return chosen, final
 
     def pre(name):
         def hook(mod, inputs):
@@ -340,13 +340,14 @@ def layer_backends(model: nn.Module, x: torch.Tensor, amp=None) -> list[tuple[st
         if type(mod).__module__ == fnn.__name__ and hasattr(mod, "backend"):
             handles += [mod.register_forward_pre_hook(pre(name)),
                         mod.register_forward_hook(post)]
-    dispatch.select = recording_select
+    # every call goes through select_call: decided signatures' fast path is set aside meanwhile
+    dispatch.select_call, dispatch.FAST = recording_select, {}
     try:
         with torch.no_grad(), torch.autocast(x.device.type, dtype=amp or torch.float32,
                                              enabled=amp is not None):
             twin(x)
     finally:
-        dispatch.select = select
+        dispatch.select_call, dispatch.FAST = select_call, fast
         for h in handles:
             h.remove()
     return seen
