@@ -1,8 +1,9 @@
 """Never silently wrong: every backend on the edge shapes and special values of issue 9.
 
 * Edge shapes: batch 0, 1x1 spatial, outputs of size 1, very wide channels, odd sizes.
-* Special values: NaN and Inf propagate as in torch (conv+ReLU, max-pool, batch norm); batch
-  norm keeps its accuracy for inputs with large means; float16 overflow behaves as torch's.
+* Special values: NaN and Inf propagate as in torch (conv+ReLU, max-pool, batch norm);
+  float16 overflow behaves as torch's. (Batch norm's accuracy for inputs with large means:
+  tests/test_batch_norm.py::test_large_mean.)
 * Tensors beyond 2**31 elements: the kernels' 64-bit index paths, forced on small tensors
   (CPU), and one real ~9 GB case per GPU backend (``slow``).
 
@@ -305,23 +306,7 @@ def test_max_pool_window_entirely_in_padding(backend, request):
             assert got == dict(neginf=True, zero_grad=True), f"return_indices={mode}: {got}"
 
 
-# --------------------------------------------------------------------------- batch norm accuracy
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("shift", [1e3, 1e4, 1e5])
-def test_batch_norm_large_mean(backend, shift, training):
-    """x = shift + N(0, 1) in float32. A float32 mean carries an absolute error of up to
-    u * |mean| (u = 2**-24), so a kernel that keeps its statistics in float32 can be held to
-    a relative error of a few u * (|mean| / std + 1) in the output and every gradient: torch's
-    own float32 batch norm sits at about a tenth to a half of that. A one-pass
-    E[x^2] - E[x]^2 variance, or a plain running sum for the mean, misses it by orders of
-    magnitude. (The Triton kernels shift by a sample of each channel and stay near u.)"""
-    args = make_case("batch_norm", (4, 3, 6, 5), shift=shift, training=training, relu=False)
-    if not training:  # running statistics near the data, as after training on it
-        args["running_mean"] = torch.full((3,), shift, device=DEV) + 0.1
-        args["running_var"] = torch.full((3,), 1.2, device=DEV)
-    # bn_reference's bounds carry the statistics' error (a few u * |mean| in the centring,
-    # u * |x - mean| / var in the scale) elementwise through the normalisation
-    check_against_reference("batch_norm", args, backend, what=f"{backend} mean {shift:g}")
+# (batch norm of inputs with large means: tests/test_batch_norm.py::test_large_mean)
 
 
 @numpy_specials
