@@ -384,8 +384,9 @@ STATS = ("running_mean", "running_var")
 
 
 def make_case(op: str, shape, dtype=torch.float32, *, scale=1.0, shift=0.0, seed=0,
-              **params) -> dict:
-    """Random arguments of ``op`` (keyword dict for fastconv.functional) on DEV.
+              device=None, **params) -> dict:
+    """Random arguments of ``op`` (keyword dict for fastconv.functional) on ``device`` (DEV
+    by default).
 
     conv2d_relu takes ``out_channels``, ``kernel`` (pair) and ``bias`` (bool) in ``params``;
     batch_norm takes ``affine`` and ``stats`` (bools); ``channels_last=True`` makes the input
@@ -417,7 +418,8 @@ def make_case(op: str, shape, dtype=torch.float32, *, scale=1.0, shift=0.0, seed
         args["weight"] = (rnd(c) * 0.5 + 1).to(pdtype) if affine else None
         args["bias"] = (rnd(c) * 0.5).to(pdtype) if affine else None
     args.update(params)
-    return {k: v.to(DEV) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    dev = DEV if device is None else device
+    return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
 
 
 def _copy_args(args: dict, dtype=None) -> dict:

@@ -65,73 +65,25 @@ def exact_kernels(monkeypatch):
 
 
 # --------------------------------------------------------------------------- edge shapes
-# (id, op, input shape, params): every op at batch 0, 1x1 spatial, output of size 1, very
-# wide channels and odd sizes. Channel counts stay small enough for the interpreter.
+# (id, op, input shape, params): odd and dilated geometry of every op, for the 64-bit index
+# paths below. (The edge shapes of each op -- batch 0, 1x1 spatial, outputs of size 1, very
+# wide channels -- are in tests/test_<op>.py.)
 EDGE_CASES = [
-    ("conv batch0", "conv2d_relu", (0, 3, 5, 5), dict(out_channels=4, kernel=(3, 3), padding=1)),
-    ("conv 1x1 spatial", "conv2d_relu", (2, 6, 1, 1), dict(out_channels=5, kernel=(1, 1))),
-    ("conv 1x1 spatial 3x3 pad1", "conv2d_relu", (2, 4, 1, 1),
-     dict(out_channels=3, kernel=(3, 3), padding=1)),
-    ("conv output 1x1 (kernel = input)", "conv2d_relu", (2, 3, 5, 5),
-     dict(out_channels=4, kernel=(5, 5))),
-    ("conv output 1x1 (stride > input)", "conv2d_relu", (2, 3, 6, 6),
-     dict(out_channels=4, kernel=(3, 3), stride=4)),
-    ("conv wide in-channels", "conv2d_relu", (2, 1024, 2, 2),
-     dict(out_channels=3, kernel=(1, 1))),
-    ("conv wide out-channels", "conv2d_relu", (1, 3, 3, 3),
-     dict(out_channels=1000, kernel=(3, 3), padding=1)),
     ("conv odd geometry", "conv2d_relu", (3, 5, 7, 5),
      dict(out_channels=7, kernel=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1))),
     ("conv odd groups no relu", "conv2d_relu", (2, 6, 5, 7),
      dict(out_channels=9, kernel=(3, 3), groups=3, padding=1, relu=False)),
-    ("conv no bias", "conv2d_relu", (2, 3, 5, 4), dict(out_channels=5, kernel=(2, 3), bias=False)),
-    ("maxpool batch0", "max_pool2d", (0, 3, 7, 7), dict(kernel_size=3, stride=2)),
-    ("maxpool 1x1 spatial", "max_pool2d", (2, 3, 1, 1), dict(kernel_size=1)),
-    ("maxpool output 1x1", "max_pool2d", (2, 3, 3, 3), dict(kernel_size=3, relu=True)),
-    ("maxpool global padded", "max_pool2d", (2, 3, 4, 4),
-     dict(kernel_size=4, padding=2, ceil_mode=True, return_indices=True)),
-    ("maxpool wide channels", "max_pool2d", (1, 4096, 2, 2), dict(kernel_size=2)),
     ("maxpool odd ceil indices", "max_pool2d", (2, 3, 7, 5),
      dict(kernel_size=3, stride=2, ceil_mode=True, return_indices=True, relu=True)),
     ("maxpool dilated", "max_pool2d", (1, 2, 9, 8),
      dict(kernel_size=(3, 2), stride=(2, 1), padding=1, dilation=(2, 3))),
-    ("avgpool batch0", "avg_pool2d", (0, 3, 7, 7), dict(kernel_size=3, stride=2)),
-    ("avgpool 1x1 spatial", "avg_pool2d", (2, 3, 1, 1), dict(kernel_size=1)),
-    ("avgpool output 1x1", "avg_pool2d", (2, 3, 3, 3), dict(kernel_size=3)),
-    ("avgpool wide channels", "avg_pool2d", (1, 4096, 2, 2), dict(kernel_size=2)),
     ("avgpool odd ceil no pad count", "avg_pool2d", (2, 3, 7, 5),
      dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)),
-    ("avgpool divisor", "avg_pool2d", (1, 2, 5, 6), dict(kernel_size=2, divisor_override=3)),
-    ("adaptive batch0", "adaptive_avg_pool2d", (0, 3, 7, 7), dict(output_size=1)),
-    ("adaptive 1x1 spatial", "adaptive_avg_pool2d", (2, 3, 1, 1), dict(output_size=1)),
     ("adaptive global odd", "adaptive_avg_pool2d", (2, 3, 7, 5), dict(output_size=1)),
-    ("adaptive wide channels", "adaptive_avg_pool2d", (1, 4096, 3, 3), dict(output_size=1)),
     ("adaptive odd", "adaptive_avg_pool2d", (2, 3, 7, 5), dict(output_size=(3, 2))),
-    ("adaptive larger than input", "adaptive_avg_pool2d", (1, 2, 3, 3), dict(output_size=(5, 4))),
-    ("bn eval batch0", "batch_norm", (0, 3, 5, 5), dict(training=False, relu=True)),
-    ("bn train 1x1 spatial", "batch_norm", (2, 3, 1, 1), dict(training=True)),
-    ("bn train batch1", "batch_norm", (1, 3, 2, 1), dict(training=True, relu=True)),
-    # (the Triton interpreter runs one program per channel in NCHW: keep that one narrower)
-    ("bn train wide channels nhwc", "batch_norm", (2, 4096, 1, 2),
-     dict(training=True, relu=True, channels_last=True)),
-    ("bn train wide channels", "batch_norm", (2, 256, 1, 1), dict(training=True, relu=True)),
     ("bn train odd", "batch_norm", (3, 5, 7, 5), dict(training=True, relu=True)),
     ("bn eval odd", "batch_norm", (3, 5, 7, 5), dict(training=False)),
-    ("bn train no affine no stats", "batch_norm", (2, 3, 3, 5),
-     dict(training=True, affine=False, stats=False)),
 ]
-
-
-@pytest.mark.parametrize("case", EDGE_CASES, ids=[c[0] for c in EDGE_CASES])
-def test_edge_shapes(case, backend):
-    name, op, shape, params = case
-    args = make_case(op, shape, **dict(params))
-    if backend == "triton" and op == "batch_norm" and shape[0] == 0:
-        # the Triton batch norm refuses empty inputs (auto falls back): a clear error is fine
-        with pytest.raises(fastconv.BackendUnavailableError, match="non-empty"):
-            call(op, args, backend)
-        return
-    check_against_reference(op, args, backend, what=f"{backend} {name}")
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -359,22 +311,17 @@ def test_float16_pools_accumulate_wide(backend):
 
 
 # --------------------------------------------------------------------------- 64-bit indexing
-@pytest.fixture
-def forced_index64(monkeypatch, backend):
-    """Make every kernel take its 64-bit index path on small tensors (CPU-checkable)."""
-    if backend == "triton":
-        from fastconv.backends.triton import utils
-        monkeypatch.setattr(utils, "FORCE_INDEX64", True)  # plans follow it
-        return True
-    return False  # torch and the extension's C++ kernels index with int64 throughout
-
-
-@pytest.mark.parametrize("case", [c for c in EDGE_CASES if "odd" in c[0] or "dilated" in c[0]],
-                         ids=lambda c: c[0])
-def test_index64_paths_match(case, backend, forced_index64):
+@pytest.mark.parametrize("case", EDGE_CASES, ids=lambda c: c[0])
+def test_index64_paths_match(case, monkeypatch):
+    """Every Triton kernel on its 64-bit index path, forced on small tensors (CPU-checkable).
+    (torch and the extension's C++ kernels index with int64 throughout: the same cases run
+    on them in tests/test_<op>.py.)"""
+    require("triton")
+    from fastconv.backends.triton import utils
+    monkeypatch.setattr(utils, "FORCE_INDEX64", True)  # plans follow it
     name, op, shape, params = case
     args = make_case(op, shape, **dict(params))
-    check_against_reference(op, args, backend, what=f"{backend} int64 {name}")
+    check_against_reference(op, args, "triton", what=f"triton int64 {name}")
 
 
 @requires_cuda
