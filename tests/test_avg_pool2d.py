@@ -105,3 +105,33 @@ def test_torch_backend_is_routed_and_matches_float64():
     out = fastconv.functional.avg_pool2d(x, **p, backend="torch")
     assert torch.equal(out, torch.nn.functional.avg_pool2d(x, **p))
     assert_within(out, *support.avg_pool_reference("avg_pool2d", x, p, None)["output"], "torch")
+
+
+# Edge shapes (moved from test_reliability_numerics.py): batch 0, 1x1 spatial, outputs of size 1,
+# very wide channels, outputs larger than the input. make_case's random arguments, checked by
+# support.check_against_reference (every element within its bound).
+EDGE_CASES = [
+    ("avgpool batch0", "avg_pool2d", (0, 3, 7, 7), dict(kernel_size=3, stride=2)),
+    ("avgpool 1x1 spatial", "avg_pool2d", (2, 3, 1, 1), dict(kernel_size=1)),
+    ("avgpool output 1x1", "avg_pool2d", (2, 3, 3, 3), dict(kernel_size=3)),
+    ("avgpool wide channels", "avg_pool2d", (1, 4096, 2, 2), dict(kernel_size=2)),
+    ("avgpool odd ceil no pad count", "avg_pool2d", (2, 3, 7, 5),
+     dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)),
+    ("avgpool divisor", "avg_pool2d", (1, 2, 5, 6), dict(kernel_size=2, divisor_override=3)),
+    ("adaptive batch0", "adaptive_avg_pool2d", (0, 3, 7, 7), dict(output_size=1)),
+    ("adaptive 1x1 spatial", "adaptive_avg_pool2d", (2, 3, 1, 1), dict(output_size=1)),
+    ("adaptive global odd", "adaptive_avg_pool2d", (2, 3, 7, 5), dict(output_size=1)),
+    ("adaptive wide channels", "adaptive_avg_pool2d", (1, 4096, 3, 3), dict(output_size=1)),
+    ("adaptive odd", "adaptive_avg_pool2d", (2, 3, 7, 5), dict(output_size=(3, 2))),
+    ("adaptive larger than input", "adaptive_avg_pool2d", (1, 2, 3, 3), dict(output_size=(5, 4))),
+]
+
+
+@pytest.mark.parametrize("bd", support.backend_params(support.BACKENDS))
+@pytest.mark.parametrize("case", EDGE_CASES, ids=[c[0] for c in EDGE_CASES])
+def test_edge_shapes(case, bd):
+    name, op, shape, params = case
+    backend, device = bd
+    support.require(backend, device)
+    args = support.make_case(op, shape, device=device, **dict(params))
+    support.check_against_reference(op, args, backend, what=f"{backend} {name}")

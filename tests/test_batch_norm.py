@@ -87,7 +87,7 @@ CASES = [
      dict(training=False, eps=1e-3)),
     ("two values per channel", (2, 4, 1, 1), {}, dict(training=True, relu=True)),
     ("two values per channel eps0.1", (1, 3, 2, 1), {}, dict(training=True, eps=0.1)),
-    ("mean 1e4", (2, 3, 5, 7), dict(offset=1e4, spread=(1.0,)), dict(training=True)),
+    # (plain float32 training at mean 1e4: test_large_mean)
     ("mean 1e4 nhwc relu no affine", (2, 4, 5, 7),
      dict(offset=1e4, spread=(1.0,), channels_last=True, affine=False),
      dict(training=True, relu=True)),
@@ -109,6 +109,25 @@ def test_batch_norm(case, bd):
     support.require(backend, device)
     args, gen = make(shape, torch.float32, device, **mk)
     check(backend, args, gen, what=f"{backend} {name}", **ck)
+
+
+@pytest.mark.parametrize("bd", support.backend_params(support.BACKENDS))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shift", [1e3, 1e4, 1e5])
+def test_large_mean(shift, training, bd):
+    """x = shift + N(0, 1) in float32 (from test_reliability_numerics). A float32 mean carries
+    an absolute error of up to u |mean|; bn_reference's bounds carry that through the
+    normalisation elementwise, which a one-pass E[x^2] - E[x]^2 variance or a plain running
+    sum for the mean misses by orders of magnitude. Eval reads running statistics near the
+    data, as after training on it."""
+    backend, device = bd
+    support.require(backend, device)
+    args, gen = make((4, 3, 6, 5), torch.float32, device, offset=shift, spread=(1.0,),
+                     affine=True, stats=True)
+    if not training:
+        args["running_mean"] = torch.full((3,), shift, device=device) + 0.1
+        args["running_var"] = torch.full((3,), 1.2, device=device)
+    check(backend, args, gen, training=training, what=f"{backend} mean {shift:g}")
 
 
 @pytest.mark.parametrize("bd", support.backend_params())
@@ -195,3 +214,36 @@ def test_torch_backend_is_routed_and_matches_float64():
                                out, None)
     assert_within(out, *ref["output"], "torch output")
     assert_within(used["running_var"], *ref["running_var"], "torch running_var")
+
+
+# Edge shapes (moved from test_reliability_numerics.py): batch 0 (eval), 1x1 spatial, batch 1,
+# very wide channels. make_case's random arguments, checked by support.check_against_reference
+# (every element within its bound).
+EDGE_CASES = [
+    ("bn eval batch0", "batch_norm", (0, 3, 5, 5), dict(training=False, relu=True)),
+    ("bn train 1x1 spatial", "batch_norm", (2, 3, 1, 1), dict(training=True)),
+    ("bn train batch1", "batch_norm", (1, 3, 2, 1), dict(training=True, relu=True)),
+    # (the Triton interpreter runs one program per channel in NCHW: keep that one narrower)
+    ("bn train wide channels nhwc", "batch_norm", (2, 4096, 1, 2),
+     dict(training=True, relu=True, channels_last=True)),
+    ("bn train wide channels", "batch_norm", (2, 256, 1, 1), dict(training=True, relu=True)),
+    ("bn train odd", "batch_norm", (3, 5, 7, 5), dict(training=True, relu=True)),
+    ("bn eval odd", "batch_norm", (3, 5, 7, 5), dict(training=False)),
+    ("bn train no affine no stats", "batch_norm", (2, 3, 3, 5),
+     dict(training=True, affine=False, stats=False)),
+]
+
+
+@pytest.mark.parametrize("bd", support.backend_params(support.BACKENDS))
+@pytest.mark.parametrize("case", EDGE_CASES, ids=[c[0] for c in EDGE_CASES])
+def test_edge_shapes(case, bd):
+    name, op, shape, params = case
+    backend, device = bd
+    support.require(backend, device)
+    args = support.make_case(op, shape, device=device, **dict(params))
+    if backend == "triton" and shape[0] == 0:
+        # the Triton batch norm refuses empty inputs (auto falls back): a clear error is fine
+        with pytest.raises(fastconv.BackendUnavailableError, match="non-empty"):
+            support.call(op, args, backend)
+        return
+    support.check_against_reference(op, args, backend, what=f"{backend} {name}")

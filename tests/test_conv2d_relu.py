@@ -113,3 +113,36 @@ def test_torch_backend_is_routed_and_matches_float64():
     assert torch.equal(out, torch.nn.functional.conv2d(x, w, b))
     ref = support.conv_reference(x, w, b, (1, 1), (0, 0), (1, 1), 1, False, out, None)
     assert_within(out, *ref["output"], "torch output")
+
+
+# Edge shapes (moved from test_reliability_numerics.py): batch 0, 1x1 spatial, outputs of size 1,
+# very wide channels, odd geometry and groups. make_case's random arguments, checked by
+# support.check_against_reference (every element within its bound).
+EDGE_CASES = [
+    ("conv batch0", "conv2d_relu", (0, 3, 5, 5), dict(out_channels=4, kernel=(3, 3), padding=1)),
+    ("conv 1x1 spatial", "conv2d_relu", (2, 6, 1, 1), dict(out_channels=5, kernel=(1, 1))),
+    ("conv 1x1 spatial 3x3 pad1", "conv2d_relu", (2, 4, 1, 1),
+     dict(out_channels=3, kernel=(3, 3), padding=1)),
+    ("conv output 1x1 (kernel = input)", "conv2d_relu", (2, 3, 5, 5),
+     dict(out_channels=4, kernel=(5, 5))),
+    ("conv output 1x1 (stride > input)", "conv2d_relu", (2, 3, 6, 6),
+     dict(out_channels=4, kernel=(3, 3), stride=4)),
+    ("conv wide in-channels", "conv2d_relu", (2, 1024, 2, 2),
+     dict(out_channels=3, kernel=(1, 1))),
+    ("conv wide out-channels", "conv2d_relu", (1, 3, 3, 3),
+     dict(out_channels=1000, kernel=(3, 3), padding=1)),
+    ("conv odd geometry", "conv2d_relu", (3, 5, 7, 5),
+     dict(out_channels=7, kernel=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1))),
+    ("conv odd groups no relu", "conv2d_relu", (2, 6, 5, 7),
+     dict(out_channels=9, kernel=(3, 3), groups=3, padding=1, relu=False)),
+]
+
+
+@pytest.mark.parametrize("bd", support.backend_params(support.BACKENDS))
+@pytest.mark.parametrize("case", EDGE_CASES, ids=[c[0] for c in EDGE_CASES])
+def test_edge_shapes(case, bd):
+    name, op, shape, params = case
+    backend, device = bd
+    support.require(backend, device)
+    args = support.make_case(op, shape, device=device, **dict(params))
+    support.check_against_reference(op, args, backend, what=f"{backend} {name}")

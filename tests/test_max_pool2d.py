@@ -116,3 +116,30 @@ def test_torch_backend_is_routed_and_matches_float64():
     ref = support.max_pool_reference(x, 3, 2, 1, 2, True, True, None)
     assert_within(out, *ref["output"], "torch output")
 
+
+
+# Edge shapes (moved from test_reliability_numerics.py): batch 0, 1x1 spatial, an output of size
+# 1, a global padded window, very wide channels. make_case's random arguments, checked by
+# support.check_against_reference (every element within its bound).
+EDGE_CASES = [
+    ("maxpool batch0", "max_pool2d", (0, 3, 7, 7), dict(kernel_size=3, stride=2)),
+    ("maxpool 1x1 spatial", "max_pool2d", (2, 3, 1, 1), dict(kernel_size=1)),
+    ("maxpool output 1x1", "max_pool2d", (2, 3, 3, 3), dict(kernel_size=3, relu=True)),
+    ("maxpool global padded", "max_pool2d", (2, 3, 4, 4),
+     dict(kernel_size=4, padding=2, ceil_mode=True, return_indices=True)),
+    ("maxpool wide channels", "max_pool2d", (1, 4096, 2, 2), dict(kernel_size=2)),
+    ("maxpool odd ceil indices", "max_pool2d", (2, 3, 7, 5),
+     dict(kernel_size=3, stride=2, ceil_mode=True, return_indices=True, relu=True)),
+    ("maxpool dilated", "max_pool2d", (1, 2, 9, 8),
+     dict(kernel_size=(3, 2), stride=(2, 1), padding=1, dilation=(2, 3))),
+]
+
+
+@pytest.mark.parametrize("bd", support.backend_params(support.BACKENDS))
+@pytest.mark.parametrize("case", EDGE_CASES, ids=[c[0] for c in EDGE_CASES])
+def test_edge_shapes(case, bd):
+    name, op, shape, params = case
+    backend, device = bd
+    support.require(backend, device)
+    args = support.make_case(op, shape, device=device, **dict(params))
+    support.check_against_reference(op, args, backend, what=f"{backend} {name}")
