@@ -87,7 +87,8 @@ def _values(op: str) -> dict:
         w, b = rnd(4, grad=True), rnd(4, grad=True)
         stats = dict(running_mean=rnd(4) * 0.1, running_var=rnd(4).abs() + 0.5)
         v.update(stats, weight=w, bias=b, training=True, momentum=0.1, eps=1e-5,
-                 grad_output=rnd(*x.shape))
+                 grad_output=rnd(*x.shape), residual=rnd(*x.shape, grad=True),
+                 output_mask=[True, True, True, True])
         s = {k: t.clone() for k, t in stats.items()}
         if triton:
             centre, mean, invstd = ops.triton_batch_norm_stats(x.detach(), s["running_mean"],
