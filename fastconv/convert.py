@@ -11,7 +11,8 @@ some ``nn.ReLU`` modules, those become :class:`~fastconv.nn.AbsorbedReLU` (an Id
 forward() is untouched; otherwise (``F.relu`` in forward code, a shared ReLU module also used
 elsewhere) the model's forward() becomes the rewritten graph, bound to the model itself: its
 class, submodules and state_dict keys stay, and ``revert`` restores the class's forward().
-Limits of that rewrite: it is the forward() of the root, so hooks on container modules no
+The rewritten forward() (:class:`RewrittenForward`) pickles as its code, so ``torch.save`` of the
+whole model, ``torch.load`` and ``copy.deepcopy`` keep it. Limits of that rewrite: it is the forward() of the root, so hooks on container modules no
 longer fire and a container called on its own runs its original code; and it is only done
 when forward() traces alike in train and eval mode.
 ResNet's block ending ``relu(bn(y) + identity)`` becomes one batch norm call
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import logging
 import operator
 import types
@@ -437,9 +439,32 @@ def _rewrite_forward(model: nn.Module, graph: torch.fx.Graph) -> None:
     The generated code reaches every layer by its qualified name (``self.layer1[0].conv1``), so
     it runs on ``model`` itself: the class, every submodule and every state_dict key stay.
     """
-    forward = type(torch.fx.GraphModule(model, graph)).forward
-    forward._fastconv_graph = graph
-    model.forward = types.MethodType(forward, model)
+    code = graph.python_code(root_module="self")
+    names = {name: ("module", obj.__name__) if isinstance(obj, types.ModuleType)
+             else ("object", obj) for name, obj in code.globals.items()}
+    model.forward = RewrittenForward(model, code.src, names, graph)
+
+
+class RewrittenForward:
+    """A converted model's forward() where convert rewrote it: the traced graph's code, run on
+    the model. It pickles as that code and the names the code uses, so ``torch.save`` of the
+    whole model and ``copy.deepcopy`` give a model that runs the rewritten forward (a bound
+    method would come back as the class's forward(), whose ReLUs convert took out)."""
+
+    def __init__(self, model: nn.Module, src: str, names: dict, graph=None):
+        self.__self__ = model
+        self._src, self._names = src, names
+        self._fastconv_graph = graph  # None in a loaded copy
+        scope = {name: importlib.import_module(ref) if kind == "module" else ref
+                 for name, (kind, ref) in names.items()}
+        exec(compile(src, "<fastconv: rewritten forward>", "exec"), scope)
+        self.__func__ = scope["forward"]
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __reduce__(self):
+        return (RewrittenForward, (self.__self__, self._src, self._names))
 
 
 def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -462,7 +487,7 @@ def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
         else:
             continue
         _set(model, name, new)
-    if hasattr(model.__dict__.get("forward"), "_fastconv_graph"):
+    if isinstance(model.__dict__.get("forward"), RewrittenForward):
         del model.__dict__["forward"]  # the class's own forward() again
     if "_fastconv_report" in model.__dict__:
         del model.__dict__["_fastconv_report"]

@@ -62,6 +62,16 @@ AUTO_ORDER = {"cuda": ("triton", "extension", "torch"), "cpu": ("extension", "to
 NAMES = ("auto", *BACKENDS)
 FAST: dict[tuple, Any] = {}  # fast-path key -> bound implementation (see the module docstring)
 FAST_MAX = 4096  # a program that keeps making new shapes must not grow it without bound
+# bumped whenever FAST is emptied: the drop-in modules' own memo of their last decided call
+# (fastconv.nn) holds it and is void once it changes
+EPOCH = 0
+
+
+def forget_fast_paths() -> None:
+    """Empty :data:`FAST` and void every module's memo of its last decided call."""
+    global EPOCH
+    FAST.clear()
+    EPOCH += 1
 
 
 class BackendUnavailableError(RuntimeError):
@@ -136,15 +146,16 @@ def call_key(op: str, tensors: tuple, geometry: tuple, flags: tuple,
              backend: Optional[str]) -> Optional[tuple]:
     """The fast-path key of a call from its raw arguments, or ``None`` when it has none.
 
-    ``geometry`` holds ints, pairs of ints, ``None`` or strings exactly as passed (their types
-    are checked, since ``True == 1`` and ``1.0 == 1`` in a dict key), ``flags`` bools. Under
-    tracing or autocast there is no fast path.
+    ``geometry`` holds ints, floats (batch norm's momentum and eps), pairs of ints, ``None``
+    or strings exactly as passed (their types are checked, since ``True == 1`` and
+    ``1.0 == 1`` in a dict key), ``flags`` bools. Under tracing or autocast there is no fast
+    path.
     """
     if _compiling() or _any_autocast():
         return None
     for v in geometry:
         t = type(v)
-        if not (t is int or v is None or t is str or (t is tuple and len(v) == 2
+        if not (t is int or t is float or v is None or t is str or (t is tuple and len(v) == 2
                                                       and type(v[0]) is int
                                                       and type(v[1]) is int)):
             return None
@@ -160,7 +171,8 @@ def call_key(op: str, tensors: tuple, geometry: tuple, flags: tuple,
                                                   t.device, t.requires_grad) for t in tensors)
     except AttributeError:  # not a tensor: validation says so on the checked path
         return None
-    return (op, backend, _grad_enabled(), _deterministic(), described, geometry, flags)
+    return (op, backend, _grad_enabled(), _deterministic(), described,
+            tuple((type(v), v) for v in geometry), flags)
 
 
 def remember(key: Optional[tuple], op: str, impl: Backend, args: dict[str, Any]) -> None:
@@ -168,7 +180,7 @@ def remember(key: Optional[tuple], op: str, impl: Backend, args: dict[str, Any])
     if key is None:
         return
     if len(FAST) >= FAST_MAX:
-        FAST.clear()
+        forget_fast_paths()
     FAST[key] = impl.bind(op, args)
 
 

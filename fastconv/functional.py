@@ -90,7 +90,6 @@ def adaptive_avg_pool2d(input, output_size, *, backend=None):
     """:func:`torch.nn.functional.adaptive_avg_pool2d` (``None`` keeps that dimension)."""
     if _unbatched(input):
         return adaptive_avg_pool2d(input.unsqueeze(0), output_size, backend=backend).squeeze(0)
-    return _run("adaptive_avg_pool2d", check_adaptive_avg_pool2d(input, output_size), backend)
     key = dispatch.call_key("adaptive_avg_pool2d", (input,), (output_size,), (), backend)
     if key is not None:
         fast = dispatch.FAST.get(key)
@@ -110,9 +109,26 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     shape, dtype, device and memory format) is added to the normalised output before the
     ReLU: ``relu(batch_norm(input) + residual)``, ResNet's block ending, in one pass.
     """
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       relu, residual, backend, cacheable=True)
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu,
+                residual, backend, cacheable: bool):
+    """batch_norm with its fast path (``cacheable``: the caller's momentum is not a value that
+    changes every call, as ``nn.BatchNorm2d(momentum=None)``'s cumulative average; calls with a
+    ``residual`` take no fast path)."""
+    key = None
+    if cacheable and residual is None:
+        key = dispatch.call_key("batch_norm", (input, running_mean, running_var, weight, bias),
+                                (momentum, eps), (training, relu), backend)
+        if key is not None:
+            fast = dispatch.FAST.get(key)
+            if fast is not None:
+                return fast(input, running_mean, running_var, weight, bias)
     args = check_batch_norm(input, running_mean, running_var, weight, bias, training,
                             momentum, eps, relu=relu, residual=residual)
-    return _run("batch_norm", args, backend)
+    return _run("batch_norm", args, backend, key)
 
 
 # --------------------------------------------------------------------------- torch's extras

@@ -4,14 +4,15 @@ state_dict keys are the same; ``relu=`` fuses a ReLU and ``backend=`` picks the 
 """
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dispatch
 from . import functional as FF
-from .checks import check_batch_norm
 
 __all__ = ["Conv2dReLU", "MaxPool2d", "BatchNorm2d", "AvgPool2d", "AdaptiveAvgPool2d",
            "AbsorbedReLU", "FoldedBatchNorm"]
@@ -24,7 +25,56 @@ def _extra(relu: Optional[bool], backend: Optional[str]) -> str:
     return ", ".join(parts)
 
 
-class Conv2dReLU(nn.Conv2d):
+_grad_enabled = torch.is_grad_enabled
+_deterministic = torch.are_deterministic_algorithms_enabled
+_compiling = torch.compiler.is_compiling
+_any_autocast = torch._C._is_any_autocast_enabled
+_environ = os.environ
+
+
+class _Memo:
+    """A layer's memo of its last decided call: ``(state, implementation)``.
+
+    A repeated layer call whose state (every tensor's type, shape, strides, dtype, device and
+    requires_grad, the layer's arguments, grad and deterministic mode, the backend asked for,
+    and which fast-path table is in force) equals the memo's runs the implementation at
+    once. It is the decided fast path of ``fastconv.functional`` (``dispatch.FAST``) without
+    building and hashing that key: on a small layer every microsecond of Python shows
+    (LeNet on 2 CPU cores: the functional path cost ~7 us per layer call in a real forward,
+    10% of the inference step). Anything else, and calls under tracing or autocast, takes
+    the functional path; the memo is taken only from a decision that path remembered.
+    Not pickled or copied (a copy decides again on its first call).
+    """
+
+    def _memo_lookup(self, tensors: tuple, params: tuple) -> tuple[Optional[tuple], Any]:
+        """``(state, implementation)``: this call's state (None: no memo under tracing or
+        autocast) and the memo's implementation if the state matches (else None)."""
+        if _compiling() or _any_autocast():
+            return None, None
+        backend = self.backend
+        state = (id(dispatch.FAST), dispatch.EPOCH, _grad_enabled(), _deterministic(),
+                 _environ.get("FASTCONV_BACKEND") if backend is None else backend, params,
+                 *[None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device,
+                                           t.requires_grad) for t in tensors])
+        memo = self.__dict__.get("_fc_memo")
+        return state, (memo[1] if memo is not None and memo[0] == state else None)
+
+    def _memo_keep(self, state: Optional[tuple], op: str, tensors: tuple, geometry: tuple,
+                   flags: tuple) -> None:
+        if state is None:
+            return
+        key = dispatch.call_key(op, tensors, geometry, flags, self.backend)
+        impl = dispatch.FAST.get(key) if key is not None else None
+        if impl is not None:
+            self.__dict__["_fc_memo"] = (state, impl)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_fc_memo", None)
+        return state
+
+
+class Conv2dReLU(_Memo, nn.Conv2d):
     """``nn.Conv2d`` followed by ReLU, in one kernel (``relu=False``: the conv alone)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
@@ -59,17 +109,23 @@ class Conv2dReLU(nn.Conv2d):
         if self.padding_mode != "zeros":
             # as torch does: pad explicitly with the requested mode, then a padding-free conv
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
-        else:
-            padding = self.padding
-        return FF.conv2d_relu(input, self.weight, self.bias, self.stride, padding,
-                              self.dilation, self.groups, relu=self.relu, backend=self.backend)
+            return FF.conv2d_relu(input, self.weight, self.bias, self.stride, 0, self.dilation,
+                                  self.groups, relu=self.relu, backend=self.backend)
+        weight, bias = self.weight, self.bias
+        geometry = (self.stride, self.padding, self.dilation, self.groups)
+        state, impl = self._memo_lookup((input, weight, bias), (geometry, self.relu))
+        if impl is not None:
+            return impl(input, weight, bias)
+        out = FF.conv2d_relu(input, weight, bias, *geometry, relu=self.relu,
+                             backend=self.backend)
+        self._memo_keep(state, "conv2d_relu", (input, weight, bias), geometry, (self.relu,))
+        return out
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_extra(self.relu, self.backend)}"
 
 
-class MaxPool2d(nn.MaxPool2d):
+class MaxPool2d(_Memo, nn.MaxPool2d):
     """``nn.MaxPool2d``; ``relu=True`` also applies a preceding ReLU in the same pass."""
 
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices=False,
@@ -89,15 +145,20 @@ class MaxPool2d(nn.MaxPool2d):
                             self.return_indices, self.ceil_mode)
 
     def forward(self, input: torch.Tensor):
-        return FF.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
-                             self.ceil_mode, self.return_indices, relu=self.relu,
-                             backend=self.backend)
+        geometry = (self.kernel_size, self.stride, self.padding, self.dilation)
+        flags = (self.ceil_mode, self.return_indices, self.relu)
+        state, impl = self._memo_lookup((input,), (geometry, flags))
+        if impl is not None:
+            return impl(input)
+        out = FF.max_pool2d(input, *geometry, *flags[:2], relu=self.relu, backend=self.backend)
+        self._memo_keep(state, "max_pool2d", (input,), geometry, flags)
+        return out
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_extra(self.relu, self.backend)}"
 
 
-class AvgPool2d(nn.AvgPool2d):
+class AvgPool2d(_Memo, nn.AvgPool2d):
     def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False,
                  count_include_pad=True, divisor_override=None, *,
                  backend: Optional[str] = None):
@@ -115,15 +176,21 @@ class AvgPool2d(nn.AvgPool2d):
                             self.count_include_pad, self.divisor_override)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return FF.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
-                             self.count_include_pad, self.divisor_override,
-                             backend=self.backend)
+        geometry = (self.kernel_size, self.stride, self.padding, self.divisor_override)
+        flags = (self.ceil_mode, self.count_include_pad)
+        state, impl = self._memo_lookup((input,), (geometry, flags))
+        if impl is not None:
+            return impl(input)
+        out = FF.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                            self.count_include_pad, self.divisor_override, backend=self.backend)
+        self._memo_keep(state, "avg_pool2d", (input,), geometry, flags)
+        return out
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_extra(None, self.backend)}".rstrip(", ")
 
 
-class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+class AdaptiveAvgPool2d(_Memo, nn.AdaptiveAvgPool2d):
     def __init__(self, output_size, *, backend: Optional[str] = None):
         super().__init__(output_size)
         self.backend = backend
@@ -137,13 +204,18 @@ class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
         return nn.AdaptiveAvgPool2d(self.output_size)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return FF.adaptive_avg_pool2d(input, self.output_size, backend=self.backend)
+        state, impl = self._memo_lookup((input,), self.output_size)
+        if impl is not None:
+            return impl(input)
+        out = FF.adaptive_avg_pool2d(input, self.output_size, backend=self.backend)
+        self._memo_keep(state, "adaptive_avg_pool2d", (input,), (self.output_size,), ())
+        return out
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_extra(None, self.backend)}".rstrip(", ")
 
 
-class BatchNorm2d(nn.BatchNorm2d):
+class BatchNorm2d(_Memo, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` (same buffers, ``num_batches_tracked`` and ``momentum=None``
     semantics); ``relu=True`` fuses the following ReLU, and ``forward(input, residual)`` adds
     ``residual`` before it (``relu(bn(input) + residual)``, ResNet's block ending)."""
@@ -185,10 +257,17 @@ class BatchNorm2d(nn.BatchNorm2d):
         running_var = self.running_var if use_running else None
         # validate everything before any state (num_batches_tracked, running stats) changes,
         # and count the batch only once the op has run: a refused or failed call counts nothing
-        args = check_batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                bn_training, factor, self.eps, relu=self.relu,
-                                residual=residual)
-        out = FF._run("batch_norm", args, self.backend)
+        tensors = (input, running_mean, running_var, self.weight, self.bias)
+        cacheable = self.momentum is not None and residual is None
+        state, impl = self._memo_lookup(tensors, (bn_training, factor, self.eps, self.relu)) \
+            if cacheable else (None, None)
+        if impl is not None:
+            out = impl(*tensors)
+        else:
+            out = FF._batch_norm(*tensors, bn_training, factor, self.eps, self.relu, residual,
+                                 self.backend, cacheable=self.momentum is not None)
+            self._memo_keep(state, "batch_norm", tensors, (factor, self.eps),
+                            (bn_training, self.relu))
         if track:
             self.num_batches_tracked.add_(1)
         return out

@@ -163,7 +163,9 @@ def test_help_shows_every_default(capsys):
                     isinstance(action, argparse._HelpAction):
                 continue
             help_text = sub._get_formatter()._expand_help(action)
-            assert "default" in help_text.lower(), (name, action.option_strings, help_text)
+            assert "default" in help_text.lower() or (
+                action.required and help_text.endswith("(required)")), (
+                name, action.option_strings, help_text)
         assert "(default: " in text
     assert "(default: 3)" in subs.choices["bench"].format_help()  # --rounds
 

@@ -204,6 +204,26 @@ def test_state_dict_and_revert_round_trips(name):
         assert torch.equal(reverted.eval()(x), other.eval()(x))
 
 
+@pytest.mark.parametrize("name", ["tv_resnet18", "tv_googlenet"])
+def test_whole_model_save_and_load_keeps_the_rewritten_forward(name, tmp_path):
+    """torch.save of the whole converted model (not only its state_dict): the loaded model
+    runs the rewritten forward() (its class's forward() has no ReLU where convert took them
+    out), and so does a deep copy."""
+    stock, x = build(name)
+    fast = fastconv.convert(stock, backend="torch").eval()
+    assert "forward() rewritten" in fastconv.conversion_report(fast).method
+    with torch.no_grad():
+        expected = stock.eval()(x)
+        torch.save(fast, tmp_path / "model.pt")
+        loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+        # the torch backend runs stock's own ops in stock's order: equal, bit for bit
+        assert torch.equal(fast(x), expected)
+        for other in (loaded, copy.deepcopy(fast)):
+            assert other.forward.__self__ is other
+            assert torch.equal(other(x), expected)
+        assert "forward" not in fastconv.revert(loaded).__dict__
+
+
 def test_torch_compile_fullgraph_converted_resnet18():
     require("extension")
     stock, x = build("tv_resnet18")

@@ -144,6 +144,23 @@ def test_fastest_candidate_is_chosen_and_remembered(monkeypatch, tuning):
     assert "infer      fast (measured: fast 1 ms, torch 2 ms, slow 3 ms)" in text, text
 
 
+@pytest.mark.parametrize("fast_ms, torch_ms, expected", [
+    (1.90, 2.0, "torch"),     # 5% faster: within the margin, a tie goes to torch
+    (1.894, 2.0, "fast"),     # beyond 5% and the 5 us call cost
+    (0.014, 0.020, "torch"),  # 30% faster, but by less than the 5 us call cost + 5%
+    (0.013, 0.020, "fast"),
+])
+def test_another_backend_must_beat_torch_by_the_margin(monkeypatch, tuning, fast_ms, torch_ms,
+                                                       expected):
+    fast, torch_ = Ticking("fast", tuning, fast_ms * 1e-3), Ticking("torch", tuning,
+                                                                     torch_ms * 1e-3)
+    install(monkeypatch, fast, torch_)
+    x, w, b = xwb(9)
+    with torch.no_grad():
+        FF.conv2d_relu(x, w, b, padding=1)
+    assert fastconv.backend_for("conv2d_relu", x, w, b, padding=1) == expected
+
+
 def test_injected_timings_choose_torch_over_the_fixed_order(monkeypatch, cache_file):
     x, w, b = xwb(2)
     order = dispatch.auto_order("cpu")

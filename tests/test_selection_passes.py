@@ -45,6 +45,10 @@ class Recording(TorchBackend):
     def __init__(self, name, log):
         self.name, self.log = name, log
 
+    def conv2d_relu(self, *args):  # the backend's own whole call (torch's autograd)
+        self.log.append((self.name, "whole"))
+        return super().conv2d_relu(*args)
+
     def conv2d_relu_passes(self):
         backend = self
 
@@ -92,7 +96,9 @@ def cache_file(tmp_path, monkeypatch):
 
 TIMES = {"forward": {"a": 3.0, "b": 1.0, "c": 2.0},
          "grad_input": {"a": 1.0, "b": 3.0, "c": 2.0},
-         "grad_weight": {"a": 2.0, "b": 3.0, "c": 1.0}}
+         "grad_weight": {"a": 2.0, "b": 3.0, "c": 1.0},
+         # the winning triple timed whole against each backend's whole call
+         "whole": {"a": 3.0, "b": 2.0, "c": 2.0, "mixed": 1.0}}
 
 
 def test_each_pass_takes_its_fastest_and_the_cache_keeps_the_triple(monkeypatch, cache_file):
@@ -113,7 +119,8 @@ def test_each_pass_takes_its_fastest_and_the_cache_keeps_the_triple(monkeypatch,
     assert torch.equal(torch.get_rng_state(), rng)
     assert torch.equal(wp.detach(), w) and torch.equal(bp.detach(), b)
     # the input needs no gradient: grad_input is neither measured nor chosen
-    assert timed == [("forward", ["a", "b", "c"]), ("grad_weight", ["a", "b", "c"])]
+    assert timed == [("forward", ["a", "b", "c"]), ("grad_weight", ["a", "b", "c"]),
+                     ("whole", ["a", "b", "c", "mixed"])]
     log.clear()
     g = torch.randn(out.shape, generator=generator("g4"))
     out.backward(g)
@@ -124,9 +131,9 @@ def test_each_pass_takes_its_fastest_and_the_cache_keeps_the_triple(monkeypatch,
     assert name == "forward b, grad_input unused, grad_weight c"
     text = fastconv.explain("conv2d_relu", x, wp, bp, 2, 1)
     assert "train      forward b (b 1 ms, c 2 ms, a 3 ms); grad_weight c (c 1 ms, a 2 ms, " \
-        "b 3 ms) [measured]" in text, text
+        "b 3 ms); whole call (mixed 1 ms, b 2 ms, c 2 ms, a 3 ms) [measured]" in text, text
     data = json.loads(cache_file.read_text())
-    assert data["format"] == selection.FORMAT == 2
+    assert data["format"] == selection.FORMAT == 3
     (table,) = data["tables"].values()
     (entry,) = table.values()
     assert entry["passes"] == {"forward": "b", "grad_input": None, "grad_weight": "c"}
@@ -135,6 +142,43 @@ def test_each_pass_takes_its_fastest_and_the_cache_keeps_the_triple(monkeypatch,
     selection.set_timer(lambda runs, device: pytest.fail("timed a cached signature"))
     assert fastconv.backend_for("conv2d_relu", x, wp, bp, 2, 1) == name
     assert "[cached]" in fastconv.explain("conv2d_relu", x, wp, bp, 2, 1)
+
+
+@pytest.mark.parametrize("whole, expected", [
+    ({"a": 1.0, "b": 2.0, "c": 2.0, "mixed": 1.5}, "a"),
+    ({"a": 3.0, "b": 2.0, "c": 1.5, "mixed": 1.5}, "c"),  # a tie goes to the earlier name
+])
+def test_a_single_backend_that_is_faster_whole_wins(monkeypatch, cache_file, whole, expected):
+    """The per-pass winner's autograd Function can cost more than its kernels save: the whole
+    training call decides, and every pass then runs on the winner."""
+    log = []
+    install(monkeypatch, *(Recording(n, log) for n in ("a", "b", "c")))
+    times = dict(TIMES, whole=whole)
+    selection.set_timer(lambda runs, device: {
+        n: times[next(iter(runs.values())).piece][n] * 1e-3 for n in runs})
+    x, w, b = (t.requires_grad_() for t in case(7, True))
+    FF.conv2d_relu(x, w, b, 2, 1)
+    assert fastconv.backend_for("conv2d_relu", x, w, b, 2, 1) == expected
+    entry = selection.decided("conv2d_relu", dispatch_args(x, w, b), "train")
+    assert entry["passes"] == dict.fromkeys(("forward", "grad_input", "grad_weight"), expected)
+    log.clear()
+    out = FF.conv2d_relu(x, w, b, 2, 1)
+    out.backward(torch.randn(out.shape, generator=generator("g7")))
+    assert log == [(expected, "whole")]
+
+
+def test_torch_winning_every_pass_is_not_timed_whole(monkeypatch, cache_file):
+    timed = []
+
+    def timer(runs, device):
+        timed.append(next(iter(runs.values())).piece)
+        return {n: float(n != "torch") for n in runs}
+
+    selection.set_timer(timer)
+    x, w, b = (t.requires_grad_() for t in case(8, True))
+    FF.conv2d_relu(x, w, b, 2, 1)
+    assert "whole" not in timed and timed
+    assert fastconv.backend_for("conv2d_relu", x, w, b, 2, 1) == "torch"
 
 
 def test_old_format_is_ignored(monkeypatch, cache_file):
@@ -160,7 +204,8 @@ def test_compiled_model_with_a_mixed_decision(monkeypatch, cache_file):
     require("extension", "cpu")
     times = {"forward": {"extension": 1.0, "torch": 2.0},
              "grad_input": {"extension": 2.0, "torch": 1.0},
-             "grad_weight": {"extension": 1.0, "torch": 2.0}}
+             "grad_weight": {"extension": 1.0, "torch": 2.0},
+             "whole": {"extension": 2.0, "torch": 2.0, "mixed": 1.0}}
     selection.set_timer(lambda runs, device: {
         n: times[next(iter(runs.values())).piece][n] for n in runs})
     monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("extension", "torch"))

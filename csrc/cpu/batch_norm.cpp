@@ -22,38 +22,18 @@ namespace {
 // cancels catastrophically when |mean| >> std, and one read pass suffices.
 template <typename scalar_t, typename acc_t>
 inline void shifted_sums(const scalar_t* p, int64_t n, acc_t K, PairSum<acc_t>& acc) {
-  for (int64_t base = 0; base < n; base += kFoldChunk) {
-    const int64_t stop = std::min(n, base + kFoldChunk);
-    int64_t i = base;
-    if constexpr (kVectorPath<scalar_t>) {
-      using V = Vec<acc_t>;
-      constexpr int64_t L = V::size();
-      const V k(K);
-      // two accumulator pairs hide the add latency
-      for (; i + 2 * L <= stop; i += 2 * L) {
-        const V d0 = V::loadu(p + i) - k;
-        const V d1 = V::loadu(p + i + L) - k;
-        acc.a0 += d0;
-        acc.a1 += d1;
-        acc.b0 = at::vec::fmadd(d0, d0, acc.b0);
-        acc.b1 = at::vec::fmadd(d1, d1, acc.b1);
-      }
-      // the rest, and planes shorter than a vector (3x3 to 7x7), with masked loads; lanes
-      // past the end are zeroed after the shift so they add nothing
-      for (; i < stop; i += L) {
-        const int64_t cnt = std::min<int64_t>(L, stop - i);
-        const V d = V::set(V(0), V::loadu(p + i, cnt) - k, cnt);
-        acc.a0 += d;
-        acc.b0 = at::vec::fmadd(d, d, acc.b0);
-      }
-    }
-    for (; i < stop; ++i) {
-      const acc_t d = static_cast<acc_t>(p[i]) - K;
-      acc.t1 += d;
-      acc.t2 += d * d;
-    }
-    acc.added(stop - base);
-  }
+  using V = Vec<acc_t>;
+  fold_pair_sums<kVectorPath<scalar_t>>(
+      n, acc,
+      [&](int64_t i, auto cnt) {  // generic: compiled only on the vector path
+        // lanes past cnt are zeroed after the shift, so they add nothing
+        const V d = V::set(V(0), V::loadu(p + i, cnt) - V(K), cnt);
+        return std::pair<V, V>(d, d);
+      },
+      [&](int64_t i) {
+        const acc_t d = static_cast<acc_t>(p[i]) - K;
+        return std::pair<acc_t, acc_t>(d, d);
+      });
 }
 
 // Sums of g' and g' * (x - mean) where g' = g masked by the ReLU on the saved output; with
@@ -62,48 +42,20 @@ inline void shifted_sums(const scalar_t* p, int64_t n, acc_t K, PairSum<acc_t>& 
 template <typename scalar_t, typename acc_t, bool RELU, bool GOUT = false>
 inline void grad_sums(const scalar_t* g, const scalar_t* x, const scalar_t* y, int64_t n,
                       acc_t mean, PairSum<acc_t>& acc, scalar_t* go = nullptr) {
-  for (int64_t base = 0; base < n; base += kFoldChunk) {
-    const int64_t stop = std::min(n, base + kFoldChunk);
-    int64_t i = base;
-    if constexpr (kVectorPath<scalar_t>) {
-      using V = Vec<acc_t>;
-      constexpr int64_t L = V::size();
-      const V mv(mean), zero(0);
-      for (; i + 2 * L <= stop; i += 2 * L) {
-        V g0 = V::loadu(g + i), g1 = V::loadu(g + i + L);
-        if (RELU) {
-          // threshold_backward's rule: drop where y <= 0 (NaN passes)
-          g0 = V::blendv(g0, zero, V::loadu(y + i) <= zero);
-          g1 = V::blendv(g1, zero, V::loadu(y + i + L) <= zero);
-        }
-        if (GOUT) {
-          g0.store(go + i);
-          g1.store(go + i + L);
-        }
-        acc.a0 += g0;
-        acc.a1 += g1;
-        acc.b0 = at::vec::fmadd(g0, V::loadu(x + i) - mv, acc.b0);
-        acc.b1 = at::vec::fmadd(g1, V::loadu(x + i + L) - mv, acc.b1);
-      }
-      // the rest with masked loads (lanes past the end load 0: g' = 0 adds nothing)
-      for (; i < stop; i += L) {
-        const int64_t cnt = std::min<int64_t>(L, stop - i);
-        V gv = V::loadu(g + i, cnt);
-        if (RELU) gv = V::blendv(gv, zero, V::loadu(y + i, cnt) <= zero);
+  using V = Vec<acc_t>;
+  fold_pair_sums<kVectorPath<scalar_t>>(
+      n, acc,
+      [&](int64_t i, auto cnt) {  // generic: compiled only on the vector path
+        const V gv = RELU ? masked_grad(g, y, i, cnt) : V::loadu(g + i, cnt);
         if (GOUT) gv.store(go + i, cnt);
-        acc.a0 += gv;
-        acc.b0 = at::vec::fmadd(gv, V::loadu(x + i, cnt) - mv, acc.b0);
-      }
-    }
-    for (; i < stop; ++i) {
-      acc_t gv = static_cast<acc_t>(g[i]);
-      if (RELU) gv = relu_passes(static_cast<acc_t>(y[i])) ? gv : acc_t(0);
-      if (GOUT) go[i] = static_cast<scalar_t>(gv);
-      acc.t1 += gv;
-      acc.t2 += gv * (static_cast<acc_t>(x[i]) - mean);
-    }
-    acc.added(stop - base);
-  }
+        return std::pair<V, V>(gv, V::loadu(x + i, cnt) - V(mean));
+      },
+      [&](int64_t i) {
+        acc_t gv = static_cast<acc_t>(g[i]);
+        if (RELU) gv = relu_passes(static_cast<acc_t>(y[i])) ? gv : acc_t(0);
+        if (GOUT) go[i] = static_cast<scalar_t>(gv);
+        return std::pair<acc_t, acc_t>(gv, static_cast<acc_t>(x[i]) - mean);
+      });
 }
 
 // y = relu?(x * scale + shift + r?) over n contiguous elements (r read only when RES).
@@ -152,11 +104,10 @@ inline void dx_plane(const scalar_t* g, const scalar_t* x, const scalar_t* y, sc
   if constexpr (kVectorPath<scalar_t>) {
     using V = Vec<acc_t>;
     constexpr int64_t L = V::size();
-    const V a(A), b(B), e(E), mv(mean), zero(0);
+    const V a(A), b(B), e(E), mv(mean);
     for (; i < n; i += L) {  // masked tail, as in affine_row
       const int64_t cnt = std::min<int64_t>(L, n - i);
-      V gv = V::loadu(g + i, cnt);
-      if (RELU) gv = V::blendv(gv, zero, V::loadu(y + i, cnt) <= zero);
+      const V gv = RELU ? masked_grad(g, y, i, cnt) : V::loadu(g + i, cnt);
       if (GRES) gv.store(dr + i, cnt);
       V r = at::vec::fmadd(a, gv, e);
       if (B != acc_t(0)) r = at::vec::fmadd(b, V::loadu(x + i, cnt) - mv, r);
@@ -420,11 +371,8 @@ void residual_grad_only(const scalar_t* gp, const scalar_t* yp, scalar_t* grp, i
     if constexpr (kVectorPath<scalar_t>) {
       using V = Vec<scalar_t>;
       constexpr int64_t L = V::size();
-      const V zero(0);
       for (; i + L <= i1; i += L) {
-        V gv = V::loadu(gp + i);
-        if (yp) gv = V::blendv(gv, zero, V::loadu(yp + i) <= zero);
-        gv.store(grp + i);
+        (yp ? masked_grad(gp, yp, i) : V::loadu(gp + i)).store(grp + i);
       }
     }
     for (; i < i1; ++i) {

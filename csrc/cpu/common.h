@@ -15,6 +15,7 @@
 #include <limits>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace fastconv {
@@ -166,6 +167,50 @@ struct PairSum {
     pending = 0;
   }
 };
+
+// g masked by the ReLU on the saved output y, lanes [i, i + cnt) (lanes past cnt load 0):
+// threshold_backward's rule, dropped where y <= 0 and passed where y is NaN.
+template <typename T>
+inline Vec<T> masked_grad(const T* g, const T* y, int64_t i, int64_t cnt = Vec<T>::size()) {
+  const Vec<T> zero(T(0));
+  return Vec<T>::blendv(Vec<T>::loadu(g + i, cnt), zero, Vec<T>::loadu(y + i, cnt) <= zero);
+}
+
+// Adds u and u * v over [0, n) to acc's two sums. vec(i, cnt) gives the vector pair (u, v) of
+// lanes [i, i + cnt), cnt = a whole vector except at the end of a chunk (u must be 0 past
+// cnt; a generic lambda, so that it is compiled only where VEC holds); one(i) gives the pair
+// of element i, for types without a vector path. Two accumulator
+// pairs hide the add latency; sums fold into double every kFoldChunk elements.
+template <bool VEC, typename acc_t, typename VecPair, typename OnePair>
+inline void fold_pair_sums(int64_t n, PairSum<acc_t>& acc, VecPair vec, OnePair one) {
+  for (int64_t base = 0; base < n; base += kFoldChunk) {
+    const int64_t stop = std::min(n, base + kFoldChunk);
+    int64_t i = base;
+    if constexpr (VEC) {
+      constexpr int64_t L = Vec<acc_t>::size();
+      for (; i + 2 * L <= stop; i += 2 * L) {
+        const auto [u0, v0] = vec(i, L);
+        const auto [u1, v1] = vec(i + L, L);
+        acc.a0 += u0;
+        acc.a1 += u1;
+        acc.b0 = at::vec::fmadd(u0, v0, acc.b0);
+        acc.b1 = at::vec::fmadd(u1, v1, acc.b1);
+      }
+      // the rest, and planes shorter than a vector (3x3 to 7x7), with masked loads
+      for (; i < stop; i += L) {
+        const auto [u, v] = vec(i, std::min<int64_t>(L, stop - i));
+        acc.a0 += u;
+        acc.b0 = at::vec::fmadd(u, v, acc.b0);
+      }
+    }
+    for (; i < stop; ++i) {
+      const auto [u, v] = one(i);
+      acc.t1 += u;
+      acc.t2 += u * v;
+    }
+    acc.added(stop - base);
+  }
+}
 
 // Splits [0, n) into at most at::get_num_threads() contiguous chunks of at least min_len
 // items; returns the chunk count. Reductions keep one partial per chunk (not per thread) and

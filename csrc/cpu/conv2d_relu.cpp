@@ -191,35 +191,20 @@ template <typename scalar_t>
 inline void mask_sum_plane(const scalar_t* g, const scalar_t* y, scalar_t* masked, int64_t n,
                            PairSum<at::opmath_type<scalar_t>>& acc) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t base = 0; base < n; base += kFoldChunk) {
-    const int64_t stop = std::min(n, base + kFoldChunk);
-    int64_t i = base;
-    if constexpr (kVectorPath<scalar_t>) {
-      using V = Vec<scalar_t>;
-      constexpr int64_t L = V::size();
-      const V zero(0);
-      for (; i + 2 * L <= stop; i += 2 * L) {
-        // threshold_backward's rule: drop where y <= 0 (NaN passes)
-        const V g0 = V::blendv(V::loadu(g + i), zero, V::loadu(y + i) <= zero);
-        const V g1 = V::blendv(V::loadu(g + i + L), zero, V::loadu(y + i + L) <= zero);
-        g0.store(masked + i);
-        g1.store(masked + i + L);
-        acc.a0 += g0;
-        acc.a1 += g1;
-      }
-      for (; i + L <= stop; i += L) {
-        const V gv = V::blendv(V::loadu(g + i), zero, V::loadu(y + i) <= zero);
-        gv.store(masked + i);
-        acc.a0 += gv;
-      }
-    }
-    for (; i < stop; ++i) {
-      const acc_t v = relu_passes(static_cast<acc_t>(y[i])) ? static_cast<acc_t>(g[i]) : acc_t(0);
-      masked[i] = static_cast<scalar_t>(v);
-      acc.t1 += v;
-    }
-    acc.added(stop - base);
-  }
+  using V = Vec<acc_t>;
+  fold_pair_sums<kVectorPath<scalar_t>>(
+      n, acc,
+      [&](int64_t i, auto cnt) {  // generic: compiled only on the vector path
+        const V gv = masked_grad(g, y, i, cnt);
+        gv.store(masked + i, cnt);
+        return std::pair<V, V>(gv, V(0));  // the second sum is not used
+      },
+      [&](int64_t i) {
+        const acc_t v = relu_passes(static_cast<acc_t>(y[i])) ? static_cast<acc_t>(g[i])
+                                                              : acc_t(0);
+        masked[i] = static_cast<scalar_t>(v);
+        return std::pair<acc_t, acc_t>(v, acc_t(0));
+      });
 }
 
 // g' = g masked by the ReLU (g where output > 0 or NaN, else 0), written to masked (same

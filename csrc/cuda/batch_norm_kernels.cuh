@@ -47,6 +47,17 @@ FC_HD void merge(float& n, float& mean, float& m2, float nb, float mb, float m2b
 // threshold_backward: drop where the saved output is <= 0 (NaN passes).
 FC_HD bool passes(float y) { return !(y <= 0.f); }
 
+// The V gradients at dy + off, masked by the ReLU on the saved output y when relu.
+template <typename T, int V>
+FC_HD void ld_masked_grad(const T* dy, const T* y, bool relu, int64_t off, float (&g)[V]) {
+  ld<T, V>(dy + off, g);
+  if (!relu) return;
+  float o[V];
+  ld<T, V>(y + off, o);
+#pragma unroll
+  for (int e = 0; e < V; ++e) g[e] = passes(o[e]) ? g[e] : 0.f;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reductions. Partials are [k][splits][C] float arrays: STATS (count, mean, m2), else
 // (sum dy_m, sum dy_m * (x - mean)).
@@ -87,14 +98,12 @@ FC_HD void reduce_nchw_thread(const T* x, const T* dy, const T* y, bool relu,
         merge(a, b, cc, float(V), m, q);
       }
     } else {
-      float g[V], o[V];
-      ld<T, V>(dy + off, g);
-      if (relu) ld<T, V>(y + off, o);
+      float g[V];
+      ld_masked_grad<T, V>(dy, y, relu, off, g);
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        const float d = (!relu || passes(o[e])) ? g[e] : 0.f;
-        a += d;
-        b += d * (xv[e] - mu);
+        a += g[e];
+        b += g[e] * (xv[e] - mu);
       }
     }
     hw += dh;
@@ -155,14 +164,12 @@ FC_HD void reduce_nhwc_thread(const T* x, const T* dy, const T* y, bool relu,
         b[e] += d * (xv[e] - a[e]);
       }
     } else {
-      float g[V], o[V];
-      ld<T, V>(dy + off, g);
-      if (relu) ld<T, V>(y + off, o);
+      float g[V];
+      ld_masked_grad<T, V>(dy, y, relu, off, g);
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        const float d = (!relu || passes(o[e])) ? g[e] : 0.f;
-        a[e] += d;
-        b[e] += d * (xv[e] - mu[e]);
+        a[e] += g[e];
+        b[e] += g[e] * (xv[e] - mu[e]);
       }
     }
   }
@@ -268,14 +275,7 @@ FC_HD void element(const T* x, const T* dy, const T* y, const T* res, T* out, T*
     for (int e = 0; e < V; ++e) xv[e] = 0.f;
   }
   if (BWD) {
-    ld<T, V>(dy + off, g);
-    if (relu) {
-      float yv[V];
-      ld<T, V>(y + off, yv);
-#pragma unroll
-      for (int e = 0; e < V; ++e)
-        if (!passes(yv[e])) g[e] = 0.f;
-    }
+    ld_masked_grad<T, V>(dy, y, relu, off, g);
     if (gres) st<T, V>(gres + off, g);
     if (!out) return;
   }

@@ -115,6 +115,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         text = action.help or ""
         if "%(default)" in text or "default" in text.lower() or not action.option_strings:
             return text
+        if action.required:
+            return text + (" " if text else "") + "(required)"
         if action.default is argparse.SUPPRESS:
             return text
         if action.default is None:
@@ -129,6 +131,33 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# --------------------------------------------------------------------------- shared options
+def add_model_arguments(p: argparse.ArgumentParser, *, default: Optional[str] = "alexnet",
+                        model_help: str = "network of fastconv.models", model_arg: bool = True,
+                        batch: bool = True, dtype: Optional[str] = "the step",
+                        device_help: str = "cpu or cuda (default: cuda if present)") -> None:
+    """The options every model command shares: ``--model`` (required when ``default`` is None),
+    ``--model-arg``, ``--batch``, ``--device``, ``--dtype`` (its help says what runs under
+    autocast; None leaves it out) and ``--channels-last``."""
+    from .. import models  # the builders; imported here so that parsing stays light
+    from .common import DTYPES
+
+    p.add_argument("--model", default=default, required=default is None,
+                   choices=sorted(models.MODELS), help=model_help)
+    if model_arg:
+        p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                       type=key_value, help="builder keyword, e.g. narrow=true (vgg11), "
+                       "variant=relu (lenet), image_size=64 (alexnet)")
+    if batch:
+        p.add_argument("--batch", type=positive_int, default=None,
+                       help="batch size (default: 128 on a GPU, 8 on CPU)")
+    p.add_argument("--device", default=None, type=device, help=device_help)
+    if dtype:
+        p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                       help=f"float16/bfloat16 run {dtype} under torch.autocast (AMP)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last input and model")
 
 
 # --------------------------------------------------------------------------- models

@@ -24,9 +24,8 @@ from torch import nn
 from .. import convert, dispatch, models, timing
 from .. import nn as fnn
 from . import results
-from .args import backend_list, key_value, nonneg_int, positive_int
-from .args import device as device_arg
-from .common import (DTYPES, amp_dtype, compile_unavailable, disable_dropout, grad_scaler,
+from .args import add_model_arguments, backend_list, nonneg_int, positive_int
+from .common import (amp_dtype, compile_unavailable, disable_dropout, grad_scaler,
                      parse_backends, parse_model_args, pick_device, rel_err, reset_compiler,
                      run_metadata, sgd_step, short_reason)
 
@@ -37,18 +36,7 @@ CHECK_FACTOR, CHECK_FLOOR_U = 2.0, 4.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="alexnet", choices=sorted(models.MODELS),
-                   help="network of fastconv.models")
-    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   type=key_value,
-                   help="builder keyword, e.g. narrow=true (vgg11), variant=relu (lenet)")
-    p.add_argument("--batch", type=positive_int, default=None,
-                   help="batch size (default: 128 on a GPU, 8 on CPU)")
-    p.add_argument("--device", default=None, type=device_arg,
-                   help="cpu or cuda (default: cuda if present)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                   help="float16/bfloat16 run the step under torch.autocast (AMP)")
-    p.add_argument("--channels-last", action="store_true", help="channels_last input and model")
+    add_model_arguments(p)
     p.add_argument("--backends", default=None, type=backend_list,
                    help="comma-separated backends to compare, auto included (default: auto and "
                         "every available one)")

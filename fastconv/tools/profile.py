@@ -28,9 +28,8 @@ import torch
 from torch import nn
 
 from .. import convert, models
-from .args import backend_list, key_value, nonneg_int, positive_int
-from .args import device as device_arg
-from .common import (DTYPES, amp_dtype, parse_backends, parse_model_args, pick_device,
+from .args import add_model_arguments, backend_list, nonneg_int, positive_int
+from .common import (amp_dtype, parse_backends, parse_model_args, pick_device,
                      run_metadata)
 
 CATEGORIES = ("conv", "pool", "batch norm", "linear", "rest")
@@ -56,19 +55,7 @@ def categorize(name: str) -> Optional[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="alexnet", choices=sorted(models.MODELS),
-                   help="network of fastconv.models")
-    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   type=key_value,
-                   help="builder keyword, e.g. narrow=true (vgg11), image_size=64 (alexnet)")
-    p.add_argument("--batch", type=positive_int, default=None,
-                   help="batch size (default: 128 on a GPU, 8 on CPU)")
-    p.add_argument("--device", default=None, type=device_arg,
-                   help="cpu or cuda (default: cuda if present)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                   help="float16/bfloat16 run under torch.autocast (AMP)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="channels_last input and model")
+    add_model_arguments(p, dtype="the profiled steps")
     p.add_argument("--backends", default=None, type=backend_list,
                    help="comma-separated backends (default: every available one); the stock "
                         "model is always profiled too")

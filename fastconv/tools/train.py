@@ -31,8 +31,7 @@ from torch import nn
 
 from .. import convert, conversion_report, models
 from . import data as datalib
-from .args import device as device_arg
-from .args import image_size, key_value, nonneg_int, positive_float, positive_int
+from .args import add_model_arguments, image_size, nonneg_int, positive_float, positive_int
 from .common import (BACKEND_CHOICES, grad_scaler, parse_model_args, pick_device, sgd_step,
                      short_reason, unusable_reason, xavier_init)
 from .flops import count as count_flops
@@ -43,11 +42,9 @@ CHECKPOINT_FORMAT = "fastconv-train-1"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="lenet_bn", choices=sorted(models.MODELS),
-                   help="lenet_bn learns the small digits set in seconds on CPU")
-    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   type=key_value,
-                   help="builder keyword, e.g. narrow=true (vgg11), variant=relu (lenet)")
+    add_model_arguments(p, default="lenet_bn", batch=False, dtype=None, device_help=(
+        "cpu, cuda or cuda:N (default: cuda if present; under torchrun each process takes "
+        "cuda:LOCAL_RANK)"), model_help="lenet_bn learns the small digits set in seconds on CPU")
     p.add_argument("--data", default=None, choices=datalib.DATA_SETS,
                    help="default: fashion-mnist when --data-dir is given, else digits "
                         "(needs scikit-learn)")
@@ -71,11 +68,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    choices=("auto", "float16", "bfloat16"),
                    help="mixed precision under torch.autocast (bare --amp: bfloat16 where "
                         "supported, else float16 with loss scaling; default: off)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="channels_last input and model")
-    p.add_argument("--device", default=None, type=device_arg,
-                   help="cpu, cuda or cuda:N (default: cuda if "
-                   "present; under torchrun each process takes cuda:LOCAL_RANK)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of init and shuffling")
     p.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many training steps (default: no limit)")

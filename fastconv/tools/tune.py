@@ -13,20 +13,12 @@ import torch
 from torch import nn
 
 from .. import convert, models, nn as fnn, selection
-from .args import device as device_arg
-from .args import positive_int
-from .common import DTYPES, amp_dtype, pick_device
+from .args import add_model_arguments
+from .common import amp_dtype, pick_device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, choices=sorted(models.MODELS),
-                   help="network of fastconv.models")
-    p.add_argument("--batch", type=positive_int, default=None,
-                   help="batch size (default: 128 on a GPU, 8 on CPU)")
-    p.add_argument("--device", default=None, type=device_arg, help="cpu or cuda (default: cuda if present)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                   help="float16/bfloat16 run the model under torch.autocast (AMP)")
-    p.add_argument("--channels-last", action="store_true", help="channels_last input and model")
+    add_model_arguments(p, default=None, model_arg=False, dtype="the model")
     p.add_argument("--mode", default="both", choices=("train", "infer", "both"),
                    help="which passes to decide")
 

@@ -1,0 +1,219 @@
+"""The decided fast paths: a drop-in layer's memo of its last decided call (fastconv/nn.py)
+and batch norm's functional fast path. A repeated call skips validation and dispatch; any
+change that could change the decision or the checks' verdict takes the checked path again,
+and what runs computes exactly what the checked path computes."""
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastconv
+from fastconv import dispatch, selection
+from fastconv import functional as FF
+from fastconv import nn as fnn
+
+from support import generator
+
+
+def rand(*shape, seed=0, **kw):
+    return torch.randn(*shape, generator=generator("fast path", seed, *shape), **kw)
+
+
+LAYERS = {
+    # name: (functional entry the module calls, module factory, stock twin, input shape)
+    "conv": ("conv2d_relu", lambda: fnn.Conv2dReLU(3, 4, 3, padding=1, backend="torch"),
+             lambda m: F.relu(m.to_conv()(m._test_x)), (2, 3, 6, 6)),
+    "max_pool": ("max_pool2d", lambda: fnn.MaxPool2d(3, 2, 1, relu=True, backend="torch"),
+                 lambda m: F.relu(F.max_pool2d(m._test_x, 3, 2, 1)), (2, 3, 7, 7)),
+    "avg_pool": ("avg_pool2d", lambda: fnn.AvgPool2d(2, backend="torch"),
+                 lambda m: F.avg_pool2d(m._test_x, 2), (2, 3, 6, 6)),
+    "adaptive": ("adaptive_avg_pool2d", lambda: fnn.AdaptiveAvgPool2d((2, 3), backend="torch"),
+                 lambda m: F.adaptive_avg_pool2d(m._test_x, (2, 3)), (2, 3, 6, 6)),
+    "bn_eval": ("_batch_norm", lambda: fnn.BatchNorm2d(3, relu=True, backend="torch").eval(),
+                lambda m: F.relu(F.batch_norm(m._test_x, m.running_mean, m.running_var,
+                                              m.weight, m.bias, False, 0.1, m.eps)),
+                (2, 3, 5, 5)),
+}
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """How often each functional entry ran (the checked path: validation and dispatch)."""
+    counts: dict[str, int] = {}
+    for name in {v[0] for v in LAYERS.values()}:
+        real = getattr(FF, name)
+
+        def wrapper(*a, _real=real, _name=name, **k):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _real(*a, **k)
+        monkeypatch.setattr(FF, name, wrapper)
+    return counts
+
+
+def seeded_bn(m):
+    if isinstance(m, fnn.BatchNorm2d):
+        g = generator("fast path bn")
+        m.running_mean.copy_(torch.randn(3, generator=g))
+        m.running_var.copy_(torch.rand(3, generator=g) + 0.5)
+        with torch.no_grad():
+            m.weight.copy_(torch.randn(3, generator=g))
+            m.bias.copy_(torch.randn(3, generator=g))
+    return m
+
+
+def call(m, x):
+    m._test_x = x
+    return m(x)
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_a_repeated_call_skips_the_checked_path(layer, counted):
+    entry, make, stock, shape = LAYERS[layer]
+    m = seeded_bn(make())
+    x = rand(*shape)
+    first = call(m, x)
+    assert counted[entry] == 1
+    again = call(m, rand(*shape, seed=1))  # same signature, new values
+    assert counted[entry] == 1, "the decided call went through validation again"
+    assert torch.equal(again, stock(m)), "the fast path computes something else"
+    assert torch.equal(call(m, x), first)
+
+
+CHANGES = {
+    "input shape": lambda m, x: (m, rand(x.shape[0] + 1, *x.shape[1:])),
+    "input layout": lambda m, x: (m, x.contiguous(memory_format=torch.channels_last)
+                                  if x.shape[1] > 1 else x.transpose(2, 3)),
+    "input requires grad": lambda m, x: (m, x.clone().requires_grad_()),
+    "dtype of layer and input": lambda m, x: (m.double(), x.double()),
+    "a layer argument": None,  # per layer below
+    "the fast-path table forgotten": lambda m, x: (selection.reset() or m, x),
+}
+
+
+def change_argument(m, x):
+    if isinstance(m, fnn.Conv2dReLU):
+        m.stride = (2, 2)
+    elif isinstance(m, fnn.BatchNorm2d):
+        m.relu = False
+    elif isinstance(m, fnn.AdaptiveAvgPool2d):
+        m.output_size = (3, 3)
+    else:
+        m.padding = 1 if isinstance(m, fnn.AvgPool2d) else 0
+    return m, x
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_any_change_takes_the_checked_path_again(layer, change, counted):
+    entry, make, stock, shape = LAYERS[layer]
+    m = seeded_bn(make())
+    x = rand(*shape)
+    call(m, x)
+    call(m, x)
+    assert counted[entry] == 1
+    m, x2 = (CHANGES[change] or change_argument)(m, x)
+    if change == "a layer argument":
+        expected = {"conv": lambda: F.relu(F.conv2d(x2, m.weight, m.bias, 2, 1)),
+                    "max_pool": lambda: F.relu(F.max_pool2d(x2, 3, 2, 0)),
+                    "avg_pool": lambda: F.avg_pool2d(x2, 2, padding=1),
+                    "adaptive": lambda: F.adaptive_avg_pool2d(x2, (3, 3)),
+                    "bn_eval": lambda: F.batch_norm(x2, m.running_mean, m.running_var,
+                                                    m.weight, m.bias, False, 0.1, m.eps)}[layer]
+    else:
+        expected = lambda: stock(m)  # noqa: E731
+    out = call(m, x2)
+    assert counted[entry] == 2, f"{change}: the memo served a changed call"
+    assert torch.equal(out, expected())
+
+
+def test_grad_mode_and_the_backend_variable_are_part_of_the_state(counted, monkeypatch):
+    m = fnn.Conv2dReLU(3, 4, 3)  # backend=None: $FASTCONV_BACKEND, else auto
+    x = rand(2, 3, 6, 6)
+    monkeypatch.setenv("FASTCONV_BACKEND", "torch")
+    with torch.no_grad():
+        m(x)
+        m(x)
+    assert counted["conv2d_relu"] == 1
+    m(x)  # grad mode on: another pass
+    assert counted["conv2d_relu"] == 2
+    monkeypatch.setenv("FASTCONV_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTCONV_BACKEND"):
+        m(x)
+
+
+def test_batch_norm_training_through_the_memo_moves_the_statistics_as_torch(counted):
+    m = seeded_bn(fnn.BatchNorm2d(3, backend="torch"))
+    stock = copy.deepcopy(m).to_bn()
+    for step in range(4):
+        x = rand(4, 3, 5, 5, seed=step)
+        torch.testing.assert_close(m(x), stock(x), rtol=0, atol=0)
+    assert counted["_batch_norm"] == 1
+    assert int(m.num_batches_tracked) == int(stock.num_batches_tracked) == 4
+    assert torch.equal(m.running_mean, stock.running_mean)
+    assert torch.equal(m.running_var, stock.running_var)
+
+
+def test_cumulative_batch_norm_is_never_memoised(counted):
+    """momentum=None: the factor 1/(n+1) changes every call, so every call is checked."""
+    m = seeded_bn(fnn.BatchNorm2d(3, momentum=None, backend="torch"))
+    stock = copy.deepcopy(m).to_bn()
+    for step in range(3):
+        x = rand(4, 3, 5, 5, seed=step)
+        torch.testing.assert_close(m(x), stock(x), rtol=0, atol=0)
+    assert counted["_batch_norm"] == 3
+    assert torch.equal(m.running_mean, stock.running_mean)
+
+
+def test_the_memo_is_neither_pickled_nor_copied():
+    model = torch.nn.Sequential(fnn.Conv2dReLU(3, 4, 3, backend="torch"),
+                                fnn.MaxPool2d(2, backend="torch"))
+    x = rand(2, 3, 6, 6)
+    model(x)
+    model(x)
+    assert "_fc_memo" in model[0].__dict__
+    assert "_fc_memo" not in copy.deepcopy(model)[0].__dict__
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert "_fc_memo" not in loaded[0].__dict__
+    assert torch.equal(loaded(x), model(x))
+    assert "_fc_memo" not in pickle.loads(pickle.dumps(model[1])).__dict__
+
+
+def test_functional_batch_norm_fast_path(monkeypatch):
+    checks = []
+    real = FF.check_batch_norm
+    monkeypatch.setattr(FF, "check_batch_norm", lambda *a, **k: checks.append(1) or real(*a, **k))
+    rm, rv = torch.zeros(3), torch.ones(3)
+    w, b = rand(3, seed=5), rand(3, seed=6)
+    for step in range(3):
+        x = rand(2, 3, 4, 4, seed=step)
+        out = FF.batch_norm(x, rm, rv, w, b, training=True, relu=True, backend="torch")
+        assert torch.equal(out, F.relu(F.batch_norm(x, rm.clone(), rv.clone(), w, b, True)))
+    assert len(checks) == 1
+    # an integer momentum is another key (as the checked path would see it)
+    FF.batch_norm(x, rm, rv, w, b, training=True, momentum=1, backend="torch")
+    assert len(checks) == 2
+    # a residual never takes the fast path
+    for _ in range(2):
+        FF.batch_norm(x, rm, rv, w, b, training=True, residual=x, backend="torch")
+    assert len(checks) == 4
+    with pytest.raises(ValueError, match="eps"):
+        FF.batch_norm(x, rm, rv, w, b, training=True, eps=-1.0, backend="torch")
+
+
+def test_decided_auto_layer_uses_the_memo(counted):
+    """Under auto (here the fixed order: the suite runs with FASTCONV_AUTOTUNE=0) too."""
+    m = fnn.Conv2dReLU(3, 4, 3, backend="auto")
+    x = rand(2, 3, 6, 6)
+    first = m(x)
+    second = m(x)
+    assert counted["conv2d_relu"] == 1
+    assert torch.equal(first, second)
+    assert fastconv.backend_for("conv2d_relu", x, m.weight, m.bias) in dispatch.NAMES
