@@ -4,8 +4,9 @@
     python scripts/bench_report.py out.jsonl --out report/
 
 Sizes: on a GPU batch 128 at the models' input sizes; on CPU batch 2 (2 cores must finish).
-Providers: ``eager`` (stock torch ops), ``compile`` (torch.compile of them), ``fc_triton``,
-``fc_extension``, ``fc_torch`` (fastconv's functional layer on that backend). A provider that
+Providers: ``eager`` (stock torch ops), ``compile`` (torch.compile of them), ``fc_auto``,
+``fc_triton``, ``fc_extension``, ``fc_torch`` (fastconv's functional layer on that backend;
+``auto`` decides each layer by measuring, in its warm-up, as a user's first call would). A provider that
 cannot run a case is skipped with the reason.
 
 Timing (``fastconv.timing``, the one timer): warm-up calls first (compilation, autotuning),
@@ -43,8 +44,8 @@ from fastconv.tools.common import (compile_unavailable, grad_scaler,  # noqa: E4
 
 from . import layers as layer_list  # noqa: E402
 
-PROVIDERS = ("eager", "compile", "fc_triton", "fc_extension", "fc_torch")
-PROVIDER_NAMES = {"eager": "torch eager", "compile": "torch.compile",
+PROVIDERS = ("eager", "compile", "fc_auto", "fc_triton", "fc_extension", "fc_torch")
+PROVIDER_NAMES = {"eager": "torch eager", "compile": "torch.compile", "fc_auto": "fastconv[auto]",
                   "fc_triton": "fastconv[triton]", "fc_extension": "fastconv[extension]",
                   "fc_torch": "fastconv[torch]"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -50,7 +50,7 @@ from . import cases  # noqa: E402
 from . import layers as layer_list  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PROVIDERS = ("eager", "compile", "fc_triton", "fc_extension", "fc_torch")
+PROVIDERS = ("eager", "compile", "fc_auto", "fc_triton", "fc_extension", "fc_torch")
 
 
 @dataclasses.dataclass

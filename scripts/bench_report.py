@@ -45,11 +45,12 @@ def _results_module():
 
 results_file = _results_module()
 
-ORDER = ("eager", "compile", "fc_triton", "fc_extension", "fc_torch")
-NAMES = {"eager": "torch eager", "compile": "torch.compile", "fc_triton": "fastconv[triton]",
-         "fc_extension": "fastconv[extension]", "fc_torch": "fastconv[torch]"}
-BENCH_VARIANTS = {"stock": "eager", "compile": "compile", "triton": "fc_triton",
-                  "extension": "fc_extension", "torch": "fc_torch"}
+ORDER = ("eager", "compile", "fc_auto", "fc_triton", "fc_extension", "fc_torch")
+NAMES = {"eager": "torch eager", "compile": "torch.compile", "fc_auto": "fastconv[auto]",
+         "fc_triton": "fastconv[triton]", "fc_extension": "fastconv[extension]",
+         "fc_torch": "fastconv[torch]"}
+BENCH_VARIANTS = {"stock": "eager", "compile": "compile", "auto": "fc_auto",
+                  "triton": "fc_triton", "extension": "fc_extension", "torch": "fc_torch"}
 
 
 def _name(provider: str) -> str:

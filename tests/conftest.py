@@ -52,6 +52,21 @@ def _poison_triton_outputs():
     yield
 
 
+@pytest.fixture(scope="session")
+def built_extension():
+    """The C++ extension built (first run: minutes, then cached) and loaded; skipped only
+    where the machine has no toolchain (a build that fails with one is a failure)."""
+    from fastconv.backends import extension
+
+    problem = extension._toolchain_problem()
+    try:
+        extension.build()
+    except extension.ExtensionBuildError as exc:
+        if problem:
+            pytest.skip(f"no toolchain to build the extension: {problem}")
+        pytest.fail(f"the extension failed to build: {exc}")
+
+
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Small Triton interpreter tiles (CPU only; the GPU keeps its tuning)."""

@@ -601,3 +601,20 @@ def fake_fashion(root, n_train=40, n_test=16, gz=True, seed=0, layout="torchvisi
     for key, arr in arrays.items():
         D.write_idx(folder / (D.FASHION_FILES[key] + (".gz" if gz else "")), arr)
     return arrays
+
+
+def png_text(data: bytes) -> dict:
+    """The tEXt chunks of a PNG, walking every chunk to IEND (a truncated file fails)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    out, i = {}, 8
+    while i < len(data):
+        n = int.from_bytes(data[i:i + 4], "big")
+        kind = data[i + 4:i + 8]
+        if kind == b"tEXt":
+            k, _, v = data[i + 8:i + 8 + n].partition(b"\0")
+            out[k.decode()] = v.decode("latin-1")
+        i += 12 + n
+        if kind == b"IEND":
+            break
+    assert i == len(data), "PNG chunks do not end at IEND"
+    return out

@@ -18,23 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastconv.backends import extension
-from fastconv.backends.extension import ExtensionBuildError
 from support import U, assert_within, f64, gamma, generator, grad_for, randn
 
 CL = torch.channels_last
 ops = torch.ops.fastconv
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built_extension():
-    problem = extension._toolchain_problem()
-    try:
-        extension.build()
-    except ExtensionBuildError as exc:
-        if problem:
-            pytest.skip(f"no toolchain to build the extension: {problem}")
-        pytest.fail(f"the extension failed to build: {exc}")
+pytestmark = pytest.mark.usefixtures("built_extension")  # conftest.py
 
 
 # (name, N, C, H, W, mean of x): planes of >= 64 elements (vector loops, several vectors),
@@ -127,18 +117,32 @@ def check_grads(grads, out, grad, x, wt, save_mean, save_invstd, relu, training,
         assert torch.equal(gr.double(), gp), "grad_residual is not grad_output masked by output > 0"
 
 
+def run_op(case, dtype, cl, affine, relu, mode):
+    """The case's tensors, and the op run on leaf copies of them (running stats in place):
+    ``(x, res, wt, b, rm, rv, rm0, rv0, grad, leaves, out, save_mean, save_invstd)``."""
+    x, res, wt, b, rm, rv, grad = make_case(case, dtype, cl, affine, mode)
+    rm0, rv0 = rm.clone(), rv.clone()
+    leaves = {"input": x.clone().requires_grad_(), "residual": res.clone().requires_grad_()}
+    if affine:
+        leaves.update(weight=wt.clone().requires_grad_(), bias=b.clone().requires_grad_())
+    out, save_mean, save_invstd = ops.batch_norm(
+        leaves["input"], leaves.get("weight"), leaves.get("bias"), rm, rv, mode == "train", 0.1,
+        1e-5, relu, leaves["residual"])
+    return x, res, wt, b, rm, rv, rm0, rv0, grad, leaves, out, save_mean, save_invstd
+
+
+def grads_of(out, leaves: dict, grad) -> dict:
+    return dict(zip(leaves, torch.autograd.grad(out, tuple(leaves.values()), grad)))
+
+
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_training(case, dtype, cl, relu, affine):
-    x, res, wt, b, rm, rv, grad = make_case(case, dtype, cl, affine, "train")
-    rm0, rv0 = rm.clone(), rv.clone()
-    xr, rr = x.clone().requires_grad_(), res.clone().requires_grad_()
-    wr = wt.clone().requires_grad_() if affine else None
-    br = b.clone().requires_grad_() if affine else None
-    out, save_mean, save_invstd = ops.batch_norm(xr, wr, br, rm, rv, True, 0.1, 1e-5, relu, rr)
+    x, res, wt, b, rm, rv, rm0, rv0, grad, leaves, out, save_mean, save_invstd = run_op(
+        case, dtype, cl, affine, relu, "train")
     assert out.is_contiguous(memory_format=CL if cl else torch.contiguous_format)
     u = U[dtype]
     k = ref_factor(dtype)
@@ -173,9 +177,7 @@ def test_training(case, dtype, cl, relu, affine):
                   "running_var")
     assert int(stock.num_batches_tracked) == 1
 
-    inputs = (xr, rr, wr, br) if affine else (xr, rr)
-    got = torch.autograd.grad(out, inputs, grad)
-    grads = dict(zip(("input", "residual", "weight", "bias"), got))
+    grads = grads_of(out, leaves, grad)
     assert grads["input"].is_contiguous(memory_format=CL if cl else torch.contiguous_format)
     check_grads(grads, out, grad, x, wt, save_mean, save_invstd, relu, True, affine, dtype, True)
 
@@ -186,12 +188,8 @@ def test_training(case, dtype, cl, relu, affine):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_eval(case, dtype, cl, relu, affine):
-    x, res, wt, b, rm, rv, grad = make_case(case, dtype, cl, affine, "eval")
-    rm0, rv0 = rm.clone(), rv.clone()
-    xr, rr = x.clone().requires_grad_(), res.clone().requires_grad_()
-    wr = wt.clone().requires_grad_() if affine else None
-    br = b.clone().requires_grad_() if affine else None
-    out, save_mean, save_invstd = ops.batch_norm(xr, wr, br, rm, rv, False, 0.1, 1e-5, relu, rr)
+    x, res, wt, b, rm, rv, rm0, rv0, grad, leaves, out, save_mean, save_invstd = run_op(
+        case, dtype, cl, affine, relu, "eval")
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0), "eval must not touch running stats"
     u = U[dtype]
     k = ref_factor(dtype)
@@ -210,9 +208,7 @@ def test_eval(case, dtype, cl, relu, affine):
     bound_lin = u * (5 * f64(x).abs() * scale.abs() + 5 * (v(f64(rm)) * scale).abs()
                      + 2 * shift.abs()) + u * lin.abs()
     assert_within(out, ref, k * (bound_lin * (1 + u) + u * pre.abs()), "output")
-    inputs = (xr, rr, wr, br) if affine else (xr, rr)
-    got = torch.autograd.grad(out, inputs, grad)
-    grads = dict(zip(("input", "residual", "weight", "bias"), got))
+    grads = grads_of(out, leaves, grad)
     check_grads(grads, out, grad, x, wt, save_mean, save_invstd, relu, False, affine, dtype, True)
 
 

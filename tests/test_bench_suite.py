@@ -13,6 +13,7 @@ import torch
 from fastconv import models
 from fastconv.tools import results
 from fastconv.tools.flops import count
+from support import png_text
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -204,23 +205,6 @@ def test_report_renders_memory_rows(tmp_path):
                      "cases": 1}
 
 
-def png_text(data: bytes) -> dict:
-    """The tEXt chunks of a PNG (also checks the chunk structure up to IEND)."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    out, i = {}, 8
-    while i < len(data):
-        n = int.from_bytes(data[i:i + 4], "big")
-        kind = data[i + 4:i + 8]
-        if kind == b"tEXt":
-            k, _, v = data[i + 8:i + 8 + n].partition(b"\0")
-            out[k.decode()] = v.decode("latin-1")
-        i += 12 + n
-        if kind == b"IEND":
-            break
-    assert i == len(data), "PNG chunks do not end at IEND"
-    return out
-
-
 def test_fc_models_selects_exactly_those_models():
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "benchmarks", "--fc-device", "cpu", "--fc-models",
@@ -231,7 +215,7 @@ def test_fc_models_selects_exactly_those_models():
     layer_ids = {c.id for c in L.layers(["lenet"], "key")}
     assert all(l.where and all(w.startswith("lenet:") for w in l.where)
                for l in L.layers(["lenet"], "key"))
-    n_prov, n_modes = 5, 2
+    n_prov, n_modes = 6, 2  # eager, compile, fc_auto, fc_triton, fc_extension, fc_torch
     assert len(ids) == len(layer_ids) * n_modes * n_prov + 2 * n_prov  # + models + memory
     for i in ids:
         param = i.split("[", 1)[1]

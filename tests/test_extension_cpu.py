@@ -25,9 +25,8 @@ from torch import nn
 
 import fastconv
 from fastconv import models
-from fastconv.backends import extension
 from fastconv.backends.base import OPS
-from fastconv.backends.extension import ExtensionBackend, ExtensionBuildError
+from fastconv.backends.extension import ExtensionBackend
 from support import U, assert_within, gamma  # elementwise bounds (one NaN/Inf rule)
 
 CL = torch.channels_last
@@ -45,16 +44,7 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setenv("FASTCONV_POISON_OUTPUTS", "1")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built_extension():
-    """Build (first run: minutes, then cached) and load; skip only without a toolchain."""
-    problem = extension._toolchain_problem()
-    try:
-        extension.build()
-    except ExtensionBuildError as exc:
-        if problem:
-            pytest.skip(f"no toolchain to build the extension: {problem}")
-        pytest.fail(f"the extension failed to build: {exc}")
+pytestmark = pytest.mark.usefixtures("built_extension")  # conftest.py
 
 
 def make(shape, dtype, layout, scale=1.0, shift=0.0, nans=0):

@@ -26,6 +26,7 @@ from torch import nn
 
 import fastconv
 from fastconv import dispatch, models
+from fastconv.tools.common import capture_cuda_graph
 from support import rel_err
 from support import DEV, HAS_CUDA, require
 
@@ -243,24 +244,16 @@ def test_cuda_graph_captures_a_training_step(backend, exact_fp32):
 
     batches = [(torch.randn(8, 3, 32, 32, device="cuda"),
                 torch.randint(0, 10, (8,), device="cuda")) for _ in range(6)]
-    # warm up on a side stream (plans, autotuning, lazy state), as torch's docs require;
-    # the twin takes the same warm-up steps
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for x, y in batches[:3]:
-            static_x.copy_(x)
-            static_y.copy_(y)
-            step(model, opt, static_x, static_y)
-    torch.cuda.current_stream().wait_stream(side)
-    for x, y in batches[:3]:
+    def load(xy):
+        static_x.copy_(xy[0])
+        static_y.copy_(xy[1])
+
+    graph, static_loss = capture_cuda_graph(lambda: step(model, opt, static_x, static_y),
+                                            batches[:3], load)
+    for x, y in batches[:3]:  # the twin takes the same warm-up steps, eagerly
         step(twin, twin_opt, x, y)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = step(model, opt, static_x, static_y)
     for x, y in batches[3:]:
-        static_x.copy_(x)
-        static_y.copy_(y)
+        load((x, y))
         graph.replay()
         loss = step(twin, twin_opt, x, y)
         torch.cuda.synchronize()

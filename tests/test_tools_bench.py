@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastconv import cli, dispatch
+from support import png_text
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -151,23 +152,6 @@ def test_plot_without_matplotlib(capsys, tmp_path, monkeypatch):
                           "--no-check", "--mode", "infer", "--rounds", 1, "--plot",
                           tmp_path / "x.png")
     assert rc != 0 and "--plot needs matplotlib" in err and "Traceback" not in err
-
-
-def png_text(data: bytes) -> dict:
-    """The tEXt chunks of a PNG, walking every chunk to IEND (a truncated file fails)."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    out, i = {}, 8
-    while i < len(data):
-        n = int.from_bytes(data[i:i + 4], "big")
-        kind = data[i + 4:i + 8]
-        if kind == b"tEXt":
-            k, _, v = data[i + 8:i + 8 + n].partition(b"\0")
-            out[k.decode()] = v.decode("latin-1")
-        i += 12 + n
-        if kind == b"IEND":
-            break
-    assert i == len(data), "PNG chunks do not end at IEND"
-    return out
 
 
 @pytest.mark.slow

@@ -481,17 +481,12 @@ void check_conv_args(const Tensor& input, const Tensor& weight, at::IntArrayRef 
               st);
 }
 
-// The SIMT weight operand (FwdB or DgradB: the same fields, different gathers) over `weight`
-// in its own strides.
+// The SIMT weight operand (FwdB or DgradB) over `weight` in its own strides.
 template <class B> B simt_weights(const Tensor& weight, const Geom& g) {
-  B b;
-  b.w = weight.data_ptr<std::remove_const_t<std::remove_pointer_t<decltype(b.w)>>>();
-  set_strides(b.ws, weight);
-  b.g = g;
-  b.dRS = FastDiv(int64_t(g.R) * g.S);
-  b.dS = FastDiv(g.S);
-  b.grp = 0;
-  return b;
+  using T = std::remove_const_t<std::remove_pointer_t<decltype(std::declval<B>().w)>>;
+  int64_t ws[4];
+  set_strides(ws, weight);
+  return plan::simt_weights<B>(weight.data_ptr<T>(), ws, g);
 }
 
 bool tensor_cores(const Tensor& t) {

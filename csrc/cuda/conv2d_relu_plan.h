@@ -311,5 +311,21 @@ void fill_wgrad_loaders(const G& g, const void* dym, const void* x, LA& la, LB& 
   lb.dQ = Div(g.Q);
 }
 
+// ---- the SIMT kernels' weight operand ----
+
+// FwdB or DgradB (the same fields, different gathers) over the weights at w, whose element
+// strides are ws (K, C, R, S order).
+template <class B, class Geom, typename T>
+B simt_weights(const T* w, const int64_t (&ws)[4], const Geom& g) {
+  B b;
+  b.w = w;
+  std::copy(ws, ws + 4, b.ws);
+  b.g = g;
+  b.dRS = decltype(b.dRS)(int64_t(g.R) * g.S);
+  b.dS = decltype(b.dS)(g.S);
+  b.grp = 0;
+  return b;
+}
+
 }  // namespace plan
 }  // namespace fastconv_cuda

@@ -52,6 +52,22 @@ class TorchBackend(Backend):
             rest = tuple(args.values())[1:]
             pool = F.avg_pool2d
             return lambda x: pool(x, *rest)
+        if op == "max_pool2d" and not args["return_indices"]:
+            k, s, p, d, ceil, relu = (args[n] for n in ("kernel_size", "stride", "padding",
+                                                        "dilation", "ceil_mode", "relu"))
+            pool = torch.max_pool2d  # what F.max_pool2d calls, after its Python checks
+            if relu:
+                return lambda x: torch.relu(pool(x, k, s, p, d, ceil))
+            return lambda x: pool(x, k, s, p, d, ceil)
+        if op == "batch_norm" and args.get("residual") is None:
+            training, momentum, eps, relu = (args[n] for n in ("training", "momentum", "eps",
+                                                               "relu"))
+            bn, cudnn = torch.batch_norm, torch.backends.cudnn  # as F.batch_norm calls it
+
+            def run(x, rm, rv, w, b):
+                out = bn(x, w, b, rm, rv, training, momentum, eps, cudnn.enabled)
+                return torch.relu(out) if relu else out
+            return run
         return super().bind(op, args)
 
     def conv2d_relu(self, input, weight, bias, stride, padding, dilation, groups, relu):

@@ -44,6 +44,8 @@ def unusable_reason(name: str, device: torch.device) -> Optional[str]:
     slower than a kernel: never offered by default for timing or training on CPU. Asking only
     about the backends in use matters: the extension builds itself when first asked.
     """
+    if name == "auto":  # measures what can serve each call, torch always among them
+        return None
     try:
         reason = dispatch.get(name).unavailable_reason()
     except Exception as exc:
@@ -221,6 +223,27 @@ def grad_scaler(amp: Optional[torch.dtype], device: torch.device):
     if amp is torch.float16 and device.type == "cuda":
         return torch.amp.GradScaler(device.type)
     return None
+
+
+def capture_cuda_graph(run: Callable[[], torch.Tensor], warmup: list,
+                       load: Callable[[object], None]):
+    """``(graph, output)``: ``run()`` (a step on static tensors) captured in a CUDA graph.
+
+    First, on a side stream as torch's CUDA-graph docs require, each item of ``warmup`` is
+    ``load``-ed into the static tensors and ``run()`` runs once (plans, autotuning, lazy state);
+    then one ``run()`` is captured. Replay with ``graph.replay()`` after loading new inputs.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for item in warmup:
+            load(item)
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph, out
 
 
 def sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,

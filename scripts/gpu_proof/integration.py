@@ -80,6 +80,7 @@ def graph_step(backend: str, device, batch: int) -> dict:
 
     import fastconv
     from fastconv import models
+    from fastconv.tools.common import capture_cuda_graph
 
     if device.type != "cuda":
         raise Skip("CUDA-graph capture needs a CUDA device")
@@ -102,23 +103,17 @@ def graph_step(backend: str, device, batch: int) -> dict:
 
     batches = [(torch.randn(shape, device=device), torch.randint(0, 10, (batch,), device=device))
                for _ in range(6)]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch's docs require
-        for x, y in batches[:3]:
-            static_x.copy_(x)
-            static_y.copy_(y)
-            step(model, opt, static_x, static_y)
-    torch.cuda.current_stream().wait_stream(side)
-    for x, y in batches[:3]:
+    def load(xy):
+        static_x.copy_(xy[0])
+        static_y.copy_(xy[1])
+
+    graph, static_loss = capture_cuda_graph(lambda: step(model, opt, static_x, static_y),
+                                            batches[:3], load)
+    for x, y in batches[:3]:  # the twin takes the same warm-up steps, eagerly
         step(twin, twin_opt, x, y)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = step(model, opt, static_x, static_y)
     worst = 0.0
     for x, y in batches[3:]:
-        static_x.copy_(x)
-        static_y.copy_(y)
+        load((x, y))
         graph.replay()
         loss = step(twin, twin_opt, x, y)
         torch.cuda.synchronize()

@@ -286,13 +286,8 @@ template <typename T> long check_fwd(const Case& c, bool simt = is_wide<T>()) {
   if (simt) {
     FwdA<T> da{pb.x.data(), g, FastDiv(int64_t(g.P) * g.Q), FastDiv(g.Q),
                FastDiv(int64_t(g.R) * g.S), FastDiv(g.S), int(M), 0};
-    FwdB<T> db;
-    db.w = pb.wt.data();
-    db.ws[0] = int64_t(g.Cg) * g.R * g.S; db.ws[1] = int64_t(g.R) * g.S; db.ws[2] = g.S; db.ws[3] = 1;
-    db.g = g;
-    db.dRS = FastDiv(int64_t(g.R) * g.S);
-    db.dS = FastDiv(g.S);
-    db.grp = 0;
+    const int64_t ws[4] = {int64_t(g.Cg) * g.R * g.S, int64_t(g.R) * g.S, g.S, 1};
+    const auto db = plan::simt_weights<FwdB<T>>(pb.wt.data(), ws, g);
     const int kt = int(ceil_div(int64_t(g.Cg) * g.R * g.S, SBK));
     run_simt<T>(da, db, epi, M, g.Kg, g.G, 1, kt, kt);
   } else if constexpr (!is_wide<T>()) {
@@ -348,13 +343,8 @@ template <typename T> long check_dgrad(const Case& c, bool simt = is_wide<T>()) 
   if (simt) {
     DgradA<T> da{pb.dy.data(), pb.y.data(), c.relu, g, FastDiv(int64_t(g.H) * g.W),
                  FastDiv(g.W), FastDiv(int64_t(g.R) * g.S), FastDiv(g.S), int(M), 0};
-    DgradB<T> db;
-    db.w = pb.wt.data();
-    db.ws[0] = int64_t(g.Cg) * g.R * g.S; db.ws[1] = int64_t(g.R) * g.S; db.ws[2] = g.S; db.ws[3] = 1;
-    db.g = g;
-    db.dRS = FastDiv(int64_t(g.R) * g.S);
-    db.dS = FastDiv(g.S);
-    db.grp = 0;
+    const int64_t ws[4] = {int64_t(g.Cg) * g.R * g.S, int64_t(g.R) * g.S, g.S, 1};
+    const auto db = plan::simt_weights<DgradB<T>>(pb.wt.data(), ws, g);
     const int kt = int(ceil_div(int64_t(g.Kg) * g.R * g.S, SBK));
     run_simt<T>(da, db, epi, M, g.Cg, g.G, 1, kt, kt);
   } else if constexpr (!is_wide<T>()) {
