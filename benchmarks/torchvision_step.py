@@ -2,7 +2,7 @@
 in alternation in one run (``fastconv.timing.compare``): issue 17's acceptance measurement.
 
     python benchmarks/torchvision_step.py                       # resnet18, batch 8, 96x96, CPU
-    python benchmarks/torchvision_step.py --model resnet50 --rounds 9 --backend extension
+    python benchmarks/torchvision_step.py --model resnet50 --rounds 9 --backends auto,extension
 
 Both models start from the same weights; each training step is an SGD step (the two models
 train apart from there, as two users' runs would). Ratios are stock time over converted time,
@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fastconv from this tree
 
@@ -42,7 +41,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=96, help="input height and width")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--backends", default="auto",
+                   help="comma-separated: one converted model per backend")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--steps", type=int, default=3, help="timed steps per round and variant")
     p.add_argument("--channels-last", action="store_true")
@@ -56,13 +56,14 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     fmt = torch.channels_last if a.channels_last else torch.contiguous_format
     stock = MODELS[a.model](tv).to(memory_format=fmt)
-    fast = fastconv.convert(copy.deepcopy(stock), backend=a.backend)
-    report = fastconv.conversion_report(fast)
-    print(report.splitlines()[0])
+    backends = [b.strip() for b in a.backends.split(",") if b.strip()]
+    fast = {b: fastconv.convert(copy.deepcopy(stock), backend=b) for b in backends}
+    print(str(fastconv.conversion_report(fast[backends[0]])).splitlines()[0])
     gen = torch.Generator().manual_seed(1)
     inputs = [(torch.randn(a.batch, 3, a.size, a.size, generator=gen).contiguous(
         memory_format=fmt), torch.randint(0, 10, (a.batch,), generator=gen)) for _ in range(3)]
-    opts = {m: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for m in (stock, fast)}
+    opts = {m: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+            for m in (stock, *fast.values())}
 
     def train(model):
         model.train()
@@ -75,21 +76,23 @@ def main(argv=None) -> int:
         return run
 
     print(f"{a.model}, batch {a.batch}, {a.size}x{a.size}, {a.threads} threads, float32, "
-          f"{'channels_last' if a.channels_last else 'NCHW'}, backend {a.backend!r}; "
+          f"{'channels_last' if a.channels_last else 'NCHW'}, backends {', '.join(backends)}; "
           f"{a.rounds} rounds x {a.steps} steps, alternating; load average "
           f"{os.getloadavg()[0]:.2f}", flush=True)
     for mode, make in (("train", train), ("infer", infer)):
         if mode == "infer":
-            stock.eval(), fast.eval()
+            for m in (stock, *fast.values()):
+                m.eval()
         t0 = time.perf_counter()
-        stats = timing.compare({"stock": make(stock), "converted": make(fast)},
+        stats = timing.compare({"stock": make(stock), **{b: make(m) for b, m in fast.items()}},
                                rounds=a.rounds, calls=a.steps, warmup=2, inputs=inputs,
                                on_round=lambda r, n: print(f"  {mode} round {r}/{n}",
                                                            end="\r", flush=True))
-        r = timing.ratio(stats["stock"], stats["converted"])
-        flag = f"  ({r.flag})" if r.flag else ""
-        print(f"{mode}: stock {stats['stock'].fmt()}, converted {stats['converted'].fmt()}: "
-              f"{r.fmt()} vs stock{flag} [{time.perf_counter() - t0:.0f} s]", flush=True)
+        print(f"{mode}: stock {stats['stock'].fmt()} [{time.perf_counter() - t0:.0f} s]")
+        for b in backends:
+            r = timing.ratio(stats["stock"], stats[b])
+            flag = f"  ({r.flag})" if r.flag else ""
+            print(f"  {b:10s} {stats[b].fmt()}: {r.fmt()} vs stock{flag}", flush=True)
     return 0
 
 
