@@ -345,8 +345,9 @@ _OPS = ("conv2d_relu", "max_pool2d", "batch_norm", "avg_pool2d", "adaptive_avg_p
 class OutsideFastconv(TorchDispatchMode):
     """Records ATen ReLU calls and adds of feature maps (4-D floating tensors) made outside
     fastconv's ops, and the adds made inside its batch norm. With the torch backend fastconv's
-    ops are themselves plain ATen calls, so the backend's methods are wrapped to say when a
-    call is inside one (``inside``: the op's name)."""
+    ops are themselves plain ATen calls, so the backend's methods (and the functions its
+    ``bind`` returns) are wrapped to say when a call is inside one (``inside``: the op's
+    name)."""
 
     def __init__(self):
         super().__init__()
@@ -379,7 +380,22 @@ def watch(monkeypatch):
             finally:
                 mode.inside = outer
         monkeypatch.setattr(backend, op, wrapped)
-    return mode
+    bind = backend.bind  # decided layers call what bind returns, not the methods
+
+    def bound(op, args):
+        call = bind(op, args)
+
+        def marked(*tensors):
+            outer, mode.inside = mode.inside, op
+            try:
+                return call(*tensors)
+            finally:
+                mode.inside = outer
+        return marked
+    monkeypatch.setattr(backend, "bind", bound)
+    dispatch.forget_fast_paths()  # no function bound before the wrapping, none kept after
+    yield mode
+    dispatch.forget_fast_paths()
 
 
 def _build(name, seed=0):
