@@ -29,35 +29,48 @@ _grad_enabled = torch.is_grad_enabled
 _deterministic = torch.are_deterministic_algorithms_enabled
 _compiling = torch.compiler.is_compiling
 _any_autocast = torch._C._is_any_autocast_enabled
-_environ = os.environ
+try:  # the environment as os.environ holds it: one dict lookup instead of ~0.7 us
+    _env_data, _env_key = os.environ._data, os.environ.encodekey("FASTCONV_BACKEND")
+except AttributeError:  # pragma: no cover - an os.environ without them
+    _env_data, _env_key = os.environ, "FASTCONV_BACKEND"
 
 
 class _Memo:
     """A layer's memo of its last decided call: ``(state, implementation)``.
 
-    A repeated layer call whose state (every tensor's type, shape, strides, dtype, device and
-    requires_grad, the layer's arguments, grad and deterministic mode, the backend asked for,
-    and which fast-path table is in force) equals the memo's runs the implementation at
-    once. It is the decided fast path of ``fastconv.functional`` (``dispatch.FAST``) without
-    building and hashing that key: on a small layer every microsecond of Python shows
-    (LeNet on 2 CPU cores: the functional path cost ~7 us per layer call in a real forward,
-    10% of the inference step). Anything else, and calls under tracing or autocast, takes
-    the functional path; the memo is taken only from a decision that path remembered.
-    Not pickled or copied (a copy decides again on its first call).
+    A repeated layer call whose state equals the memo's runs the implementation at once. The
+    state: the input's type, shape, strides, dtype, device and requires_grad; the shape, dtype
+    and requires_grad of the layer's own tensors (parameters, running statistics: their
+    device and strides change through ``Module._apply``, which drops the memo); the layer's
+    arguments; grad and deterministic mode; the backend asked for (``$FASTCONV_BACKEND``
+    read raw); and which fast-path table is in force. It is the decided fast path of
+    ``fastconv.functional`` (``dispatch.FAST``) without building and hashing that key: on a
+    small layer every microsecond of Python shows (LeNet on 2 CPU cores: the functional path
+    cost ~7 us per layer call in a real forward, 10% of the inference step). Anything else,
+    and calls under tracing or autocast, takes the functional path; the memo is taken only
+    from a decision that path remembered. Not pickled or copied (a copy decides again on its
+    first call).
     """
 
-    def _memo_lookup(self, tensors: tuple, params: tuple) -> tuple[Optional[tuple], Any]:
+    def _memo_lookup(self, input: torch.Tensor, own: tuple,
+                     params: Any) -> tuple[Optional[tuple], Any]:
         """``(state, implementation)``: this call's state (None: no memo under tracing or
         autocast) and the memo's implementation if the state matches (else None)."""
         if _compiling() or _any_autocast():
             return None, None
         backend = self.backend
         state = (id(dispatch.FAST), dispatch.EPOCH, _grad_enabled(), _deterministic(),
-                 _environ.get("FASTCONV_BACKEND") if backend is None else backend, params,
-                 *[None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device,
-                                           t.requires_grad) for t in tensors])
+                 _env_data.get(_env_key) if backend is None else backend, params,
+                 type(input), input.shape, input.stride(), input.dtype, input.device,
+                 input.requires_grad)
+        for t in own:
+            state += (None,) if t is None else (t.shape, t.dtype, t.requires_grad)
         memo = self.__dict__.get("_fc_memo")
         return state, (memo[1] if memo is not None and memo[0] == state else None)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_fc_memo", None)  # .to(), .half(), .cuda(): decide again
+        return super()._apply(fn, *args, **kwargs)
 
     def _memo_keep(self, state: Optional[tuple], op: str, tensors: tuple, geometry: tuple,
                    flags: tuple) -> None:
@@ -113,7 +126,7 @@ class Conv2dReLU(_Memo, nn.Conv2d):
                                   self.groups, relu=self.relu, backend=self.backend)
         weight, bias = self.weight, self.bias
         geometry = (self.stride, self.padding, self.dilation, self.groups)
-        state, impl = self._memo_lookup((input, weight, bias), (geometry, self.relu))
+        state, impl = self._memo_lookup(input, (weight, bias), (geometry, self.relu))
         if impl is not None:
             return impl(input, weight, bias)
         out = FF.conv2d_relu(input, weight, bias, *geometry, relu=self.relu,
@@ -147,7 +160,7 @@ class MaxPool2d(_Memo, nn.MaxPool2d):
     def forward(self, input: torch.Tensor):
         geometry = (self.kernel_size, self.stride, self.padding, self.dilation)
         flags = (self.ceil_mode, self.return_indices, self.relu)
-        state, impl = self._memo_lookup((input,), (geometry, flags))
+        state, impl = self._memo_lookup(input, (), (geometry, flags))
         if impl is not None:
             return impl(input)
         out = FF.max_pool2d(input, *geometry, *flags[:2], relu=self.relu, backend=self.backend)
@@ -178,7 +191,7 @@ class AvgPool2d(_Memo, nn.AvgPool2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         geometry = (self.kernel_size, self.stride, self.padding, self.divisor_override)
         flags = (self.ceil_mode, self.count_include_pad)
-        state, impl = self._memo_lookup((input,), (geometry, flags))
+        state, impl = self._memo_lookup(input, (), (geometry, flags))
         if impl is not None:
             return impl(input)
         out = FF.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
@@ -204,7 +217,7 @@ class AdaptiveAvgPool2d(_Memo, nn.AdaptiveAvgPool2d):
         return nn.AdaptiveAvgPool2d(self.output_size)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        state, impl = self._memo_lookup((input,), self.output_size)
+        state, impl = self._memo_lookup(input, (), self.output_size)
         if impl is not None:
             return impl(input)
         out = FF.adaptive_avg_pool2d(input, self.output_size, backend=self.backend)
@@ -259,7 +272,8 @@ class BatchNorm2d(_Memo, nn.BatchNorm2d):
         # and count the batch only once the op has run: a refused or failed call counts nothing
         tensors = (input, running_mean, running_var, self.weight, self.bias)
         cacheable = self.momentum is not None and residual is None
-        state, impl = self._memo_lookup(tensors, (bn_training, factor, self.eps, self.relu)) \
+        state, impl = self._memo_lookup(input, tensors[1:], (bn_training, factor, self.eps,
+                                                             self.relu)) \
             if cacheable else (None, None)
         if impl is not None:
             out = impl(*tensors)

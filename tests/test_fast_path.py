@@ -131,6 +131,40 @@ def test_any_change_takes_the_checked_path_again(layer, change, counted):
     assert torch.equal(out, expected())
 
 
+OWN_CHANGES = {
+    # the layer's own tensors: their shape, dtype and requires_grad are in the state, and
+    # Module._apply (.to(), .float(), .cuda()) drops the memo whatever it changes
+    "a parameter frozen": lambda m: m.weight.requires_grad_(False),
+    "a parameter replaced by one of another shape": lambda m: setattr(
+        m, "weight", torch.nn.Parameter(rand(*m.weight.shape[:-1], 1, seed=7)))
+    if isinstance(m, fnn.Conv2dReLU) else setattr(m, "running_var", None),
+    "the layer converted in place (.float())": lambda m: m.float(),
+}
+
+
+@pytest.mark.parametrize("change", sorted(OWN_CHANGES))
+@pytest.mark.parametrize("layer", ["conv", "bn_eval"])
+def test_a_change_of_the_layers_own_tensors_takes_the_checked_path_again(layer, change,
+                                                                         counted):
+    entry, make, stock, shape = LAYERS[layer]
+    m = seeded_bn(make())
+    x = rand(*shape)
+    call(m, x)
+    call(m, x)
+    assert counted[entry] == 1
+    OWN_CHANGES[change](m)
+    if isinstance(m, fnn.BatchNorm2d) and m.running_var is None:
+        m.running_mean = None  # no running statistics: eval normalises by the batch's
+        expected = F.relu(F.batch_norm(x, None, None, m.weight, m.bias, True, 0.1, m.eps))
+    elif isinstance(m, fnn.Conv2dReLU):
+        expected = F.relu(F.conv2d(x, m.weight, m.bias, padding=1))
+    else:
+        expected = stock(m)
+    out = call(m, x)
+    assert counted[entry] == 2, f"{change}: the memo served a changed call"
+    assert torch.equal(out, expected)
+
+
 def test_grad_mode_and_the_backend_variable_are_part_of_the_state(counted, monkeypatch):
     m = fnn.Conv2dReLU(3, 4, 3)  # backend=None: $FASTCONV_BACKEND, else auto
     x = rand(2, 3, 6, 6)
