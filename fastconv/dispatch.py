@@ -136,6 +136,11 @@ def auto_order(device_type: str) -> tuple[str, ...]:
     return AUTO_ORDER.get(device_type, ("torch",))
 
 
+try:  # $FASTCONV_BACKEND as os.environ holds it (raw): one dict lookup instead of ~0.7 us;
+    # only fast-path keys and layer memos use it, which compare it and never decode it
+    env_raw, env_key = os.environ._data, os.environ.encodekey("FASTCONV_BACKEND")
+except AttributeError:  # pragma: no cover - an os.environ without them
+    env_raw, env_key = os.environ, "FASTCONV_BACKEND"
 _compiling = torch.compiler.is_compiling
 _any_autocast = torch._C._is_any_autocast_enabled
 _grad_enabled = torch.is_grad_enabled
@@ -163,7 +168,7 @@ def call_key(op: str, tensors: tuple, geometry: tuple, flags: tuple,
         if type(f) is not bool:
             return None
     if backend is None:
-        backend = os.environ.get("FASTCONV_BACKEND")
+        backend = env_raw.get(env_key)
     elif type(backend) is not str:
         return None
     try:

@@ -59,6 +59,11 @@ class TorchBackend(Backend):
             if relu:
                 return lambda x: torch.relu(pool(x, k, s, p, d, ceil))
             return lambda x: pool(x, k, s, p, d, ceil)
+        if op == "adaptive_avg_pool2d":
+            size = args["output_size"]
+            if isinstance(size, int) or None not in size:  # no size kept from the input
+                pool = torch._C._nn.adaptive_avg_pool2d  # what F.adaptive_avg_pool2d calls
+                return lambda x: pool(x, size)
         if op == "batch_norm" and args.get("residual") is None:
             training, momentum, eps, relu = (args[n] for n in ("training", "momentum", "eps",
                                                                "relu"))
