@@ -36,9 +36,10 @@ class _Memo:
     """A layer's memo of its last decided call: ``(state, implementation)``.
 
     A repeated layer call whose state equals the memo's runs the implementation at once. The
-    state: the input's type, shape, strides, dtype, device and requires_grad; the shape, dtype
-    and requires_grad of the layer's own tensors (parameters, running statistics: their
-    device and strides change through ``Module._apply``, which drops the memo); the layer's
+    state: the input's type, shape, strides, dtype, device and requires_grad; the identity,
+    shape, dtype and requires_grad of the layer's own tensors (parameters, running statistics:
+    a tensor put in their place is another object, and their device and strides change in
+    place only through ``Module._apply``, which drops the memo); the layer's
     arguments; grad and deterministic mode; the backend asked for (``$FASTCONV_BACKEND``
     read raw); and which fast-path table is in force. It is the decided fast path of
     ``fastconv.functional`` (``dispatch.FAST``) without building and hashing that key: on a
@@ -61,7 +62,7 @@ class _Memo:
                  type(input), input.shape, input.stride(), input.dtype, input.device,
                  input.requires_grad)
         for t in own:
-            state += (None,) if t is None else (t.shape, t.dtype, t.requires_grad)
+            state += (None,) if t is None else (id(t), t.shape, t.dtype, t.requires_grad)
         memo = self.__dict__.get("_fc_memo")
         return state, (memo[1] if memo is not None and memo[0] == state else None)
 

@@ -139,6 +139,8 @@ OWN_CHANGES = {
         m, "weight", torch.nn.Parameter(rand(*m.weight.shape[:-1], 1, seed=7)))
     if isinstance(m, fnn.Conv2dReLU) else setattr(m, "running_var", None),
     "the layer converted in place (.float())": lambda m: m.float(),
+    "a parameter replaced by one of the same shape": lambda m: setattr(
+        m, "bias", torch.nn.Parameter(rand(*m.bias.shape, seed=8))),
 }
 
 
