@@ -4,7 +4,6 @@ state_dict keys are the same; ``relu=`` fuses a ReLU and ``backend=`` picks the 
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import torch
@@ -26,62 +25,88 @@ def _extra(relu: Optional[bool], backend: Optional[str]) -> str:
 
 
 _grad_enabled = torch.is_grad_enabled
-_deterministic = torch.are_deterministic_algorithms_enabled
+_deterministic = torch._C._get_deterministic_algorithms  # what torch.are_deterministic_... returns
 _compiling = torch.compiler.is_compiling
 _any_autocast = torch._C._is_any_autocast_enabled
 _env_raw, _env_key = dispatch.env_raw, dispatch.env_key
+_UNSET = object()
 
 
 class _Memo:
-    """A layer's memo of its last decided call: ``(state, implementation)``.
+    """A layer's memo of its last decided call: ``(state, implementation, own)``.
 
     A repeated layer call whose state equals the memo's runs the implementation at once. The
-    state: the input's type, shape, strides, dtype, device and requires_grad; the identity,
-    shape, dtype and requires_grad of the layer's own tensors (parameters, running statistics:
-    a tensor put in their place is another object, and their device and strides change in
-    place only through ``Module._apply``, which drops the memo); the layer's
-    arguments; grad and deterministic mode; the backend asked for (``$FASTCONV_BACKEND``
-    read raw); and which fast-path table is in force. It is the decided fast path of
-    ``fastconv.functional`` (``dispatch.FAST``) without building and hashing that key: on a
-    small layer every microsecond of Python shows (LeNet on 2 CPU cores: the functional path
-    cost ~7 us per layer call in a real forward, 10% of the inference step). Anything else,
-    and calls under tracing or autocast, takes the functional path; the memo is taken only
-    from a decision that path remembered. Not pickled or copied (a copy decides again on its
-    first call).
+    state: which fast-path table is in force, grad and deterministic mode, ``$FASTCONV_BACKEND``
+    (read raw) when the layer names no backend, and the input's type, shape, strides, dtype,
+    device and requires_grad. The layer's arguments are not in it: setting any attribute of
+    the layer (``stride``, ``backend``, ``train()``/``eval()``, a parameter) drops the memo,
+    and so does ``Module._apply`` (``.to()``, ``.half()``). Nor, when the implementation is
+    torch's own (``any_tensors``: right for any tensors), are the layer's own tensors; for
+    fastconv's kernels (``own``) the state also holds their identity, shape, dtype and
+    requires_grad (their device and strides change in place only through ``Module._apply``).
+    A torch-decided layer whose parameter is frozen in place (``requires_grad_``) or swapped
+    through ``.data`` therefore keeps torch, right but maybe no longer the fastest choice for
+    the new pass: ``fastconv.forget_fast_paths()`` decides again.
+
+    It is the decided fast path of ``fastconv.functional`` (``dispatch.FAST``) without
+    building and hashing that key: on a small layer every microsecond of Python shows,
+    several times over (LeNet-BN inference on 2 CPU cores, 6 converted layers: the key's
+    state cost 7% of the step, this one 2-3%). Anything else, and calls under tracing or
+    autocast, takes the functional path; the memo is taken only from a decision that path
+    remembered. Not pickled or copied (a copy decides again on its first call).
     """
 
-    def _memo_lookup(self, input: torch.Tensor, own: tuple,
-                     params: Any) -> tuple[Optional[tuple], Any]:
-        """``(state, implementation)``: this call's state (None: no memo under tracing or
-        autocast) and the memo's implementation if the state matches (else None)."""
-        if _compiling() or _any_autocast():
-            return None, None
-        backend = self.backend
+    def _memo_state(self, input: torch.Tensor, own: tuple) -> tuple:
         state = (id(dispatch.FAST), dispatch.EPOCH, _grad_enabled(), _deterministic(),
-                 _env_raw.get(_env_key) if backend is None else backend, params,
-                 type(input), input.shape, input.stride(), input.dtype, input.device,
-                 input.requires_grad)
+                 _env_raw.get(_env_key) if self.backend is None else None, type(input),
+                 input.shape, input.stride(), input.dtype, input.device, input.requires_grad)
         for t in own:
             state += (None,) if t is None else (id(t), t.shape, t.dtype, t.requires_grad)
+        return state
+
+    def _memo_get(self, input: torch.Tensor, own: tuple):
+        """The memo's implementation if this call's state equals the memo's, else None."""
         memo = self.__dict__.get("_fc_memo")
-        return state, (memo[1] if memo is not None and memo[0] == state else None)
+        if memo is None or _compiling() or _any_autocast() \
+                or memo[0] != self._memo_state(input, own if memo[2] else ()):
+            return None
+        return memo[1]
 
-    def _apply(self, fn, *args, **kwargs):
-        self.__dict__.pop("_fc_memo", None)  # .to(), .half(), .cuda(): decide again
-        return super()._apply(fn, *args, **kwargs)
-
-    def _memo_keep(self, state: Optional[tuple], op: str, tensors: tuple, geometry: tuple,
-                   flags: tuple) -> None:
-        if state is None:
+    def _memo_keep(self, input: torch.Tensor, own: tuple, op: str, tensors: tuple,
+                   geometry: tuple, flags: tuple) -> None:
+        """After a functional call of ``op`` on ``tensors``: memo the implementation it
+        remembered for them, if any (``input`` and ``own`` as ``_memo_get`` takes them)."""
+        if _compiling() or _any_autocast():
             return
         key = dispatch.call_key(op, tensors, geometry, flags, self.backend)
         impl = dispatch.FAST.get(key) if key is not None else None
         if impl is not None:
-            self.__dict__["_fc_memo"] = (state, impl)
+            own_too = not getattr(impl, "any_tensors", False)
+            self.__dict__["_fc_memo"] = (self._memo_state(input, own if own_too else ()), impl,
+                                         own_too)
+
+    def _forget(self) -> None:
+        """Drop the memo and what the layer derived from its attributes (``_fc_how``)."""
+        self.__dict__.pop("_fc_memo", None)
+        self.__dict__.pop("_fc_how", None)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get(name, _UNSET) is not value:  # model.train() on a training one
+            self._forget()  # an argument, a mode or a tensor changes
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        self._forget()
+        super().__delattr__(name)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._forget()  # .to(), .half(), .cuda(): decide again
+        return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self):
         state = dict(super().__getstate__())
         state.pop("_fc_memo", None)
+        state.pop("_fc_how", None)
         return state
 
 
@@ -122,14 +147,18 @@ class Conv2dReLU(_Memo, nn.Conv2d):
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return FF.conv2d_relu(input, self.weight, self.bias, self.stride, 0, self.dilation,
                                   self.groups, relu=self.relu, backend=self.backend)
-        weight, bias = self.weight, self.bias
-        geometry = (self.stride, self.padding, self.dilation, self.groups)
-        state, impl = self._memo_lookup(input, (weight, bias), (geometry, self.relu))
+        try:  # not self.weight: nn.Module.__getattr__ finds parameters after a failed lookup
+            weight, bias = self._parameters["weight"], self._parameters["bias"]
+        except KeyError:  # a parametrization or weight norm: attributes computed elsewhere
+            weight, bias = self.weight, self.bias
+        impl = self._memo_get(input, (weight, bias))
         if impl is not None:
             return impl(input, weight, bias)
+        geometry = (self.stride, self.padding, self.dilation, self.groups)
         out = FF.conv2d_relu(input, weight, bias, *geometry, relu=self.relu,
                              backend=self.backend)
-        self._memo_keep(state, "conv2d_relu", (input, weight, bias), geometry, (self.relu,))
+        self._memo_keep(input, (weight, bias), "conv2d_relu", (input, weight, bias), geometry,
+                        (self.relu,))
         return out
 
     def extra_repr(self) -> str:
@@ -156,13 +185,13 @@ class MaxPool2d(_Memo, nn.MaxPool2d):
                             self.return_indices, self.ceil_mode)
 
     def forward(self, input: torch.Tensor):
-        geometry = (self.kernel_size, self.stride, self.padding, self.dilation)
-        flags = (self.ceil_mode, self.return_indices, self.relu)
-        state, impl = self._memo_lookup(input, (), (geometry, flags))
+        impl = self._memo_get(input, ())
         if impl is not None:
             return impl(input)
+        geometry = (self.kernel_size, self.stride, self.padding, self.dilation)
+        flags = (self.ceil_mode, self.return_indices, self.relu)
         out = FF.max_pool2d(input, *geometry, *flags[:2], relu=self.relu, backend=self.backend)
-        self._memo_keep(state, "max_pool2d", (input,), geometry, flags)
+        self._memo_keep(input, (), "max_pool2d", (input,), geometry, flags)
         return out
 
     def extra_repr(self) -> str:
@@ -187,14 +216,14 @@ class AvgPool2d(_Memo, nn.AvgPool2d):
                             self.count_include_pad, self.divisor_override)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        geometry = (self.kernel_size, self.stride, self.padding, self.divisor_override)
-        flags = (self.ceil_mode, self.count_include_pad)
-        state, impl = self._memo_lookup(input, (), (geometry, flags))
+        impl = self._memo_get(input, ())
         if impl is not None:
             return impl(input)
+        geometry = (self.kernel_size, self.stride, self.padding, self.divisor_override)
+        flags = (self.ceil_mode, self.count_include_pad)
         out = FF.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
                             self.count_include_pad, self.divisor_override, backend=self.backend)
-        self._memo_keep(state, "avg_pool2d", (input,), geometry, flags)
+        self._memo_keep(input, (), "avg_pool2d", (input,), geometry, flags)
         return out
 
     def extra_repr(self) -> str:
@@ -215,11 +244,11 @@ class AdaptiveAvgPool2d(_Memo, nn.AdaptiveAvgPool2d):
         return nn.AdaptiveAvgPool2d(self.output_size)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        state, impl = self._memo_lookup(input, (), self.output_size)
+        impl = self._memo_get(input, ())
         if impl is not None:
             return impl(input)
         out = FF.adaptive_avg_pool2d(input, self.output_size, backend=self.backend)
-        self._memo_keep(state, "adaptive_avg_pool2d", (input,), (self.output_size,), ())
+        self._memo_keep(input, (), "adaptive_avg_pool2d", (input,), (self.output_size,), ())
         return out
 
     def extra_repr(self) -> str:
@@ -256,33 +285,46 @@ class BatchNorm2d(_Memo, nn.BatchNorm2d):
 
     def forward(self, input: torch.Tensor,
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self._check_input_dim(input)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        track = self.training and self.track_running_stats and self.num_batches_tracked is not None
-        if self.momentum is None:  # cumulative moving average, as torch.nn.BatchNorm2d
+        how = self.__dict__.get("_fc_how")
+        if how is None:  # what the layer's attributes make of a call; setting one forgets it
+            how = self.__dict__["_fc_how"] = self._how()
+        bn_training, track, use_running, factor = how
+        if factor is None:  # momentum=None: cumulative moving average, as torch's
             factor = 1.0 / float(self.num_batches_tracked + 1) if track else 0.0
-        else:
-            factor = self.momentum
-        use_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_running else None
-        running_var = self.running_var if use_running else None
+        try:  # not self.weight: nn.Module.__getattr__ finds tensors after a failed lookup
+            buffers, params = self._buffers, self._parameters
+            own = (buffers["running_mean"] if use_running else None,
+                   buffers["running_var"] if use_running else None,
+                   params["weight"], params["bias"])
+        except KeyError:  # a parametrization: attributes computed elsewhere
+            own = (self.running_mean if use_running else None,
+                   self.running_var if use_running else None, self.weight, self.bias)
         # validate everything before any state (num_batches_tracked, running stats) changes,
         # and count the batch only once the op has run: a refused or failed call counts nothing
-        tensors = (input, running_mean, running_var, self.weight, self.bias)
         cacheable = self.momentum is not None and residual is None
-        state, impl = self._memo_lookup(input, tensors[1:], (bn_training, factor, self.eps,
-                                                             self.relu)) \
-            if cacheable else (None, None)
+        impl = self._memo_get(input, own) if cacheable else None
         if impl is not None:
-            out = impl(*tensors)
+            out = impl(input, *own)
         else:
+            self._check_input_dim(input)
+            tensors = (input, *own)
             out = FF._batch_norm(*tensors, bn_training, factor, self.eps, self.relu, residual,
                                  self.backend, cacheable=self.momentum is not None)
-            self._memo_keep(state, "batch_norm", tensors, (factor, self.eps),
-                            (bn_training, self.relu))
+            if cacheable:
+                self._memo_keep(input, own, "batch_norm", tensors, (factor, self.eps),
+                                (bn_training, self.relu))
         if track:
             self.num_batches_tracked.add_(1)
         return out
+
+    def _how(self) -> tuple:
+        """``(bn_training, track, use_running, factor)``: as torch.nn.BatchNorm2d decides them
+        (``factor`` None: the cumulative average of ``momentum=None``, which changes with
+        every batch)."""
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        track = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        use_running = not self.training or self.track_running_stats
+        return bn_training, track, use_running, self.momentum
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_extra(self.relu, self.backend)}"

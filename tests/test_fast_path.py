@@ -17,7 +17,7 @@ from fastconv import dispatch, selection
 from fastconv import functional as FF
 from fastconv import nn as fnn
 
-from support import generator
+from support import assert_within, bn_reference, conv_reference, generator
 
 
 def rand(*shape, seed=0, **kw):
@@ -27,15 +27,15 @@ def rand(*shape, seed=0, **kw):
 LAYERS = {
     # name: (functional entry the module calls, module factory, stock twin, input shape)
     "conv": ("conv2d_relu", lambda: fnn.Conv2dReLU(3, 4, 3, padding=1, backend="torch"),
-             lambda m: F.relu(m.to_conv()(m._test_x)), (2, 3, 6, 6)),
+             lambda m, x: F.relu(m.to_conv()(x)), (2, 3, 6, 6)),
     "max_pool": ("max_pool2d", lambda: fnn.MaxPool2d(3, 2, 1, relu=True, backend="torch"),
-                 lambda m: F.relu(F.max_pool2d(m._test_x, 3, 2, 1)), (2, 3, 7, 7)),
+                 lambda m, x: F.relu(F.max_pool2d(x, 3, 2, 1)), (2, 3, 7, 7)),
     "avg_pool": ("avg_pool2d", lambda: fnn.AvgPool2d(2, backend="torch"),
-                 lambda m: F.avg_pool2d(m._test_x, 2), (2, 3, 6, 6)),
+                 lambda m, x: F.avg_pool2d(x, 2), (2, 3, 6, 6)),
     "adaptive": ("adaptive_avg_pool2d", lambda: fnn.AdaptiveAvgPool2d((2, 3), backend="torch"),
-                 lambda m: F.adaptive_avg_pool2d(m._test_x, (2, 3)), (2, 3, 6, 6)),
+                 lambda m, x: F.adaptive_avg_pool2d(x, (2, 3)), (2, 3, 6, 6)),
     "bn_eval": ("_batch_norm", lambda: fnn.BatchNorm2d(3, relu=True, backend="torch").eval(),
-                lambda m: F.relu(F.batch_norm(m._test_x, m.running_mean, m.running_var,
+                lambda m, x: F.relu(F.batch_norm(x, m.running_mean, m.running_var,
                                               m.weight, m.bias, False, 0.1, m.eps)),
                 (2, 3, 5, 5)),
 }
@@ -66,22 +66,18 @@ def seeded_bn(m):
     return m
 
 
-def call(m, x):
-    m._test_x = x
-    return m(x)
-
-
 @pytest.mark.parametrize("layer", sorted(LAYERS))
 def test_a_repeated_call_skips_the_checked_path(layer, counted):
     entry, make, stock, shape = LAYERS[layer]
     m = seeded_bn(make())
     x = rand(*shape)
-    first = call(m, x)
+    first = m(x)
     assert counted[entry] == 1
-    again = call(m, rand(*shape, seed=1))  # same signature, new values
+    x1 = rand(*shape, seed=1)  # same signature, new values
+    again = m(x1)
     assert counted[entry] == 1, "the decided call went through validation again"
-    assert torch.equal(again, stock(m)), "the fast path computes something else"
-    assert torch.equal(call(m, x), first)
+    assert torch.equal(again, stock(m, x1)), "the fast path computes something else"
+    assert torch.equal(m(x), first)
 
 
 CHANGES = {
@@ -113,8 +109,8 @@ def test_any_change_takes_the_checked_path_again(layer, change, counted):
     entry, make, stock, shape = LAYERS[layer]
     m = seeded_bn(make())
     x = rand(*shape)
-    call(m, x)
-    call(m, x)
+    m(x)
+    m(x)
     assert counted[entry] == 1
     m, x2 = (CHANGES[change] or change_argument)(m, x)
     if change == "a layer argument":
@@ -125,16 +121,17 @@ def test_any_change_takes_the_checked_path_again(layer, change, counted):
                     "bn_eval": lambda: F.batch_norm(x2, m.running_mean, m.running_var,
                                                     m.weight, m.bias, False, 0.1, m.eps)}[layer]
     else:
-        expected = lambda: stock(m)  # noqa: E731
-    out = call(m, x2)
+        expected = lambda: stock(m, x2)  # noqa: E731
+    out = m(x2)
     assert counted[entry] == 2, f"{change}: the memo served a changed call"
     assert torch.equal(out, expected())
 
 
 OWN_CHANGES = {
-    # the layer's own tensors: their shape, dtype and requires_grad are in the state, and
-    # Module._apply (.to(), .float(), .cuda()) drops the memo whatever it changes
-    "a parameter frozen": lambda m: m.weight.requires_grad_(False),
+    # the layer's own tensors: setting an attribute or Module._apply (.to(), .float(),
+    # .cuda()) drops the memo whatever it changes; for fastconv's kernels their shape, dtype
+    # and requires_grad are in the state too
+    "a parameter frozen in place": lambda m: m.weight.requires_grad_(False),
     "a parameter replaced by one of another shape": lambda m: setattr(
         m, "weight", torch.nn.Parameter(rand(*m.weight.shape[:-1], 1, seed=7)))
     if isinstance(m, fnn.Conv2dReLU) else setattr(m, "running_var", None),
@@ -144,15 +141,22 @@ OWN_CHANGES = {
 }
 
 
+@pytest.mark.parametrize("backend", ["torch", "extension"])
 @pytest.mark.parametrize("change", sorted(OWN_CHANGES))
 @pytest.mark.parametrize("layer", ["conv", "bn_eval"])
 def test_a_change_of_the_layers_own_tensors_takes_the_checked_path_again(layer, change,
-                                                                         counted):
+                                                                         backend, counted,
+                                                                         request):
+    """Except a torch-decided layer's parameter frozen in place: torch's own call is right
+    for any tensors, so its memo holds none of the layer's (see fastconv.nn._Memo)."""
+    if backend == "extension":
+        request.getfixturevalue("built_extension")
     entry, make, stock, shape = LAYERS[layer]
     m = seeded_bn(make())
+    m.backend = backend
     x = rand(*shape)
-    call(m, x)
-    call(m, x)
+    m(x)
+    m(x)
     assert counted[entry] == 1
     OWN_CHANGES[change](m)
     if isinstance(m, fnn.BatchNorm2d) and m.running_var is None:
@@ -161,10 +165,21 @@ def test_a_change_of_the_layers_own_tensors_takes_the_checked_path_again(layer, 
     elif isinstance(m, fnn.Conv2dReLU):
         expected = F.relu(F.conv2d(x, m.weight, m.bias, padding=1))
     else:
-        expected = stock(m)
-    out = call(m, x)
-    assert counted[entry] == 2, f"{change}: the memo served a changed call"
-    assert torch.equal(out, expected)
+        expected = stock(m, x)
+    out = m(x)
+    kept = backend == "torch" and change == "a parameter frozen in place"
+    assert counted[entry] == (1 if kept else 2), f"{change}: the memo served a changed call"
+    if backend == "torch":
+        assert torch.equal(out, expected)
+    elif isinstance(m, fnn.Conv2dReLU):  # the kernel: float64 reference, rounding bounds
+        assert_within(out, *conv_reference(x, m.weight, m.bias, (1, 1), (1, 1), (1, 1), 1,
+                                           True, out, None)["output"], change)
+    else:
+        assert_within(out, *bn_reference(x, m.weight, m.bias, m.running_mean, m.running_var,
+                                         False, 0.1, m.eps, True, out, None)["output"], change)
+    if layer == "conv" and change == "a parameter frozen in place":
+        out.sum().backward()  # the frozen weight gets no gradient, the bias one
+        assert m.weight.grad is None and m.bias.grad is not None
 
 
 def test_grad_mode_and_the_backend_variable_are_part_of_the_state(counted, monkeypatch):
@@ -253,3 +268,46 @@ def test_decided_auto_layer_uses_the_memo(counted):
     assert counted["conv2d_relu"] == 1
     assert torch.equal(first, second)
     assert fastconv.backend_for("conv2d_relu", x, m.weight, m.bias) in dispatch.NAMES
+
+
+def test_batch_norm_mode_and_momentum_changes_are_followed_as_torch(counted):
+    """What a BN layer derives from its attributes (training, momentum, running statistics)
+    is re-derived whenever one is set: train/eval toggles and a new momentum, through the
+    memo, move the statistics exactly as torch.nn.BatchNorm2d."""
+    m = seeded_bn(fnn.BatchNorm2d(3, backend="torch"))
+    stock = copy.deepcopy(m).to_bn()
+    steps = [("train", None), ("train", None), ("eval", None), ("eval", None),
+             ("train", 0.5), ("train", 0.5), ("eval", None)]
+    for step, (mode, momentum) in enumerate(steps):
+        for layer in (m, stock):
+            layer.train(mode == "train")
+            if momentum is not None:
+                layer.momentum = momentum
+        x = rand(4, 3, 5, 5, seed=step)
+        torch.testing.assert_close(m(x), stock(x), rtol=0, atol=0)
+        assert torch.equal(m.running_mean, stock.running_mean), step
+        assert torch.equal(m.running_var, stock.running_var), step
+    assert int(m.num_batches_tracked) == int(stock.num_batches_tracked) == 4
+    assert counted["_batch_norm"] == 4  # once per new mode or momentum, else the memo
+
+
+def test_a_parametrized_weight_is_read_as_the_module_computes_it(counted):
+    """torch.nn.utils.parametrize moves a parameter out of ``_parameters``: the layer reads
+    it as an attribute then, so the parametrization's value is what the conv uses."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    m = fnn.Conv2dReLU(3, 4, 3, padding=1, backend="torch")
+    parametrize.register_parametrization(m, "weight", Doubled())
+    x = rand(2, 3, 6, 6)
+    for _ in range(2):
+        out = m(x)
+        assert torch.equal(out, F.relu(F.conv2d(x, 2 * m.parametrizations.weight.original,
+                                                m.bias, padding=1)))
+    with torch.no_grad():
+        m.parametrizations.weight.original.mul_(-1)
+    assert torch.equal(m(x), F.relu(F.conv2d(x, 2 * m.parametrizations.weight.original,
+                                             m.bias, padding=1)))

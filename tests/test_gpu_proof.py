@@ -112,9 +112,12 @@ def test_small_budget_keeps_finished_stages(tmp_path):
     assert set(ran) == set(STAGES), ran
     assert ran["preflight"]["rc"] == "0", proc.stderr[-3000:]
     late = [ran[s] for s in ("layers", "steps", "memcheck", "tune")]
-    # skipped for the budget, or (on a fast machine) started and cut at their deadline
-    assert all((s["rc"] == "-" and "budget" in s["note"]) or s["rc"] == "124" for s in late), late
-    assert any(s["rc"] == "-" for s in late), late
+    # skipped for the budget, or (on a fast machine) started and either cut at their deadline
+    # or done within it (memcheck's CPU smoke run can finish in under a second)
+    assert all((s["rc"] == "-" and "budget" in s["note"]) or s["rc"] == "124"
+               or (s["rc"] == "0" and float(s["seconds"]) <= float(s["limit"]))
+               for s in late), late
+    assert any(s["rc"] in ("-", "124") for s in late), late  # the budget stopped something
     assert summary["elapsed_s"] <= 35 + 5
     pre = json.loads((out / "preflight.json").read_text())["preflight"]
     assert pre["done"] and pre["rows"]

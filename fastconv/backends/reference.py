@@ -38,9 +38,17 @@ class TorchBackend(Backend):
 
     def bind(self, op, args):
         """As :meth:`Backend.bind`, one call shorter for the ops every small model runs: a
-        decided torch layer should cost what the stock layer costs."""
+        decided torch layer should cost what the stock layer costs. The function is marked
+        ``any_tensors``: torch's own ops check their tensors, so it computes the right thing
+        (or raises torch's error) for tensors of any shape, dtype, device or layout, and a
+        layer's memo need not check the layer's own tensors before running it."""
         if type(self) is not TorchBackend:  # a subclass may override the ops
             return super().bind(op, args)
+        fn = self._bind(op, args)
+        fn.any_tensors = True
+        return fn
+
+    def _bind(self, op, args):
         if op == "conv2d_relu":
             s, p, d, g, relu = (args[k] for k in ("stride", "padding", "dilation", "groups",
                                                   "relu"))
