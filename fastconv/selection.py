@@ -48,19 +48,24 @@ import torch
 
 log = logging.getLogger("fastconv")
 
-FORMAT = 3  # 2: conv2d_relu's train entries hold per-pass choices ("passes"); 3: checked whole
+FORMAT = 4  # 2: conv2d_relu's train entries hold per-pass choices ("passes"); 3: checked whole
+# calls; 4: chosen with a 15 us CPU call cost (3 took CPU leads of 5 us)
 BUDGET_S = 0.5       # measuring budget per signature and pass (all candidates together)
 SAMPLE_S = 0.002     # one sample lasts about this long (back-to-back calls)
 MIN_ROUNDS, MAX_ROUNDS = 3, 7
-# Another implementation replaces torch's only when it measures faster by MARGIN and by
-# CALL_COST_S more: within the margin the two tie on timing noise; the fixed cost is what a
-# custom op's call costs in a real model beyond a timing loop's hot one (Python op
-# overloads, the dispatcher's boxed path, a Python autograd Function in training). Measured
-# on LeNet (2 CPU cores): its first average pool, 6% faster alone through the extension
-# (28.9 vs 30.8 us, alternating), took ~15 us longer than torch's inside the model's
-# forward, and pools and small convs chosen on such ties made training 3-6% slower.
+# Another implementation replaces torch's only when it measures faster by MARGIN and by the
+# device type's CALL_COST_S more: within the margin the two tie on timing noise; the fixed
+# cost is what a custom op's call costs in a real model beyond a timing loop's hot one
+# (Python op overloads, the dispatcher's boxed path, a Python autograd Function in training,
+# and on CPU what the kernel does to the oneDNN calls around it). Measured on LeNet (2 CPU
+# cores): its first average pool, 6% faster alone through the extension (28.9 vs 30.8 us,
+# alternating), took ~15 us longer than torch's inside the model's forward; LeNet-BN's first
+# batch norm in training, 15 us faster alone (55 vs 70 us fwd+bwd), tied with torch's once a
+# oneDNN conv ran beside it (281 vs 280 us) though beside a plain torch add it kept its lead.
+# Chosen on such leads, LeNet-BN trained at 0.95x stock; with torch's, 0.99x.
 MARGIN = 0.05
-CALL_COST_S = 5e-6
+CALL_COST_S = {"cpu": 15e-6}
+CALL_COST_DEFAULT_S = 5e-6  # CUDA: kernels queue on a stream, so isolated times add up
 _NOT_KERNEL = frozenset({"momentum", "eps"})  # values passed to the kernel, not choosing it
 
 Timer = Callable[[dict, torch.device], dict]  # ({name: run}, device) -> {name: seconds/call}
@@ -459,7 +464,8 @@ def _check_whole(args: dict[str, Any], able: list[str], entry: dict) -> None:
     if len(used) > 1:  # a mixed triple: it runs under its own autograd Function
         names.append(MIXED)
         impls[MIXED] = mixed(passes["forward"], passes["grad_input"], passes["grad_weight"])
-    best, ms = _pick(_measure("conv2d_relu", args, "train", names, impls), names)
+    best, ms = _pick(_measure("conv2d_relu", args, "train", names, impls), names,
+                     args["input"].device.type)
     entry["ms"]["whole"] = ms
     if best is None or best == MIXED or (best in used and len(used) == 1):
         return
@@ -467,15 +473,17 @@ def _check_whole(args: dict[str, Any], able: list[str], entry: dict) -> None:
     entry["passes"] = {p: (best if n is not None else None) for p, n in passes.items()}
 
 
-def _pick(seconds: dict, able: list[str]) -> tuple[Optional[str], Optional[dict]]:
+def _pick(seconds: dict, able: list[str],
+          device_type: str) -> tuple[Optional[str], Optional[dict]]:
     """The fastest candidate (ties to the earlier in ``able``), except that another beats
-    ``torch`` only by more than :data:`MARGIN` and :data:`CALL_COST_S`; and the times in ms
-    for the record."""
+    ``torch`` only by more than :data:`MARGIN` and the device type's :data:`CALL_COST_S`; and
+    the times in ms for the record."""
     timed = {n: s for n, s in seconds.items() if s is not None}
     if timed:
         choice = min(timed, key=lambda n: (timed[n], able.index(n)))
+        cost = CALL_COST_S.get(device_type, CALL_COST_DEFAULT_S)
         if "torch" in timed and choice != "torch" and \
-                timed[choice] > timed["torch"] * (1.0 - MARGIN) - CALL_COST_S:
+                timed[choice] > timed["torch"] * (1.0 - MARGIN) - cost:
             choice = "torch"
     else:
         choice = next(iter(seconds), None)
@@ -550,7 +558,8 @@ def _choose(op: str, args: dict[str, Any], order, pass_: str):
         if _capturing(device):
             return able[0], dict(fixed, how="fixed order (CUDA graph capture, undecided)"), False
         if per_pass(op, pass_):
-            picks = {p: _pick(s, able) for p, s in _measure_passes(args, able).items()}
+            picks = {p: _pick(s, able, device.type)
+                     for p, s in _measure_passes(args, able).items()}
             passes = {p: picks[p][0] if p in picks else None for p in PIECES}
             choice = passes["forward"] or able[0]
             passes["forward"] = choice
@@ -560,7 +569,7 @@ def _choose(op: str, args: dict[str, Any], order, pass_: str):
                 _check_whole(args, able, entry)
                 choice = entry["choice"]
         else:
-            choice, ms = _pick(_measure(op, args, pass_, able), able)
+            choice, ms = _pick(_measure(op, args, pass_, able), able, device.type)
             choice = choice or able[0]
             entry = {"choice": choice, "how": "measured", "ms": ms}
         _decided[(dev, pass_, sig)] = entry
