@@ -116,16 +116,16 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu,
                 residual, backend, cacheable: bool):
     """batch_norm with its fast path (``cacheable``: the caller's momentum is not a value that
-    changes every call, as ``nn.BatchNorm2d(momentum=None)``'s cumulative average; calls with a
-    ``residual`` take no fast path)."""
+    changes every call, as ``nn.BatchNorm2d(momentum=None)``'s cumulative average)."""
     key = None
-    if cacheable and residual is None:
-        key = dispatch.call_key("batch_norm", (input, running_mean, running_var, weight, bias),
-                                (momentum, eps), (training, relu), backend)
+    if cacheable:
+        key = dispatch.call_key("batch_norm", (input, running_mean, running_var, weight, bias,
+                                               residual), (momentum, eps), (training, relu),
+                                backend)
         if key is not None:
             fast = dispatch.FAST.get(key)
             if fast is not None:
-                return fast(input, running_mean, running_var, weight, bias)
+                return fast(input, running_mean, running_var, weight, bias, residual)
     args = check_batch_norm(input, running_mean, running_var, weight, bias, training,
                             momentum, eps, relu=relu, residual=residual)
     return _run("batch_norm", args, backend, key)

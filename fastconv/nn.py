@@ -56,15 +56,18 @@ class _Memo:
     remembered. Not pickled or copied (a copy decides again on its first call).
     """
 
-    def _memo_state(self, input: torch.Tensor, own: tuple) -> tuple:
+    def _memo_state(self, input: torch.Tensor, own: tuple, residual=None) -> tuple:
         state = (id(dispatch.FAST), dispatch.EPOCH, _grad_enabled(), _deterministic(),
                  _env_raw.get(_env_key) if self.backend is None else None, type(input),
                  input.shape, input.stride(), input.dtype, input.device, input.requires_grad)
+        if residual is not None:  # batch norm's second input
+            state += (type(residual), residual.shape, residual.stride(), residual.dtype,
+                      residual.device, residual.requires_grad)
         for t in own:
             state += (None,) if t is None else (id(t), t.shape, t.dtype, t.requires_grad)
         return state
 
-    def _memo_get(self, input: torch.Tensor, own: tuple):
+    def _memo_get(self, input: torch.Tensor, own: tuple, residual=None):
         """The memo's implementation if this call's state equals the memo's, else None."""
         memo = self.__dict__.get("_fc_memo")
         if memo is None or _compiling() or _any_autocast():
@@ -74,13 +77,16 @@ class _Memo:
         now = (id(dispatch.FAST), dispatch.EPOCH, _grad_enabled(), _deterministic(),
                _env_raw.get(_env_key) if self.backend is None else None, type(input),
                input.shape, input.stride(), input.dtype, input.device, input.requires_grad)
+        if residual is not None:
+            now += (type(residual), residual.shape, residual.stride(), residual.dtype,
+                    residual.device, residual.requires_grad)
         if own_too:
             for t in own:
                 now += (None,) if t is None else (id(t), t.shape, t.dtype, t.requires_grad)
         return impl if now == state else None
 
     def _memo_keep(self, input: torch.Tensor, own: tuple, op: str, tensors: tuple,
-                   geometry: tuple, flags: tuple) -> None:
+                   geometry: tuple, flags: tuple, residual=None) -> None:
         """After a functional call of ``op`` on ``tensors``: memo the implementation it
         remembered for them, if any (``input`` and ``own`` as ``_memo_get`` takes them)."""
         if _compiling() or _any_autocast():
@@ -89,8 +95,8 @@ class _Memo:
         impl = dispatch.FAST.get(key) if key is not None else None
         if impl is not None:
             own_too = not getattr(impl, "any_tensors", False)
-            self.__dict__["_fc_memo"] = (self._memo_state(input, own if own_too else ()), impl,
-                                         own_too)
+            self.__dict__["_fc_memo"] = (self._memo_state(input, own if own_too else (),
+                                                          residual), impl, own_too)
 
     def _forget(self) -> None:
         """Drop the memo and what the layer derived from its attributes (``_fc_how``)."""
@@ -308,18 +314,17 @@ class BatchNorm2d(_Memo, nn.BatchNorm2d):
                    self.running_var if use_running else None, self.weight, self.bias)
         # validate everything before any state (num_batches_tracked, running stats) changes,
         # and count the batch only once the op has run: a refused or failed call counts nothing
-        cacheable = self.momentum is not None and residual is None
-        impl = self._memo_get(input, own) if cacheable else None
+        cacheable = self.momentum is not None
+        impl = self._memo_get(input, own, residual) if cacheable else None
         if impl is not None:
-            out = impl(input, *own)
+            out = impl(input, *own, residual)
         else:
             self._check_input_dim(input)
-            tensors = (input, *own)
-            out = FF._batch_norm(*tensors, bn_training, factor, self.eps, self.relu, residual,
-                                 self.backend, cacheable=self.momentum is not None)
+            out = FF._batch_norm(input, *own, bn_training, factor, self.eps, self.relu,
+                                 residual, self.backend, cacheable=cacheable)
             if cacheable:
-                self._memo_keep(input, own, "batch_norm", tensors, (factor, self.eps),
-                                (bn_training, self.relu))
+                self._memo_keep(input, own, "batch_norm", (input, *own, residual),
+                                (factor, self.eps), (bn_training, self.relu), residual)
         if track:
             self.num_batches_tracked.add_(1)
         return out

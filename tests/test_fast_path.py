@@ -251,9 +251,18 @@ def test_functional_batch_norm_fast_path(monkeypatch):
     # an integer momentum is another key (as the checked path would see it)
     FF.batch_norm(x, rm, rv, w, b, training=True, momentum=1, backend="torch")
     assert len(checks) == 2
-    # a residual never takes the fast path
-    for _ in range(2):
-        FF.batch_norm(x, rm, rv, w, b, training=True, residual=x, backend="torch")
+    # a residual is a tensor of the key: checked once, then the fast path
+    for step in range(2):
+        r = rand(2, 3, 4, 4, seed=10 + step)
+        rm0, rv0 = rm.clone(), rv.clone()
+        out = FF.batch_norm(x, rm, rv, w, b, training=True, residual=r, backend="torch")
+        assert torch.equal(out, F.batch_norm(x, rm0, rv0, w, b, True) + r)
+        assert torch.equal(rm, rm0) and torch.equal(rv, rv0)  # the same update as torch's
+    assert len(checks) == 3
+    # ... whose layout is in the key: a channels_last residual is checked, and refused
+    with pytest.raises(ValueError, match="residual is channels_last"):
+        FF.batch_norm(x, rm, rv, w, b, training=True, backend="torch",
+                      residual=r.contiguous(memory_format=torch.channels_last))
     assert len(checks) == 4
     with pytest.raises(ValueError, match="eps"):
         FF.batch_norm(x, rm, rv, w, b, training=True, eps=-1.0, backend="torch")
@@ -311,3 +320,33 @@ def test_a_parametrized_weight_is_read_as_the_module_computes_it(counted):
         m.parametrizations.weight.original.mul_(-1)
     assert torch.equal(m(x), F.relu(F.conv2d(x, 2 * m.parametrizations.weight.original,
                                              m.bias, padding=1)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "extension"])
+def test_a_residual_batch_norm_layer_uses_the_memo(counted, backend, request):
+    """ResNet's block ending, ``bn(x, identity)``: decided once, then the memo, which holds
+    the residual's layout; results as the checked path's."""
+    if backend == "extension":
+        request.getfixturevalue("built_extension")
+    m = seeded_bn(fnn.BatchNorm2d(3, relu=True, backend=backend)).eval()
+    x = rand(2, 3, 5, 5)
+    outs = []
+    for step in range(3):
+        r = rand(2, 3, 5, 5, seed=20 + step)
+        out = m(x, r)
+        ref = F.relu(F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False,
+                                  0.1, m.eps) + r)
+        if backend == "torch":
+            assert torch.equal(out, ref)
+        else:
+            ref64, bound = bn_reference(x, m.weight, m.bias, m.running_mean, m.running_var,
+                                        False, 0.1, m.eps, False, out, None)["output"]
+            assert_within(out, torch.relu(ref64 + r.double()), bound + 2 * 2.0**-24 * (
+                ref64.abs() + r.double().abs()), f"step {step}")
+        outs.append(out)
+    assert counted["_batch_norm"] == 1
+    with pytest.raises(ValueError, match="residual is channels_last"):  # the layout: checked
+        m(x, rand(2, 3, 5, 5).contiguous(memory_format=torch.channels_last))
+    assert counted["_batch_norm"] == 2
+    m(x)  # no residual: another state
+    assert counted["_batch_norm"] == 3

@@ -68,9 +68,13 @@ class Backend:
     def bind(self, op: str, args: dict[str, Any]):
         """``op`` with ``args``' non-tensor arguments fixed: a function of the leading tensor
         arguments (conv: input, weight, bias; pools: input; batch norm: input, running_mean,
-        running_var, weight, bias), used by the decided fast path. Batch norm's ``residual``
-        is a tensor after the fixed arguments: its calls take no fast path."""
+        running_var, weight, bias, then ``residual``, None by default), used by the decided
+        fast path."""
         method = getattr(self, op)
+        if op == "batch_norm":  # residual, the last argument, is a tensor: passed per call
+            rest = tuple(v for k, v in args.items() if k != "residual")[TENSOR_ARGS[op]:]
+            return lambda x, rm, rv, w, b, residual=None: method(x, rm, rv, w, b, *rest,
+                                                                 residual)
         rest = tuple(args.values())[TENSOR_ARGS[op]:]
         return lambda *tensors: method(*tensors, *rest)
 

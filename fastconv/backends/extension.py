@@ -1006,14 +1006,20 @@ class ExtensionBackend(Backend):
         return None
 
     def bind(self, op: str, args: dict[str, Any]):
-        if op != "conv2d_relu":
-            return super().bind(op, args)
         import torch
 
-        conv = torch.ops.fastconv.conv2d_relu.default
-        rest = (list(args["stride"]), list(args["padding"]), list(args["dilation"]),
-                int(args["groups"]), bool(args["relu"]))
-        return lambda input, weight, bias: conv(input, weight, bias, *rest)
+        if op == "conv2d_relu":  # the op's overload itself, its arguments converted once
+            conv = torch.ops.fastconv.conv2d_relu.default
+            rest = (list(args["stride"]), list(args["padding"]), list(args["dilation"]),
+                    int(args["groups"]), bool(args["relu"]))
+            return lambda input, weight, bias: conv(input, weight, bias, *rest)
+        if op == "batch_norm":
+            bn = torch.ops.fastconv.batch_norm.default
+            rest = (bool(args["training"]), float(args["momentum"]), float(args["eps"]),
+                    bool(args["relu"]))
+            return lambda x, rm, rv, w, b, residual=None: bn(x, w, b, rm, rv, *rest,
+                                                             residual)[0]
+        return super().bind(op, args)
 
     def conv2d_relu(self, input, weight, bias, stride, padding, dilation, groups, relu):
         import torch

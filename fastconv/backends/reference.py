@@ -72,13 +72,15 @@ class TorchBackend(Backend):
             if isinstance(size, int) or None not in size:  # no size kept from the input
                 pool = torch._C._nn.adaptive_avg_pool2d  # what F.adaptive_avg_pool2d calls
                 return lambda x: pool(x, size)
-        if op == "batch_norm" and args.get("residual") is None:
+        if op == "batch_norm":
             training, momentum, eps, relu = (args[n] for n in ("training", "momentum", "eps",
                                                                "relu"))
             bn, cudnn = torch.batch_norm, torch.backends.cudnn  # as F.batch_norm calls it
 
-            def run(x, rm, rv, w, b):
+            def run(x, rm, rv, w, b, residual=None):  # as self.batch_norm computes it
                 out = bn(x, w, b, rm, rv, training, momentum, eps, cudnn.enabled)
+                if residual is not None:
+                    out = out + residual
                 return torch.relu(out) if relu else out
             return run
         return super().bind(op, args)
