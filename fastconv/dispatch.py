@@ -171,13 +171,16 @@ def call_key(op: str, tensors: tuple, geometry: tuple, flags: tuple,
         backend = env_raw.get(env_key)
     elif type(backend) is not str:
         return None
+    described = ()  # a loop, not a generator: ~1 us less on every decided call
     try:
-        described = tuple(None if t is None else (type(t), t.shape, t.stride(), t.dtype,
-                                                  t.device, t.requires_grad) for t in tensors)
+        for t in tensors:
+            described += (None,) if t is None else (type(t), t.shape, t.stride(), t.dtype,
+                                                    t.device, t.requires_grad)
     except AttributeError:  # not a tensor: validation says so on the checked path
         return None
+    # the geometry's types beside it: True == 1 and 1.0 == 1 in a dict key
     return (op, backend, _grad_enabled(), _deterministic(), described,
-            tuple((type(v), v) for v in geometry), flags)
+            tuple(map(type, geometry)), geometry, flags)
 
 
 def remember(key: Optional[tuple], op: str, impl: Backend, args: dict[str, Any]) -> None:

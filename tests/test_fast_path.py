@@ -350,3 +350,13 @@ def test_a_residual_batch_norm_layer_uses_the_memo(counted, backend, request):
     assert counted["_batch_norm"] == 2
     m(x)  # no residual: another state
     assert counted["_batch_norm"] == 3
+
+
+def test_the_key_tells_a_float_argument_from_an_int():
+    """``2.0 == 2`` in a dict key: the geometry's types are in the key, so a float stride after
+    a decided int one is checked (and refused, as it would be first)."""
+    x, w = rand(1, 2, 6, 6), rand(3, 2, 3, 3, seed=1)
+    for _ in range(2):
+        FF.conv2d_relu(x, w, None, 2, backend="torch")
+    with pytest.raises(TypeError, match="stride must be an int or a pair of ints, got 2.0"):
+        FF.conv2d_relu(x, w, None, 2.0, backend="torch")
