@@ -74,12 +74,15 @@ class _Memo:
             return None
         state, impl, own_too = memo
         # _memo_state written out: one Python frame less on every decided call
-        now = (id(dispatch.FAST), dispatch.EPOCH, _grad_enabled(), _deterministic(),
-               _env_raw.get(_env_key) if self.backend is None else None, type(input),
-               input.shape, input.stride(), input.dtype, input.device, input.requires_grad)
-        if residual is not None:
-            now += (type(residual), residual.shape, residual.stride(), residual.dtype,
-                    residual.device, residual.requires_grad)
+        try:
+            now = (id(dispatch.FAST), dispatch.EPOCH, _grad_enabled(), _deterministic(),
+                   _env_raw.get(_env_key) if self.backend is None else None, type(input),
+                   input.shape, input.stride(), input.dtype, input.device, input.requires_grad)
+            if residual is not None:
+                now += (type(residual), residual.shape, residual.stride(), residual.dtype,
+                        residual.device, residual.requires_grad)
+        except AttributeError:  # not a tensor: the checked path says so
+            return None
         if own_too:
             for t in own:
                 now += (None,) if t is None else (id(t), t.shape, t.dtype, t.requires_grad)
@@ -319,7 +322,8 @@ class BatchNorm2d(_Memo, nn.BatchNorm2d):
         if impl is not None:
             out = impl(input, *own, residual)
         else:
-            self._check_input_dim(input)
+            if isinstance(input, torch.Tensor):  # else the checks' error names the argument
+                self._check_input_dim(input)
             out = FF._batch_norm(input, *own, bn_training, factor, self.eps, self.relu,
                                  residual, self.backend, cacheable=cacheable)
             if cacheable:

@@ -360,3 +360,13 @@ def test_the_key_tells_a_float_argument_from_an_int():
         FF.conv2d_relu(x, w, None, 2, backend="torch")
     with pytest.raises(TypeError, match="stride must be an int or a pair of ints, got 2.0"):
         FF.conv2d_relu(x, w, None, 2.0, backend="torch")
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_a_non_tensor_after_a_decided_call_gets_the_checks_error(layer):
+    entry, make, stock, shape = LAYERS[layer]
+    m = seeded_bn(make())
+    for _ in range(2):
+        m(rand(*shape))
+    with pytest.raises(TypeError, match="input"):
+        m([[1.0]])
