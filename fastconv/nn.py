@@ -37,8 +37,8 @@ class _Memo:
 
     A repeated layer call whose state equals the memo's runs the implementation at once. The
     state: which fast-path table is in force, grad and deterministic mode, ``$FASTCONV_BACKEND``
-    (read raw) when the layer names no backend, and the input's type, shape, strides, dtype,
-    device and requires_grad. The layer's arguments are not in it: setting any attribute of
+    (read raw) when the layer names no backend, and the input's (and batch norm's residual's)
+    type, shape, strides, dtype, device and requires_grad. The layer's arguments are not in it: setting any attribute of
     the layer (``stride``, ``backend``, ``train()``/``eval()``, a parameter) drops the memo,
     and so does ``Module._apply`` (``.to()``, ``.half()``). Nor, when the implementation is
     torch's own (``any_tensors``: right for any tensors), are the layer's own tensors; for
@@ -56,13 +56,17 @@ class _Memo:
     remembered. Not pickled or copied (a copy decides again on its first call).
     """
 
-    def _memo_state(self, input: torch.Tensor, own: tuple, residual=None) -> tuple:
+    def _memo_state(self, input: torch.Tensor, own: tuple, residual=None) -> Optional[tuple]:
+        """This call's state (``own``: the layer's tensors to hold, see above); None when the
+        input or the residual is not a tensor (the checked path says so)."""
         state = (id(dispatch.FAST), dispatch.EPOCH, _grad_enabled(), _deterministic(),
-                 _env_raw.get(_env_key) if self.backend is None else None, type(input),
-                 input.shape, input.stride(), input.dtype, input.device, input.requires_grad)
-        if residual is not None:  # batch norm's second input
-            state += (type(residual), residual.shape, residual.stride(), residual.dtype,
-                      residual.device, residual.requires_grad)
+                 _env_raw.get(_env_key) if self.backend is None else None)
+        try:
+            for t in (input, residual):  # the call's tensors, as dispatch.call_key has them
+                state += (None,) if t is None else (type(t), t.shape, t.stride(), t.dtype,
+                                                    t.device, t.requires_grad)
+        except AttributeError:
+            return None
         for t in own:
             state += (None,) if t is None else (id(t), t.shape, t.dtype, t.requires_grad)
         return state
@@ -73,20 +77,8 @@ class _Memo:
         if memo is None or _compiling() or _any_autocast():
             return None
         state, impl, own_too = memo
-        # _memo_state written out: one Python frame less on every decided call
-        try:
-            now = (id(dispatch.FAST), dispatch.EPOCH, _grad_enabled(), _deterministic(),
-                   _env_raw.get(_env_key) if self.backend is None else None, type(input),
-                   input.shape, input.stride(), input.dtype, input.device, input.requires_grad)
-            if residual is not None:
-                now += (type(residual), residual.shape, residual.stride(), residual.dtype,
-                        residual.device, residual.requires_grad)
-        except AttributeError:  # not a tensor: the checked path says so
-            return None
-        if own_too:
-            for t in own:
-                now += (None,) if t is None else (id(t), t.shape, t.dtype, t.requires_grad)
-        return impl if now == state else None
+        return impl if self._memo_state(input, own if own_too else (), residual) == state \
+            else None
 
     def _memo_keep(self, input: torch.Tensor, own: tuple, op: str, tensors: tuple,
                    geometry: tuple, flags: tuple, residual=None) -> None:
@@ -98,8 +90,9 @@ class _Memo:
         impl = dispatch.FAST.get(key) if key is not None else None
         if impl is not None:
             own_too = not getattr(impl, "any_tensors", False)
-            self.__dict__["_fc_memo"] = (self._memo_state(input, own if own_too else (),
-                                                          residual), impl, own_too)
+            state = self._memo_state(input, own if own_too else (), residual)
+            if state is not None:
+                self.__dict__["_fc_memo"] = (state, impl, own_too)
 
     def _forget(self) -> None:
         """Drop the memo and what the layer derived from its attributes (``_fc_how``)."""
