@@ -40,10 +40,11 @@ class _Memo:
     (read raw) when the layer names no backend, and the input's (and batch norm's residual's)
     type, shape, strides, dtype, device and requires_grad. The layer's arguments are not in
     it: setting any attribute of the layer (``stride``, ``backend``, ``train()``/``eval()``, a
-    parameter) drops the memo, and so does ``Module._apply`` (``.to()``, ``.half()``). Nor, when the implementation is
-    torch's own (``any_tensors``: right for any tensors), are the layer's own tensors; for
-    fastconv's kernels (``own``) the state also holds their identity, shape, dtype and
-    requires_grad (their device and strides change in place only through ``Module._apply``).
+    parameter) drops the memo, and so does ``Module._apply`` (``.to()``, ``.half()``). Nor,
+    when the implementation is torch's own (``any_tensors``: right for any tensors), are the
+    layer's own tensors; for fastconv's kernels (``own``) the state also holds their
+    identity, shape, dtype and requires_grad (their device and strides change in place only
+    through ``Module._apply``).
     A torch-decided layer whose parameter is frozen in place (``requires_grad_``) or swapped
     through ``.data`` therefore keeps torch, right but maybe no longer the fastest choice for
     the new pass: ``fastconv.forget_fast_paths()`` decides again.
