@@ -470,6 +470,41 @@ def test_batch_norm_eval(dtype, layout, relu):
     assert_within(gb, gp.sum((0, 2, 3)), gamma(m, dtype) * gp.abs().sum((0, 2, 3)), "grad_bias")
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("relu,residual", [(True, True), (True, False), (False, True), (False, False)])
+def test_batch_norm_walks_agree_bitwise(training, relu, residual):
+    """NCHW batch norm walks its planes one channel at a time (statistics then normalising,
+    gradient sums then grad_input, per channel) when the channels split evenly over the
+    threads, else in two passes over all planes (batch_norm.cpp by_channel). Both do the same
+    arithmetic per element, so they must agree bit for bit: 5 channels run by channel on one
+    thread, in two passes on three. (Each walk is also checked against float64 above: with
+    two threads the odd-channel cases take the two passes, the others the channel walk.)"""
+    torch.manual_seed(13)
+    n, c, h, w = 3, 5, 7, 6
+    x = make((n, c, h, w), torch.float32, "nchw", scale=1.5, shift=0.7)
+    r = make((n, c, h, w), torch.float32, "nchw") if residual else None
+    g = make((n, c, h, w), torch.float32, "nchw")
+    wt, b = torch.rand(c) + 0.5, torch.randn(c) * 0.2
+    rm0, rv0 = torch.randn(c) * 0.1, torch.rand(c) + 0.5
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            rm, rv = rm0.clone(), rv0.clone()
+            xr, wr, br = (v.clone().requires_grad_() for v in (x, wt, b))
+            rr = r.clone().requires_grad_() if residual else None
+            out, sm, si = ops.batch_norm(xr, wr, br, rm, rv, training, 0.1, 1e-5, relu, rr)
+            grads = torch.autograd.grad(out, (xr, wr, br) + ((rr,) if residual else ()), g)
+            runs.append((out, sm, si, rm, rv) + grads)
+    finally:
+        torch.set_num_threads(threads)
+    names = ["output", "save_mean", "save_invstd", "running_mean", "running_var",
+             "grad_input", "grad_weight", "grad_bias", "grad_residual"]
+    for name, one, three in zip(names, *runs):
+        assert torch.equal(one, three), f"{name}: the two walks differ"
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_batch_norm_running_stats_over_steps(layout):
     """Five training steps on fresh batches (moving mean and scale), momentum 0.3, against

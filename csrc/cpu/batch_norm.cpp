@@ -9,9 +9,14 @@
 // recomputed from the saved output), one pass for grad_input. The residual's gradient (g
 // masked by the ReLU) is written by the reduction pass when there is one and a ReLU (the
 // grad_input pass then reads it instead of g and the output), else by the grad_input pass.
+// NCHW planes (3x3 and up) are walked one channel at a time where the channels split evenly
+// over the threads (by_channel): a channel's second pass re-reads its planes from the core's
+// cache, so memory sees one read of the input in the forward, one of g, x, y in the backward.
 #include "common.h"
 
 #include <torch/library.h>
+
+#include <array>
 
 namespace fastconv {
 namespace cpu {
@@ -381,6 +386,98 @@ void residual_grad_only(const scalar_t* gp, const scalar_t* yp, scalar_t* grp, i
   });
 }
 
+// A channel's mean and (biased) variance from its shifted sums over M elements.
+inline void moments(double K, double s1, double s2, int64_t M, double& mean, double& var) {
+  const double m1 = s1 / M;
+  mean = K + m1;
+  var = s2 / M - m1 * m1;
+  if (var < 0) var = 0;  // rounding only; NaN stays NaN
+}
+
+// The normalising pass's per-channel coefficients, folded as torch's CPU kernel does:
+// y = x * (w * invstd) + (b - mean * w * invstd).
+struct Affine {
+  double invstd, scale, shift;
+};
+inline Affine affine_of(double mean, double var, double w, double b, double eps) {
+  const double invstd = 1.0 / std::sqrt(var + eps);
+  return {invstd, w * invstd, b - mean * w * invstd};
+}
+
+// NCHW planes are walked one channel at a time when the channels split evenly enough over the
+// threads: a channel's second pass (normalising, or grad_input) then runs right after its
+// first (statistics, or gradient sums) and re-reads its N planes from the core's cache
+// instead of memory. Measured at 8x64x56x56, float32, 2 threads: forward 0.48 -> 0.36 ms,
+// backward with a residual 0.87 -> 0.53 ms. Fewer channels than that keep the two passes
+// apart (the second splits over planes, so every thread has work).
+inline bool by_channel(int64_t C) {
+  const int64_t T = at::get_num_threads();
+  return C >= 4 * T || C % T == 0;
+}
+
+// Training forward over NCHW planes by channel (see by_channel): statistics, then the
+// normalised planes; mean and var are returned per channel for the running statistics.
+template <typename scalar_t, typename acc_t, bool RELU, bool RES>
+void train_forward_by_channel(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t N,
+                              int64_t C, int64_t HW, const double* w, const double* b,
+                              double eps, double* mean, double* var, acc_t* smp, acc_t* sip) {
+  const int64_t M = N * HW;
+  at::parallel_for(0, C, grain_for(M), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const acc_t K = static_cast<acc_t>(x[c * HW]);  // the shift: the channel's first element
+      PairSum<acc_t> acc;
+      for (int64_t n = 0; n < N; ++n) {
+        shifted_sums<scalar_t, acc_t>(x + (n * C + c) * HW, HW, K, acc);
+      }
+      acc.fold();
+      moments(static_cast<double>(K), acc.s1, acc.s2, M, mean[c], var[c]);
+      const Affine a = affine_of(mean[c], var[c], w[c], b[c], eps);
+      smp[c] = static_cast<acc_t>(mean[c]);
+      sip[c] = static_cast<acc_t>(a.invstd);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t off = (n * C + c) * HW;
+        affine_row<scalar_t, acc_t, RELU, RES>(x + off, RES ? res + off : nullptr, y + off, HW,
+                                               static_cast<acc_t>(a.scale),
+                                               static_cast<acc_t>(a.shift));
+      }
+    }
+  });
+}
+
+// Backward over NCHW planes by channel (see by_channel): the gradient sums of a channel, its
+// grad_input coefficients (coeffs(c, sum_g, sum_gx) -> {A, B, E}), then its grad_input planes.
+// With GRES the sums pass stores g' (g masked by the ReLU) as the residual's gradient and the
+// grad_input pass reads it in place of g and y.
+template <typename scalar_t, typename acc_t, bool RELU, bool GRES, typename Coeffs>
+void backward_by_channel(const scalar_t* gp, const scalar_t* xp, const scalar_t* yp,
+                         scalar_t* gip, scalar_t* grp, int64_t N, int64_t C, int64_t HW,
+                         const acc_t* m, double* sum_g, double* sum_gx, const Coeffs& coeffs) {
+  at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      PairSum<acc_t> acc;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t off = (n * C + c) * HW;
+        grad_sums<scalar_t, acc_t, RELU, GRES>(gp + off, xp + off, RELU ? yp + off : nullptr,
+                                               HW, m[c], acc, GRES ? grp + off : nullptr);
+      }
+      acc.fold();
+      sum_g[c] = acc.s1;
+      sum_gx[c] = acc.s2;
+      const std::array<acc_t, 3> k = coeffs(c, acc.s1, acc.s2);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t off = (n * C + c) * HW;
+        if (GRES) {  // g' is in the residual's gradient: no mask, nothing more to write
+          dx_plane<scalar_t, acc_t, false, false>(grp + off, xp + off, nullptr, gip + off,
+                                                  nullptr, HW, k[0], k[1], k[2], m[c]);
+        } else {
+          dx_plane<scalar_t, acc_t, RELU, false>(gp + off, xp + off, RELU ? yp + off : nullptr,
+                                                 gip + off, nullptr, HW, k[0], k[1], k[2], m[c]);
+        }
+      }
+    }
+  });
+}
+
 std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
@@ -430,10 +527,25 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(
   Tensor save_invstd = poisoned(at::empty({C}, stat_opts));
 
   std::vector<double> mean(C), var(C);
-  if (training) {
-    FASTCONV_DISPATCH_FLOATING(x.scalar_type(), "fastconv_bn_stats", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const std::vector<double> w = read_channels(weight, C, 1.0);
+  const std::vector<double> b = read_channels(bias, C, 0.0);
+  // by channel (see by_channel): the statistics and the normalising pass in one walk
+  const bool fused = training && !cl && HW >= kSmallPlane && M > 0 && by_channel(C);
+  FASTCONV_DISPATCH_FLOATING(x.scalar_type(), "fastconv_bn_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = has_res ? res.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = out.data_ptr<scalar_t>();
+    acc_t* smp = save_mean.data_ptr<acc_t>();
+    acc_t* sip = save_invstd.data_ptr<acc_t>();
+    if (fused) {
+      with_flags(relu, has_res, [&](auto R, auto S) {
+        train_forward_by_channel<scalar_t, acc_t, R.value, S.value>(
+            xp, rp, yp, N, C, HW, w.data(), b.data(), eps, mean.data(), var.data(), smp, sip);
+      });
+      return;
+    }
+    if (training) {
       std::vector<acc_t> K(C, acc_t(0));
       std::vector<double> s1(C, 0.0), s2(C, 0.0);
       if (M > 0) {
@@ -454,53 +566,39 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(
         }
       }
       for (int64_t c = 0; c < C; ++c) {
-        const double m1 = s1[c] / M;
-        mean[c] = static_cast<double>(K[c]) + m1;
-        var[c] = s2[c] / M - m1 * m1;
-        if (var[c] < 0) var[c] = 0;  // rounding only; NaN stays NaN
+        moments(static_cast<double>(K[c]), s1[c], s2[c], M, mean[c], var[c]);
       }
-    });
-    if (has_rm) {
-      // r = (1 - momentum) * r + momentum * stat, with the unbiased variance
-      std::vector<double> rm = read_channels(running_mean, C, 0.0);
-      std::vector<double> rv = read_channels(running_var, C, 1.0);
-      for (int64_t c = 0; c < C; ++c) {
-        rm[c] = (1.0 - momentum) * rm[c] + momentum * mean[c];
-        rv[c] = (1.0 - momentum) * rv[c] + momentum * (var[c] * M / (M - 1));
-      }
-      write_channels(*running_mean, rm);
-      write_channels(*running_var, rv);
+    } else {
+      mean = read_channels(running_mean, C, 0.0);
+      var = read_channels(running_var, C, 1.0);
     }
-  } else {
-    mean = read_channels(running_mean, C, 0.0);
-    var = read_channels(running_var, C, 1.0);
-  }
-
-  const std::vector<double> w = read_channels(weight, C, 1.0);
-  const std::vector<double> b = read_channels(bias, C, 0.0);
-  FASTCONV_DISPATCH_FLOATING(x.scalar_type(), "fastconv_bn_normalize", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    acc_t* smp = save_mean.data_ptr<acc_t>();
-    acc_t* sip = save_invstd.data_ptr<acc_t>();
     std::vector<acc_t> scale(C), shift(C);
     for (int64_t c = 0; c < C; ++c) {
-      const double invstd = 1.0 / std::sqrt(var[c] + eps);
+      const Affine a = affine_of(mean[c], var[c], w[c], b[c], eps);
       smp[c] = static_cast<acc_t>(mean[c]);
-      sip[c] = static_cast<acc_t>(invstd);
-      // folded as torch's CPU kernel does: y = x * (w * invstd) + (b - mean * w * invstd)
-      scale[c] = static_cast<acc_t>(w[c] * invstd);
-      shift[c] = static_cast<acc_t>(b[c] - mean[c] * w[c] * invstd);
+      sip[c] = static_cast<acc_t>(a.invstd);
+      scale[c] = static_cast<acc_t>(a.scale);
+      shift[c] = static_cast<acc_t>(a.shift);
     }
-    const scalar_t* rp = has_res ? res.const_data_ptr<scalar_t>() : nullptr;
     if (!cl && HW < kSmallPlane) {  // N rows of C * HW columns
-      normalize<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), rp, out.data_ptr<scalar_t>(), N,
-                                 C * HW, 1, /*cl=*/true, per_column(scale, HW).data(),
-                                 per_column(shift, HW).data(), relu);
+      normalize<scalar_t, acc_t>(xp, rp, yp, N, C * HW, 1, /*cl=*/true,
+                                 per_column(scale, HW).data(), per_column(shift, HW).data(),
+                                 relu);
     } else {
-      normalize<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), rp, out.data_ptr<scalar_t>(), N,
-                                 C, HW, cl, scale.data(), shift.data(), relu);
+      normalize<scalar_t, acc_t>(xp, rp, yp, N, C, HW, cl, scale.data(), shift.data(), relu);
     }
   });
+  if (training && has_rm) {
+    // r = (1 - momentum) * r + momentum * stat, with the unbiased variance
+    std::vector<double> rm = read_channels(running_mean, C, 0.0);
+    std::vector<double> rv = read_channels(running_var, C, 1.0);
+    for (int64_t c = 0; c < C; ++c) {
+      rm[c] = (1.0 - momentum) * rm[c] + momentum * mean[c];
+      rv[c] = (1.0 - momentum) * rv[c] + momentum * (var[c] * M / (M - 1));
+    }
+    write_channels(*running_mean, rm);
+    write_channels(*running_var, rv);
+  }
   return {out, save_mean, save_invstd};
 }
 
@@ -556,6 +654,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     // grad_input pass reads it instead of g and y: one tensor less to read.
     const bool fuse_gr = need_gr && relu && need_sums && M > 0;
     scalar_t* grp = need_gr ? grad_residual.data_ptr<scalar_t>() : nullptr;
+    // grad_input per channel: dx = A * g' + B * (x - mean) + E
+    //   training: A = w * invstd, B = -A * invstd^2 * sum_gx / M, E = -A * sum_g / M
+    //   eval:     A = w * invstd, B = E = 0
+    auto coeffs = [&](int64_t c, double sg, double sgx) {
+      const double a = w[c] * invstd[c];
+      return std::array<acc_t, 3>{
+          static_cast<acc_t>(a),
+          training ? static_cast<acc_t>(-a * invstd[c] * invstd[c] * sgx / M) : acc_t(0),
+          training ? static_cast<acc_t>(-a * sg / M) : acc_t(0)};
+    };
+    if (need_gi && need_sums && !cl && !rows && M > 0 && by_channel(C)) {
+      grad_input = poisoned(at::empty_like(x, x.options(), fmt));
+      scalar_t* gip = grad_input.data_ptr<scalar_t>();
+      with_flags(relu, need_gr, [&](auto R, auto G) {
+        backward_by_channel<scalar_t, acc_t, R.value, G.value>(
+            gp, xp, yp, gip, grp, N, C, HW, m.data(), sum_g.data(), sum_gx.data(), coeffs);
+      });
+      return;
+    }
     scalar_t* gr_sums = fuse_gr ? grp : nullptr;
     if (need_sums && M > 0) {
       if (cl) {
@@ -599,15 +716,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     if (need_gi) {
       grad_input = poisoned(at::empty_like(x, x.options(), fmt));
       scalar_t* gip = grad_input.data_ptr<scalar_t>();
-      // dx = A * g' + B * (x - mean) + E, per channel:
-      //   training: A = w * invstd, B = -A * invstd^2 * sum_gx / M, E = -A * sum_g / M
-      //   eval:     A = w * invstd, B = E = 0
       std::vector<acc_t> A(C), B(C), E(C);
       for (int64_t c = 0; c < C; ++c) {
-        const double a = w[c] * invstd[c];
-        A[c] = static_cast<acc_t>(a);
-        B[c] = training ? static_cast<acc_t>(-a * invstd[c] * invstd[c] * sum_gx[c] / M) : acc_t(0);
-        E[c] = training ? static_cast<acc_t>(-a * sum_g[c] / M) : acc_t(0);
+        const std::array<acc_t, 3> k = coeffs(c, sum_g[c], sum_gx[c]);
+        A[c] = k[0];
+        B[c] = k[1];
+        E[c] = k[2];
       }
       if (cl) {
         grad_input_cl<scalar_t, acc_t>(gp, xp, yp, gip, grp, M, C, A.data(), B.data(), E.data(),
