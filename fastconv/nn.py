@@ -60,12 +60,14 @@ class _Memo:
     def _memo_state(self, input: torch.Tensor, own: tuple, residual=None) -> Optional[tuple]:
         """This call's state (``own``: the layer's tensors to hold, see above); None when the
         input or the residual is not a tensor (the checked path says so)."""
-        state = (id(dispatch.FAST), dispatch.EPOCH, _grad_enabled(), _deterministic(),
-                 _env_raw.get(_env_key) if self.backend is None else None)
-        try:
-            for t in (input, residual):  # the call's tensors, as dispatch.call_key has them
-                state += (None,) if t is None else (type(t), t.shape, t.stride(), t.dtype,
-                                                    t.device, t.requires_grad)
+        try:  # one expression: a tuple built in pieces cost a third more (0.74 -> 0.59 us)
+            state = (id(dispatch.FAST), dispatch.EPOCH, _grad_enabled(), _deterministic(),
+                     _env_raw.get(_env_key) if self.backend is None else None, type(input),
+                     input.shape, input.stride(), input.dtype, input.device,
+                     input.requires_grad)
+            if residual is not None:  # (a state with one is longer than one without)
+                state += (type(residual), residual.shape, residual.stride(), residual.dtype,
+                          residual.device, residual.requires_grad)
         except AttributeError:
             return None
         for t in own:
