@@ -85,12 +85,16 @@ def forward(layer, provider: str):
                                      kw["dilation"], kw["ceil_mode"], relu=kw["relu"],
                                      backend=backend)
     elif op == "avg_pool2d":
-        fn = F.avg_pool2d if backend is None else (
-            lambda *a: FF.avg_pool2d(*a, backend=backend))
-
-        def f(s):
-            return fn(s["x"], kw["kernel_size"], kw["stride"], kw["padding"], kw["ceil_mode"],
-                      kw["count_include_pad"], kw["divisor_override"])
+        if backend is None:
+            def f(s):
+                return F.avg_pool2d(s["x"], kw["kernel_size"], kw["stride"], kw["padding"],
+                                    kw["ceil_mode"], kw["count_include_pad"],
+                                    kw["divisor_override"])
+        else:  # called directly, as eager's is (no wrapper of fastconv's side alone)
+            def f(s):
+                return FF.avg_pool2d(s["x"], kw["kernel_size"], kw["stride"], kw["padding"],
+                                     kw["ceil_mode"], kw["count_include_pad"],
+                                     kw["divisor_override"], backend=backend)
     elif op == "adaptive_avg_pool2d":
         def f(s):
             if backend is None:
