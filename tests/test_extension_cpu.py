@@ -491,6 +491,8 @@ def test_batch_norm_walks_agree_bitwise(training, relu, residual):
     try:
         for t in (1, 3):
             torch.set_num_threads(t)
+            if torch.get_num_threads() != t:  # a build without a thread pool: one walk only
+                pytest.skip(f"torch cannot run {t} threads here")
             rm, rv = rm0.clone(), rv0.clone()
             xr, wr, br = (v.clone().requires_grad_() for v in (x, wt, b))
             rr = r.clone().requires_grad_() if residual else None
