@@ -145,21 +145,43 @@ inline void dx_cl_row(const scalar_t* g, const scalar_t* x, const scalar_t* y, s
   }
 }
 
+// Channel c's (sum d, sum d^2), d = x - K, over its N planes of an (N, C, HW) tensor, folded.
+template <typename scalar_t, typename acc_t>
+inline PairSum<acc_t> plane_shifted_sums(const scalar_t* x, int64_t N, int64_t C, int64_t HW,
+                                         int64_t c, acc_t K) {
+  PairSum<acc_t> acc;
+  for (int64_t n = 0; n < N; ++n) shifted_sums<scalar_t, acc_t>(x + (n * C + c) * HW, HW, K, acc);
+  acc.fold();
+  return acc;
+}
+
 // Per-channel (sum d, sum d^2) with d = x - K[c], for an (N, C, HW) contiguous tensor.
 template <typename scalar_t, typename acc_t>
 void channel_stats_nchw(const scalar_t* x, int64_t N, int64_t C, int64_t HW, const acc_t* K,
                         double* s1, double* s2) {
   at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      PairSum<acc_t> acc;
-      for (int64_t n = 0; n < N; ++n) {
-        shifted_sums<scalar_t, acc_t>(x + (n * C + c) * HW, HW, K[c], acc);
-      }
-      acc.fold();
+      const PairSum<acc_t> acc = plane_shifted_sums<scalar_t, acc_t>(x, N, C, HW, c, K[c]);
       s1[c] = acc.s1;
       s2[c] = acc.s2;
     }
   });
+}
+
+// Channel c's gradient sums over its N planes (see grad_sums; with GOUT g' is stored to go),
+// folded.
+template <typename scalar_t, typename acc_t, bool RELU, bool GOUT>
+inline PairSum<acc_t> plane_grad_sums(const scalar_t* g, const scalar_t* x, const scalar_t* y,
+                                      scalar_t* go, int64_t N, int64_t C, int64_t HW, int64_t c,
+                                      acc_t mean) {
+  PairSum<acc_t> acc;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t off = (n * C + c) * HW;
+    grad_sums<scalar_t, acc_t, RELU, GOUT>(g + off, x + off, RELU ? y + off : nullptr, HW, mean,
+                                           acc, GOUT ? go + off : nullptr);
+  }
+  acc.fold();
+  return acc;
 }
 
 // Two per-column sums over R rows of C columns (channels-last rows, or the row view of small
@@ -425,11 +447,7 @@ void train_forward_by_channel(const scalar_t* x, const scalar_t* res, scalar_t* 
   at::parallel_for(0, C, grain_for(M), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const acc_t K = static_cast<acc_t>(x[c * HW]);  // the shift: the channel's first element
-      PairSum<acc_t> acc;
-      for (int64_t n = 0; n < N; ++n) {
-        shifted_sums<scalar_t, acc_t>(x + (n * C + c) * HW, HW, K, acc);
-      }
-      acc.fold();
+      const PairSum<acc_t> acc = plane_shifted_sums<scalar_t, acc_t>(x, N, C, HW, c, K);
       moments(static_cast<double>(K), acc.s1, acc.s2, M, mean[c], var[c]);
       const Affine a = affine_of(mean[c], var[c], w[c], b[c], eps);
       smp[c] = static_cast<acc_t>(mean[c]);
@@ -454,13 +472,8 @@ void backward_by_channel(const scalar_t* gp, const scalar_t* xp, const scalar_t*
                          const acc_t* m, double* sum_g, double* sum_gx, const Coeffs& coeffs) {
   at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      PairSum<acc_t> acc;
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t off = (n * C + c) * HW;
-        grad_sums<scalar_t, acc_t, RELU, GRES>(gp + off, xp + off, RELU ? yp + off : nullptr,
-                                               HW, m[c], acc, GRES ? grp + off : nullptr);
-      }
-      acc.fold();
+      const PairSum<acc_t> acc =
+          plane_grad_sums<scalar_t, acc_t, RELU, GRES>(gp, xp, yp, grp, N, C, HW, c, m[c]);
       sum_g[c] = acc.s1;
       sum_gx[c] = acc.s2;
       const std::array<acc_t, 3> k = coeffs(c, acc.s1, acc.s2);
@@ -685,24 +698,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
         columns_to_channels(col_g, HW, sum_g.data());
         columns_to_channels(col_gx, HW, sum_gx.data());
       } else {
-        at::parallel_for(0, C, grain_for(M), [&](int64_t c0, int64_t c1) {
-          for (int64_t c = c0; c < c1; ++c) {
-            PairSum<acc_t> acc;
-            for (int64_t n = 0; n < N; ++n) {
-              const int64_t off = (n * C + c) * HW;
-              if (fuse_gr) {
-                grad_sums<scalar_t, acc_t, true, true>(gp + off, xp + off, yp + off, HW, m[c],
-                                                       acc, gr_sums + off);
-              } else if (relu) {
-                grad_sums<scalar_t, acc_t, true>(gp + off, xp + off, yp + off, HW, m[c], acc);
-              } else {
-                grad_sums<scalar_t, acc_t, false>(gp + off, xp + off, nullptr, HW, m[c], acc);
-              }
+        with_flags(relu, fuse_gr, [&](auto R, auto G) {  // (fuse_gr implies relu)
+          at::parallel_for(0, C, grain_for(M), [&](int64_t c0, int64_t c1) {
+            for (int64_t c = c0; c < c1; ++c) {
+              const PairSum<acc_t> acc = plane_grad_sums<scalar_t, acc_t, R.value, G.value>(
+                  gp, xp, yp, gr_sums, N, C, HW, c, m[c]);
+              sum_g[c] = acc.s1;
+              sum_gx[c] = acc.s2;
             }
-            acc.fold();
-            sum_g[c] = acc.s1;
-            sum_gx[c] = acc.s2;
-          }
+          });
         });
       }
     }

@@ -160,28 +160,34 @@ inline void store_index_lanes(index_t* dst, const Vec<scalar_t>& v, int64_t n) {
   for (int64_t l = 0; l < n; ++l) dst[l] = static_cast<index_t>(buf[l]);
 }
 
-// Transposes between P planes of n elements (plane l at src + l * ld) and an (n, P) block
-// (element q of plane l at blk[q * P + l]): float blocks of 8 as in-register 8x8 transposes,
-// the rest element by element (scalar stores at stride P measured half of
-// max_fwd_nchw_blocked's time on ResNet's 48x48 stem planes).
+// Transposes between np <= P planes of n elements (plane l at src + l * ld) and an (n, P)
+// block (element q of plane l at blk[q * P + l]; lanes past np hold 0 going in and are not
+// written out): a full float block as in-register 8x8 transposes, the rest element by
+// element (scalar stores at stride P measured half of max_fwd_nchw_blocked's time on ResNet's
+// 48x48 stem planes).
 template <typename T, int64_t P>
-inline void planes_to_block(const T* src, int64_t ld, int64_t n, T* blk) {
+inline void planes_to_block(const T* src, int64_t ld, int64_t n, int64_t np, T* blk) {
   int64_t q = 0;
   if constexpr (std::is_same_v<T, float> && P == 8) {
-    for (; q + 8 <= n; q += 8) at::vec::transpose_mxn<float, 8, 8>(src + q, ld, blk + q * P, P);
+    if (np == P) {
+      for (; q + 8 <= n; q += 8) at::vec::transpose_mxn<float, 8, 8>(src + q, ld, blk + q * P, P);
+    }
   }
   for (; q < n; ++q) {
-    for (int64_t l = 0; l < P; ++l) blk[q * P + l] = src[l * ld + q];
+    for (int64_t l = 0; l < np; ++l) blk[q * P + l] = src[l * ld + q];
+    std::fill_n(blk + q * P + np, P - np, T(0));
   }
 }
 template <typename T, int64_t P>
-inline void block_to_planes(const T* blk, int64_t n, T* dst, int64_t ld) {
+inline void block_to_planes(const T* blk, int64_t n, int64_t np, T* dst, int64_t ld) {
   int64_t q = 0;
   if constexpr (std::is_same_v<T, float> && P == 8) {
-    for (; q + 8 <= n; q += 8) at::vec::transpose_mxn<float, 8, 8>(blk + q * P, P, dst + q, ld);
+    if (np == P) {
+      for (; q + 8 <= n; q += 8) at::vec::transpose_mxn<float, 8, 8>(blk + q * P, P, dst + q, ld);
+    }
   }
   for (; q < n; ++q) {
-    for (int64_t l = 0; l < P; ++l) dst[l * ld + q] = blk[q * P + l];
+    for (int64_t l = 0; l < np; ++l) dst[l * ld + q] = blk[q * P + l];
   }
 }
 
@@ -212,17 +218,8 @@ void max_fwd_nchw_blocked(const scalar_t* x, scalar_t* y, index_t* ind, const Ge
     const V zero(0);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t p0 = b * P, np = std::min(P, planes - p0);
-      if (np == P) {
-        planes_to_block<scalar_t, P>(x + p0 * HW, HW, HW, in.data());
-      } else {
-        for (int64_t l = 0; l < np; ++l) {
-          const scalar_t* __restrict src = x + (p0 + l) * HW;
-          scalar_t* __restrict dst = in.data() + l;
-          for (int64_t q = 0; q < HW; ++q) dst[q * P] = src[q];
-        }
-        // lanes past the last plane: any finite value, never written out
-        for (int64_t q = 0; q < HW; ++q) std::fill_n(in.data() + q * P + np, P - np, scalar_t(0));
-      }
+      // (lanes past the last plane: 0, any finite value; never written out)
+      planes_to_block<scalar_t, P>(x + p0 * HW, HW, HW, np, in.data());
       for (int64_t oh = 0; oh < g.OH; ++oh) {
         const int64_t h0 = th.origin[oh], i0 = th.k0[oh], i1 = th.k1[oh];
         for (int64_t ow = 0; ow < g.OW; ++ow) {
@@ -244,27 +241,16 @@ void max_fwd_nchw_blocked(const scalar_t* x, scalar_t* y, index_t* ind, const Ge
           at::vec::convert_to_int_of_same_size(bi).store(arg.data() + o * P);
         }
       }
-      if (np == P) {
-        block_to_planes<scalar_t, P>(val.data(), OHW, y + p0 * OHW, OHW);
-        if constexpr (std::is_same_v<scalar_t, float> && sizeof(I) == sizeof(float)) {
-          // the int32 lanes moved as float bit patterns (a transpose only permutes them)
-          block_to_planes<float, P>(reinterpret_cast<const float*>(arg.data()), OHW,
-                                    reinterpret_cast<float*>(arg_planes.data()), OHW);
-        } else {
-          block_to_planes<I, P>(arg.data(), OHW, arg_planes.data(), OHW);
-        }
-        index_t* __restrict io = ind + p0 * OHW;
-        for (int64_t k = 0; k < P * OHW; ++k) io[k] = static_cast<index_t>(arg_planes[k]);
+      block_to_planes<scalar_t, P>(val.data(), OHW, np, y + p0 * OHW, OHW);
+      if constexpr (std::is_same_v<scalar_t, float> && sizeof(I) == sizeof(float)) {
+        // the int32 lanes moved as float bit patterns (a transpose only permutes them)
+        block_to_planes<float, P>(reinterpret_cast<const float*>(arg.data()), OHW, np,
+                                  reinterpret_cast<float*>(arg_planes.data()), OHW);
       } else {
-        for (int64_t l = 0; l < np; ++l) {
-          scalar_t* __restrict yo = y + (p0 + l) * OHW;
-          index_t* __restrict io = ind + (p0 + l) * OHW;
-          for (int64_t o = 0; o < OHW; ++o) {
-            yo[o] = val[o * P + l];
-            io[o] = static_cast<index_t>(arg[o * P + l]);
-          }
-        }
+        block_to_planes<I, P>(arg.data(), OHW, np, arg_planes.data(), OHW);
       }
+      index_t* __restrict io = ind + p0 * OHW;
+      for (int64_t k = 0; k < np * OHW; ++k) io[k] = static_cast<index_t>(arg_planes[k]);
     }
   });
 }
