@@ -173,6 +173,23 @@ def pass_of(args: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- persistence
+def _kernels_digest() -> str:
+    """A short digest of the kernels' sources (csrc/ and the Triton kernels): a decision
+    measured against other kernel code is stale even under the same version number."""
+    import hashlib
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for root in (pkg.parent / "csrc", pkg / "backends" / "triton"):
+        if root.is_dir():
+            for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (
+                    ".cpp", ".cu", ".h", ".cuh", ".py")):
+                digest.update(str(path.relative_to(root)).encode() + b"\0")
+                digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def _versions() -> dict[str, str]:
     from . import __version__
 
@@ -181,7 +198,8 @@ def _versions() -> dict[str, str]:
         triton = version("triton")
     except Exception:
         triton = "none"
-    return {"torch": torch.__version__, "triton": triton, "fastconv": __version__}
+    return {"torch": torch.__version__, "triton": triton,
+            "fastconv": f"{__version__}+{_kernels_digest()}"}
 
 
 _version_tag: list = []
@@ -283,7 +301,8 @@ def _persist(device: str, pass_: str, sig: tuple, entry: dict) -> None:
 
 
 def _stale(tag: str) -> bool:
-    """A table written by other versions of torch/triton/fastconv (dropped on the next write)."""
+    """A table written by other versions of torch/triton/fastconv or other kernel sources
+    (dropped on the next write)."""
     return not tag.endswith(_table_tag(""))
 
 

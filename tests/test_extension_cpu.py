@@ -81,6 +81,9 @@ CONV_CASES = [
     ("resnet.down3x3", 2, 8, 9, 9, 16, 3, 2, 1, 1, 1),
     ("resnet.shortcut1x1", 2, 8, 9, 9, 16, 1, 2, 0, 1, 1),
     ("odd", 3, 5, 13, 7, 7, (3, 2), (2, 1), (1, 0), (2, 1), 1),
+    # output planes of at most 8x8 take the unfold + matrix product grad_weight (float, NCHW);
+    # 16 images of 512 channels unfold in two slabs
+    ("resnet.layer4_slabs", 16, 512, 8, 8, 4, 3, 1, 1, 1, 1),
     # outputs of 2^17 elements and more take oneDNN's fused ReLU post-op in float32
     ("vgg.large_output", 2, 3, 96, 96, 16, 3, 1, 1, 1, 1),
 ]
