@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fastconv from th
 import fastconv  # noqa: E402
 from fastconv import timing  # noqa: E402
 from fastconv.tools.common import sgd_step  # noqa: E402
+from fastconv.tools.progress import Progress  # noqa: E402
 
 MODELS = {
     "resnet18": lambda tv: tv.resnet18(num_classes=10),
@@ -84,10 +85,11 @@ def main(argv=None) -> int:
             for m in (stock, *fast.values()):
                 m.eval()
         t0 = time.perf_counter()
+        bar = Progress(a.rounds, f"  {mode} rounds", stream=sys.stdout)
         stats = timing.compare({"stock": make(stock), **{b: make(m) for b, m in fast.items()}},
                                rounds=a.rounds, calls=a.steps, warmup=2, inputs=inputs,
-                               on_round=lambda r, n: print(f"  {mode} round {r}/{n}",
-                                                           end="\r", flush=True))
+                               on_round=lambda r, n: bar.update())
+        bar.close()
         print(f"{mode}: stock {stats['stock'].fmt()} [{time.perf_counter() - t0:.0f} s]")
         for b in backends:
             r = timing.ratio(stats["stock"], stats[b])

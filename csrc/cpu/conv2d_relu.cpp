@@ -144,32 +144,124 @@ void check_conv_args(const Tensor& input, const Tensor& weight, const std::optio
   }
 }
 
+// ------------------------------------------ grad_weight on small output planes: one GEMM
+// With L = OH*OW output positions per image and rows = C*KH*KW, a slab of nb images adds
+//   dW[K, rows] += G[K, nb*L] @ cols[rows, nb*L]^T
+// where cols is the slab's input unfolded (im2col) and G its grad_output as [K, nb*L]. oneDNN's
+// backward-weights pass on NCHW tensors is slow where the output planes are small and the
+// weight large (ResNet-18's 512->512 3x3 at 3x3 planes, batch 8, 2 threads: 2.3-6.5 ms, 1.2 ms
+// this way; 1.1-1.9x at the 7x7 planes of ResNet-50's last stage); where planes are large,
+// unfolding costs more than the product saves, so those keep oneDNN's. The same products for
+// the forward and grad_input measured 0.6-1.0x oneDNN's at these shapes (only strided 1x1
+// convolutions gained), so those passes stay with oneDNN. `auto` measures the passes of both
+// backends per shape either way.
+constexpr int64_t kGemmMaxPlane = 64;               // output planes of at most 8x8
+constexpr int64_t kColsBudget = int64_t{1} << 22;  // unfolded elements per slab (16 MiB float)
+
+bool small_planes(const Tensor& input, const Tensor& weight, int64_t groups, int64_t OH,
+                  int64_t OW) {
+  const auto t = input.scalar_type();
+  return groups == 1 && (t == at::kFloat || t == at::kDouble) && input.numel() > 0 &&
+         weight.numel() > 0 && OH * OW > 0 && OH * OW <= kGemmMaxPlane &&
+         layout_of(input) == at::MemoryFormat::Contiguous;
+}
+
+struct Unfold {
+  int64_t N, C, H, W, K, KH, KW, OH, OW, L, rows, slab;
+  c10::IntArrayRef stride, padding, dilation;
+
+  Unfold(const Tensor& input, const Tensor& weight, int64_t OH_, int64_t OW_,
+         c10::IntArrayRef stride_, c10::IntArrayRef padding_, c10::IntArrayRef dilation_)
+      : N(input.size(0)), C(input.size(1)), H(input.size(2)), W(input.size(3)),
+        K(weight.size(0)), KH(weight.size(2)), KW(weight.size(3)), OH(OH_), OW(OW_),
+        L(OH_ * OW_), rows(C * KH * KW),
+        slab(std::clamp<int64_t>(kColsBudget / std::max<int64_t>(rows * L, 1), 1, N)),
+        stride(stride_), padding(padding_), dilation(dilation_) {}
+
+  // input row ih of output row oh for kernel row kh (and likewise for columns)
+  int64_t in_h(int64_t oh, int64_t kh) const {
+    return oh * stride[0] + kh * dilation[0] - padding[0];
+  }
+  int64_t in_w(int64_t ow, int64_t kw) const {
+    return ow * stride[1] + kw * dilation[1] - padding[1];
+  }
+
+  // cols[r, n * L + l] for the nb images from n0 (zero where the window reads padding)
+  template <typename scalar_t>
+  void unfold(const scalar_t* x, scalar_t* cols, int64_t n0, int64_t nb) const {
+    const int64_t NL = nb * L;
+    at::parallel_for(0, rows, grain_for(NL), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t c = r / (KH * KW), kh = (r / KW) % KH, kw = r % KW;
+        for (int64_t n = 0; n < nb; ++n) {
+          const scalar_t* plane = x + ((n0 + n) * C + c) * H * W;
+          scalar_t* dst = cols + r * NL + n * L;
+          for (int64_t oh = 0; oh < OH; ++oh, dst += OW) {
+            const int64_t ih = in_h(oh, kh);
+            if (ih < 0 || ih >= H) {
+              std::fill(dst, dst + OW, scalar_t(0));
+              continue;
+            }
+            for (int64_t ow = 0; ow < OW; ++ow) {
+              const int64_t iw = in_w(ow, kw);
+              dst[ow] = (iw >= 0 && iw < W) ? plane[ih * W + iw] : scalar_t(0);
+            }
+          }
+        }
+      }
+    });
+  }
+};
+
+// grad_weight of the convolution alone: g is grad_output (already masked), contiguous NCHW
+Tensor grad_weight_gemm(const Tensor& g, const Tensor& input, const Tensor& weight,
+                        const Unfold& u) {
+  const Tensor x = input.contiguous();
+  Tensor gw = poisoned(at::empty({u.K, u.rows}, x.options()));
+  Tensor buffer = at::empty({u.rows * u.slab * u.L}, x.options());
+  for (int64_t n0 = 0; n0 < u.N; n0 += u.slab) {
+    const int64_t nb = std::min(u.slab, u.N - n0);
+    const Tensor cols = buffer.narrow(0, 0, u.rows * nb * u.L).view({u.rows, nb * u.L});
+    FASTCONV_DISPATCH_FLOATING(x.scalar_type(), "fastconv_unfold", [&] {
+      u.unfold<scalar_t>(x.const_data_ptr<scalar_t>(), cols.data_ptr<scalar_t>(), n0, nb);
+    });
+    // G[k, n * L + l] = g[n0 + n, k, l]: a copy unless the slab is one image
+    const Tensor gs = g.narrow(0, n0, nb).view({nb, u.K, u.L}).transpose(0, 1)
+                          .reshape({u.K, nb * u.L});
+    if (n0 == 0) {
+      at::mm_out(gw, gs, cols.t());
+    } else {
+      gw.addmm_(gs, cols.t());
+    }
+  }
+  return gw.view({u.K, u.C, u.KH, u.KW});
+}
+
 // mkldnn::_convolution_pointwise builds its oneDNN primitive on every call (about 35 us
 // measured, where the cached primitive of at::convolution costs 3 us at 1x4x4x4), so small
 // outputs take the convolution + fused bias/ReLU pass instead: there the pass it would save
 // costs less than that. Above this size the primitive cost is noise next to the convolution.
 constexpr int64_t kPostOpMinOutput = int64_t{1} << 17;
 
-int64_t conv_output_numel(const Tensor& input, const Tensor& weight, c10::IntArrayRef stride,
-                          c10::IntArrayRef padding, c10::IntArrayRef dilation) {
-  int64_t n = input.size(0) * weight.size(0);
-  for (int d = 0; d < 2; ++d) {
-    const int64_t span = dilation[d] * (weight.size(2 + d) - 1) + 1;
-    n *= std::max<int64_t>(0, (input.size(2 + d) + 2 * padding[d] - span) / stride[d] + 1);
-  }
-  return n;
+// the output's height (d = 0) or width (d = 1)
+int64_t conv_out_size(const Tensor& input, const Tensor& weight, c10::IntArrayRef stride,
+                      c10::IntArrayRef padding, c10::IntArrayRef dilation, int d) {
+  const int64_t span = dilation[d] * (weight.size(2 + d) - 1) + 1;
+  return std::max<int64_t>(0, (input.size(2 + d) + 2 * padding[d] - span) / stride[d] + 1);
 }
 
 Tensor conv2d_relu_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                        c10::IntArrayRef stride, c10::IntArrayRef padding,
                        c10::IntArrayRef dilation, int64_t groups, bool relu) {
   check_conv_args(input, weight, bias, stride, padding, dilation, groups);
+  const int64_t OH = conv_out_size(input, weight, stride, padding, dilation, 0);
+  const int64_t OW = conv_out_size(input, weight, stride, padding, dilation, 1);
   const auto fmt = layout_of(input);
   Tensor out;
   if (!relu) {
     // nothing to fuse: the plain convolution already adds the bias in its epilogue
     out = at::convolution(input, weight, bias, stride, padding, dilation, false, {0, 0}, groups);
-  } else if (conv_output_numel(input, weight, stride, padding, dilation) >= kPostOpMinOutput &&
+  } else if (input.size(0) * weight.size(0) * OH * OW >= kPostOpMinOutput &&
              use_onednn(input, weight, bias)) {
     out = onednn_conv(input, weight, bias, stride, padding, dilation, groups, relu);
   } else {
@@ -263,83 +355,6 @@ void mask_and_sum(const scalar_t* g, const scalar_t* y, scalar_t* masked, int64_
   }
 }
 
-// grad_weight as matrix products over the unfolded input (im2col):
-//   dW[K, C*KH*KW] = sum over slabs of images of G[K, n*L] @ cols[C*KH*KW, n*L]^T, L = OH*OW.
-// oneDNN's backward-weights pass on NCHW tensors is slow where the output planes are small and
-// the weight large (ResNet-18's 512->512 3x3 at 3x3 planes, batch 8, 2 threads: 6.2 ms, against
-// about 1.3 ms this way); where the planes are large, unfolding the input costs more than the
-// product saves, so those keep ATen's pass. The measured choice of `auto` compares the two per
-// shape either way (this is the extension's grad_weight pass).
-constexpr int64_t kGemmMaxPlane = 64;               // output planes of at most 8x8
-constexpr int64_t kColsBudget = int64_t{1} << 22;  // unfolded elements per slab (16 MiB float)
-
-bool grad_weight_by_gemm(const Tensor& grad_output, const Tensor& input, int64_t groups) {
-  const auto t = input.scalar_type();
-  return groups == 1 && (t == at::kFloat || t == at::kDouble) && input.numel() > 0 &&
-         grad_output.numel() > 0 && layout_of(input) == at::MemoryFormat::Contiguous &&
-         grad_output.size(2) * grad_output.size(3) <= kGemmMaxPlane;
-}
-
-// cols[r, n * L + l] for the nb images from n0: r = (c, kh, kw), l = (oh, ow); zero where the
-// window reads padding.
-template <typename scalar_t>
-void unfold_images(const scalar_t* x, scalar_t* cols, int64_t n0, int64_t nb, int64_t C,
-                   int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t OH, int64_t OW,
-                   c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
-  const int64_t L = OH * OW, NL = nb * L;
-  at::parallel_for(0, C * KH * KW, grain_for(NL), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t c = r / (KH * KW), kh = (r / KW) % KH, kw = r % KW;
-      const int64_t dh = kh * dilation[0] - padding[0], dw = kw * dilation[1] - padding[1];
-      for (int64_t n = 0; n < nb; ++n) {
-        const scalar_t* src = x + ((n0 + n) * C + c) * H * W;
-        scalar_t* dst = cols + r * NL + n * L;
-        for (int64_t oh = 0; oh < OH; ++oh, dst += OW) {
-          const int64_t ih = oh * stride[0] + dh;
-          if (ih < 0 || ih >= H) {
-            std::fill(dst, dst + OW, scalar_t(0));
-            continue;
-          }
-          const scalar_t* row = src + ih * W;
-          for (int64_t ow = 0; ow < OW; ++ow) {
-            const int64_t iw = ow * stride[1] + dw;
-            dst[ow] = (iw >= 0 && iw < W) ? row[iw] : scalar_t(0);
-          }
-        }
-      }
-    }
-  });
-}
-
-// g: grad_output (masked), contiguous NCHW; input NCHW; returns grad_weight, contiguous.
-Tensor grad_weight_gemm(const Tensor& g, const Tensor& input, const Tensor& weight,
-                        c10::IntArrayRef stride, c10::IntArrayRef padding,
-                        c10::IntArrayRef dilation) {
-  const Tensor x = input.contiguous();
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t K = weight.size(0), KH = weight.size(2), KW = weight.size(3);
-  const int64_t OH = g.size(2), OW = g.size(3), L = OH * OW, rows = C * KH * KW;
-  const int64_t slab = std::clamp<int64_t>(kColsBudget / std::max<int64_t>(rows * L, 1), 1, N);
-  Tensor cols = at::empty({rows * slab * L}, x.options());
-  Tensor gw = poisoned(at::empty({K, rows}, x.options()));
-  for (int64_t n0 = 0; n0 < N; n0 += slab) {
-    const int64_t nb = std::min(slab, N - n0);
-    const Tensor c = cols.narrow(0, 0, rows * nb * L).view({rows, nb * L});
-    FASTCONV_DISPATCH_FLOATING(x.scalar_type(), "fastconv_unfold", [&] {
-      unfold_images<scalar_t>(x.const_data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), n0, nb, C,
-                              H, W, KH, KW, OH, OW, stride, padding, dilation);
-    });
-    // G[k, n * L + l] = g[n0 + n, k, l]: a copy unless the slab is one image
-    const Tensor gs = g.narrow(0, n0, nb).view({nb, K, L}).transpose(0, 1).reshape({K, nb * L});
-    if (n0 == 0) {
-      at::mm_out(gw, gs, c.t());
-    } else {
-      gw.addmm_(gs, c.t());
-    }
-  }
-  return gw.view({K, C, KH, KW});
-}
-
 std::tuple<Tensor, Tensor, Tensor> conv2d_relu_backward_cpu(
     const Tensor& grad_output, const Tensor& input, const Tensor& weight, const Tensor& output,
     c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
@@ -386,9 +401,9 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_backward_cpu(
   Tensor grad_input, grad_weight, grad_bias;
   bool bias_by_aten = output_mask[2] && !bias_in_pass;
   bool weight_by_aten = output_mask[1];
-  if (output_mask[1] && !cl && grad_weight_by_gemm(gmasked, input, groups)) {
-    grad_weight = grad_weight_gemm(gmasked, input, weight, stride, padding, dilation)
-                      .contiguous(layout_of(weight));
+  if (output_mask[1] && !cl && small_planes(input, weight, groups, g.size(2), g.size(3))) {
+    const Unfold u(input, weight, g.size(2), g.size(3), stride, padding, dilation);
+    grad_weight = grad_weight_gemm(gmasked, input, weight, u).contiguous(layout_of(weight));
     weight_by_aten = false;  // ATen's pass below serves grad_input alone
     if (bias_by_aten) {
       grad_bias = gmasked.sum({0, 2, 3});
