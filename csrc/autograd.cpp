@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 namespace fastconv {
@@ -39,6 +40,20 @@ struct EdgeIndex {
 };
 
 bool needs(AutogradContext* ctx, int edge) { return edge >= 0 && ctx->needs_input_grad(edge); }
+
+bool wants_grad(const Tensor& t) {
+  return t.defined() && (t.requires_grad() || torch::autograd::isFwGradDefined(t));
+}
+bool wants_grad(const std::optional<Tensor>& t) { return t.has_value() && wants_grad(*t); }
+
+// True when a call records no autograd graph: grad mode is off or no tensor argument takes a
+// gradient. Function::apply builds its node and saved-data map even then (about 4 us a call on
+// the CI machine, more than a small layer's kernel), so such calls go straight below the
+// autograd key; their outputs are the same tensors, requiring no grad either way.
+template <typename... Ts>
+bool no_graph(const Ts&... ts) {
+  return !at::GradMode::is_enabled() || !(wants_grad(ts) || ...);
+}
 
 // op.call(args...) below the autograd key: the device kernel (or the fake one) runs.
 template <typename Sig, typename... Args>
@@ -122,6 +137,10 @@ Tensor conv2d_relu_autograd(const Tensor& input, const Tensor& weight,
                             const std::optional<Tensor>& bias, c10::IntArrayRef stride,
                             c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
                             bool relu) {
+  if (no_graph(input, weight, bias)) {
+    FASTCONV_OP(fwd, "conv2d_relu", ConvSig);
+    return call_below(fwd, input, weight, bias, stride, padding, dilation, groups, relu);
+  }
   return Conv2dReLUFunction::apply(input, weight, bias, stride, padding, dilation, groups, relu);
 }
 
@@ -171,6 +190,11 @@ std::tuple<Tensor, Tensor> max_pool2d_autograd(const Tensor& input, c10::IntArra
                                                c10::IntArrayRef stride, c10::IntArrayRef padding,
                                                c10::IntArrayRef dilation, bool ceil_mode,
                                                bool return_indices, bool relu) {
+  if (no_graph(input)) {
+    FASTCONV_OP(fwd, "max_pool2d", MaxSig);
+    return call_below(fwd, input, kernel_size, stride, padding, dilation, ceil_mode,
+                      return_indices, relu);
+  }
   auto r = MaxPool2dFunction::apply(input, kernel_size, stride, padding, dilation, ceil_mode,
                                     return_indices, relu);
   return {r[0], r[1]};
@@ -211,6 +235,11 @@ struct AvgPool2dFunction : torch::autograd::Function<AvgPool2dFunction> {
 Tensor avg_pool2d_autograd(const Tensor& input, c10::IntArrayRef kernel_size,
                            c10::IntArrayRef stride, c10::IntArrayRef padding, bool ceil_mode,
                            bool count_include_pad, std::optional<int64_t> divisor_override) {
+  if (no_graph(input)) {
+    FASTCONV_OP(fwd, "avg_pool2d", AvgSig);
+    return call_below(fwd, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                      divisor_override);
+  }
   return AvgPool2dFunction::apply(input, kernel_size, stride, padding, ceil_mode,
                                   count_include_pad, divisor_override);
 }
@@ -235,6 +264,10 @@ struct AdaptiveAvgPool2dFunction : torch::autograd::Function<AdaptiveAvgPool2dFu
 };
 
 Tensor adaptive_avg_pool2d_autograd(const Tensor& input, c10::IntArrayRef output_size) {
+  if (no_graph(input)) {
+    FASTCONV_OP(fwd, "adaptive_avg_pool2d", AdaptiveSig);
+    return call_below(fwd, input, output_size);
+  }
   return AdaptiveAvgPool2dFunction::apply(input, output_size);
 }
 
@@ -307,6 +340,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_autograd(
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
     bool training, double momentum, double eps, bool relu,
     const std::optional<Tensor>& residual) {
+  if (no_graph(input, weight, bias, residual)) {
+    FASTCONV_OP(fwd, "batch_norm", BnSig);
+    return call_below(fwd, input, weight, bias, running_mean, running_var, training, momentum,
+                      eps, relu, residual);
+  }
   auto r = BatchNormFunction::apply(input, weight, bias, running_mean, running_var, training,
                                     momentum, eps, relu, residual);
   return {r[0], r[1], r[2]};

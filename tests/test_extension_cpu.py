@@ -835,3 +835,43 @@ def test_torch_compile_fullgraph_matches_eager(compiler):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
     for s, r in zip(stats, stats_ref):
         torch.testing.assert_close(s, r)
+
+
+# ------------------------------------------------------------- calls that record no graph
+def _graph_free_cases():
+    torch.manual_seed(11)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64)
+    g, bb = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64)
+    res = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    return [
+        ("conv2d_relu", lambda t: ops.conv2d_relu(t[0], t[1], t[2], [1, 1], [1, 1], [1, 1], 1,
+                                                  True), (x, w, b)),
+        ("max_pool2d", lambda t: ops.max_pool2d(t[0], [3, 3], [2, 2], [1, 1], [1, 1], False,
+                                                True, True), (x,)),
+        ("avg_pool2d", lambda t: ops.avg_pool2d(t[0], [2, 2], [2, 2], [0, 0], False, True,
+                                                None), (x,)),
+        ("adaptive_avg_pool2d", lambda t: ops.adaptive_avg_pool2d(t[0], [1, 1]), (x,)),
+        ("batch_norm", lambda t: ops.batch_norm(t[0], t[1], t[2], None, None, True, 0.1, 1e-5,
+                                                True, t[3]), (x, g, bb, res)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(5), ids=[c[0] for c in _graph_free_cases()])
+def test_calls_without_a_graph_match_calls_with_one(i):
+    """Under no_grad, or with no input requiring grad, the autograd kernel skips building a
+    node (csrc/autograd.cpp `no_graph`): the outputs must be those of the recorded call,
+    bit for bit, and carry no grad_fn."""
+    _, call, tensors = _graph_free_cases()[i]
+    outs = lambda r: r if isinstance(r, (tuple, list)) else (r,)
+    recorded = outs(call([t.clone().requires_grad_() for t in tensors]))
+    assert recorded[0].grad_fn is not None
+    with torch.no_grad():
+        no_grad = outs(call([t.clone().requires_grad_() for t in tensors]))
+    plain = outs(call([t.clone() for t in tensors]))
+    for got in (no_grad, plain):
+        assert len(got) == len(recorded)
+        for a, r in zip(got, recorded):
+            assert a.grad_fn is None and not a.requires_grad
+            assert torch.equal(a, r.detach()), "a graph-free call differs from a recorded one"

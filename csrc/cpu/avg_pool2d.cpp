@@ -10,10 +10,35 @@ namespace fastconv {
 namespace cpu {
 namespace {
 
+// An axis whose windows all have one length k, start at off + o * s and divide by k (no
+// padding inside them): {k, s, off}; k = 0 when they do not.
+struct Regular {
+  int64_t k = 0, s = 0, off = 0;
+};
+
+Regular regular_axis(const Windows& w) {
+  const int64_t n = static_cast<int64_t>(w.start.size());
+  if (n == 0) return {};
+  Regular r{w.end[0] - w.start[0], n > 1 ? w.start[1] - w.start[0] : 1, w.start[0]};
+  for (int64_t o = 0; o < n; ++o) {
+    if (w.start[o] != r.off + o * r.s || w.end[o] - w.start[o] != r.k || w.count[o] != r.k) {
+      return {};
+    }
+  }
+  return r.k > 0 && r.s > 0 ? r : Regular{};
+}
+
 struct AvgPlan {
   int64_t N, C, H, W, OH, OW;
   Windows wh, ww;
   int64_t divisor_override;  // 0: none
+  Regular rh, rw;            // set by finish(): both regular -> the plain loops below
+
+  void finish() {
+    rh = regular_axis(wh);
+    rw = regular_axis(ww);
+  }
+  bool regular() const { return rh.k > 0 && rw.k > 0; }
 
   // What output (oh, ow) divides by: divisor_override, else its windows' counts.
   template <typename acc_t>
@@ -22,11 +47,52 @@ struct AvgPlan {
   }
 };
 
+// NCHW with regular windows on both axes (LeNet's 2x2 pools, ResNet's global average): no
+// per-output window or divisor lookups. Same sums, in the same order, as the general loop.
+template <typename scalar_t>
+void avg_fwd_regular(const scalar_t* x, scalar_t* y, const AvgPlan& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t H = a.H, W = a.W, OH = a.OH, OW = a.OW;
+  const int64_t kh = a.rh.k, sh = a.rh.s, kw = a.rw.k, sw = a.rw.s;
+  const acc_t d = a.divisor<acc_t>(0, 0);
+  at::parallel_for(0, a.N * a.C, grain_for(OH * OW * kh * kw), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const scalar_t* xp = x + p * H * W + a.rh.off * W + a.rw.off;
+      scalar_t* yp = y + p * OH * OW;
+      for (int64_t oh = 0; oh < OH; ++oh) {
+        const scalar_t* top = xp + oh * sh * W;
+        if (kh == 2 && kw == 2 && sw == 2) {  // constant strides: the compiler vectorises it
+          const scalar_t* bottom = top + W;
+          for (int64_t ow = 0; ow < OW; ++ow) {
+            acc_t sum = 0;
+            sum += static_cast<acc_t>(top[2 * ow]);
+            sum += static_cast<acc_t>(top[2 * ow + 1]);
+            sum += static_cast<acc_t>(bottom[2 * ow]);
+            sum += static_cast<acc_t>(bottom[2 * ow + 1]);
+            yp[oh * OW + ow] = static_cast<scalar_t>(sum / d);
+          }
+          continue;
+        }
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          const scalar_t* win = top + ow * sw;
+          acc_t sum = 0;
+          for (int64_t i = 0; i < kh; ++i) {
+            for (int64_t j = 0; j < kw; ++j) sum += static_cast<acc_t>(win[i * W + j]);
+          }
+          yp[oh * OW + ow] = static_cast<scalar_t>(sum / d);
+        }
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void avg_fwd(const scalar_t* x, scalar_t* y, const AvgPlan& a, bool cl) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = a.H, W = a.W, C = a.C, OH = a.OH, OW = a.OW;
-  if (!cl) {
+  if (!cl && a.regular()) {
+    avg_fwd_regular(x, y, a);
+  } else if (!cl) {
     const int64_t win = div_up(H, OH) * div_up(W, OW) + 1;
     at::parallel_for(0, a.N * C, grain_for(OH * OW * win), [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
@@ -76,11 +142,46 @@ void avg_fwd(const scalar_t* x, scalar_t* y, const AvgPlan& a, bool cl) {
   }
 }
 
+// NCHW with regular windows that tile without overlap (kernel = stride): each input element
+// takes one output's share, or 0 outside every window.
+template <typename scalar_t>
+void avg_bwd_tiled(const scalar_t* go, scalar_t* gi, const AvgPlan& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t H = a.H, W = a.W, OH = a.OH, OW = a.OW;
+  const int64_t kh = a.rh.k, kw = a.rw.k;
+  const acc_t d = a.divisor<acc_t>(0, 0);
+  at::parallel_for(0, a.N * a.C, grain_for(H * W), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const scalar_t* gop = go + p * OH * OW;
+      scalar_t* gp = gi + p * H * W;
+      std::fill(gp, gp + H * W, scalar_t(0));
+      for (int64_t oh = 0; oh < OH; ++oh) {
+        if (kh == 2 && kw == 2) {  // constant strides: the compiler vectorises it
+          scalar_t* top = gp + (a.rh.off + 2 * oh) * W + a.rw.off;
+          scalar_t* bottom = top + W;
+          for (int64_t ow = 0; ow < OW; ++ow) {
+            const scalar_t v = static_cast<scalar_t>(static_cast<acc_t>(gop[oh * OW + ow]) / d);
+            top[2 * ow] = top[2 * ow + 1] = bottom[2 * ow] = bottom[2 * ow + 1] = v;
+          }
+          continue;
+        }
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          const scalar_t v = static_cast<scalar_t>(static_cast<acc_t>(gop[oh * OW + ow]) / d);
+          scalar_t* win = gp + (a.rh.off + oh * kh) * W + a.rw.off + ow * kw;
+          for (int64_t i = 0; i < kh; ++i) std::fill(win + i * W, win + i * W + kw, v);
+        }
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void avg_bwd(const scalar_t* go, scalar_t* gi, const AvgPlan& a, bool cl) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = a.H, W = a.W, C = a.C, OH = a.OH, OW = a.OW;
-  if (!cl) {
+  if (!cl && a.regular() && a.rh.k == a.rh.s && a.rw.k == a.rw.s) {
+    avg_bwd_tiled(go, gi, a);
+  } else if (!cl) {
     at::parallel_for(0, a.N * C, grain_for(H * W + OH * OW * 4), [&](int64_t p0, int64_t p1) {
       // accumulate in acc_t so half/bfloat16 gradients do not round at every overlap
       std::vector<acc_t> buf(H * W);
@@ -189,6 +290,7 @@ AvgPlan avg_plan(c10::IntArrayRef in, c10::IntArrayRef kernel_size, c10::IntArra
   p.wh = avg_windows(p.H, p.OH, kernel_size[0], stride[0], padding[0], count_include_pad);
   p.ww = avg_windows(p.W, p.OW, kernel_size[1], stride[1], padding[1], count_include_pad);
   p.divisor_override = divisor_override.value_or(0);
+  p.finish();
   return p;
 }
 
@@ -208,6 +310,7 @@ AvgPlan adaptive_plan(c10::IntArrayRef in, c10::IntArrayRef output_size, const c
   p.wh = adaptive_windows(p.H, p.OH);
   p.ww = adaptive_windows(p.W, p.OW);
   p.divisor_override = 0;
+  p.finish();
   return p;
 }
 
