@@ -66,10 +66,11 @@ def test_rows_check_and_json(tmp_path, capsys):
     stock_line = [l for l in out.splitlines() if l.startswith("stock ")][0]
     assert f"{rows['stock']['train_ms']:.2f} [{rows['stock']['train_q1_ms']:.2f}-" in stock_line
     # which implementation each converted layer ran, asked of dispatch
-    assert "torch layers ran: conv2d_relu x2 on torch, batch_norm x2 on torch, " \
-           "avg_pool2d x2 on torch" in out
-    assert [tuple(x) for x in t["layers"]][:2] == [("0", "conv2d_relu", "torch"),
-                                                   ("1", "batch_norm", "torch")]
+    for mode in ("train", "infer"):
+        assert f"torch {mode} layers ran: conv2d_relu x2 on torch, batch_norm x2 on torch, " \
+               "avg_pool2d x2 on torch" in out
+        assert [tuple(x) for x in t["layers"][mode]][:2] == [("0", "conv2d_relu", "torch"),
+                                                             ("1", "batch_norm", "torch")]
 
 
 def test_a_wrong_kernel_fails_the_check(capsys, monkeypatch):

@@ -183,8 +183,10 @@ def run(args) -> int:
         _log(f"  {name} skipped: {reason}")
 
     converted = {n: convert(stock, backend=n) for n in names}
-    # which implementation each converted layer runs, asked of dispatch with its real call
-    backends_used = {n: layer_backends(m, xs[0][:2], amp) for n, m in converted.items()}
+    # which implementation each converted layer runs in each mode, asked of dispatch with its
+    # real calls (the timed batch, training or eval mode): decides them now, before the timing
+    backends_used = {n: {mode: layer_backends(m, xs[0], amp, train=mode == "train")
+                         for mode in modes} for n, m in converted.items()}
     errors: dict[str, dict] = {}
     if args.check:
         cb = max(2, min(batch, args.check_batch))
@@ -231,7 +233,7 @@ def run(args) -> int:
 
     rows = []
     for n in runners:
-        row = dict(variant=n, layers=backends_used.get(n.split("+")[0], []))
+        row = dict(variant=n, layers=backends_used.get(n.split("+")[0], {}))
         for mode in modes:
             s, base = stats[(n, mode)], stats[("stock", mode)]
             r = timing.ratio(base, s)
@@ -302,9 +304,12 @@ def _result_rows(meta: dict, stats: dict, modes, model: str) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- which backend ran
-def layer_backends(model: nn.Module, x: torch.Tensor, amp=None) -> list[tuple[str, str, str]]:
+def layer_backends(model: nn.Module, x: torch.Tensor, amp=None,
+                   train: bool = False) -> list[tuple[str, str, str]]:
     """``(module name, op, backend)`` for each fastconv layer call of one forward of ``model``
-    on ``x``: what dispatch selects for that layer's actual call signature."""
+    on ``x``: what dispatch selects for that layer's actual call signature, in eval mode
+    without autograd (``train=False``) or in training mode with it, where a conv's backend
+    may name one implementation per pass."""
     seen: list[tuple[str, str, str]] = []
     current: list[str] = []
     select_call, fast = dispatch.select_call, dispatch.FAST
@@ -322,7 +327,7 @@ def layer_backends(model: nn.Module, x: torch.Tensor, amp=None) -> list[tuple[st
     def post(mod, inputs, output):
         current.pop()
 
-    twin = copy.deepcopy(model)  # a training-mode forward must not move the running stats
+    twin = copy.deepcopy(model).train(train)  # the model's running stats stay as they are
     handles = []
     for name, mod in twin.named_modules():
         if type(mod).__module__ == fnn.__name__ and hasattr(mod, "backend"):
@@ -331,8 +336,8 @@ def layer_backends(model: nn.Module, x: torch.Tensor, amp=None) -> list[tuple[st
     # every call goes through select_call: decided signatures' fast path is set aside meanwhile
     dispatch.select_call, dispatch.FAST = recording_select, {}
     try:
-        with torch.no_grad(), torch.autocast(x.device.type, dtype=amp or torch.float32,
-                                             enabled=amp is not None):
+        with torch.set_grad_enabled(train), torch.autocast(
+                x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             twin(x)
     finally:
         dispatch.select_call, dispatch.FAST = select_call, fast
@@ -341,13 +346,15 @@ def layer_backends(model: nn.Module, x: torch.Tensor, amp=None) -> list[tuple[st
     return seen
 
 
-def _print_layers(used: dict[str, list]) -> None:
-    for name, layers in used.items():
-        summary: dict[tuple[str, str], int] = {}
-        for _, op, backend in layers:
-            summary[(op, backend)] = summary.get((op, backend), 0) + 1
-        print(f"{name} layers ran: " + (", ".join(
-            f"{op} x{k} on {b}" for (op, b), k in summary.items()) or "none"))
+def _print_layers(used: dict[str, dict[str, list]]) -> None:
+    for name, modes in used.items():
+        for mode, layers in modes.items():
+            summary: dict[tuple[str, str], int] = {}
+            for _, op, backend in layers:
+                summary[(op, backend)] = summary.get((op, backend), 0) + 1
+            print(f"{name} {mode} layers ran: " + (", ".join(
+                f"{op} x{k} on {f'({b})' if ',' in b else b}"
+                for (op, b), k in summary.items()) or "none"))
 
 
 def _print_flags(rows: list[dict], modes, rounds: int) -> None:
