@@ -147,10 +147,11 @@ void check_conv_args(const Tensor& input, const Tensor& weight, const std::optio
 // ------------------------------------------ grad_weight on small output planes: one GEMM
 // With L = OH*OW output positions per image and rows = C*KH*KW, a slab of nb images adds
 //   dW[K, rows] += G[K, nb*L] @ cols[rows, nb*L]^T
-// where cols is the slab's input unfolded (im2col) and G its grad_output as [K, nb*L]. oneDNN's
-// backward-weights pass on NCHW tensors is slow where the output planes are small and the
-// weight large (ResNet-18's 512->512 3x3 at 3x3 planes, batch 8, 2 threads: 2.3-6.5 ms, 1.2 ms
-// this way; 1.1-1.9x at the 7x7 planes of ResNet-50's last stage); where planes are large,
+// where cols is the slab's input unfolded (im2col) and G its grad_output as [K, nb*L] (in
+// channels-last, the transposed forms of both). oneDNN's backward-weights pass is slow where
+// the output planes are small and the weight large (ResNet-18's 512->512 3x3 at 3x3 planes,
+// batch 8, 2 threads: 2.3-6.5 ms NCHW, 5.9 channels-last, 1.2-1.6 ms this way; 1.1-1.9x at the
+// 7x7 planes of ResNet-50's last stage); where planes are large,
 // unfolding costs more than the product saves, so those keep oneDNN's. The same products for
 // the forward and grad_input measured 0.6-1.0x oneDNN's at these shapes (only strided 1x1
 // convolutions gained), so those passes stay with oneDNN. `auto` measures the passes of both
@@ -162,8 +163,7 @@ bool small_planes(const Tensor& input, const Tensor& weight, int64_t groups, int
                   int64_t OW) {
   const auto t = input.scalar_type();
   return groups == 1 && (t == at::kFloat || t == at::kDouble) && input.numel() > 0 &&
-         weight.numel() > 0 && OH * OW > 0 && OH * OW <= kGemmMaxPlane &&
-         layout_of(input) == at::MemoryFormat::Contiguous;
+         weight.numel() > 0 && OH * OW > 0 && OH * OW <= kGemmMaxPlane;
 }
 
 struct Unfold {
@@ -211,30 +211,70 @@ struct Unfold {
       }
     });
   }
+
+  // channels-last: cols[n * L + l, (kh * KW + kw) * C + c] for the nb images from n0, one
+  // run of C channels per window position (zero where it reads padding)
+  template <typename scalar_t>
+  void unfold_cl(const scalar_t* x, scalar_t* cols, int64_t n0, int64_t nb) const {
+    at::parallel_for(0, nb * L, grain_for(rows), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n = p / L, oh = (p % L) / OW, ow = p % OW;
+        scalar_t* dst = cols + p * rows;
+        for (int64_t kh = 0; kh < KH; ++kh) {
+          const int64_t ih = in_h(oh, kh);
+          for (int64_t kw = 0; kw < KW; ++kw, dst += C) {
+            const int64_t iw = in_w(ow, kw);
+            if (ih < 0 || ih >= H || iw < 0 || iw >= W) {
+              std::fill(dst, dst + C, scalar_t(0));
+            } else {
+              const scalar_t* src = x + (((n0 + n) * H + ih) * W + iw) * C;
+              std::copy(src, src + C, dst);
+            }
+          }
+        }
+      }
+    });
+  }
 };
 
-// grad_weight of the convolution alone: g is grad_output (already masked), contiguous NCHW
-Tensor grad_weight_gemm(const Tensor& g, const Tensor& input, const Tensor& weight,
-                        const Unfold& u) {
-  const Tensor x = input.contiguous();
+// grad_weight of the convolution alone: g is grad_output (already masked), contiguous in
+// `fmt`, the layout the input is read in. NCHW: dW[K, (c, kh, kw)] += G[K, nL] @ cols^T, with
+// G gathered from g; channels-last: g is already [nL, K] and the product comes out in the
+// channels-last weight's order, dW[K, (kh, kw, c)] += g^T @ cols.
+Tensor grad_weight_gemm(const Tensor& g, const Tensor& input, const Unfold& u,
+                        at::MemoryFormat fmt) {
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const Tensor x = input.contiguous(fmt);
   Tensor gw = poisoned(at::empty({u.K, u.rows}, x.options()));
   Tensor buffer = at::empty({u.rows * u.slab * u.L}, x.options());
   for (int64_t n0 = 0; n0 < u.N; n0 += u.slab) {
     const int64_t nb = std::min(u.slab, u.N - n0);
-    const Tensor cols = buffer.narrow(0, 0, u.rows * nb * u.L).view({u.rows, nb * u.L});
-    FASTCONV_DISPATCH_FLOATING(x.scalar_type(), "fastconv_unfold", [&] {
-      u.unfold<scalar_t>(x.const_data_ptr<scalar_t>(), cols.data_ptr<scalar_t>(), n0, nb);
-    });
-    // G[k, n * L + l] = g[n0 + n, k, l]: a copy unless the slab is one image
-    const Tensor gs = g.narrow(0, n0, nb).view({nb, u.K, u.L}).transpose(0, 1)
-                          .reshape({u.K, nb * u.L});
-    if (n0 == 0) {
-      at::mm_out(gw, gs, cols.t());
+    const Tensor slab = g.narrow(0, n0, nb);
+    Tensor cols, gs;  // the product is gs @ cols
+    if (cl) {
+      cols = buffer.narrow(0, 0, u.rows * nb * u.L).view({nb * u.L, u.rows});
+      gs = slab.permute({0, 2, 3, 1}).reshape({nb * u.L, u.K}).t();  // a view
     } else {
-      gw.addmm_(gs, cols.t());
+      cols = buffer.narrow(0, 0, u.rows * nb * u.L).view({u.rows, nb * u.L});
+      // G[k, n * L + l] = g[n0 + n, k, l]: a copy unless the slab is one image
+      gs = slab.reshape({nb, u.K, u.L}).transpose(0, 1).reshape({u.K, nb * u.L});
+    }
+    FASTCONV_DISPATCH_FLOATING(x.scalar_type(), "fastconv_unfold", [&] {
+      if (cl) {
+        u.unfold_cl<scalar_t>(x.const_data_ptr<scalar_t>(), cols.data_ptr<scalar_t>(), n0, nb);
+      } else {
+        u.unfold<scalar_t>(x.const_data_ptr<scalar_t>(), cols.data_ptr<scalar_t>(), n0, nb);
+      }
+    });
+    const Tensor rhs = cl ? cols : cols.t();
+    if (n0 == 0) {
+      at::mm_out(gw, gs, rhs);
+    } else {
+      gw.addmm_(gs, rhs);
     }
   }
-  return gw.view({u.K, u.C, u.KH, u.KW});
+  return cl ? gw.view({u.K, u.KH, u.KW, u.C}).permute({0, 3, 1, 2})
+            : gw.view({u.K, u.C, u.KH, u.KW});
 }
 
 // mkldnn::_convolution_pointwise builds its oneDNN primitive on every call (about 35 us
@@ -401,9 +441,9 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_backward_cpu(
   Tensor grad_input, grad_weight, grad_bias;
   bool bias_by_aten = output_mask[2] && !bias_in_pass;
   bool weight_by_aten = output_mask[1];
-  if (output_mask[1] && !cl && small_planes(input, weight, groups, g.size(2), g.size(3))) {
+  if (output_mask[1] && small_planes(input, weight, groups, g.size(2), g.size(3))) {
     const Unfold u(input, weight, g.size(2), g.size(3), stride, padding, dilation);
-    grad_weight = grad_weight_gemm(gmasked, input, weight, u).contiguous(layout_of(weight));
+    grad_weight = grad_weight_gemm(gmasked, input, u, fmt).contiguous(layout_of(weight));
     weight_by_aten = false;  // ATen's pass below serves grad_input alone
     if (bias_by_aten) {
       grad_bias = gmasked.sum({0, 2, 3});
