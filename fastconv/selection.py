@@ -174,20 +174,19 @@ def pass_of(args: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- persistence
 def _kernels_digest() -> str:
-    """A short digest of the kernels' sources (csrc/ and the Triton kernels): a decision
-    measured against other kernel code is stale even under the same version number."""
+    """A short digest of the kernels' sources (the extension's csrc/, wherever it is installed,
+    and the Triton kernels): a decision measured against other kernel code is stale even under
+    the same version number."""
     import hashlib
     from pathlib import Path
 
-    pkg = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for root in (pkg.parent / "csrc", pkg / "backends" / "triton"):
-        if root.is_dir():
-            for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (
-                    ".cpp", ".cu", ".h", ".cuh", ".py")):
-                digest.update(str(path.relative_to(root)).encode() + b"\0")
-                digest.update(path.read_bytes() + b"\0")
-    return digest.hexdigest()[:12]
+    from .backends import extension
+
+    root = extension.source_root()
+    parts = [extension.source_hash(root) if root is not None else "no csrc",
+             extension.files_digest(Path(__file__).resolve().parent / "backends" / "triton",
+                                    (".py",))]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
 def _versions() -> dict[str, str]:

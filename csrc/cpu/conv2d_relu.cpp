@@ -159,8 +159,8 @@ void check_conv_args(const Tensor& input, const Tensor& weight, const std::optio
 constexpr int64_t kGemmMaxPlane = 64;               // output planes of at most 8x8
 constexpr int64_t kColsBudget = int64_t{1} << 22;  // unfolded elements per slab (16 MiB float)
 
-bool small_planes(const Tensor& input, const Tensor& weight, int64_t groups, int64_t OH,
-                  int64_t OW) {
+bool grad_weight_by_gemm(const Tensor& input, const Tensor& weight, int64_t groups,
+                         int64_t OH, int64_t OW) {
   const auto t = input.scalar_type();
   return groups == 1 && (t == at::kFloat || t == at::kDouble) && input.numel() > 0 &&
          weight.numel() > 0 && OH * OW > 0 && OH * OW <= kGemmMaxPlane;
@@ -441,7 +441,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_backward_cpu(
   Tensor grad_input, grad_weight, grad_bias;
   bool bias_by_aten = output_mask[2] && !bias_in_pass;
   bool weight_by_aten = output_mask[1];
-  if (output_mask[1] && small_planes(input, weight, groups, g.size(2), g.size(3))) {
+  if (output_mask[1] && grad_weight_by_gemm(input, weight, groups, g.size(2), g.size(3))) {
     const Unfold u(input, weight, g.size(2), g.size(3), stride, padding, dilation);
     grad_weight = grad_weight_gemm(gmasked, input, u, fmt).contiguous(layout_of(weight));
     weight_by_aten = false;  // ATen's pass below serves grad_input alone

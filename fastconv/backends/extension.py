@@ -266,18 +266,22 @@ def _portable_cpu_flags() -> tuple[list[str], list[str]]:
     return [], []
 
 
+def files_digest(root: Path, suffixes: tuple[str, ...]) -> str:
+    """sha256 over every file under ``root`` with one of ``suffixes`` (paths and contents)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in suffixes and p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def source_hash(root: Optional[Path] = None) -> str:
     """sha256 over every source and header under csrc/ (paths and contents)."""
     root = root or source_root()
     if root is None:
         raise ExtensionBuildError(
             "the C++ sources (csrc/fastconv.cpp) are not present next to the fastconv package")
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*")
-                       if p.suffix in (".cpp", ".cu", ".h", ".hpp", ".cuh") and p.is_file()):
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
-    return digest.hexdigest()
+    return files_digest(root, (".cpp", ".cu", ".h", ".hpp", ".cuh"))
 
 
 class _Plan:
