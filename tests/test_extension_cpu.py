@@ -81,6 +81,14 @@ CONV_CASES = [
     ("resnet.down3x3", 2, 8, 9, 9, 16, 3, 2, 1, 1, 1),
     ("resnet.shortcut1x1", 2, 8, 9, 9, 16, 1, 2, 0, 1, 1),
     ("odd", 3, 5, 13, 7, 7, (3, 2), (2, 1), (1, 0), (2, 1), 1),
+    # small stride-1 NCHW convolutions (float/double, at most 2^21 multiply-adds a pass) take
+    # the direct loops for all three passes (most cases above); these add what they branch on:
+    # dilation, padding past d * (k - 1) (grad_input then ATen's), a kernel wider than 7
+    # (grad_weight then ATen's), and enough rows for grad_weight's lanes to fold more than once
+    ("direct.dilated", 2, 3, 11, 13, 5, (3, 2), 1, (2, 1), (2, 3), 1),
+    ("direct.pad_past_kernel", 2, 4, 6, 6, 5, 1, 1, 1, 1, 1),
+    ("direct.wide_kernel", 2, 2, 6, 12, 3, (1, 9), 1, (0, 4), 1, 1),
+    ("direct.fold_rows", 20, 1, 28, 64, 2, 1, 1, 0, 1, 1),
     # output planes of at most 8x8 take the unfold + matrix product grad_weight (float, NCHW);
     # 16 images of 512 channels unfold in two slabs
     ("resnet.layer4_slabs", 16, 512, 8, 8, 4, 3, 1, 1, 1, 1),
@@ -156,6 +164,34 @@ def test_conv2d_relu_nan_input_propagates_like_torch(case):
         want = torch.autograd.grad(ref, (x64, w64, b64), f64(grad))
         for a, e in zip(got, want):
             assert torch.equal(torch.isnan(a), torch.isnan(e))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_direct_conv_grad_weight_reads_no_column_past_the_output(dtype):
+    """grad_weight's direct loops load whole vectors: in a row's last vector the lanes past
+    the output width hold later input columns, which must not meet grad_output's zeros there
+    (0 * inf = NaN). An infinite last input column reaches only the weight columns that read
+    it at a real output position."""
+    torch.manual_seed(7)
+    n, c, h, w, k, kw = 2, 3, 6, 12, 4, 3  # output width 10: one full vector and a tail
+    x = torch.randn(n, c, h, w, dtype=dtype)
+    x[:, :, :, -1] = float("inf")
+    wt = torch.randn(k, c, 3, kw, dtype=dtype)
+    b = torch.randn(k, dtype=dtype)
+    xr, wr = x.clone().requires_grad_(), wt.clone().requires_grad_()
+    out = B.conv2d_relu(xr, wr, b, (1, 1), (0, 0), (1, 1), 1, False)
+    grad = torch.randn_like(out)
+    (gw,) = torch.autograd.grad(out, (wr,), grad)
+    x64, w64 = f64(x), f64(wt, True)
+    (want,) = torch.autograd.grad(F.conv2d(x64, w64, None), (w64,), f64(grad))
+    assert torch.isfinite(want[..., :kw - 1]).all() and not torch.isfinite(want[..., -1]).any()
+    assert torch.equal(torch.isfinite(gw), torch.isfinite(want))
+    fin = torch.isfinite(want)
+    xa = f64(x).abs().nan_to_num(posinf=0.0)
+    wa = f64(wt, True).abs()
+    (sums,) = torch.autograd.grad(F.conv2d(xa, wa, None), (wa,), f64(grad).abs())
+    bound = gamma(n * out.shape[2] * out.shape[3], dtype) * sums + U[dtype] * want.abs()
+    assert_within(gw[fin], want[fin], bound[fin], "grad_weight")
 
 
 # ------------------------------------------------------------------------------------ max pool

@@ -1,5 +1,8 @@
 // Conv2d + bias + ReLU on CPU.
 //
+// Small stride-1 NCHW convolutions (float/double, up to kDirectMaxMacs multiply-adds a pass):
+// direct loops for the forward, grad_input and grad_weight (see "small convolutions" below);
+// oneDNN's fixed cost per call is most of their time otherwise. Larger ones:
 // Forward, float32 with finite operands: oneDNN's convolution with the ReLU as a post-op
 // (mkldnn::_convolution_pointwise, the op inductor uses), so bias and ReLU are applied while the
 // output tile is still in registers. Otherwise (other dtypes, NaN/inf operands, torch builds
@@ -12,6 +15,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstring>
 
 namespace fastconv {
 namespace cpu {
@@ -156,6 +160,7 @@ void check_conv_args(const Tensor& input, const Tensor& weight, const std::optio
 // the forward and grad_input measured 0.6-1.0x oneDNN's at these shapes (only strided 1x1
 // convolutions gained), so those passes stay with oneDNN. `auto` measures the passes of both
 // backends per shape either way.
+constexpr int64_t kDirectMaxMacs = int64_t{1} << 21;  // multiply-adds of one pass
 constexpr int64_t kGemmMaxPlane = 64;               // output planes of at most 8x8
 constexpr int64_t kColsBudget = int64_t{1} << 22;  // unfolded elements per slab (16 MiB float)
 
@@ -277,6 +282,288 @@ Tensor grad_weight_gemm(const Tensor& g, const Tensor& input, const Unfold& u,
             : gw.view({u.K, u.C, u.KH, u.KW});
 }
 
+// ------------------------------------------ small convolutions: direct loops
+// oneDNN's fixed cost per call is tens of microseconds (LeNet's 2x1x28x28 -> 6 5x5 forward:
+// 50 us for 0.24 M multiply-adds, 2 threads), so small stride-1 convolutions in NCHW run as
+// plain loops instead: each output row of KB output channels keeps KB x NV vectors of
+// accumulators in registers while the input rows (padded once into a scratch copy, so the loops
+// need no bounds) stream past. grad_input is the same loop over grad_output with the weight
+// flipped and its two channel axes swapped (a stride-1 convolution's transpose), so it shares
+// the kernel. `auto` still measures this backend against torch's per shape.
+
+struct DirectGeometry {
+  int64_t N, C, H, W, K, KH, KW, ph, pw, dh, dw, Hp, Wp, OH, OW;
+};
+
+// out[n, k, oh, ow..] for output channels k0..k0+KB and one output row, all of its columns
+template <typename T, int KB, int NV>
+void direct_row(const DirectGeometry& g, const T* xn, const T* w, const T* bias, bool relu,
+                int64_t k0, int64_t oh, T* yn) {
+  using V = Vec<T>;
+  constexpr int64_t L = V::size();
+  const int64_t R = g.KH * g.KW, CR = g.C * R, plane = g.Hp * g.Wp;
+  for (int64_t ow0 = 0; ow0 < g.OW; ow0 += NV * L) {
+    V acc[KB][NV];
+    for (int k = 0; k < KB; ++k) {
+      for (int v = 0; v < NV; ++v) acc[k][v] = V(bias != nullptr ? bias[k0 + k] : T(0));
+    }
+    for (int64_t c = 0; c < g.C; ++c) {
+      const T* xc = xn + c * plane + oh * g.Wp + ow0;
+      const T* wc = w + k0 * CR + c * R;
+      for (int64_t kh = 0; kh < g.KH; ++kh) {
+        const T* xr = xc + kh * g.dh * g.Wp;
+        const T* wr = wc + kh * g.KW;
+        for (int64_t kw = 0; kw < g.KW; ++kw) {
+          V xv[NV];
+          for (int v = 0; v < NV; ++v) xv[v] = V::loadu(xr + kw * g.dw + v * L);
+          for (int k = 0; k < KB; ++k) {
+            const V wv(wr[k * CR + kw]);
+            for (int v = 0; v < NV; ++v) acc[k][v] = at::vec::fmadd(xv[v], wv, acc[k][v]);
+          }
+        }
+      }
+    }
+    for (int k = 0; k < KB; ++k) {
+      T* yr = yn + ((k0 + k) * g.OH + oh) * g.OW + ow0;
+      for (int v = 0; v < NV; ++v) {
+        const int64_t cnt = std::min<int64_t>(L, g.OW - ow0 - v * L);
+        if (cnt <= 0) break;
+        // at::vec::maximum propagates NaN, as torch.relu does
+        const V out = relu ? at::vec::maximum(acc[k][v], V(T(0))) : acc[k][v];
+        out.store(yr + v * L, cnt);
+      }
+    }
+  }
+}
+
+template <typename T, int KB, int NV>
+void direct_rows_of_block(const DirectGeometry& g, const T* xn, const T* w, const T* bias,
+                          bool relu, int64_t k0, int64_t kb, int64_t oh, T* yn) {
+  // the last block of output channels holds kb < KB of them
+  if constexpr (KB > 1) {
+    if (kb < KB) {
+      direct_rows_of_block<T, KB - 1, NV>(g, xn, w, bias, relu, k0, kb, oh, yn);
+      return;
+    }
+  }
+  direct_row<T, KB, NV>(g, xn, w, bias, relu, k0, oh, yn);
+}
+
+// x [N, C, H, W] zero-padded to [N, C, Hp, Wp], and `slack` zeros after it
+template <typename T>
+std::vector<T> padded_copy(const DirectGeometry& g, const T* x, int64_t slack) {
+  std::vector<T> xp(static_cast<size_t>(g.N * g.C * g.Hp * g.Wp + slack), T(0));
+  at::parallel_for(0, g.N * g.C, grain_for(g.H * g.W), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t h = 0; h < g.H; ++h) {
+        const T* src = x + (p * g.H + h) * g.W;
+        std::copy(src, src + g.W, xp.data() + (p * g.Hp + h + g.ph) * g.Wp + g.pw);
+      }
+    }
+  });
+  return xp;
+}
+
+// y = relu?(conv(x, w) + bias) for stride 1, groups 1: x [N, C, H, W] contiguous, w [K, C, KH,
+// KW] contiguous, y [N, K, OH, OW] contiguous; bias null or K values.
+template <typename T, int KB, int NV>
+void direct_conv(const DirectGeometry& g, const T* x, const T* w, const T* bias, bool relu,
+                 T* y) {
+  // the last row's vector loads may run past the copy's end (those lanes are never stored)
+  const std::vector<T> xp = padded_copy(g, x, NV * Vec<T>::size());
+  const int64_t blocks = div_up(g.K, KB), items = g.N * blocks * g.OH;
+  const int64_t per_item = KB * g.C * g.KH * g.KW * g.OW;  // multiply-adds
+  at::parallel_for(0, items, grain_for(per_item / 2), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t oh = i % g.OH, b = (i / g.OH) % blocks, n = i / (g.OH * blocks);
+      const int64_t k0 = b * KB;
+      direct_rows_of_block<T, KB, NV>(g, xp.data() + n * g.C * g.Hp * g.Wp, w, bias, relu, k0,
+                                      std::min<int64_t>(KB, g.K - k0), oh,
+                                      y + n * g.K * g.OH * g.OW);
+    }
+  });
+}
+
+// Whether the direct loops serve this convolution pass (x: what it reads, NCHW; w: [K, C, KH,
+// KW] in the pass's orientation).
+bool direct_fits(const Tensor& x, const Tensor& w, c10::IntArrayRef stride, int64_t groups,
+                 int64_t OH, int64_t OW) {
+  const auto t = x.scalar_type();
+  return groups == 1 && stride[0] == 1 && stride[1] == 1 &&
+         (t == at::kFloat || t == at::kDouble) && layout_of(x) == at::MemoryFormat::Contiguous &&
+         x.numel() > 0 && w.numel() > 0 && OH > 0 && OW > 0 &&
+         x.size(0) * w.numel() * OH * OW <= kDirectMaxMacs;
+}
+
+// relu?(conv(x, w) + bias), stride 1, groups 1, padding (ph, pw) >= 0, as NCHW
+Tensor direct_conv2d(const Tensor& x_, const Tensor& w_, const std::optional<Tensor>& bias,
+                     int64_t ph, int64_t pw, c10::IntArrayRef dilation, int64_t OH, int64_t OW,
+                     bool relu) {
+  const Tensor x = x_.contiguous(), w = w_.contiguous();
+  const DirectGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), w.size(0), w.size(2),
+                         w.size(3), ph, pw, dilation[0], dilation[1], x.size(2) + 2 * ph,
+                         x.size(3) + 2 * pw, OH, OW};
+  Tensor y = poisoned(at::empty({g.N, g.K, OH, OW}, x.options()));
+  const bool has_bias = bias.has_value() && bias->defined();
+  const Tensor b = has_bias ? bias->to(x.scalar_type()).contiguous() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastconv_direct_conv", [&] {
+    const scalar_t* bp = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* xd = x.const_data_ptr<scalar_t>();
+    const scalar_t* wd = w.const_data_ptr<scalar_t>();
+    scalar_t* yd = y.data_ptr<scalar_t>();
+    if (OW <= Vec<scalar_t>::size()) {
+      direct_conv<scalar_t, 8, 1>(g, xd, wd, bp, relu, yd);
+    } else {
+      direct_conv<scalar_t, 4, 2>(g, xd, wd, bp, relu, yd);
+    }
+  });
+  return y;
+}
+
+// grad_weight[k0..k0+KB, c, kh, :] of a stride-1 convolution: each output row's grad_output
+// vectors (KB of them) meet the KW shifted input vectors of the same row; lanes fold into double
+// every kFoldChunk terms. gp is grad_output with rows padded with zeros to OWp (a whole number
+// of vectors) and xp the input padded to rows of at least OWp + (KW - 1) * dw, so every load is
+// a full vector; in the last vector of a row the input's lanes past OW are masked off (they hold
+// the row's later columns, and 0 * inf would be NaN).
+template <typename T, int KB, int KW>
+void direct_gw_item(const DirectGeometry& g, const T* xp, const T* gp, int64_t OWp, int64_t k0,
+                    int64_t c, int64_t kh, T* gw) {
+  using V = Vec<T>;
+  constexpr int64_t L = V::size();
+  const int64_t tiles = OWp / L, tail = g.OW - (tiles - 1) * L;
+  __at_align__ T bits[L];
+  for (int64_t i = 0; i < L; ++i) std::memset(&bits[i], i < tail ? 0xff : 0, sizeof(T));
+  const V mask = V::loadu(bits);
+  for (int64_t i = 0; i < L; ++i) std::memset(&bits[i], 0xff, sizeof(T));
+  const V all = V::loadu(bits);
+  const int64_t fold_rows = std::max<int64_t>(1, kFoldChunk / tiles);
+  const int64_t gk = g.OH * OWp;  // from one output channel's row to the next's
+  double total[KB][KW] = {};
+  // one chunk of rows at a time, its accumulators local to the chunk (so they stay in
+  // registers: a lambda or a later loop touching them by reference sent them to the stack)
+  for (int64_t r0 = 0; r0 < g.N * g.OH; r0 += fold_rows) {
+    V acc[KB][KW];
+    for (int k = 0; k < KB; ++k) {
+      for (int kw = 0; kw < KW; ++kw) acc[k][kw] = V(T(0));
+    }
+    const int64_t r1 = std::min(g.N * g.OH, r0 + fold_rows);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / g.OH, oh = r % g.OH;
+      const T* xr = xp + ((n * g.C + c) * g.Hp + oh + kh * g.dh) * g.Wp;
+      const T* gr = gp + ((n * g.K + k0) * g.OH + oh) * OWp;
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t ow0 = t * L;
+        V gv[KB];
+        for (int k = 0; k < KB; ++k) gv[k] = V::loadu(gr + k * gk + ow0);
+        const V m = t == tiles - 1 ? mask : all;
+        for (int kw = 0; kw < KW; ++kw) {
+          const V xv = V::loadu(xr + ow0 + kw * g.dw) & m;
+          for (int k = 0; k < KB; ++k) acc[k][kw] = at::vec::fmadd(gv[k], xv, acc[k][kw]);
+        }
+      }
+    }
+    for (int k = 0; k < KB; ++k) {
+      for (int kw = 0; kw < KW; ++kw) total[k][kw] += hsum(acc[k][kw]);
+    }
+  }
+  const int64_t R = g.KH * g.KW;
+  for (int k = 0; k < KB; ++k) {
+    for (int kw = 0; kw < KW; ++kw) {
+      gw[((k0 + k) * g.C + c) * R + kh * g.KW + kw] = static_cast<T>(total[k][kw]);
+    }
+  }
+}
+
+template <typename T, int KB, int KW>
+void direct_gw_block(const DirectGeometry& g, const T* xp, const T* gp, int64_t OWp, int64_t k0,
+                     int64_t kb, int64_t c, int64_t kh, T* gw) {
+  if constexpr (KB > 1) {
+    if (kb < KB) {
+      direct_gw_block<T, KB - 1, KW>(g, xp, gp, OWp, k0, kb, c, kh, gw);
+      return;
+    }
+  }
+  direct_gw_item<T, KB, KW>(g, xp, gp, OWp, k0, c, kh, gw);
+}
+
+template <typename T, int KW>
+void direct_gw(const DirectGeometry& g, const T* x, const T* gy, T* gw) {
+  constexpr int KB = 4;
+  constexpr int64_t L = Vec<T>::size();
+  const int64_t OWp = div_up(g.OW, L) * L;
+  DirectGeometry wide = g;  // rows long enough for the last vector of every shifted load
+  wide.Wp = std::max(g.Wp, OWp + (KW - 1) * g.dw);
+  const std::vector<T> xpv = padded_copy(wide, x, 0);
+  std::vector<T> gpv(static_cast<size_t>(g.N * g.K * g.OH * OWp), T(0));
+  at::parallel_for(0, g.N * g.K * g.OH, grain_for(g.OW), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      std::copy(gy + r * g.OW, gy + (r + 1) * g.OW, gpv.data() + r * OWp);
+    }
+  });
+  const T* xp = xpv.data();
+  const T* gp = gpv.data();
+  const int64_t blocks = div_up(g.K, KB), items = blocks * g.C * g.KH;
+  at::parallel_for(0, items, grain_for(KB * KW * g.N * g.OH * g.OW / 2),
+                   [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t kh = i % g.KH, c = (i / g.KH) % g.C, b = i / (g.KH * g.C);
+      direct_gw_block<T, KB, KW>(wide, xp, gp, OWp, b * KB, std::min<int64_t>(KB, g.K - b * KB),
+                                 c, kh, gw);
+    }
+  });
+}
+
+constexpr int64_t kDirectMaxKW = 7;
+
+// grad_weight of a stride-1, groups-1 convolution by the direct loops, or None where they do
+// not serve it (g: grad_output already masked, NCHW like the input)
+std::optional<Tensor> direct_grad_weight(const Tensor& g, const Tensor& input,
+                                         const Tensor& weight, c10::IntArrayRef stride,
+                                         c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                         int64_t groups) {
+  if (weight.size(3) > kDirectMaxKW || !g.is_contiguous() ||
+      !direct_fits(input, weight, stride, groups, g.size(2), g.size(3))) {
+    return std::nullopt;
+  }
+  const Tensor x = input.contiguous();
+  const int64_t ph = padding[0], pw = padding[1];
+  const DirectGeometry geo{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0),
+                           weight.size(2), weight.size(3), ph, pw, dilation[0], dilation[1],
+                           x.size(2) + 2 * ph, x.size(3) + 2 * pw, g.size(2), g.size(3)};
+  Tensor gw = poisoned(at::empty({geo.K, geo.C, geo.KH, geo.KW}, x.options()));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastconv_direct_grad_weight", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gd = g.const_data_ptr<scalar_t>();
+    scalar_t* out = gw.data_ptr<scalar_t>();
+    switch (geo.KW) {
+      case 1: direct_gw<scalar_t, 1>(geo, xp, gd, out); break;
+      case 2: direct_gw<scalar_t, 2>(geo, xp, gd, out); break;
+      case 3: direct_gw<scalar_t, 3>(geo, xp, gd, out); break;
+      case 4: direct_gw<scalar_t, 4>(geo, xp, gd, out); break;
+      case 5: direct_gw<scalar_t, 5>(geo, xp, gd, out); break;
+      case 6: direct_gw<scalar_t, 6>(geo, xp, gd, out); break;
+      default: direct_gw<scalar_t, 7>(geo, xp, gd, out); break;
+    }
+  });
+  return gw;
+}
+
+// grad_input of a stride-1 convolution: the convolution of grad_output, padded by
+// d * (k - 1) - p, with the weight flipped and its channel axes swapped. None when the padding
+// exceeds d * (k - 1) (that transpose would crop).
+std::optional<Tensor> direct_grad_input(const Tensor& g, const Tensor& weight,
+                                        c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                        int64_t H, int64_t W) {
+  const int64_t ph = dilation[0] * (weight.size(2) - 1) - padding[0];
+  const int64_t pw = dilation[1] * (weight.size(3) - 1) - padding[1];
+  if (ph < 0 || pw < 0) return std::nullopt;
+  const Tensor wt = weight.flip({2, 3}).transpose(0, 1);
+  const int64_t stride1[2] = {1, 1};
+  if (!direct_fits(g, wt, stride1, 1, H, W)) return std::nullopt;
+  return direct_conv2d(g, wt, std::nullopt, ph, pw, dilation, H, W, false);
+}
+
 // mkldnn::_convolution_pointwise builds its oneDNN primitive on every call (about 35 us
 // measured, where the cached primitive of at::convolution costs 3 us at 1x4x4x4), so small
 // outputs take the convolution + fused bias/ReLU pass instead: there the pass it would save
@@ -298,6 +585,9 @@ Tensor conv2d_relu_cpu(const Tensor& input, const Tensor& weight, const std::opt
   const int64_t OW = conv_out_size(input, weight, stride, padding, dilation, 1);
   const auto fmt = layout_of(input);
   Tensor out;
+  if (direct_fits(input, weight, stride, groups, OH, OW)) {
+    return direct_conv2d(input, weight, bias, padding[0], padding[1], dilation, OH, OW, relu);
+  }
   if (!relu) {
     // nothing to fuse: the plain convolution already adds the bias in its epilogue
     out = at::convolution(input, weight, bias, stride, padding, dilation, false, {0, 0}, groups);
@@ -441,22 +731,36 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_backward_cpu(
   Tensor grad_input, grad_weight, grad_bias;
   bool bias_by_aten = output_mask[2] && !bias_in_pass;
   bool weight_by_aten = output_mask[1];
-  if (output_mask[1] && grad_weight_by_gemm(input, weight, groups, g.size(2), g.size(3))) {
+  bool input_by_aten = output_mask[0];
+  if (output_mask[0] && groups == 1 && stride[0] == 1 && stride[1] == 1) {
+    if (auto gi = direct_grad_input(gmasked, weight, padding, dilation, input.size(2),
+                                    input.size(3))) {
+      grad_input = gi->contiguous(in_fmt);
+      input_by_aten = false;
+    }
+  }
+  if (output_mask[1]) {
+    if (auto gw = direct_grad_weight(gmasked, input, weight, stride, padding, dilation, groups)) {
+      grad_weight = gw->contiguous(layout_of(weight));
+      weight_by_aten = false;
+    }
+  }
+  if (weight_by_aten && grad_weight_by_gemm(input, weight, groups, g.size(2), g.size(3))) {
     const Unfold u(input, weight, g.size(2), g.size(3), stride, padding, dilation);
     grad_weight = grad_weight_gemm(gmasked, input, u, fmt).contiguous(layout_of(weight));
     weight_by_aten = false;  // ATen's pass below serves grad_input alone
-    if (bias_by_aten) {
-      grad_bias = gmasked.sum({0, 2, 3});
-      bias_by_aten = false;
-    }
   }
-  if (output_mask[0] || weight_by_aten || bias_by_aten) {
+  if (bias_by_aten && output_mask[1] && !weight_by_aten) {
+    grad_bias = gmasked.sum({0, 2, 3});
+    bias_by_aten = false;
+  }
+  if (input_by_aten || weight_by_aten || bias_by_aten) {
     const std::vector<int64_t> bias_sizes{C};
     auto res = at::convolution_backward(
         gmasked, input, weight, bias_by_aten ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
         stride, padding, dilation, false, {0, 0}, groups,
-        {output_mask[0], weight_by_aten, bias_by_aten});
-    if (output_mask[0]) grad_input = std::get<0>(res).contiguous(in_fmt);
+        {input_by_aten, weight_by_aten, bias_by_aten});
+    if (input_by_aten) grad_input = std::get<0>(res).contiguous(in_fmt);
     if (weight_by_aten) grad_weight = std::get<1>(res).contiguous(layout_of(weight));
     if (bias_by_aten) grad_bias = std::get<2>(res);
   }
