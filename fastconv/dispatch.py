@@ -158,11 +158,14 @@ def call_key(op: str, tensors: tuple, geometry: tuple, flags: tuple,
     """
     if _compiling() or _any_autocast():
         return None
+    floats = False
     for v in geometry:
         t = type(v)
-        if not (t is int or t is float or v is None or t is str or (t is tuple and len(v) == 2
-                                                      and type(v[0]) is int
-                                                      and type(v[1]) is int)):
+        if t is int or v is None or t is str:
+            continue
+        if t is float:
+            floats = True
+        elif not (t is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int):
             return None
     for f in flags:
         if type(f) is not bool:
@@ -178,9 +181,10 @@ def call_key(op: str, tensors: tuple, geometry: tuple, flags: tuple,
                                                     t.device, t.requires_grad)
     except AttributeError:  # not a tensor: validation says so on the checked path
         return None
-    # the geometry's types beside it: True == 1 and 1.0 == 1 in a dict key
+    # bools are not in the geometry (type(True) is bool) but 1.0 == 1 in a dict key: where a
+    # float is, the types go beside the values (~0.3 us, so only then)
     return (op, backend, _grad_enabled(), _deterministic(), described,
-            tuple(map(type, geometry)), geometry, flags)
+            tuple(map(type, geometry)) if floats else None, geometry, flags)
 
 
 def remember(key: Optional[tuple], op: str, impl: Backend, args: dict[str, Any]) -> None:

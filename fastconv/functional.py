@@ -31,17 +31,21 @@ def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, group
     Arguments and defaults are those of :func:`torch.nn.functional.conv2d`. The output keeps
     the input's memory format.
     """
-    if _unbatched(input):
-        return conv2d_relu(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups,
-                           relu=relu, backend=backend).squeeze(0)
-    if padding == "same" and _uneven_same(weight, stride, dilation):
-        input, padding = _pad_same(input, weight, dilation)
+    # the decided fast path first: a key is stored only for a call that reached _run as given
+    # (batched, without uneven 'same' padding), so other calls miss it and go on below
     key = dispatch.call_key("conv2d_relu", (input, weight, bias), (stride, padding, dilation,
                             groups), (relu,), backend)
     if key is not None:
         fast = dispatch.FAST.get(key)
         if fast is not None:
             return fast(input, weight, bias)
+    if _unbatched(input):
+        return conv2d_relu(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups,
+                           relu=relu, backend=backend).squeeze(0)
+    if padding == "same" and _uneven_same(weight, stride, dilation):
+        input, padding = _pad_same(input, weight, dilation)
+        return conv2d_relu(input, weight, bias, stride, padding, dilation, groups, relu=relu,
+                           backend=backend)
     args = check_conv2d_relu(input, weight, bias, stride, padding, dilation, groups, relu=relu)
     return _run("conv2d_relu", args, backend, key)
 
@@ -54,16 +58,16 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     ``relu=True`` computes ``max_pool2d(relu(input))`` (= ``relu(max_pool2d(input))``) in one
     pass; returned indices are then those of the max-pool of ``input`` itself.
     """
-    if _unbatched(input):
-        out = max_pool2d(input.unsqueeze(0), kernel_size, stride, padding, dilation, ceil_mode,
-                         return_indices, relu=relu, backend=backend)
-        return tuple(t.squeeze(0) for t in out) if return_indices else out.squeeze(0)
     key = dispatch.call_key("max_pool2d", (input,), (kernel_size, stride, padding, dilation),
                             (ceil_mode, return_indices, relu), backend)
     if key is not None:
         fast = dispatch.FAST.get(key)
         if fast is not None:
             return fast(input)
+    if _unbatched(input):
+        out = max_pool2d(input.unsqueeze(0), kernel_size, stride, padding, dilation, ceil_mode,
+                         return_indices, relu=relu, backend=backend)
+        return tuple(t.squeeze(0) for t in out) if return_indices else out.squeeze(0)
     args = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode,
                             return_indices, relu=relu)
     return _run("max_pool2d", args, backend, key)
@@ -72,15 +76,15 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
                count_include_pad=True, divisor_override=None, *, backend=None):
     """:func:`torch.nn.functional.avg_pool2d`."""
-    if _unbatched(input):
-        return avg_pool2d(input.unsqueeze(0), kernel_size, stride, padding, ceil_mode,
-                          count_include_pad, divisor_override, backend=backend).squeeze(0)
     key = dispatch.call_key("avg_pool2d", (input,), (kernel_size, stride, padding,
                             divisor_override), (ceil_mode, count_include_pad), backend)
     if key is not None:
         fast = dispatch.FAST.get(key)
         if fast is not None:
             return fast(input)
+    if _unbatched(input):
+        return avg_pool2d(input.unsqueeze(0), kernel_size, stride, padding, ceil_mode,
+                          count_include_pad, divisor_override, backend=backend).squeeze(0)
     args = check_avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
                             divisor_override)
     return _run("avg_pool2d", args, backend, key)
@@ -88,13 +92,13 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
 
 def adaptive_avg_pool2d(input, output_size, *, backend=None):
     """:func:`torch.nn.functional.adaptive_avg_pool2d` (``None`` keeps that dimension)."""
-    if _unbatched(input):
-        return adaptive_avg_pool2d(input.unsqueeze(0), output_size, backend=backend).squeeze(0)
     key = dispatch.call_key("adaptive_avg_pool2d", (input,), (output_size,), (), backend)
     if key is not None:
         fast = dispatch.FAST.get(key)
         if fast is not None:
             return fast(input)
+    if _unbatched(input):
+        return adaptive_avg_pool2d(input.unsqueeze(0), output_size, backend=backend).squeeze(0)
     args = check_adaptive_avg_pool2d(input, output_size)
     return _run("adaptive_avg_pool2d", args, backend, key)
 
