@@ -1,27 +1,29 @@
-// Autograd kernels of the forward ops: each is a C++ torch::autograd::Function whose backward
+// Autograd kernels of the forward ops: each records a backward node of its own whose apply()
 // calls the registered *_backward op, so the backward runs on whatever device kernel (CPU or
 // CUDA) serves the forward.
 //
 // Why C++: a Python autograd formula (torch.library.register_autograd) costs about 40 us per
 // forward+backward of one layer on the CI machine, which is 2-3% of a ResNet-18 or VGG-16-BN
 // training step at batch 8 on CPU, and more than the kernels themselves take on a GPU for
-// small layers. This path costs a few microseconds.
+// small layers. Why plain nodes rather than torch::autograd::Function: see make_node.
 //
 // Every kernel calls its op again below the autograd key (AutoDispatchBelowADInplaceOrView),
 // so the CPU/CUDA kernel, or under torch.compile the fake kernel registered from Python, does
-// the work. Tensors that are not differentiable outputs (pooling indices, batch-norm saved
-// statistics) are marked so. The backward ops refuse double backward (fastconv.cpp).
+// the work. Outputs that are not differentiable (pooling indices, batch-norm saved statistics)
+// get no history. The backward ops refuse double backward (fastconv.cpp); forward-mode AD is
+// refused with a message.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 namespace fastconv {
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // `var`: the typed handle of op "fastconv::<name>", looked up once.
@@ -32,27 +34,54 @@ using torch::autograd::variable_list;
 
 bool defined(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
-// Index of each differentiable tensor argument among the Function's variable inputs (an
-// absent optional tensor is not one): needs_input_grad counts variables only.
-struct EdgeIndex {
-  int next = 0;
-  int take(bool present) { return present ? next++ : -1; }
-};
-
-bool needs(AutogradContext* ctx, int edge) { return edge >= 0 && ctx->needs_input_grad(edge); }
-
 bool wants_grad(const Tensor& t) {
   return t.defined() && (t.requires_grad() || torch::autograd::isFwGradDefined(t));
 }
 bool wants_grad(const std::optional<Tensor>& t) { return t.has_value() && wants_grad(*t); }
 
 // True when a call records no autograd graph: grad mode is off or no tensor argument takes a
-// gradient. Function::apply builds its node and saved-data map even then (about 4 us a call on
-// the CI machine, more than a small layer's kernel), so such calls go straight below the
-// autograd key; their outputs are the same tensors, requiring no grad either way.
+// gradient. Such calls go straight below the autograd key (Function::apply, used before, built
+// its node and saved-data map even then: about 4 us a call on the CI machine, more than a small
+// layer's kernel); their outputs are the same tensors, requiring no grad either way.
 template <typename... Ts>
 bool no_graph(const Ts&... ts) {
   return !at::GradMode::is_enabled() || !(wants_grad(ts) || ...);
+}
+
+// Backward nodes of our own, built as torch's generated autograd code builds its nodes: saved
+// variables and flags are plain members, the next edges are the differentiable inputs in order
+// (an absent optional input takes an empty edge). torch::autograd::Function's node costs a few
+// microseconds more per layer (its saved-data map, the wrapping of every output), which at
+// LeNet's layer sizes is 10% of a forward + backward (batch norm at 2x6x28x28: 36.9 -> 31.4 us).
+// Nodes are held by c10::intrusive_ptr since torch 2.14 (std::shared_ptr before); Node::getptr()
+// returns the holder type of the torch this builds against.
+using NodePtr = decltype(std::declval<torch::autograd::Node&>().getptr());
+
+template <class NodeT, class... Inputs>
+auto make_node(const Inputs&... differentiable_inputs) {
+  auto node = [] {
+    if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+      return std::make_shared<NodeT>();
+    } else {
+      return c10::make_intrusive<NodeT>();
+    }
+  }();
+  node->set_next_edges(torch::autograd::collect_next_edges(differentiable_inputs...));
+  return node;
+}
+
+bool has_fw_grad(const Tensor& t) { return t.defined() && torch::autograd::isFwGradDefined(t); }
+bool has_fw_grad(const std::optional<Tensor>& t) { return t.has_value() && has_fw_grad(*t); }
+
+template <typename... Ts>
+void refuse_forward_ad(const char* op, const Ts&... ts) {
+  TORCH_CHECK(!(has_fw_grad(ts) || ...), "fastconv ", op,
+              ": forward-mode AD (dual tensors) is not supported; use torch's own op");
+}
+
+torch::autograd::SavedVariable save(const std::optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? torch::autograd::SavedVariable(*t, false)
+                                       : torch::autograd::SavedVariable();
 }
 
 // op.call(args...) below the autograd key: the device kernel (or the fake one) runs.
@@ -62,33 +91,31 @@ auto call_below(const c10::TypedOperatorHandle<Sig>& op, Args&&... args) {
   return op.call(std::forward<Args>(args)...);
 }
 
-std::vector<int64_t> vec(c10::IntArrayRef a) { return a.vec(); }
-// (a vector, alive until the end of the call expression it is an argument of)
-std::vector<int64_t> ints(AutogradContext* ctx, const char* key) {
-  return ctx->saved_data[key].toIntVector();
-}
-
 // The pools' backward needs the input's sizes and memory format (its gradient takes both).
-at::MemoryFormat saved_format(AutogradContext* ctx) {
-  return ctx->saved_data["channels_last"].toBool() ? at::MemoryFormat::ChannelsLast
-                                                   : at::MemoryFormat::Contiguous;
-}
+struct InputGeometry {
+  std::vector<int64_t> size;
+  at::MemoryFormat format = at::MemoryFormat::Contiguous;
 
-void save_input_geometry(AutogradContext* ctx, const Tensor& input) {
-  ctx->saved_data["input_size"] = input.sizes().vec();
-  ctx->saved_data["channels_last"] =
-      input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-}
+  void save(const Tensor& input) {
+    size = input.sizes().vec();
+    format = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast
+                 ? at::MemoryFormat::ChannelsLast
+                 : at::MemoryFormat::Contiguous;
+  }
+};
 
 // ... and the windowed pools' backward also the window.
-void save_window(AutogradContext* ctx, const Tensor& input, c10::IntArrayRef kernel_size,
-                 c10::IntArrayRef stride, c10::IntArrayRef padding, bool ceil_mode) {
-  save_input_geometry(ctx, input);
-  ctx->saved_data["kernel_size"] = vec(kernel_size);
-  ctx->saved_data["stride"] = vec(stride);
-  ctx->saved_data["padding"] = vec(padding);
-  ctx->saved_data["ceil_mode"] = ceil_mode;
-}
+struct Window {
+  std::vector<int64_t> kernel_size, stride, padding;
+  bool ceil_mode = false;
+
+  void save(c10::IntArrayRef k, c10::IntArrayRef s, c10::IntArrayRef p, bool ceil) {
+    kernel_size = k.vec();
+    stride = s.vec();
+    padding = p.vec();
+    ceil_mode = ceil;
+  }
+};
 
 // ---------------------------------------------------------------------------- conv2d_relu
 
@@ -98,38 +125,36 @@ using ConvBwdSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::IntArrayRef,
     c10::IntArrayRef, c10::IntArrayRef, int64_t, bool, std::array<bool, 3>);
 
-struct Conv2dReLUFunction : torch::autograd::Function<Conv2dReLUFunction> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight,
-                        const std::optional<Tensor>& bias, c10::IntArrayRef stride,
-                        c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
-                        bool relu) {
-    FASTCONV_OP(fwd, "conv2d_relu", ConvSig);
-    Tensor out = call_below(fwd, input, weight, bias, stride, padding, dilation, groups, relu);
-    // the ReLU mask is read from the output: no mask tensor, no recomputation
-    ctx->save_for_backward({input, weight, relu ? out : Tensor()});
-    ctx->saved_data["stride"] = vec(stride);
-    ctx->saved_data["padding"] = vec(padding);
-    ctx->saved_data["dilation"] = vec(dilation);
-    ctx->saved_data["groups"] = groups;
-    ctx->saved_data["relu"] = relu;
-    ctx->saved_data["has_bias"] = defined(bias);
-    return out;
+// Edges: input, weight, bias. The ReLU mask is read from the saved output: no mask tensor, no
+// recomputation.
+struct Conv2dReLUBackward : torch::autograd::Node {
+  torch::autograd::SavedVariable input_, weight_, output_;
+  std::vector<int64_t> stride_, padding_, dilation_;
+  int64_t groups_ = 1;
+  bool relu_ = false;
+
+  std::string name() const override { return "fastconv::Conv2dReLUBackward"; }
+
+  void release_variables() override {
+    input_.reset_data();
+    weight_.reset_data();
+    output_.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list apply(variable_list&& grads) override {
     FASTCONV_OP(bwd, "conv2d_relu_backward", ConvBwdSig);
-    const auto saved = ctx->get_saved_variables();
-    const bool relu = ctx->saved_data["relu"].toBool();
-    EdgeIndex e;
-    const int ei = e.take(true), ew = e.take(true), eb = e.take(ctx->saved_data["has_bias"].toBool());
-    const std::array<bool, 3> mask{needs(ctx, ei), needs(ctx, ew), needs(ctx, eb)};
+    variable_list out(3);
     const Tensor& grad = grads[0];
-    const Tensor output = relu ? saved[2] : grad.new_empty({0});
-    auto [gi, gw, gb] =
-        bwd.call(grad, saved[0], saved[1], output, ints(ctx, "stride"), ints(ctx, "padding"),
-                 ints(ctx, "dilation"), ctx->saved_data["groups"].toInt(), relu, mask);
-    return {mask[0] ? gi : Tensor(), mask[1] ? gw : Tensor(), mask[2] ? gb : Tensor(),
-            Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    const std::array<bool, 3> mask{should_compute_output(0), should_compute_output(1),
+                                   should_compute_output(2)};
+    if (!grad.defined() || !(mask[0] || mask[1] || mask[2])) return out;
+    const Tensor output = relu_ ? output_.unpack(getptr()) : grad.new_empty({0});
+    auto [gi, gw, gb] = bwd.call(grad, input_.unpack(), weight_.unpack(), output, stride_,
+                                 padding_, dilation_, groups_, relu_, mask);
+    if (mask[0]) out[0] = gi;
+    if (mask[1]) out[1] = gw;
+    if (mask[2]) out[2] = gb;
+    return out;
   }
 };
 
@@ -137,11 +162,23 @@ Tensor conv2d_relu_autograd(const Tensor& input, const Tensor& weight,
                             const std::optional<Tensor>& bias, c10::IntArrayRef stride,
                             c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
                             bool relu) {
+  FASTCONV_OP(fwd, "conv2d_relu", ConvSig);
   if (no_graph(input, weight, bias)) {
-    FASTCONV_OP(fwd, "conv2d_relu", ConvSig);
     return call_below(fwd, input, weight, bias, stride, padding, dilation, groups, relu);
   }
-  return Conv2dReLUFunction::apply(input, weight, bias, stride, padding, dilation, groups, relu);
+  refuse_forward_ad("conv2d_relu", input, weight, bias);
+  Tensor out = call_below(fwd, input, weight, bias, stride, padding, dilation, groups, relu);
+  auto node = make_node<Conv2dReLUBackward>(input, weight, bias);
+  node->input_ = save(input);
+  node->weight_ = save(weight);
+  node->stride_ = stride.vec();
+  node->padding_ = padding.vec();
+  node->dilation_ = dilation.vec();
+  node->groups_ = groups;
+  node->relu_ = relu;
+  torch::autograd::set_history(out, NodePtr(node));
+  if (relu) node->output_ = torch::autograd::SavedVariable(out, true);  // after its history
+  return out;
 }
 
 // ----------------------------------------------------------------------------- max_pool2d
@@ -152,37 +189,33 @@ using MaxBwdSig = Tensor(const Tensor&, const Tensor&, const Tensor&, c10::IntAr
                          c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef,
                          bool, bool, bool);
 
-struct MaxPool2dFunction : torch::autograd::Function<MaxPool2dFunction> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input,
-                               c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
-                               c10::IntArrayRef padding, c10::IntArrayRef dilation,
-                               bool ceil_mode, bool return_indices, bool relu) {
-    FASTCONV_OP(fwd, "max_pool2d", MaxSig);
-    auto [out, indices] = call_below(fwd, input, kernel_size, stride, padding, dilation,
-                                     ceil_mode, return_indices, relu);
-    ctx->mark_non_differentiable({indices});
-    // the output is needed only to mask by the fused ReLU; the indices always
-    ctx->save_for_backward({relu ? out : Tensor(), indices});
-    save_window(ctx, input, kernel_size, stride, padding, ceil_mode);
-    ctx->saved_data["dilation"] = vec(dilation);
-    ctx->saved_data["return_indices"] = return_indices;
-    ctx->saved_data["relu"] = relu;
-    return {out, indices};
+// Edge: input. The output is saved only to mask by the fused ReLU; the indices always.
+struct MaxPool2dBackward : torch::autograd::Node {
+  torch::autograd::SavedVariable output_, indices_;
+  InputGeometry input_;
+  Window window_;
+  std::vector<int64_t> dilation_;
+  bool return_indices_ = false, relu_ = false;
+
+  std::string name() const override { return "fastconv::MaxPool2dBackward"; }
+
+  void release_variables() override {
+    output_.reset_data();
+    indices_.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list apply(variable_list&& grads) override {
     FASTCONV_OP(bwd, "max_pool2d_backward", MaxBwdSig);
-    const auto saved = ctx->get_saved_variables();
-    const bool relu = ctx->saved_data["relu"].toBool();
-    const auto fmt = saved_format(ctx);
+    variable_list out(1);
     const Tensor& grad = grads[0];
-    const Tensor out = relu ? saved[0] : grad.new_empty({0});
-    Tensor gi = bwd.call(grad.contiguous(fmt), out, saved[1], ints(ctx, "input_size"),
-                         ints(ctx, "kernel_size"), ints(ctx, "stride"), ints(ctx, "padding"),
-                         ints(ctx, "dilation"), ctx->saved_data["ceil_mode"].toBool(),
-                         ctx->saved_data["return_indices"].toBool(), relu);
-    return {gi.contiguous(fmt), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
-            Tensor()};
+    if (!grad.defined() || !should_compute_output(0)) return out;
+    const auto fmt = input_.format;
+    const Tensor output = relu_ ? output_.unpack(getptr()) : grad.new_empty({0});
+    out[0] = bwd.call(grad.contiguous(fmt), output, indices_.unpack(), input_.size,
+                      window_.kernel_size, window_.stride, window_.padding, dilation_,
+                      window_.ceil_mode, return_indices_, relu_)
+                 .contiguous(fmt);
+    return out;
   }
 };
 
@@ -190,14 +223,25 @@ std::tuple<Tensor, Tensor> max_pool2d_autograd(const Tensor& input, c10::IntArra
                                                c10::IntArrayRef stride, c10::IntArrayRef padding,
                                                c10::IntArrayRef dilation, bool ceil_mode,
                                                bool return_indices, bool relu) {
+  FASTCONV_OP(fwd, "max_pool2d", MaxSig);
   if (no_graph(input)) {
-    FASTCONV_OP(fwd, "max_pool2d", MaxSig);
     return call_below(fwd, input, kernel_size, stride, padding, dilation, ceil_mode,
                       return_indices, relu);
   }
-  auto r = MaxPool2dFunction::apply(input, kernel_size, stride, padding, dilation, ceil_mode,
-                                    return_indices, relu);
-  return {r[0], r[1]};
+  refuse_forward_ad("max_pool2d", input);
+  auto [out, indices] = call_below(fwd, input, kernel_size, stride, padding, dilation,
+                                   ceil_mode, return_indices, relu);
+  auto node = make_node<MaxPool2dBackward>(input);
+  node->input_.save(input);
+  node->window_.save(kernel_size, stride, padding, ceil_mode);
+  node->dilation_ = dilation.vec();
+  node->return_indices_ = return_indices;
+  node->relu_ = relu;
+  // the indices are an output of the op but not differentiable: no history
+  node->indices_ = torch::autograd::SavedVariable(indices, false);
+  torch::autograd::set_history(out, NodePtr(node));
+  if (relu) node->output_ = torch::autograd::SavedVariable(out, true);  // after its history
+  return {out, indices};
 }
 
 // ----------------------------------------------------------------------------- avg pools
@@ -207,68 +251,76 @@ using AvgSig = Tensor(const Tensor&, c10::IntArrayRef, c10::IntArrayRef, c10::In
 using AvgBwdSig = Tensor(const Tensor&, c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef,
                          c10::IntArrayRef, bool, bool, std::optional<int64_t>);
 
-struct AvgPool2dFunction : torch::autograd::Function<AvgPool2dFunction> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, c10::IntArrayRef kernel_size,
-                        c10::IntArrayRef stride, c10::IntArrayRef padding, bool ceil_mode,
-                        bool count_include_pad, std::optional<int64_t> divisor_override) {
-    FASTCONV_OP(fwd, "avg_pool2d", AvgSig);
-    Tensor out = call_below(fwd, input, kernel_size, stride, padding, ceil_mode,
-                            count_include_pad, divisor_override);
-    save_window(ctx, input, kernel_size, stride, padding, ceil_mode);
-    ctx->saved_data["count_include_pad"] = count_include_pad;
-    ctx->saved_data["divisor_override"] = divisor_override;
-    return out;
-  }
+// Edge: input. Nothing is saved but the geometry.
+struct AvgPool2dBackward : torch::autograd::Node {
+  InputGeometry input_;
+  Window window_;
+  bool count_include_pad_ = true;
+  std::optional<int64_t> divisor_override_;
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  std::string name() const override { return "fastconv::AvgPool2dBackward"; }
+
+  variable_list apply(variable_list&& grads) override {
     FASTCONV_OP(bwd, "avg_pool2d_backward", AvgBwdSig);
-    const auto fmt = saved_format(ctx);
-    const auto divisor = ctx->saved_data["divisor_override"].toOptional<int64_t>();
-    Tensor gi = bwd.call(grads[0].contiguous(fmt), ints(ctx, "input_size"),
-                         ints(ctx, "kernel_size"), ints(ctx, "stride"), ints(ctx, "padding"),
-                         ctx->saved_data["ceil_mode"].toBool(),
-                         ctx->saved_data["count_include_pad"].toBool(), divisor);
-    return {gi.contiguous(fmt), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    variable_list out(1);
+    const Tensor& grad = grads[0];
+    if (!grad.defined() || !should_compute_output(0)) return out;
+    const auto fmt = input_.format;
+    out[0] = bwd.call(grad.contiguous(fmt), input_.size, window_.kernel_size, window_.stride,
+                      window_.padding, window_.ceil_mode, count_include_pad_, divisor_override_)
+                 .contiguous(fmt);
+    return out;
   }
 };
 
 Tensor avg_pool2d_autograd(const Tensor& input, c10::IntArrayRef kernel_size,
                            c10::IntArrayRef stride, c10::IntArrayRef padding, bool ceil_mode,
                            bool count_include_pad, std::optional<int64_t> divisor_override) {
+  FASTCONV_OP(fwd, "avg_pool2d", AvgSig);
   if (no_graph(input)) {
-    FASTCONV_OP(fwd, "avg_pool2d", AvgSig);
     return call_below(fwd, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
                       divisor_override);
   }
-  return AvgPool2dFunction::apply(input, kernel_size, stride, padding, ceil_mode,
-                                  count_include_pad, divisor_override);
+  refuse_forward_ad("avg_pool2d", input);
+  Tensor out = call_below(fwd, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                          divisor_override);
+  auto node = make_node<AvgPool2dBackward>(input);
+  node->input_.save(input);
+  node->window_.save(kernel_size, stride, padding, ceil_mode);
+  node->count_include_pad_ = count_include_pad;
+  node->divisor_override_ = divisor_override;
+  torch::autograd::set_history(out, NodePtr(node));
+  return out;
 }
 
 using AdaptiveSig = Tensor(const Tensor&, c10::IntArrayRef);
 using AdaptiveBwdSig = Tensor(const Tensor&, c10::IntArrayRef);
 
-struct AdaptiveAvgPool2dFunction : torch::autograd::Function<AdaptiveAvgPool2dFunction> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, c10::IntArrayRef output_size) {
-    FASTCONV_OP(fwd, "adaptive_avg_pool2d", AdaptiveSig);
-    Tensor out = call_below(fwd, input, output_size);
-    save_input_geometry(ctx, input);
-    return out;
-  }
+struct AdaptiveAvgPool2dBackward : torch::autograd::Node {
+  InputGeometry input_;
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  std::string name() const override { return "fastconv::AdaptiveAvgPool2dBackward"; }
+
+  variable_list apply(variable_list&& grads) override {
     FASTCONV_OP(bwd, "adaptive_avg_pool2d_backward", AdaptiveBwdSig);
-    const auto fmt = saved_format(ctx);
-    Tensor gi = bwd.call(grads[0].contiguous(fmt), ints(ctx, "input_size"));
-    return {gi.contiguous(fmt), Tensor()};
+    variable_list out(1);
+    const Tensor& grad = grads[0];
+    if (!grad.defined() || !should_compute_output(0)) return out;
+    const auto fmt = input_.format;
+    out[0] = bwd.call(grad.contiguous(fmt), input_.size).contiguous(fmt);
+    return out;
   }
 };
 
 Tensor adaptive_avg_pool2d_autograd(const Tensor& input, c10::IntArrayRef output_size) {
-  if (no_graph(input)) {
-    FASTCONV_OP(fwd, "adaptive_avg_pool2d", AdaptiveSig);
-    return call_below(fwd, input, output_size);
-  }
-  return AdaptiveAvgPool2dFunction::apply(input, output_size);
+  FASTCONV_OP(fwd, "adaptive_avg_pool2d", AdaptiveSig);
+  if (no_graph(input)) return call_below(fwd, input, output_size);
+  refuse_forward_ad("adaptive_avg_pool2d", input);
+  Tensor out = call_below(fwd, input, output_size);
+  auto node = make_node<AdaptiveAvgPool2dBackward>(input);
+  node->input_.save(input);
+  torch::autograd::set_history(out, NodePtr(node));
+  return out;
 }
 
 // ----------------------------------------------------------------------------- batch_norm
@@ -281,57 +333,46 @@ using BnBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
     const Tensor&, bool, bool, std::array<bool, 4>);
 
-struct BatchNormFunction : torch::autograd::Function<BatchNormFunction> {
-  // running_mean/running_var are updated in place below autograd; they are buffers and take
-  // no gradient. The residual saves nothing: its gradient is grad_output masked by the saved
-  // output (relu), or grad_output itself.
-  static variable_list forward(AutogradContext* ctx, const Tensor& input,
-                               const std::optional<Tensor>& weight,
-                               const std::optional<Tensor>& bias,
-                               const std::optional<Tensor>& running_mean,
-                               const std::optional<Tensor>& running_var, bool training,
-                               double momentum, double eps, bool relu,
-                               const std::optional<Tensor>& residual) {
-    FASTCONV_OP(fwd, "batch_norm", BnSig);
-    auto [out, save_mean, save_invstd] =
-        call_below(fwd, input, weight, bias, running_mean, running_var, training, momentum, eps,
-                   relu, residual);
-    ctx->mark_non_differentiable({save_mean, save_invstd});
-    ctx->save_for_backward({input, defined(weight) ? *weight : Tensor(),
-                            relu ? out : Tensor(), save_mean, save_invstd});
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["relu"] = relu;
-    ctx->saved_data["has_bias"] = defined(bias);
-    ctx->saved_data["n_running"] = int64_t(defined(running_mean)) + int64_t(defined(running_var));
-    ctx->saved_data["has_residual"] = defined(residual);
-    return {out, save_mean, save_invstd};
+// Edges: input, weight, bias, residual. running_mean/running_var are buffers updated in place
+// below autograd and take no gradient. The residual saves nothing: its gradient is grad_output
+// masked by the saved output (relu), or grad_output itself.
+struct BatchNormBackward : torch::autograd::Node {
+  torch::autograd::SavedVariable input_, weight_, output_, save_mean_, save_invstd_;
+  bool training_ = false, relu_ = false;
+
+  std::string name() const override { return "fastconv::BatchNormBackward"; }
+
+  void release_variables() override {
+    input_.reset_data();
+    weight_.reset_data();
+    output_.reset_data();
+    save_mean_.reset_data();
+    save_invstd_.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list apply(variable_list&& grads) override {
     FASTCONV_OP(bwd, "batch_norm_backward", BnBwdSig);
-    const auto saved = ctx->get_saved_variables();
-    const bool relu = ctx->saved_data["relu"].toBool();
-    const bool has_weight = saved[1].defined();
-    EdgeIndex e;
-    const int ei = e.take(true), ew = e.take(has_weight),
-              eb = e.take(ctx->saved_data["has_bias"].toBool());
-    // running_mean/running_var, when given, are variables too and come before the residual
-    e.next += ctx->saved_data["n_running"].toInt();
-    const int eres = e.take(ctx->saved_data["has_residual"].toBool());
-    const bool need_res = needs(ctx, eres);
+    variable_list out(4);
     const Tensor& grad = grads[0];
+    const bool need_res = should_compute_output(3);
     // without the ReLU the residual's gradient is grad_output itself: no kernel work
-    const std::array<bool, 4> mask{needs(ctx, ei), needs(ctx, ew), needs(ctx, eb),
-                                   need_res && relu};
-    const Tensor out = relu ? saved[2] : grad.new_empty({0});
-    const std::optional<Tensor> weight = has_weight ? std::optional<Tensor>(saved[1])
-                                                    : std::nullopt;
-    auto [gi, gw, gb, gr] = bwd.call(grad, saved[0], out, weight, saved[3], saved[4],
-                                     ctx->saved_data["training"].toBool(), relu, mask);
-    Tensor grad_res;
-    if (need_res) grad_res = relu ? gr : grad;
-    return {mask[0] ? gi : Tensor(), mask[1] ? gw : Tensor(), mask[2] ? gb : Tensor(),
-            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), grad_res};
+    const std::array<bool, 4> mask{should_compute_output(0), should_compute_output(1),
+                                   should_compute_output(2), need_res && relu_};
+    if (!grad.defined()) return out;
+    if (mask[0] || mask[1] || mask[2] || mask[3]) {
+      const Tensor weight = weight_.unpack();
+      const Tensor output = relu_ ? output_.unpack(getptr()) : grad.new_empty({0});
+      auto [gi, gw, gb, gr] =
+          bwd.call(grad, input_.unpack(), output,
+                   weight.defined() ? std::optional<Tensor>(weight) : std::nullopt,
+                   save_mean_.unpack(), save_invstd_.unpack(), training_, relu_, mask);
+      for (int i = 0; i < 3; ++i) {
+        if (mask[i]) out[i] = i == 0 ? gi : i == 1 ? gw : gb;
+      }
+      if (mask[3]) out[3] = gr;
+    }
+    if (need_res && !relu_) out[3] = grad;
+    return out;
   }
 };
 
@@ -340,14 +381,25 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_autograd(
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
     bool training, double momentum, double eps, bool relu,
     const std::optional<Tensor>& residual) {
+  FASTCONV_OP(fwd, "batch_norm", BnSig);
   if (no_graph(input, weight, bias, residual)) {
-    FASTCONV_OP(fwd, "batch_norm", BnSig);
     return call_below(fwd, input, weight, bias, running_mean, running_var, training, momentum,
                       eps, relu, residual);
   }
-  auto r = BatchNormFunction::apply(input, weight, bias, running_mean, running_var, training,
-                                    momentum, eps, relu, residual);
-  return {r[0], r[1], r[2]};
+  refuse_forward_ad("batch_norm", input, weight, bias, residual);
+  auto [out, save_mean, save_invstd] =
+      call_below(fwd, input, weight, bias, running_mean, running_var, training, momentum, eps,
+                 relu, residual);
+  auto node = make_node<BatchNormBackward>(input, weight, bias, residual);
+  node->input_ = save(input);
+  node->weight_ = save(weight);
+  node->save_mean_ = save(save_mean);
+  node->save_invstd_ = save(save_invstd);
+  node->training_ = training;
+  node->relu_ = relu;
+  torch::autograd::set_history(out, NodePtr(node));
+  if (relu) node->output_ = torch::autograd::SavedVariable(out, true);  // after its history
+  return {out, save_mean, save_invstd};
 }
 
 }  // namespace

@@ -689,11 +689,35 @@ def test_autograd_computes_only_what_is_asked(wants):
     fast, y = run(lambda x_, w_, b_: ops.conv2d_relu(x_, w_, b_, [1, 1], [0, 0], [1, 1], 1, False),
                   lambda y_, w_, b_: ops.batch_norm(y_, w_, b_, None, None, True, 0.1, 1e-5,
                                                     True)[0])
-    assert "MaxPool2dFunction" in y.grad_fn.name()  # the C++ node, not a Python one
+    assert y.grad_fn.name() == "fastconv::MaxPool2dBackward"  # the C++ node, not a Python one
     for s, f in zip(stock, fast):
         assert (s is None) == (f is None)
         if s is not None:
             torch.testing.assert_close(f, s, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("op", ["conv2d_relu", "max_pool2d", "avg_pool2d",
+                                "adaptive_avg_pool2d", "batch_norm"])
+def test_forward_mode_ad_is_refused_with_a_message(op):
+    """The autograd kernels record reverse-mode nodes only: a dual tensor gets a clear error
+    naming the op, never an output whose tangent was silently dropped."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    calls = {
+        "conv2d_relu": lambda t: ops.conv2d_relu(t, torch.randn(4, 3, 3, 3, dtype=t.dtype), None,
+                                                 [1, 1], [0, 0], [1, 1], 1, True),
+        "max_pool2d": lambda t: ops.max_pool2d(t, [2, 2], [2, 2], [0, 0], [1, 1], False, False,
+                                               False),
+        "avg_pool2d": lambda t: ops.avg_pool2d(t, [2, 2], [2, 2], [0, 0], False, True, None),
+        "adaptive_avg_pool2d": lambda t: ops.adaptive_avg_pool2d(t, [1, 1]),
+        "batch_norm": lambda t: ops.batch_norm(t, None, None, None, None, True, 0.1, 1e-5,
+                                               False),
+    }
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match=f"fastconv {op}: forward-mode AD"):
+            calls[op](dual)
 
 
 def test_backward_ops_refuse_double_backward():
