@@ -113,23 +113,21 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     shape, dtype, device and memory format) is added to the normalised output before the
     ReLU: ``relu(batch_norm(input) + residual)``, ResNet's block ending, in one pass.
     """
+    key = dispatch.call_key("batch_norm", (input, running_mean, running_var, weight, bias,
+                                           residual), (momentum, eps), (training, relu), backend)
+    if key is not None:
+        fast = dispatch.FAST.get(key)
+        if fast is not None:
+            return fast(input, running_mean, running_var, weight, bias, residual)
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                       relu, residual, backend, cacheable=True)
+                       relu, residual, backend, key)
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu,
-                residual, backend, cacheable: bool):
-    """batch_norm with its fast path (``cacheable``: the caller's momentum is not a value that
-    changes every call, as ``nn.BatchNorm2d(momentum=None)``'s cumulative average)."""
-    key = None
-    if cacheable:
-        key = dispatch.call_key("batch_norm", (input, running_mean, running_var, weight, bias,
-                                               residual), (momentum, eps), (training, relu),
-                                backend)
-        if key is not None:
-            fast = dispatch.FAST.get(key)
-            if fast is not None:
-                return fast(input, running_mean, running_var, weight, bias, residual)
+                residual, backend, key=None):
+    """batch_norm's checked path; the decided call is remembered under fast-path ``key`` (None
+    where there is none, as for ``nn.BatchNorm2d(momentum=None)``, whose cumulative-average
+    momentum changes every call)."""
     args = check_batch_norm(input, running_mean, running_var, weight, bias, training,
                             momentum, eps, relu=relu, residual=residual)
     return _run("batch_norm", args, backend, key)

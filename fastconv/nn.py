@@ -320,8 +320,12 @@ class BatchNorm2d(_Memo, nn.BatchNorm2d):
         else:
             if isinstance(input, torch.Tensor):  # else the checks' error names the argument
                 self._check_input_dim(input)
-            out = FF._batch_norm(input, *own, bn_training, factor, self.eps, self.relu,
-                                 residual, self.backend, cacheable=cacheable)
+            if cacheable:  # the functional path, fast path included
+                out = FF.batch_norm(input, *own, bn_training, factor, self.eps,
+                                    relu=self.relu, residual=residual, backend=self.backend)
+            else:
+                out = FF._batch_norm(input, *own, bn_training, factor, self.eps, self.relu,
+                                     residual, self.backend)
             if cacheable:
                 self._memo_keep(input, own, "batch_norm", (input, *own, residual),
                                 (factor, self.eps), (bn_training, self.relu), residual)
