@@ -824,6 +824,50 @@ def _rel(a, e):
     return float((a - e).norm() / e.norm().clamp_min(1e-300))
 
 
+def _pool_margin(model64, x) -> float:
+    """The smallest gap between a max-pool window's two largest values (windows whose max is
+    positive), relative to the largest value the pool sees, in the float64 model."""
+    margins = []
+
+    def hook(mod, inputs, output):
+        t = inputs[0].detach()
+        k, s, p = (mod.kernel_size, mod.stride, mod.padding)
+        n, c, h, w = t.shape
+        cols = F.unfold(t.reshape(n * c, 1, h, w), k, mod.dilation, p, s)  # padding reads 0
+        top2 = cols.topk(2, dim=1).values
+        gap = top2[:, 0] - top2[:, 1]
+        # exact copies of one value (a pool of a pool's output) tie in every precision alike
+        live = (top2[:, 0] > 0) & (gap > 0)
+        if live.any():
+            margins.append(float(gap[live].min() / t.abs().max()))
+
+    handles = [m.register_forward_hook(hook) for m in model64.modules()
+               if isinstance(m, nn.MaxPool2d)]
+    try:
+        with torch.no_grad():
+            model64(x.double())
+    finally:
+        for h in handles:
+            h.remove()
+    return min(margins, default=1.0)
+
+
+def _well_conditioned_input(model64, shape, margin=1e-6):
+    """A random input on which no max-pool window holds a near-tie: where two candidates lie
+    within rounding of each other, any float32 rounding (stock's or the kernels') may route the
+    window's gradient to either, and the gradients below it then differ by whole percents
+    between two correct implementations (seen: VGG-16-BN's last pool, a gap of 4e-7 of the
+    values). The first draw continues the caller's random stream; later ones are seeded 1, 2,
+    ..., until the smallest gap exceeds ``margin`` of the values."""
+    for seed in range(20):
+        if seed:
+            torch.manual_seed(seed)
+        x = torch.randn(shape)
+        if _pool_margin(model64, x) > margin:
+            return x
+    raise AssertionError("no well-conditioned input in 20 draws")
+
+
 # channels_last: the batch-norm and branching models suffice
 MODEL_PARAMS = [(n, "nchw") for n in sorted(MODEL_INPUTS)] + [
     (n, "cl") for n in ("googlenet", "resnet18", "vgg16_bn")]
@@ -841,7 +885,7 @@ def test_converted_model_matches_stock(name, layout):
     exact = copy.deepcopy(stock).double()
     fast = fastconv.convert(stock, backend="extension")
     assert list(fast.state_dict()) == list(stock.state_dict())
-    x = torch.randn(2, *shape)
+    x = _well_conditioned_input(exact, (2, *shape))
     if layout == "cl":
         x = x.to(memory_format=CL)
     out_s, g_s = _step(stock, x)

@@ -1,8 +1,9 @@
 // Conv2d + bias + ReLU on CPU.
 //
-// Small stride-1 NCHW convolutions (float/double, up to kDirectMaxMacs multiply-adds a pass):
-// direct loops for the forward, grad_input and grad_weight (see "small convolutions" below);
-// oneDNN's fixed cost per call is most of their time otherwise. Larger ones:
+// Small stride-1 NCHW convolutions (float/double; up to 2^22 multiply-adds for the forward,
+// 2^21 for a backward pass): direct loops for the forward, grad_input and grad_weight (see
+// "small convolutions" below); oneDNN's fixed cost per call is most of their time otherwise.
+// Larger ones:
 // Forward, float32 with finite operands: oneDNN's convolution with the ReLU as a post-op
 // (mkldnn::_convolution_pointwise, the op inductor uses), so bias and ReLU are applied while the
 // output tile is still in registers. Otherwise (other dtypes, NaN/inf operands, torch builds
@@ -160,7 +161,6 @@ void check_conv_args(const Tensor& input, const Tensor& weight, const std::optio
 // the forward and grad_input measured 0.6-1.0x oneDNN's at these shapes (only strided 1x1
 // convolutions gained), so those passes stay with oneDNN. `auto` measures the passes of both
 // backends per shape either way.
-constexpr int64_t kDirectMaxMacs = int64_t{1} << 21;  // multiply-adds of one pass
 constexpr int64_t kGemmMaxPlane = 64;               // output planes of at most 8x8
 constexpr int64_t kColsBudget = int64_t{1} << 22;  // unfolded elements per slab (16 MiB float)
 
@@ -291,6 +291,13 @@ Tensor grad_weight_gemm(const Tensor& g, const Tensor& input, const Unfold& u,
 // flipped and its two channel axes swapped (a stride-1 convolution's transpose), so it shares
 // the kernel. `auto` still measures this backend against torch's per shape.
 
+// multiply-adds of one pass up to which the direct loops serve it. Measured against oneDNN
+// (2 threads, float32): the forward 1.4x at 3.5 M (2x3x32x32 -> 64 3x3), 0.9-1.0x at 7-14 M;
+// grad_input and grad_weight 1.1-1.3x at 1.9 M (8x6x14x14 -> 16 5x5), 0.6-0.8x at 7 M, where
+// grad_weight's row vectors run at 10-14 columns (ResNet-like 12x12 planes) half empty.
+constexpr int64_t kDirectMaxMacs = int64_t{1} << 22;          // forward
+constexpr int64_t kDirectMaxMacsBackward = int64_t{1} << 21;  // grad_input, grad_weight
+
 struct DirectGeometry {
   int64_t N, C, H, W, K, KH, KW, ph, pw, dh, dw, Hp, Wp, OH, OW;
 };
@@ -387,12 +394,12 @@ void direct_conv(const DirectGeometry& g, const T* x, const T* w, const T* bias,
 // Whether the direct loops serve this convolution pass (x: what it reads, NCHW; w: [K, C, KH,
 // KW] in the pass's orientation).
 bool direct_fits(const Tensor& x, const Tensor& w, c10::IntArrayRef stride, int64_t groups,
-                 int64_t OH, int64_t OW) {
+                 int64_t OH, int64_t OW, int64_t max_macs) {
   const auto t = x.scalar_type();
   return groups == 1 && stride[0] == 1 && stride[1] == 1 &&
          (t == at::kFloat || t == at::kDouble) && layout_of(x) == at::MemoryFormat::Contiguous &&
          x.numel() > 0 && w.numel() > 0 && OH > 0 && OW > 0 &&
-         x.size(0) * w.numel() * OH * OW <= kDirectMaxMacs;
+         x.size(0) * w.numel() * OH * OW <= max_macs;
 }
 
 // relu?(conv(x, w) + bias), stride 1, groups 1, padding (ph, pw) >= 0, as NCHW
@@ -523,7 +530,8 @@ std::optional<Tensor> direct_grad_weight(const Tensor& g, const Tensor& input,
                                          c10::IntArrayRef padding, c10::IntArrayRef dilation,
                                          int64_t groups) {
   if (weight.size(3) > kDirectMaxKW || !g.is_contiguous() ||
-      !direct_fits(input, weight, stride, groups, g.size(2), g.size(3))) {
+      !direct_fits(input, weight, stride, groups, g.size(2), g.size(3),
+                   kDirectMaxMacsBackward)) {
     return std::nullopt;
   }
   const Tensor x = input.contiguous();
@@ -560,7 +568,7 @@ std::optional<Tensor> direct_grad_input(const Tensor& g, const Tensor& weight,
   if (ph < 0 || pw < 0) return std::nullopt;
   const Tensor wt = weight.flip({2, 3}).transpose(0, 1);
   const int64_t stride1[2] = {1, 1};
-  if (!direct_fits(g, wt, stride1, 1, H, W)) return std::nullopt;
+  if (!direct_fits(g, wt, stride1, 1, H, W, kDirectMaxMacsBackward)) return std::nullopt;
   return direct_conv2d(g, wt, std::nullopt, ph, pw, dilation, H, W, false);
 }
 
@@ -585,7 +593,7 @@ Tensor conv2d_relu_cpu(const Tensor& input, const Tensor& weight, const std::opt
   const int64_t OW = conv_out_size(input, weight, stride, padding, dilation, 1);
   const auto fmt = layout_of(input);
   Tensor out;
-  if (direct_fits(input, weight, stride, groups, OH, OW)) {
+  if (direct_fits(input, weight, stride, groups, OH, OW, kDirectMaxMacs)) {
     return direct_conv2d(input, weight, bias, padding[0], padding[1], dilation, OH, OW, relu);
   }
   if (!relu) {
