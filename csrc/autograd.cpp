@@ -50,7 +50,10 @@ bool no_graph(const Ts&... ts) {
 
 // Backward nodes of our own, built as torch's generated autograd code builds its nodes: saved
 // variables and flags are plain members, the next edges are the differentiable inputs in order
-// (an absent optional input takes an empty edge). torch::autograd::Function's node costs a few
+// (an absent optional input takes an empty edge); apply() asks task_should_compute_output (the
+// engine's pruning for autograd.grad(inputs=...) included) and holds the node's mutex, as
+// release_variables does. Compiled autograd (torch._dynamo.compiled_autograd) is not
+// supported: the nodes do not implement compiled_args. torch::autograd::Function's node costs a few
 // microseconds more per layer (its saved-data map, the wrapping of every output), which at
 // LeNet's layer sizes is 10% of a forward + backward (batch norm at 2x6x28x28: 36.9 -> 31.4 us).
 // Nodes are held by c10::intrusive_ptr since torch 2.14 (std::shared_ptr before); Node::getptr()
@@ -136,17 +139,19 @@ struct Conv2dReLUBackward : torch::autograd::Node {
   std::string name() const override { return "fastconv::Conv2dReLUBackward"; }
 
   void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
     input_.reset_data();
     weight_.reset_data();
     output_.reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);  // against release_variables on another thread
     FASTCONV_OP(bwd, "conv2d_relu_backward", ConvBwdSig);
     variable_list out(3);
     const Tensor& grad = grads[0];
-    const std::array<bool, 3> mask{should_compute_output(0), should_compute_output(1),
-                                   should_compute_output(2)};
+    const std::array<bool, 3> mask{task_should_compute_output(0), task_should_compute_output(1),
+                                   task_should_compute_output(2)};
     if (!grad.defined() || !(mask[0] || mask[1] || mask[2])) return out;
     const Tensor output = relu_ ? output_.unpack(getptr()) : grad.new_empty({0});
     auto [gi, gw, gb] = bwd.call(grad, input_.unpack(), weight_.unpack(), output, stride_,
@@ -200,15 +205,17 @@ struct MaxPool2dBackward : torch::autograd::Node {
   std::string name() const override { return "fastconv::MaxPool2dBackward"; }
 
   void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
     output_.reset_data();
     indices_.reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);  // against release_variables on another thread
     FASTCONV_OP(bwd, "max_pool2d_backward", MaxBwdSig);
     variable_list out(1);
     const Tensor& grad = grads[0];
-    if (!grad.defined() || !should_compute_output(0)) return out;
+    if (!grad.defined() || !task_should_compute_output(0)) return out;
     const auto fmt = input_.format;
     const Tensor output = relu_ ? output_.unpack(getptr()) : grad.new_empty({0});
     out[0] = bwd.call(grad.contiguous(fmt), output, indices_.unpack(), input_.size,
@@ -261,10 +268,11 @@ struct AvgPool2dBackward : torch::autograd::Node {
   std::string name() const override { return "fastconv::AvgPool2dBackward"; }
 
   variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);  // against release_variables on another thread
     FASTCONV_OP(bwd, "avg_pool2d_backward", AvgBwdSig);
     variable_list out(1);
     const Tensor& grad = grads[0];
-    if (!grad.defined() || !should_compute_output(0)) return out;
+    if (!grad.defined() || !task_should_compute_output(0)) return out;
     const auto fmt = input_.format;
     out[0] = bwd.call(grad.contiguous(fmt), input_.size, window_.kernel_size, window_.stride,
                       window_.padding, window_.ceil_mode, count_include_pad_, divisor_override_)
@@ -302,10 +310,11 @@ struct AdaptiveAvgPool2dBackward : torch::autograd::Node {
   std::string name() const override { return "fastconv::AdaptiveAvgPool2dBackward"; }
 
   variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);  // against release_variables on another thread
     FASTCONV_OP(bwd, "adaptive_avg_pool2d_backward", AdaptiveBwdSig);
     variable_list out(1);
     const Tensor& grad = grads[0];
-    if (!grad.defined() || !should_compute_output(0)) return out;
+    if (!grad.defined() || !task_should_compute_output(0)) return out;
     const auto fmt = input_.format;
     out[0] = bwd.call(grad.contiguous(fmt), input_.size).contiguous(fmt);
     return out;
@@ -343,6 +352,7 @@ struct BatchNormBackward : torch::autograd::Node {
   std::string name() const override { return "fastconv::BatchNormBackward"; }
 
   void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
     input_.reset_data();
     weight_.reset_data();
     output_.reset_data();
@@ -351,13 +361,14 @@ struct BatchNormBackward : torch::autograd::Node {
   }
 
   variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);  // against release_variables on another thread
     FASTCONV_OP(bwd, "batch_norm_backward", BnBwdSig);
     variable_list out(4);
     const Tensor& grad = grads[0];
-    const bool need_res = should_compute_output(3);
+    const bool need_res = task_should_compute_output(3);
     // without the ReLU the residual's gradient is grad_output itself: no kernel work
-    const std::array<bool, 4> mask{should_compute_output(0), should_compute_output(1),
-                                   should_compute_output(2), need_res && relu_};
+    const std::array<bool, 4> mask{task_should_compute_output(0), task_should_compute_output(1),
+                                   task_should_compute_output(2), need_res && relu_};
     if (!grad.defined()) return out;
     if (mask[0] || mask[1] || mask[2] || mask[3]) {
       const Tensor weight = weight_.unpack();

@@ -788,6 +788,15 @@ def test_direct_op_errors_name_arguments():
         ops.batch_norm(torch.randn(1, 2, 1, 1), None, None, None, None, True, 0.1, 1e-5, False)
     with pytest.raises(RuntimeError, match="running_mean"):
         ops.batch_norm(x, None, None, None, None, False, 0.1, 1e-5, False)
+    # the conv's direct loops index by the geometry: it is checked before any of them runs
+    w = torch.randn(3, 2, 3, 3)
+    for s, p, d in (([1, 1], [-1, 0], [1, 1]), ([1, 1], [0, 0], [0, 1]), ([1, 1], [0, 0], [1, -1]),
+                    ([0, 1], [0, 0], [1, 1])):
+        with pytest.raises(RuntimeError, match="padding non-negative"):
+            ops.conv2d_relu(torch.randn(1, 2, 8, 8), w, None, s, p, d, 1, False)
+    with pytest.raises(RuntimeError, match="is not the output shape"):  # 2x2 would be right
+        ops.conv2d_relu_backward(torch.randn(1, 3, 3, 3), x, w, torch.empty(0), [1, 1], [0, 0],
+                                 [1, 1], 1, False, [True, True, True])
 
 
 # ---------------------------------------------------------------- converted models vs stock

@@ -136,6 +136,11 @@ void check_conv_args(const Tensor& input, const Tensor& weight, const std::optio
   check_pair(stride, "stride");
   check_pair(padding, "padding");
   check_pair(dilation, "dilation");
+  for (int i = 0; i < 2; ++i) {  // the direct loops index by these: checked before any of them
+    TORCH_CHECK(stride[i] >= 1 && padding[i] >= 0 && dilation[i] >= 1, "fastconv conv2d_relu: "
+                "stride and dilation must be positive and padding non-negative, got stride=",
+                stride, " padding=", padding, " dilation=", dilation);
+  }
   TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "fastconv conv2d_relu: input dtype ",
               input.scalar_type(), " and weight dtype ", weight.scalar_type(), " differ");
   TORCH_CHECK(groups > 0 && weight.size(0) % groups == 0 &&
@@ -703,9 +708,13 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_backward_cpu(
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
               "fastconv conv2d_relu_backward: grad_output dtype ", grad_output.scalar_type(),
               " does not match input dtype ", input.scalar_type());
-  TORCH_CHECK(grad_output.size(0) == input.size(0) && grad_output.size(1) == weight.size(0),
+  const int64_t OH = conv_out_size(input, weight, stride, padding, dilation, 0);
+  const int64_t OW = conv_out_size(input, weight, stride, padding, dilation, 1);
+  TORCH_CHECK(grad_output.size(0) == input.size(0) && grad_output.size(1) == weight.size(0) &&
+                  grad_output.size(2) == OH && grad_output.size(3) == OW,
               "fastconv conv2d_relu_backward: grad_output shape ", grad_output.sizes(),
-              " does not match input ", input.sizes(), " and weight ", weight.sizes());
+              " is not the output shape of input ", input.sizes(), " and weight ", weight.sizes(),
+              " with stride=", stride, " padding=", padding, " dilation=", dilation);
   if (relu) {
     TORCH_CHECK(output.sizes() == grad_output.sizes() &&
                     output.scalar_type() == grad_output.scalar_type(),
