@@ -323,12 +323,11 @@ class BatchNorm2d(_Memo, nn.BatchNorm2d):
             if cacheable:  # the functional path, fast path included
                 out = FF.batch_norm(input, *own, bn_training, factor, self.eps,
                                     relu=self.relu, residual=residual, backend=self.backend)
+                self._memo_keep(input, own, "batch_norm", (input, *own, residual),
+                                (factor, self.eps), (bn_training, self.relu), residual)
             else:
                 out = FF._batch_norm(input, *own, bn_training, factor, self.eps, self.relu,
                                      residual, self.backend)
-            if cacheable:
-                self._memo_keep(input, own, "batch_norm", (input, *own, residual),
-                                (factor, self.eps), (bn_training, self.relu), residual)
         if track:
             self.num_batches_tracked.add_(1)
         return out
