@@ -1,9 +1,9 @@
 // Conv2d + bias + ReLU on CPU.
 //
-// Small stride-1 NCHW convolutions (float/double; up to 2^22 multiply-adds for the forward,
-// 2^21 for a backward pass): direct loops for the forward, grad_input and grad_weight (see
-// "small convolutions" below); oneDNN's fixed cost per call is most of their time otherwise.
-// Larger ones:
+// Small NCHW convolutions and those of few input channels (float/double, groups 1): direct
+// loops for the forward, grad_weight and (stride 1) grad_input (see "direct loops" below);
+// oneDNN's fixed cost per call is most of the small ones' time, and it runs single-channel
+// inputs at a fraction of its speed. Larger ones:
 // Forward, float32 with finite operands: oneDNN's convolution with the ReLU as a post-op
 // (mkldnn::_convolution_pointwise, the op inductor uses), so bias and ReLU are applied while the
 // output tile is still in registers. Otherwise (other dtypes, NaN/inf operands, torch builds
@@ -15,6 +15,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <array>
 #include <atomic>
 #include <cstring>
 
@@ -287,24 +288,55 @@ Tensor grad_weight_gemm(const Tensor& g, const Tensor& input, const Unfold& u,
             : gw.view({u.K, u.C, u.KH, u.KW});
 }
 
-// ------------------------------------------ small convolutions: direct loops
+// ------------------------------------------ direct loops
 // oneDNN's fixed cost per call is tens of microseconds (LeNet's 2x1x28x28 -> 6 5x5 forward:
-// 50 us for 0.24 M multiply-adds, 2 threads), so small stride-1 convolutions in NCHW run as
-// plain loops instead: each output row of KB output channels keeps KB x NV vectors of
-// accumulators in registers while the input rows (padded once into a scratch copy, so the loops
-// need no bounds) stream past. grad_input is the same loop over grad_output with the weight
-// flipped and its two channel axes swapped (a stride-1 convolution's transpose), so it shares
-// the kernel. `auto` still measures this backend against torch's per shape.
+// 50 us for 0.24 M multiply-adds, 2 threads), and its kernels vectorise over blocks of 8 input
+// channels, so with one input channel (the networks' first layers on grayscale images) they
+// run far below the machine's peak (2x1x224x224 -> 64 3x3: 24 ms, the loops below 3.4 ms).
+// Those convolutions run as plain loops in NCHW instead: each output row of KB output channels
+// keeps KB x NV vectors of accumulators in registers while the input rows (padded once into a
+// scratch copy, so the loops need no bounds) stream past; strided convolutions read the copy
+// split into phases (see DirectGeometry), so their loads stay contiguous. grad_input is the
+// same loop over grad_output with the weight flipped and its two channel axes swapped (a
+// stride-1 convolution's transpose), so it shares the kernel. `auto` still measures this
+// backend against torch's per shape.
 
-// multiply-adds of one pass up to which the direct loops serve it. Measured against oneDNN
-// (2 threads, float32): the forward 1.4x at 3.5 M (2x3x32x32 -> 64 3x3), 0.9-1.0x at 7-14 M;
-// grad_input and grad_weight 1.1-1.3x at 1.9 M (8x6x14x14 -> 16 5x5), 0.6-0.8x at 7 M, where
-// grad_weight's row vectors run at 10-14 columns (ResNet-like 12x12 planes) half empty.
+// Which passes the loops serve, by multiply-adds. Measured against oneDNN (2 threads,
+// float32; NOTES.md of the results, sessions 10 and 11): small passes, the forward 1.4x at
+// 3.5 M (2x3x32x32 -> 64 3x3) on a Xeon, 0.9-1.0x at 7-14 M; grad_input and grad_weight
+// 1.1-1.3x at 1.9 M (8x6x14x14 -> 16 5x5), 0.6-0.8x at 7 M, where grad_weight's row vectors run
+// at 10-14 columns (ResNet-like 12x12 planes) half empty. One input channel at any size: the
+// 7x7 stride-2 stems (2x1x96x96 -> 64) forward 2.9x, grad_weight 2.2x on an EPYC (Zen 3);
+// AlexNet's 11x11 stride 4 at 224x224 1.08x / 0.99x. Two to four input channels, the forward
+// up to 2^27: 1.0-1.17x (2x3x96x96 -> 64 3x3), where grad_weight, which reads grad_output
+// once per input channel and kernel row, falls to 0.72x.
 constexpr int64_t kDirectMaxMacs = int64_t{1} << 22;          // forward
 constexpr int64_t kDirectMaxMacsBackward = int64_t{1} << 21;  // grad_input, grad_weight
+constexpr int64_t kDirectFewChannels = 4;
+constexpr int64_t kDirectMaxMacsFewChannels = int64_t{1} << 27;  // forward, 2-4 channels
 
+constexpr int64_t kDirectMaxKernelWidth = 16;
+
+// A convolution's sizes for the direct loops, and the layout of their padded input copy: each
+// padded row of Wp columns is stored as sw phases of Wq = ceil(Wp / sw) columns (column j at
+// j % sw * Wq + j / sw), so output columns ow, ow + 1, ... of a kernel column kw read
+// consecutive elements at any stride: the input columns ow * sw + kw * dw all lie in one phase.
+// With stride 1 a row is simply its Wp columns.
 struct DirectGeometry {
   int64_t N, C, H, W, K, KH, KW, ph, pw, dh, dw, Hp, Wp, OH, OW;
+  int64_t sh, sw, Wq, Wr;  // strides, phase length, row length (sw * Wq) in the copy
+  std::array<int64_t, kDirectMaxKernelWidth> col;  // where kernel column kw starts in a row
+
+  DirectGeometry(int64_t N_, int64_t C_, int64_t H_, int64_t W_, int64_t K_, int64_t KH_,
+                 int64_t KW_, int64_t ph_, int64_t pw_, int64_t dh_, int64_t dw_, int64_t OH_,
+                 int64_t OW_, int64_t sh_, int64_t sw_)
+      : N(N_), C(C_), H(H_), W(W_), K(K_), KH(KH_), KW(KW_), ph(ph_), pw(pw_), dh(dh_),
+        dw(dw_), Hp(H_ + 2 * ph_), Wp(W_ + 2 * pw_), OH(OH_), OW(OW_),
+        sh(sh_), sw(sw_), Wq(div_up(Wp, sw_)), Wr(sw_ * Wq), col{} {
+    TORCH_INTERNAL_ASSERT(KW <= kDirectMaxKernelWidth);
+    for (int64_t kw = 0; kw < KW; ++kw) col[kw] = (kw * dw) % sw * Wq + (kw * dw) / sw;
+  }
+  int64_t plane() const { return Hp * Wr; }
 };
 
 // out[n, k, oh, ow..] for output channels k0..k0+KB and one output row, all of its columns
@@ -313,21 +345,21 @@ void direct_row(const DirectGeometry& g, const T* xn, const T* w, const T* bias,
                 int64_t k0, int64_t oh, T* yn) {
   using V = Vec<T>;
   constexpr int64_t L = V::size();
-  const int64_t R = g.KH * g.KW, CR = g.C * R, plane = g.Hp * g.Wp;
+  const int64_t R = g.KH * g.KW, CR = g.C * R, plane = g.plane();
   for (int64_t ow0 = 0; ow0 < g.OW; ow0 += NV * L) {
     V acc[KB][NV];
     for (int k = 0; k < KB; ++k) {
       for (int v = 0; v < NV; ++v) acc[k][v] = V(bias != nullptr ? bias[k0 + k] : T(0));
     }
     for (int64_t c = 0; c < g.C; ++c) {
-      const T* xc = xn + c * plane + oh * g.Wp + ow0;
+      const T* xc = xn + c * plane + oh * g.sh * g.Wr + ow0;
       const T* wc = w + k0 * CR + c * R;
       for (int64_t kh = 0; kh < g.KH; ++kh) {
-        const T* xr = xc + kh * g.dh * g.Wp;
+        const T* xr = xc + kh * g.dh * g.Wr;
         const T* wr = wc + kh * g.KW;
         for (int64_t kw = 0; kw < g.KW; ++kw) {
           V xv[NV];
-          for (int v = 0; v < NV; ++v) xv[v] = V::loadu(xr + kw * g.dw + v * L);
+          for (int v = 0; v < NV; ++v) xv[v] = V::loadu(xr + g.col[kw] + v * L);
           for (int k = 0; k < KB; ++k) {
             const V wv(wr[k * CR + kw]);
             for (int v = 0; v < NV; ++v) acc[k][v] = at::vec::fmadd(xv[v], wv, acc[k][v]);
@@ -361,23 +393,32 @@ void direct_rows_of_block(const DirectGeometry& g, const T* xn, const T* w, cons
   direct_row<T, KB, NV>(g, xn, w, bias, relu, k0, oh, yn);
 }
 
-// x [N, C, H, W] zero-padded to [N, C, Hp, Wp], and `slack` zeros after it
+// x [N, C, H, W] zero-padded to [N, C, Hp, Wp] in the copy's layout (rows of sw phases, see
+// DirectGeometry), and `slack` zeros after it
 template <typename T>
 std::vector<T> padded_copy(const DirectGeometry& g, const T* x, int64_t slack) {
-  std::vector<T> xp(static_cast<size_t>(g.N * g.C * g.Hp * g.Wp + slack), T(0));
+  std::vector<T> xp(static_cast<size_t>(g.N * g.C * g.plane() + slack), T(0));
   at::parallel_for(0, g.N * g.C, grain_for(g.H * g.W), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       for (int64_t h = 0; h < g.H; ++h) {
         const T* src = x + (p * g.H + h) * g.W;
-        std::copy(src, src + g.W, xp.data() + (p * g.Hp + h + g.ph) * g.Wp + g.pw);
+        T* dst = xp.data() + (p * g.Hp + h + g.ph) * g.Wr;
+        if (g.sw == 1) {
+          std::copy(src, src + g.W, dst + g.pw);
+        } else {
+          for (int64_t j = 0; j < g.W; ++j) {
+            const int64_t jp = j + g.pw;
+            dst[jp % g.sw * g.Wq + jp / g.sw] = src[j];
+          }
+        }
       }
     }
   });
   return xp;
 }
 
-// y = relu?(conv(x, w) + bias) for stride 1, groups 1: x [N, C, H, W] contiguous, w [K, C, KH,
-// KW] contiguous, y [N, K, OH, OW] contiguous; bias null or K values.
+// y = relu?(conv(x, w) + bias) for groups 1 at g's strides: x [N, C, H, W] contiguous, w [K, C,
+// KH, KW] contiguous, y [N, K, OH, OW] contiguous; bias null or K values.
 template <typename T, int KB, int NV>
 void direct_conv(const DirectGeometry& g, const T* x, const T* w, const T* bias, bool relu,
                  T* y) {
@@ -389,7 +430,7 @@ void direct_conv(const DirectGeometry& g, const T* x, const T* w, const T* bias,
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t oh = i % g.OH, b = (i / g.OH) % blocks, n = i / (g.OH * blocks);
       const int64_t k0 = b * KB;
-      direct_rows_of_block<T, KB, NV>(g, xp.data() + n * g.C * g.Hp * g.Wp, w, bias, relu, k0,
+      direct_rows_of_block<T, KB, NV>(g, xp.data() + n * g.C * g.plane(), w, bias, relu, k0,
                                       std::min<int64_t>(KB, g.K - k0), oh,
                                       y + n * g.K * g.OH * g.OW);
     }
@@ -397,24 +438,28 @@ void direct_conv(const DirectGeometry& g, const T* x, const T* w, const T* bias,
 }
 
 // Whether the direct loops serve this convolution pass (x: what it reads, NCHW; w: [K, C, KH,
-// KW] in the pass's orientation).
-bool direct_fits(const Tensor& x, const Tensor& w, c10::IntArrayRef stride, int64_t groups,
-                 int64_t OH, int64_t OW, int64_t max_macs) {
+// KW] in the pass's orientation; backward: a gradient pass).
+bool direct_fits(const Tensor& x, const Tensor& w, int64_t groups, int64_t OH, int64_t OW,
+                 bool backward) {
   const auto t = x.scalar_type();
-  return groups == 1 && stride[0] == 1 && stride[1] == 1 &&
-         (t == at::kFloat || t == at::kDouble) && layout_of(x) == at::MemoryFormat::Contiguous &&
-         x.numel() > 0 && w.numel() > 0 && OH > 0 && OW > 0 &&
-         x.size(0) * w.numel() * OH * OW <= max_macs;
+  if (!(groups == 1 && (t == at::kFloat || t == at::kDouble) &&
+        layout_of(x) == at::MemoryFormat::Contiguous && x.numel() > 0 && w.numel() > 0 &&
+        OH > 0 && OW > 0 && w.size(3) <= kDirectMaxKernelWidth)) {
+    return false;
+  }
+  const int64_t C = w.size(1), macs = x.size(0) * w.numel() * OH * OW;
+  return macs <= (backward ? kDirectMaxMacsBackward : kDirectMaxMacs) || C == 1 ||
+         (!backward && C <= kDirectFewChannels && macs <= kDirectMaxMacsFewChannels);
 }
 
-// relu?(conv(x, w) + bias), stride 1, groups 1, padding (ph, pw) >= 0, as NCHW
+// relu?(conv(x, w) + bias), groups 1, padding (ph, pw) >= 0, as NCHW
 Tensor direct_conv2d(const Tensor& x_, const Tensor& w_, const std::optional<Tensor>& bias,
-                     int64_t ph, int64_t pw, c10::IntArrayRef dilation, int64_t OH, int64_t OW,
-                     bool relu) {
+                     c10::IntArrayRef stride, int64_t ph, int64_t pw, c10::IntArrayRef dilation,
+                     int64_t OH, int64_t OW, bool relu) {
   const Tensor x = x_.contiguous(), w = w_.contiguous();
-  const DirectGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), w.size(0), w.size(2),
-                         w.size(3), ph, pw, dilation[0], dilation[1], x.size(2) + 2 * ph,
-                         x.size(3) + 2 * pw, OH, OW};
+  const DirectGeometry g(x.size(0), x.size(1), x.size(2), x.size(3), w.size(0), w.size(2),
+                         w.size(3), ph, pw, dilation[0], dilation[1], OH, OW, stride[0],
+                         stride[1]);
   Tensor y = poisoned(at::empty({g.N, g.K, OH, OW}, x.options()));
   const bool has_bias = bias.has_value() && bias->defined();
   const Tensor b = has_bias ? bias->to(x.scalar_type()).contiguous() : Tensor();
@@ -432,12 +477,13 @@ Tensor direct_conv2d(const Tensor& x_, const Tensor& w_, const std::optional<Ten
   return y;
 }
 
-// grad_weight[k0..k0+KB, c, kh, :] of a stride-1 convolution: each output row's grad_output
-// vectors (KB of them) meet the KW shifted input vectors of the same row; lanes fold into double
-// every kFoldChunk terms. gp is grad_output with rows padded with zeros to OWp (a whole number
-// of vectors) and xp the input padded to rows of at least OWp + (KW - 1) * dw, so every load is
-// a full vector; in the last vector of a row the input's lanes past OW are masked off (they hold
-// the row's later columns, and 0 * inf would be NaN).
+// grad_weight[k0..k0+KB, c, kh, :] of a convolution: each output row's grad_output vectors (KB
+// of them) meet the KW shifted input vectors of the input row it read (consecutive elements of
+// the padded copy at any stride, see DirectGeometry); lanes fold into double every kFoldChunk
+// terms. gp is grad_output with rows padded with zeros to OWp (a whole number of vectors) and
+// xp the padded input copy with OWp elements of slack, so every load is a full vector; in the
+// last vector of a row the input's lanes past OW are masked off (they hold later columns or the
+// next phase, and 0 * inf would be NaN).
 template <typename T, int KB, int KW>
 void direct_gw_item(const DirectGeometry& g, const T* xp, const T* gp, int64_t OWp, int64_t k0,
                     int64_t c, int64_t kh, T* gw) {
@@ -462,7 +508,7 @@ void direct_gw_item(const DirectGeometry& g, const T* xp, const T* gp, int64_t O
     const int64_t r1 = std::min(g.N * g.OH, r0 + fold_rows);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / g.OH, oh = r % g.OH;
-      const T* xr = xp + ((n * g.C + c) * g.Hp + oh + kh * g.dh) * g.Wp;
+      const T* xr = xp + ((n * g.C + c) * g.Hp + oh * g.sh + kh * g.dh) * g.Wr;
       const T* gr = gp + ((n * g.K + k0) * g.OH + oh) * OWp;
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t ow0 = t * L;
@@ -470,7 +516,7 @@ void direct_gw_item(const DirectGeometry& g, const T* xp, const T* gp, int64_t O
         for (int k = 0; k < KB; ++k) gv[k] = V::loadu(gr + k * gk + ow0);
         const V m = t == tiles - 1 ? mask : all;
         for (int kw = 0; kw < KW; ++kw) {
-          const V xv = V::loadu(xr + ow0 + kw * g.dw) & m;
+          const V xv = V::loadu(xr + ow0 + g.col[kw]) & m;
           for (int k = 0; k < KB; ++k) acc[k][kw] = at::vec::fmadd(gv[k], xv, acc[k][kw]);
         }
       }
@@ -504,9 +550,8 @@ void direct_gw(const DirectGeometry& g, const T* x, const T* gy, T* gw) {
   constexpr int KB = 4;
   constexpr int64_t L = Vec<T>::size();
   const int64_t OWp = div_up(g.OW, L) * L;
-  DirectGeometry wide = g;  // rows long enough for the last vector of every shifted load
-  wide.Wp = std::max(g.Wp, OWp + (KW - 1) * g.dw);
-  const std::vector<T> xpv = padded_copy(wide, x, 0);
+  // a row's loads run at most OWp - OW past its phase; only the last row's leave the copy
+  const std::vector<T> xpv = padded_copy(g, x, OWp);
   std::vector<T> gpv(static_cast<size_t>(g.N * g.K * g.OH * OWp), T(0));
   at::parallel_for(0, g.N * g.K * g.OH, grain_for(g.OW), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -520,7 +565,7 @@ void direct_gw(const DirectGeometry& g, const T* x, const T* gy, T* gw) {
                    [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t kh = i % g.KH, c = (i / g.KH) % g.C, b = i / (g.KH * g.C);
-      direct_gw_block<T, KB, KW>(wide, xp, gp, OWp, b * KB, std::min<int64_t>(KB, g.K - b * KB),
+      direct_gw_block<T, KB, KW>(g, xp, gp, OWp, b * KB, std::min<int64_t>(KB, g.K - b * KB),
                                  c, kh, gw);
     }
   });
@@ -528,22 +573,21 @@ void direct_gw(const DirectGeometry& g, const T* x, const T* gy, T* gw) {
 
 constexpr int64_t kDirectMaxKW = 7;
 
-// grad_weight of a stride-1, groups-1 convolution by the direct loops, or None where they do
-// not serve it (g: grad_output already masked, NCHW like the input)
+// grad_weight of a groups-1 convolution by the direct loops, or None where they do not serve
+// it (g: grad_output already masked, NCHW like the input)
 std::optional<Tensor> direct_grad_weight(const Tensor& g, const Tensor& input,
                                          const Tensor& weight, c10::IntArrayRef stride,
                                          c10::IntArrayRef padding, c10::IntArrayRef dilation,
                                          int64_t groups) {
   if (weight.size(3) > kDirectMaxKW || !g.is_contiguous() ||
-      !direct_fits(input, weight, stride, groups, g.size(2), g.size(3),
-                   kDirectMaxMacsBackward)) {
+      !direct_fits(input, weight, groups, g.size(2), g.size(3), true)) {
     return std::nullopt;
   }
   const Tensor x = input.contiguous();
   const int64_t ph = padding[0], pw = padding[1];
-  const DirectGeometry geo{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0),
+  const DirectGeometry geo(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0),
                            weight.size(2), weight.size(3), ph, pw, dilation[0], dilation[1],
-                           x.size(2) + 2 * ph, x.size(3) + 2 * pw, g.size(2), g.size(3)};
+                           g.size(2), g.size(3), stride[0], stride[1]);
   Tensor gw = poisoned(at::empty({geo.K, geo.C, geo.KH, geo.KW}, x.options()));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastconv_direct_grad_weight", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -573,8 +617,8 @@ std::optional<Tensor> direct_grad_input(const Tensor& g, const Tensor& weight,
   if (ph < 0 || pw < 0) return std::nullopt;
   const Tensor wt = weight.flip({2, 3}).transpose(0, 1);
   const int64_t stride1[2] = {1, 1};
-  if (!direct_fits(g, wt, stride1, 1, H, W, kDirectMaxMacsBackward)) return std::nullopt;
-  return direct_conv2d(g, wt, std::nullopt, ph, pw, dilation, H, W, false);
+  if (!direct_fits(g, wt, 1, H, W, true)) return std::nullopt;
+  return direct_conv2d(g, wt, std::nullopt, stride1, ph, pw, dilation, H, W, false);
 }
 
 // mkldnn::_convolution_pointwise builds its oneDNN primitive on every call (about 35 us
@@ -598,8 +642,9 @@ Tensor conv2d_relu_cpu(const Tensor& input, const Tensor& weight, const std::opt
   const int64_t OW = conv_out_size(input, weight, stride, padding, dilation, 1);
   const auto fmt = layout_of(input);
   Tensor out;
-  if (direct_fits(input, weight, stride, groups, OH, OW, kDirectMaxMacs)) {
-    return direct_conv2d(input, weight, bias, padding[0], padding[1], dilation, OH, OW, relu);
+  if (direct_fits(input, weight, groups, OH, OW, false)) {
+    return direct_conv2d(input, weight, bias, stride, padding[0], padding[1], dilation, OH, OW,
+                         relu);
   }
   if (!relu) {
     // nothing to fuse: the plain convolution already adds the bias in its epilogue
