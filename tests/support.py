@@ -11,6 +11,7 @@ rename touches two files.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import zlib
@@ -40,6 +41,22 @@ _TRITON_MODULES = {"conv2d_relu": "conv2d_relu", "max_pool2d": "max_pool2d",
 def triton_module(op: str):
     """The Triton module implementing ``op`` ("utils" for the shared helpers)."""
     return importlib.import_module(f"fastconv.backends.triton.{_TRITON_MODULES[op]}")
+
+
+# --------------------------------------------------------------------------- conditioning
+# --------------------------------------------------------------------------- batch norm
+def bn_stats_bounds(x64, dtype):
+    """float64 batch statistics of x64 and the extension kernels' error bounds on them: sums
+    of d = x - K and d^2, K the mean of each channel's first 64 elements in (n, h, w) order
+    (csrc/cpu/batch_norm.cpp), at most M terms per accumulator. Returns (mean, var, mean's
+    bound, var's bound, M)."""
+    n, c, h, w = x64.shape
+    m = n * h * w
+    flat = x64.transpose(0, 1).reshape(c, -1)
+    mean, var = flat.mean(1), flat.var(1, unbiased=False)
+    d = flat - flat[:, :64].mean(1, keepdim=True)
+    g = gamma(m, dtype) + 2 * U[dtype]
+    return mean, var, g * d.abs().mean(1) + U[dtype] * mean.abs(), 3 * g * (d * d).mean(1), m
 
 
 # --------------------------------------------------------------------------- seeds and data

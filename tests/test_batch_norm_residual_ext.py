@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from support import U, assert_within, f64, gamma, generator, grad_for, randn
+from support import U, assert_within, bn_stats_bounds, f64, gamma, generator, grad_for, randn
 
 CL = torch.channels_last
 ops = torch.ops.fastconv
@@ -52,18 +52,6 @@ def v(t):
 def ref_factor(dtype):
     """Kernel bound + the float64 reference's own rounding (same terms at u64)."""
     return 1 + U[torch.float64] / U[dtype]
-
-
-def stats_bounds(x64, dtype):
-    """float64 batch statistics and the kernel's bounds on them (as tests/test_extension_cpu.py:
-    sums of d = x - first element of the channel, M terms per accumulator)."""
-    n, c, h, w = x64.shape
-    m = n * h * w
-    flat = x64.transpose(0, 1).reshape(c, -1)
-    mean, var = flat.mean(1), flat.var(1, unbiased=False)
-    d = flat - flat[:, :1]
-    g = gamma(m, dtype) + 2 * U[dtype]
-    return mean, var, g * d.abs().mean(1) + U[dtype] * mean.abs(), 3 * g * (d * d).mean(1), m
 
 
 def make_case(case, dtype, cl, affine, tag):
@@ -149,7 +137,7 @@ def test_training(case, dtype, cl, relu, affine):
     c = x.shape[1]
 
     x64 = f64(x)
-    mean, var, dmean, dvar, m = stats_bounds(x64, dtype)
+    mean, var, dmean, dvar, m = bn_stats_bounds(x64, dtype)
     us = U[torch.float64 if dtype == torch.float64 else torch.float32]
     invstd = 1 / torch.sqrt(var + 1e-5)
     assert_within(save_mean, mean, k * (dmean + us * mean.abs()), "save_mean")

@@ -2,15 +2,20 @@
 traced graph loses every ReLU call that a conv or batch norm can apply (counted at the ATen
 level during a training-mode forward), and the result matches stock against float64.
 
-Each converted model is compared with stock float32 against a float64 copy: the converted
-model's error (L2 norm per tensor) may be at most ``RATIO`` times torch's own error, taken as
-the worse of stock in NCHW and stock in channels_last (two equally valid float32 orders),
-plus a few unit roundoffs of the tensor's norm (for tensors that stock happens to get exact).
-Whole networks are compared by norm and against torch's own spread, not element by element
-with a fixed factor: at these small inputs batch norm sees 2 to 8 values per channel in the
-last stages, which amplifies every rounding (measured on torchvision's ResNet-50: a layer-4
-BN bias gradient 0.02% off in NCHW, 1.8% in channels_last -- stock torch both times). The
-per-op tests bound every element.
+Each converted model's float32 output is compared with stock float32 against a float64 copy:
+its error (L2 norm) may be at most ``RATIO`` times torch's own, taken as the worse of stock in
+NCHW and stock in channels_last (two equally valid float32 orders), plus a few unit roundoffs
+of the norm. Gradients and the state after two SGD steps are compared in float64 (the
+converted model built from the float64 copy): in float32 a ReLU input or max-pool gap within
+rounding of its kink lets one implementation pass a gradient where another does not (seen on
+an AMD EPYC in VGG-11-BN: 70x stock's error in the first conv's weight after two steps, stock
+lucky), so no fixed factor of stock's float32 error holds for gradients. Stock float32's error
+still measures how much the problem amplifies rounding, and the float64 bound is that error
+carried to float64's precision (see assert_like_stock). Whole networks are compared by norm
+and against torch's own spread, not element by element: at these small inputs batch norm sees
+2 to 8 values per channel in the last stages, which amplifies every rounding (measured on
+torchvision's ResNet-50: a layer-4 BN bias gradient 0.02% off in NCHW, 1.8% in channels_last
+-- stock torch both times). The per-op tests bound every element.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 RATIO = 4.0
 U32 = 2.0 ** -24
+U64 = 2.0 ** -53
 
 def _narrow(model, width=64):
     """The model with its classifier's hidden Linear layers ``width`` wide instead of 4096
@@ -140,15 +146,31 @@ def _errors(model, x, call=None):
     return {"output": out.detach(), **{k: p.grad for k, p in model.named_parameters()}}
 
 
-def assert_like_stock(fast: dict, stocks: list, ref: dict, what=""):
-    """fast's error within RATIO x the worse of torch's own (stock in each memory format)."""
+def assert_like_stock(fast64: dict, stocks: list, cl64: dict, ref: dict, what="", noise=None):
+    """fast64's distance from the float64 reference within RATIO x torch's own spread in
+    float64: the larger of stock float64 channels_last's distance from it and stock float32's
+    error (the worse of the two memory formats) carried to float64's precision (x 2^-29: the
+    problem's amplification of rounding, measured where it is large enough to see), plus 8
+    units of the tensor's norm. ``noise``: the keys whose exact value is zero, with a bound on
+    their error."""
+    noise = noise or {}
     for k, r in ref.items():
+        if k in noise:
+            # zero in exact arithmetic (a conv bias feeding training-mode batch norm: its
+            # gradient, and its change over the steps): every result is rounding noise of
+            # summands up to the gradients' scale; a ratio of two noises means nothing, so
+            # bound the noise instead
+            err = float((fast64[k] - r).norm())
+            assert err <= noise[k], f"{what} {k} (zero in exact arithmetic): {err:.3e}"
+            continue
         norm = float(r.norm())
-        err_stock = max(float((s[k].double() - r).norm()) for s in stocks)
-        err_fast = float((fast[k].double() - r).norm())
-        bound = RATIO * err_stock + 8 * U32 * norm
-        assert err_fast <= bound, (f"{what} {k}: converted error {err_fast:.3e} > "
-                                   f"{RATIO} x stock's {err_stock:.3e} + 8u x {norm:.3e}")
+        err32 = max(float((s[k].double() - r).norm()) for s in stocks)
+        err64 = float((cl64[k] - r).norm())
+        err_fast = float((fast64[k] - r).norm())
+        bound = RATIO * max(err64, err32 * U64 / U32) + 8 * U64 * norm
+        assert err_fast <= bound, (f"{what} {k}: converted (float64) error {err_fast:.3e} > "
+                                   f"{RATIO} x max(stock float64 channels_last's {err64:.3e}, "
+                                   f"stock float32's {err32:.3e} x 2^-29) + 8u x {norm:.3e}")
 
 
 def _numerics_cases():
@@ -158,27 +180,48 @@ def _numerics_cases():
             yield pytest.param(name, "torch", id=f"{name}-torch")
 
 
-@pytest.mark.parametrize("name,backend", list(_numerics_cases()))
-def test_outputs_gradients_and_two_sgd_steps_match_stock(name, backend):
-    require(backend)
-    stock, x = build(name)
-    ref = copy.deepcopy(stock).double()
-    cl = copy.deepcopy(stock).to(memory_format=torch.channels_last)
-    fast = fastconv.convert(stock, backend=backend)
-    nets = (fast, stock, cl, ref)
-    inputs = (x, x, x.contiguous(memory_format=torch.channels_last), x.double())
-    f, s, c, r = [_errors(m, xx) for m, xx in zip(nets, inputs)]
-    assert_like_stock(f, [s, c], r, what=f"{name} step 0")
-    # running statistics and parameters after two SGD steps
+def _train(nets, inputs, steps=2):
+    """``steps`` SGD steps (momentum 0.9) of each net on its input: their float state after."""
     opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in nets]
-    for step in range(2):
+    for _ in range(steps):
         for m, o, xx in zip(nets, opts, inputs):
             o.zero_grad(set_to_none=True)
             m(xx).square().mean().backward()
             o.step()
-    f, s, c, r = [{k: v for k, v in m.state_dict().items() if v.is_floating_point()}
-                  for m in nets]
-    assert_like_stock(f, [s, c], r, what=f"{name} after two SGD steps")
+    return [{k: v for k, v in m.state_dict().items() if v.is_floating_point()} for m in nets]
+
+
+@pytest.mark.parametrize("name,backend", list(_numerics_cases()))
+def test_outputs_gradients_and_two_sgd_steps_match_stock(name, backend):
+    """The float32 output of the converted model; its gradients and its state after two SGD
+    steps in float64 (the module docstring says why)."""
+    require(backend)
+    stock, x = build(name)
+    ref = copy.deepcopy(stock).double()
+    cl = copy.deepcopy(stock).to(memory_format=torch.channels_last)
+    fast = fastconv.convert(copy.deepcopy(stock), backend=backend)
+    fast64 = fastconv.convert(copy.deepcopy(ref), backend=backend)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    cl64 = copy.deepcopy(ref).to(memory_format=torch.channels_last)
+    s, c, r, c64, f64 = [_errors(m, xx) for m, xx in (
+        (stock, x), (cl, xcl), (ref, x.double()), (cl64, xcl.double()), (fast64, x.double()))]
+    with torch.no_grad():
+        out = fast(x).double()
+    err_stock = max(float((o["output"].double() - r["output"]).norm()) for o in (s, c))
+    assert float((out - r["output"]).norm()) <= RATIO * err_stock + 8 * U32 * float(
+        r["output"].norm()), f"{name} float32 output"
+    # float64 noise of summands up to the gradients' scale: 1e-5 of it in float32 (the
+    # extension's model test), carried to float64; the state moves by lr (1 + 1.9) of it
+    scale = max(float(g.norm()) for k, g in r.items() if k != "output")
+    zero = [k for k, g in r.items() if float(g.norm()) <= 1e-9 * scale]
+    floor = 1e-5 * scale * U64 / U32
+    assert_like_stock(f64, [s, c], c64, r, what=f"{name} step 0",
+                      noise=dict.fromkeys(zero, floor))
+    # running statistics and parameters after two SGD steps
+    s, c, r, c64, f64 = _train((stock, cl, ref, cl64, fast64),
+                               (x, xcl, x.double(), xcl.double(), x.double()))
+    assert_like_stock(f64, [s, c], c64, r, what=f"{name} after two SGD steps",
+                      noise=dict.fromkeys(zero, 0.01 * 2.9 * floor))
 
 
 @pytest.mark.parametrize("name", ["tv_resnet18", "tv_googlenet", "resnet18", "googlenet"])

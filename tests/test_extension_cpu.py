@@ -28,6 +28,7 @@ from fastconv import models
 from fastconv.backends.base import OPS
 from fastconv.backends.extension import ExtensionBackend
 from support import U, assert_within, gamma  # elementwise bounds (one NaN/Inf rule)
+from support import bn_stats_bounds
 
 CL = torch.channels_last
 DTYPES = (torch.float32, torch.float64)
@@ -122,6 +123,23 @@ CONV_PARAMS = [pytest.param(c, True, id=f"{c[0]}-relu") for c in CONV_CASES] + [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case,relu", CONV_PARAMS)
 def test_conv2d_relu(case, relu, dtype, layout):
+    check_conv2d_relu(case, relu, dtype, layout, acc=dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[9], CONV_CASES[-1]],
+                         ids=lambda c: c[0])
+def test_conv2d_relu_16bit_accumulates_in_float(case, dtype, layout):
+    """float16/bfloat16 are computed in float32 and rounded once (ATen's own 16-bit CPU
+    convolutions accumulate in 16 bits on some CPUs): every pass within float32 accumulation's
+    bound plus one rounding to the dtype."""
+    check_conv2d_relu(case, True, dtype, layout, acc=torch.float32)
+
+
+def check_conv2d_relu(case, relu, dtype, layout, acc):
+    """Output and the three gradients against float64, elementwise: sums accumulated in
+    ``acc``, rounded once to ``dtype``."""
     torch.manual_seed(hash(case[0]) % 1000)
     x, wt, b, s, p, d, g = conv_case(case, dtype, layout, relu)
     xr, wr, br = (t.clone().requires_grad_() for t in (x, wt, b))
@@ -132,11 +150,12 @@ def test_conv2d_relu(case, relu, dtype, layout):
     ref = F.relu(lin) if relu else lin
     terms = F.conv2d(f64(x).abs(), f64(wt).abs(), f64(b).abs(), s, p, d, g)
     red = wt.shape[1] * wt.shape[2] * wt.shape[3] + 1
-    assert_within(out, ref, gamma(red, dtype) * terms + U[dtype] * ref.abs(), "output")
+    assert_within(out, ref, gamma(red, acc) * terms + U[dtype] * ref.abs(), "output")
 
     grad = make(out.shape, dtype, layout)
     gi, gw, gb = torch.autograd.grad(out, (xr, wr, br), grad)
     assert_layout(gi, layout, "grad_input")
+    assert (gi.dtype, gw.dtype, gb.dtype) == (dtype,) * 3
     gmask = f64(grad) * (out.detach() > 0) if relu else f64(grad)
     x64, w64, b64 = f64(x, True), f64(wt, True), f64(b, True)
     refs = torch.autograd.grad(F.conv2d(x64, w64, b64, s, p, d, g), (x64, w64, b64), gmask)
@@ -145,7 +164,7 @@ def test_conv2d_relu(case, relu, dtype, layout):
     npos = out.shape[0] * out.shape[2] * out.shape[3]
     lens = (wt.shape[0] // g * wt.shape[2] * wt.shape[3], npos, npos)
     for got, r, sm, L, what in zip((gi, gw, gb), refs, sums, lens, ("grad_input", "grad_weight", "grad_bias")):
-        assert_within(got, r, gamma(L, dtype) * sm + U[dtype] * r.abs(), what)
+        assert_within(got, r, gamma(L, acc) * sm + U[dtype] * r.abs(), what)
 
 
 @pytest.mark.parametrize("case", [CONV_CASES[4], CONV_CASES[-1]], ids=["small", "large"])
@@ -392,20 +411,6 @@ BN_CASES = [
     ("vgg16bn.block5_2x2", 4, 24, 2, 2, 0.4),
     ("pooled_1x1", 6, 10, 1, 1, 30.0),
 ]
-
-
-def bn_stats_bounds(x64, dtype):
-    """float64 statistics and the kernel's error bounds on them (shifted by the first element
-    of each channel, as the kernel does; sums of at most M terms per accumulator)."""
-    n, c, h, w = x64.shape
-    m = n * h * w
-    flat = x64.transpose(0, 1).reshape(c, -1)
-    mean, var = flat.mean(1), flat.var(1, unbiased=False)
-    d = flat - flat[:, :1]
-    g = gamma(m, dtype) + 2 * U[dtype]
-    dmean = g * d.abs().mean(1) + U[dtype] * mean.abs()
-    dvar = 3 * g * (d * d).mean(1)
-    return mean, var, dmean, dvar, m
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -843,50 +848,6 @@ def _rel(a, e):
     return float((a - e).norm() / e.norm().clamp_min(1e-300))
 
 
-def _pool_margin(model64, x) -> float:
-    """The smallest gap between a max-pool window's two largest values (windows whose max is
-    positive), relative to the largest value the pool sees, in the float64 model."""
-    margins = []
-
-    def hook(mod, inputs, output):
-        t = inputs[0].detach()
-        k, s, p = (mod.kernel_size, mod.stride, mod.padding)
-        n, c, h, w = t.shape
-        cols = F.unfold(t.reshape(n * c, 1, h, w), k, mod.dilation, p, s)  # padding reads 0
-        top2 = cols.topk(2, dim=1).values
-        gap = top2[:, 0] - top2[:, 1]
-        # exact copies of one value (a pool of a pool's output) tie in every precision alike
-        live = (top2[:, 0] > 0) & (gap > 0)
-        if live.any():
-            margins.append(float(gap[live].min() / t.abs().max()))
-
-    handles = [m.register_forward_hook(hook) for m in model64.modules()
-               if isinstance(m, nn.MaxPool2d)]
-    try:
-        with torch.no_grad():
-            model64(x.double())
-    finally:
-        for h in handles:
-            h.remove()
-    return min(margins, default=1.0)
-
-
-def _well_conditioned_input(model64, shape, margin=1e-6):
-    """A random input on which no max-pool window holds a near-tie: where two candidates lie
-    within rounding of each other, any float32 rounding (stock's or the kernels') may route the
-    window's gradient to either, and the gradients below it then differ by whole percents
-    between two correct implementations (seen: VGG-16-BN's last pool, a gap of 4e-7 of the
-    values). The first draw continues the caller's random stream; later ones are seeded 1, 2,
-    ..., until the smallest gap exceeds ``margin`` of the values."""
-    for seed in range(20):
-        if seed:
-            torch.manual_seed(seed)
-        x = torch.randn(shape)
-        if _pool_margin(model64, x) > margin:
-            return x
-    raise AssertionError("no well-conditioned input in 20 draws")
-
-
 # channels_last: the batch-norm and branching models suffice
 MODEL_PARAMS = [(n, "nchw") for n in sorted(MODEL_INPUTS)] + [
     (n, "cl") for n in ("googlenet", "resnet18", "vgg16_bn")]
@@ -894,38 +855,52 @@ MODEL_PARAMS = [(n, "nchw") for n in sorted(MODEL_INPUTS)] + [
 
 @pytest.mark.parametrize("name,layout", MODEL_PARAMS)
 def test_converted_model_matches_stock(name, layout):
-    """Output, every gradient and the running statistics of one training step: the extension's
-    error against a float64 copy of the model is at most twice stock float32 torch's (plus a
-    relative 2^-23 for the output, 10 * 2^-23 for gradients and state, for the tensors stock
-    happens to get almost exactly)."""
+    """One training step of the converted model against a float64 copy of stock.
+
+    float32 output: the extension's error at most twice stock float32's (plus a relative
+    2^-23). Gradients and running statistics are compared in float64, the extension's
+    float64 kernels against stock float64: in float32 they are not comparable element for
+    element with any fixed factor of stock's error, because a ReLU input or a max-pool gap
+    within float32 rounding of its kink (one in ~10^5 activations at these sizes: seen on an
+    AMD EPYC, VGG-16-BN's, 1.6e-6 of the tensor's largest value with both implementations
+    3e-6 off) lets one implementation pass a gradient where the other does not, and the
+    gradients below then differ by permille. Stock float32's error measures the problem's
+    amplification of rounding (kappa = its relative error / 2^-24); the extension in float64
+    may err at most 2 kappa 2^-53, the float64 reference itself kappa 2^-53, so the two differ
+    by at most 3 kappa 2^-53 (plus 10 x 2^-53 for tensors stock happens to get exact)."""
     kwargs, shape = MODEL_INPUTS[name]
     torch.manual_seed(0)
     stock = _no_dropout(models.build(name, **kwargs))
     exact = copy.deepcopy(stock).double()
-    fast = fastconv.convert(stock, backend="extension")
+    fast = fastconv.convert(copy.deepcopy(stock), backend="extension")
+    fast64 = fastconv.convert(copy.deepcopy(exact), backend="extension")
     assert list(fast.state_dict()) == list(stock.state_dict())
-    x = _well_conditioned_input(exact, (2, *shape))
+    x = torch.randn(2, *shape)
     if layout == "cl":
         x = x.to(memory_format=CL)
     out_s, g_s = _step(stock, x)
-    out_f, g_f = _step(fast, x)
+    out_f, _ = _step(fast, x)
     out_e, g_e = _step(exact, x.double())
-    slack = 2.0**-23
-    assert _rel(out_f, out_e) <= 2 * _rel(out_s, out_e) + slack, "output"
+    out_f64, g_f64 = _step(fast64, x.double())
+    u32, u64 = 2.0**-24, 2.0**-53
+    assert _rel(out_f, out_e) <= 2 * _rel(out_s, out_e) + 2 * u32, "output"
+    assert _rel(out_f64, out_e) <= 3 * _rel(out_s, out_e) / u32 * u64 + 10 * u64, "output64"
     scale = max(float(g.norm()) for g in g_e.values())
     for k in g_e:
         if float(g_e[k].norm()) <= 1e-9 * scale:
             # exactly zero in exact arithmetic (a conv bias feeding training-mode batch norm):
-            # both float32 results are rounding noise of summands up to the gradients' scale,
-            # so a relative comparison of two noises is meaningless; bound the noise instead
-            assert float((g_f[k] - g_e[k]).norm()) <= 1e-5 * scale, f"grad {k} (zero)"
+            # float results are rounding noise of summands up to the gradients' scale, so a
+            # relative comparison of two noises is meaningless; bound the noise instead
+            assert float((g_f64[k] - g_e[k]).norm()) <= 1e-5 * scale * u64 / u32, \
+                f"grad {k} (zero)"
             continue
-        assert _rel(g_f[k], g_e[k]) <= 2 * _rel(g_s[k], g_e[k]) + 10 * slack, f"grad {k}"
-    sd_s, sd_f, sd_e = stock.state_dict(), fast.state_dict(), exact.state_dict()
+        kappa = _rel(g_s[k], g_e[k]) / u32
+        assert _rel(g_f64[k], g_e[k]) <= (3 * kappa + 10) * u64, f"grad {k}"
+    sd_s, sd_f, sd_e = stock.state_dict(), fast64.state_dict(), exact.state_dict()
     for k, v in sd_e.items():
         if v.is_floating_point():
-            err_f, err_s = _rel(sd_f[k].double(), v), _rel(sd_s[k].double(), v)
-            assert err_f <= 2 * err_s + 10 * slack, f"state {k}"
+            kappa = _rel(sd_s[k].double(), v) / u32
+            assert _rel(sd_f[k], v) <= (3 * kappa + 10) * u64, f"state {k}"
 
 
 # ------------------------------------------------------------------------------ torch.compile

@@ -621,6 +621,13 @@ std::optional<Tensor> direct_grad_input(const Tensor& g, const Tensor& weight,
   return direct_conv2d(g, wt, std::nullopt, stride1, ph, pw, dilation, H, W, false);
 }
 
+// float16 and bfloat16 inputs are computed in float32 and rounded once: ATen's 16-bit CPU
+// convolutions accumulate in 16 bits on some machines (seen on an AMD EPYC: float16 grad_input
+// three times past a float accumulation's error bound, where a Xeon met it)
+bool is_16bit(const Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
 // mkldnn::_convolution_pointwise builds its oneDNN primitive on every call (about 35 us
 // measured, where the cached primitive of at::convolution costs 3 us at 1x4x4x4), so small
 // outputs take the convolution + fused bias/ReLU pass instead: there the pass it would save
@@ -638,6 +645,12 @@ Tensor conv2d_relu_cpu(const Tensor& input, const Tensor& weight, const std::opt
                        c10::IntArrayRef stride, c10::IntArrayRef padding,
                        c10::IntArrayRef dilation, int64_t groups, bool relu) {
   check_conv_args(input, weight, bias, stride, padding, dilation, groups);
+  if (is_16bit(input)) {
+    const auto f = [](const Tensor& t) { return t.to(at::kFloat); };
+    return conv2d_relu_cpu(f(input), f(weight), bias ? std::optional<Tensor>(f(*bias)) : bias,
+                           stride, padding, dilation, groups, relu)
+        .to(input.scalar_type());
+  }
   const int64_t OH = conv_out_size(input, weight, stride, padding, dilation, 0);
   const int64_t OW = conv_out_size(input, weight, stride, padding, dilation, 1);
   const auto fmt = layout_of(input);
@@ -753,6 +766,14 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_backward_cpu(
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
               "fastconv conv2d_relu_backward: grad_output dtype ", grad_output.scalar_type(),
               " does not match input dtype ", input.scalar_type());
+  if (is_16bit(input)) {
+    const auto f = [](const Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; };
+    auto [gi, gw, gb] = conv2d_relu_backward_cpu(f(grad_output), f(input), f(weight), f(output),
+                                                 stride, padding, dilation, groups, relu,
+                                                 output_mask);
+    const auto t = input.scalar_type();
+    return {gi.to(t), gw.to(t), gb.to(t)};
+  }
   const int64_t OH = conv_out_size(input, weight, stride, padding, dilation, 0);
   const int64_t OW = conv_out_size(input, weight, stride, padding, dilation, 1);
   TORCH_CHECK(grad_output.size(0) == input.size(0) && grad_output.size(1) == weight.size(0) &&
