@@ -43,18 +43,20 @@ def triton_module(op: str):
     return importlib.import_module(f"fastconv.backends.triton.{_TRITON_MODULES[op]}")
 
 
-# --------------------------------------------------------------------------- conditioning
 # --------------------------------------------------------------------------- batch norm
 def bn_stats_bounds(x64, dtype):
     """float64 batch statistics of x64 and the extension kernels' error bounds on them: sums
-    of d = x - K and d^2, K the mean of each channel's first 64 elements in (n, h, w) order
-    (csrc/cpu/batch_norm.cpp), at most M terms per accumulator. Returns (mean, var, mean's
-    bound, var's bound, M)."""
+    of d = x - K and d^2, K the mean of the finite values among each channel's first 64
+    elements in (n, h, w) order (csrc/cpu/batch_norm.cpp), at most M terms per accumulator.
+    Returns (mean, var, mean's bound, var's bound, M)."""
     n, c, h, w = x64.shape
     m = n * h * w
     flat = x64.transpose(0, 1).reshape(c, -1)
     mean, var = flat.mean(1), flat.var(1, unbiased=False)
-    d = flat - flat[:, :64].mean(1, keepdim=True)
+    head = flat[:, :64]
+    fin = head.isfinite()
+    k = (head.where(fin, 0).sum(1) / fin.sum(1).clamp_min(1)).unsqueeze(1)
+    d = flat - k
     g = gamma(m, dtype) + 2 * U[dtype]
     return mean, var, g * d.abs().mean(1) + U[dtype] * mean.abs(), 3 * g * (d * d).mean(1), m
 

@@ -319,8 +319,11 @@ def test_every_relu_form_and_what_stays():
     x = torch.randn(2, 4, 6, 6)
     ref = copy.deepcopy(stock).double()
     cl = copy.deepcopy(stock).to(memory_format=torch.channels_last)
-    assert_like_stock(_errors(fast, x), [_errors(stock, x), _errors(cl, x)],
-                      _errors(ref, x.double()))
+    cl64 = copy.deepcopy(ref).to(memory_format=torch.channels_last)
+    fast64 = fastconv.convert(copy.deepcopy(ref), backend="extension")
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    assert_like_stock(_errors(fast64, x.double()), [_errors(stock, x), _errors(cl, xcl)],
+                      _errors(cl64, xcl.double()), _errors(ref, x.double()))
     assert relu_counts(fast, x) == {"other": 1, "add": 1}
 
 

@@ -29,16 +29,23 @@ namespace {
 // output: measured against float64, where torch's own two-pass statistics err 1-2.)
 constexpr int64_t kShiftSample = 64;
 
-// K of channel c: the mean of its first kShiftSample elements in (n, h, w) order
+// K of channel c: the mean of the finite values among its first kShiftSample elements in
+// (n, h, w) order (0 if none is): a finite K keeps an infinity in the data from turning every
+// d into NaN, so infinities and NaN propagate as torch's statistics propagate them
 template <typename scalar_t, typename acc_t>
 acc_t channel_shift(const scalar_t* x, int64_t N, int64_t C, int64_t HW, bool cl, int64_t c) {
   const int64_t m = std::min(N * HW, kShiftSample);
   double s = 0;
+  int64_t finite = 0;
   for (int64_t j = 0; j < m; ++j) {
     const int64_t n = j / HW, i = j % HW;
-    s += static_cast<double>(cl ? x[(n * HW + i) * C + c] : x[(n * C + c) * HW + i]);
+    const double v = static_cast<double>(cl ? x[(n * HW + i) * C + c] : x[(n * C + c) * HW + i]);
+    if (std::isfinite(v)) {
+      s += v;
+      ++finite;
+    }
   }
-  return static_cast<acc_t>(s / static_cast<double>(m));
+  return finite > 0 ? static_cast<acc_t>(s / static_cast<double>(finite)) : acc_t(0);
 }
 
 template <typename scalar_t, typename acc_t>
