@@ -142,7 +142,11 @@ def _memory_params():
         for backend in BACKENDS:
             marks = ()
             if name == "vgg16_bn" and backend == "triton" and not HAS_CUDA:
-                marks = (pytest.mark.slow,)  # ~45 s of 512-channel convs in the interpreter
+                # 45-50 s of 512-channel convs in the interpreter (a fifth of the suite's
+                # margin on a 2-core EPYC); alexnet-triton runs the same Triton paths here,
+                # and a GPU runs this case
+                marks = (pytest.mark.skip(reason="the Triton interpreter: alexnet-triton covers "
+                                          "these paths on CPU; a GPU runs vgg16_bn"),)
             out.append(pytest.param(name, backend, marks=marks, id=f"{name}-{backend}"))
     return out
 
