@@ -879,7 +879,8 @@ def test_converted_model_matches_stock(name, layout):
     if layout == "cl":
         x = x.to(memory_format=CL)
     out_s, g_s = _step(stock, x)
-    out_f, _ = _step(fast, x)
+    with torch.no_grad():  # its float32 gradients are not compared (see above)
+        out_f = fast(x).double()
     out_e, g_e = _step(exact, x.double())
     out_f64, g_f64 = _step(fast64, x.double())
     u32, u64 = 2.0**-24, 2.0**-53

@@ -270,7 +270,7 @@ Tensor grad_weight_gemm(const Tensor& g, const Tensor& input, const Unfold& u,
       // G[k, n * L + l] = g[n0 + n, k, l]: a copy unless the slab is one image
       gs = slab.reshape({nb, u.K, u.L}).transpose(0, 1).reshape({u.K, nb * u.L});
     }
-    FASTCONV_DISPATCH_FLOATING(x.scalar_type(), "fastconv_unfold", [&] {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastconv_unfold", [&] {
       if (cl) {
         u.unfold_cl<scalar_t>(x.const_data_ptr<scalar_t>(), cols.data_ptr<scalar_t>(), n0, nb);
       } else {
@@ -623,7 +623,8 @@ std::optional<Tensor> direct_grad_input(const Tensor& g, const Tensor& weight,
 
 // float16 and bfloat16 inputs are computed in float32 and rounded once: ATen's 16-bit CPU
 // convolutions accumulate in 16 bits on some machines (seen on an AMD EPYC: float16 grad_input
-// three times past a float accumulation's error bound, where a Xeon met it)
+// three times past a float accumulation's error bound, where a Xeon met it). Every pass below
+// the two entry points therefore sees float or double only.
 bool is_16bit(const Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
 }
@@ -647,7 +648,8 @@ Tensor conv2d_relu_cpu(const Tensor& input, const Tensor& weight, const std::opt
   check_conv_args(input, weight, bias, stride, padding, dilation, groups);
   if (is_16bit(input)) {
     const auto f = [](const Tensor& t) { return t.to(at::kFloat); };
-    return conv2d_relu_cpu(f(input), f(weight), bias ? std::optional<Tensor>(f(*bias)) : bias,
+    const bool has_bias = bias.has_value() && bias->defined();
+    return conv2d_relu_cpu(f(input), f(weight), has_bias ? std::optional<Tensor>(f(*bias)) : bias,
                            stride, padding, dilation, groups, relu)
         .to(input.scalar_type());
   }
@@ -670,7 +672,7 @@ Tensor conv2d_relu_cpu(const Tensor& input, const Tensor& weight, const std::opt
                           groups);
     out = out.contiguous(fmt);
     if (out.numel() > 0) {
-      FASTCONV_DISPATCH_FLOATING(out.scalar_type(), "fastconv_bias_relu", [&] {
+      AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "fastconv_bias_relu", [&] {
         bias_relu_inplace<scalar_t>(out, bias, relu, fmt == at::MemoryFormat::ChannelsLast);
       });
     }
@@ -803,7 +805,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_backward_cpu(
     const Tensor y = output.contiguous(fmt);
     gmasked = poisoned(at::empty_like(g, g.options(), fmt));
     if (g.numel() > 0) {
-      FASTCONV_DISPATCH_FLOATING(g.scalar_type(), "fastconv_relu_mask", [&] {
+      AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "fastconv_relu_mask", [&] {
         mask_and_sum<scalar_t>(g.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
                                      gmasked.data_ptr<scalar_t>(), N, C, HW, cl,
                                      bias_in_pass ? gb.data() : nullptr);
