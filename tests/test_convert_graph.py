@@ -5,17 +5,17 @@ level during a training-mode forward), and the result matches stock against floa
 Each converted model's float32 output is compared with stock float32 against a float64 copy:
 its error (L2 norm) may be at most ``RATIO`` times torch's own, taken as the worse of stock in
 NCHW and stock in channels_last (two equally valid float32 orders), plus a few unit roundoffs
-of the norm. Gradients and the state after two SGD steps are compared in float64 (the
-converted model built from the float64 copy): in float32 a ReLU input or max-pool gap within
-rounding of its kink lets one implementation pass a gradient where another does not (seen on
-an AMD EPYC in VGG-11-BN: 70x stock's error in the first conv's weight after two steps, stock
-lucky), so no fixed factor of stock's float32 error holds for gradients. Stock float32's error
-still measures how much the problem amplifies rounding, and the float64 bound is that error
-carried to float64's precision (see assert_like_stock). Whole networks are compared by norm
-and against torch's own spread, not element by element: at these small inputs batch norm sees
-2 to 8 values per channel in the last stages, which amplifies every rounding (measured on
-torchvision's ResNet-50: a layer-4 BN bias gradient 0.02% off in NCHW, 1.8% in channels_last
--- stock torch both times). The per-op tests bound every element.
+of the norm. Gradients and the state after two SGD steps are compared in float64 (the converted
+model built from the float64 copy): in float32 a ReLU input or max-pool gap within rounding of
+its kink lets one implementation pass a gradient where another does not (seen on an AMD EPYC in
+VGG-11-BN: 70x stock's error in the first conv's weight after two steps, stock lucky), so no
+fixed factor of stock's float32 error holds for gradients. The float64 bound is torch's own
+float64 spread: stock float64 in channels_last, or stock float32's error (how much the problem
+amplifies rounding) carried to float64's precision (see assert_like_stock). Whole networks are
+compared by norm and against torch's own spread, not element by element: at these small inputs
+batch norm sees 2 to 8 values per channel in the last stages, which amplifies every rounding
+(measured on torchvision's ResNet-50: a layer-4 BN bias gradient 0.02% off in NCHW, 1.8% in
+channels_last -- stock torch both times). The per-op tests bound every element.
 """
 from __future__ import annotations
 
