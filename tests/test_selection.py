@@ -174,10 +174,11 @@ def test_fastest_candidate_is_chosen_and_remembered(monkeypatch, tuning):
 
 
 @pytest.mark.parametrize("fast_ms, torch_ms, expected", [
-    (1.90, 2.0, "torch"),     # 5% faster: within the margin, a tie goes to torch
-    (1.894, 2.0, "fast"),     # beyond 5% and the 3 us CPU call cost
-    (0.045, 0.050, "torch"),  # 10% faster, but by less than the 3 us call cost + 5%
-    (0.044, 0.050, "fast"),
+    (1.96, 2.0, "torch"),     # 2% faster: within the CPU margin, a tie goes to torch
+    (1.958, 2.0, "torch"),    # beyond 2% but not the 3 us CPU call cost ...
+    (1.956, 2.0, "fast"),     # ... beyond both
+    (0.0465, 0.050, "torch"),  # 7% faster, but by less than the 3 us call cost + 2%
+    (0.0455, 0.050, "fast"),
 ])
 def test_another_backend_must_beat_torch_by_the_margin(monkeypatch, tuning, fast_ms, torch_ms,
                                                        expected):
@@ -191,12 +192,13 @@ def test_another_backend_must_beat_torch_by_the_margin(monkeypatch, tuning, fast
 
 
 @pytest.mark.parametrize("device_type, fast_s, expected", [
-    ("cuda", 1.90e-3, "torch"),  # 5% faster: within the margin
+    ("cuda", 1.90e-3, "torch"),  # 5% faster: within the CUDA margin ...
+    ("cpu", 1.95e-3, "fast"),     # ... and 2.5% beyond the CPU one (2% and 3 us)
     ("cuda", 1.896e-3, "torch"),  # beyond 5% but not the 5 us CUDA call cost ...
     ("cpu", 1.896e-3, "fast"),    # ... though beyond the 3 us CPU one
     ("cuda", 1.894e-3, "fast"),
 ])
-def test_the_call_cost_is_the_device_types(device_type, fast_s, expected):
+def test_the_margin_and_call_cost_are_the_device_types(device_type, fast_s, expected):
     choice, ms = selection._pick({"fast": fast_s, "torch": 2e-3}, ["fast", "torch"],
                                  device_type)
     assert choice == expected

@@ -133,7 +133,7 @@ def test_each_pass_takes_its_fastest_and_the_cache_keeps_the_triple(monkeypatch,
     assert "train      forward b (b 1 ms, c 2 ms, a 3 ms); grad_weight c (c 1 ms, a 2 ms, " \
         "b 3 ms); whole call (mixed 1 ms, b 2 ms, c 2 ms, a 3 ms) [measured]" in text, text
     data = json.loads(cache_file.read_text())
-    assert data["format"] == selection.FORMAT == 5
+    assert data["format"] == selection.FORMAT == 6
     (table,) = data["tables"].values()
     (entry,) = table.values()
     assert entry["passes"] == {"forward": "b", "grad_input": None, "grad_weight": "c"}
