@@ -89,6 +89,12 @@ def test_cpu_smoke_runs_every_stage(tmp_path):
     numbers = json.loads((out / "numbers.json").read_text())
     assert numbers["layers"]["rows"] and numbers["steps"]["rows"]
     assert all(r["ms"]["eager"] > 0 for r in numbers["layers"]["rows"])
+    # what the converted model's layers ran in training (auto's choices), for the report
+    eager = [r for r in numbers["steps"]["rows"] if r["name"] == "lenet:eager"]
+    assert eager and {r[1] for r in eager[0]["layers_ran"]} == {"conv2d_relu", "avg_pool2d"}, \
+        eager
+    assert len(eager[0]["layers_ran"]) == 4 and all(r[2] for r in eager[0]["layers_ran"])
+    assert f"- lenet: {eager[0]['layers_summary']}" in report
     pre = json.loads((out / "preflight.json").read_text())
     assert [r["name"] for r in pre["preflight"]["rows"]][:2] == ["versions", "device"]
     assert all(r["status"] == "passed" for r in pre["preflight"]["rows"])

@@ -346,15 +346,20 @@ def layer_backends(model: nn.Module, x: torch.Tensor, amp=None,
     return seen
 
 
+def summarize_layers(layers: list) -> str:
+    """``layer_backends``' list as counts: "conv2d_relu x2 on extension, ..." ("none" when
+    empty); a per-pass conv choice is shown in parentheses."""
+    summary: dict[tuple[str, str], int] = {}
+    for _, op, backend in layers:
+        summary[(op, backend)] = summary.get((op, backend), 0) + 1
+    return ", ".join(f"{op} x{k} on {f'({b})' if ',' in b else b}"
+                     for (op, b), k in summary.items()) or "none"
+
+
 def _print_layers(used: dict[str, dict[str, list]]) -> None:
     for name, modes in used.items():
         for mode, layers in modes.items():
-            summary: dict[tuple[str, str], int] = {}
-            for _, op, backend in layers:
-                summary[(op, backend)] = summary.get((op, backend), 0) + 1
-            print(f"{name} {mode} layers ran: " + (", ".join(
-                f"{op} x{k} on {f'({b})' if ',' in b else b}"
-                for (op, b), k in summary.items()) or "none"))
+            print(f"{name} {mode} layers ran: {summarize_layers(layers)}")
 
 
 def _print_flags(rows: list[dict], modes, rounds: int) -> None:

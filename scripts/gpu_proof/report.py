@@ -246,6 +246,14 @@ def build_report(work: Path, budget: float, elapsed: float) -> tuple[str, dict]:
                                if v == "converted" else None) for v in variants),
                       " / ".join(f"{k} {_f(v, '{:.2f}')}" for k, v in r.get("ms", {}).items()),
                       r.get("error") or r.get("reason") or ""] for r in srows])
+    ran = [(r.get("model"), r["layers_summary"]) for r in srows if r.get("layers_summary")]
+    if ran:
+        md.append("What each converted model's layers ran in training (`auto`'s choices; "
+                  "per-pass convs in parentheses: forward, grad_input, grad_weight; per "
+                  "layer in steps.json `layers_ran`):")
+        md.append("")
+        md += [f"- {model}: {summary}" for model, summary in ran]
+        md.append("")
 
     # ---- stage 3
     md.append("## Stage 3: memcheck and tuning")

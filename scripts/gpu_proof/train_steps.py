@@ -52,6 +52,22 @@ def variants_of(name: str, device, smoke: bool, compiled: bool) -> dict:
             "converted-compiled": torch.compile(converted, backend=backend)}
 
 
+def _layers_ran(model, device, amp, batch: int, size) -> dict:
+    """What each converted layer ran in the timed training steps (``auto``'s choices, decided
+    by then; a conv's may name one implementation per pass): ``layers_ran``, rows of
+    ``[layer, op, implementation]``, and ``layers_summary``, their counts in words."""
+    import torch
+
+    from fastconv.tools.bench import layer_backends, summarize_layers
+
+    try:
+        x = torch.randn(batch, *size, device=device).contiguous(memory_format=torch.channels_last)
+        ran = [list(t) for t in layer_backends(model, x, amp=amp, train=True)]
+    except Exception as exc:  # the timings stand without it
+        return {"layers_summary": f"not recorded: {first_line(exc)}"}
+    return {"layers_ran": ran, "layers_summary": summarize_layers(ran)}
+
+
 def time_model(res: Results, name: str, device, smoke: bool, compiled: bool, rounds: int):
     import torch
 
@@ -63,8 +79,9 @@ def time_model(res: Results, name: str, device, smoke: bool, compiled: bool, rou
     tag = "compiled" if compiled else "eager"
     t0 = time.perf_counter()
     try:
+        nets = variants_of(name, device, smoke, compiled)
         steps = {k: _make_step(m, device, amp, batch, size, 1 if smoke else 3)
-                 for k, m in variants_of(name, device, smoke, compiled).items()}
+                 for k, m in nets.items()}
         for k, step in steps.items():  # warm-up: compiles, cuDNN plans, lazy state
             for _ in range(1 if smoke else 3):
                 step()
@@ -75,6 +92,8 @@ def time_model(res: Results, name: str, device, smoke: bool, compiled: bool, rou
         return res.add(name=f"{name}:{tag}", model=name, status="failed", error=first_line(exc))
     row = {"name": f"{name}:{tag}", "model": name, "status": "passed", "batch": batch,
            "warmup_s": round(warm_s, 1), "ms": {}, "iqr_ms": {}}
+    if "converted" in nets:
+        row.update(_layers_ran(nets["converted"], device, amp, batch, size))
     base = "stock-compiled" if compiled else "stock"
     row["paired_ratio"] = {}  # against the stock model of the same run, round by round
     for k, s in stats.items():
