@@ -327,6 +327,8 @@ AVG_CASES = [
     ("exclude_pad", 2, 4, 10, 7, 3, 2, 1, True, False, None),
     ("divisor_override", 2, 4, 9, 9, 3, 3, 1, False, True, 5),
     ("wide_channels", 1, 45, 5, 5, 2, 1, 0, False, True, None),
+    # one window down the rows (a lone window tiles its axis), four across, rows 3-4 unread
+    ("lone_row_window", 2, 3, 5, 8, (3, 2), (3, 2), 0, False, True, None),
 ]
 
 

@@ -19,7 +19,9 @@ struct Regular {
 Regular regular_axis(const Windows& w) {
   const int64_t n = static_cast<int64_t>(w.start.size());
   if (n == 0) return {};
-  Regular r{w.end[0] - w.start[0], n > 1 ? w.start[1] - w.start[0] : 1, w.start[0]};
+  // a lone window's stride is its length: one window tiles its axis without overlap
+  Regular r{w.end[0] - w.start[0], n > 1 ? w.start[1] - w.start[0] : w.end[0] - w.start[0],
+            w.start[0]};
   for (int64_t o = 0; o < n; ++o) {
     if (w.start[o] != r.off + o * r.s || w.end[o] - w.start[o] != r.k || w.count[o] != r.k) {
       return {};
@@ -176,8 +178,9 @@ void avg_fwd(const scalar_t* x, scalar_t* y, const AvgPlan& a, bool cl) {
   }
 }
 
-// NCHW with regular windows that tile without overlap (kernel = stride, or one window the
-// whole plane): each input element takes one output's share, or 0 outside every window.
+// NCHW with regular windows that tile without overlap (kernel = stride; a lone window, as in
+// global pooling, counts): each input element takes one output's share, or 0 outside every
+// window.
 template <typename scalar_t>
 void avg_bwd_tiled(const scalar_t* go, scalar_t* gi, const AvgPlan& a) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -222,7 +225,7 @@ template <typename scalar_t>
 void avg_bwd(const scalar_t* go, scalar_t* gi, const AvgPlan& a, bool cl) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = a.H, W = a.W, C = a.C, OH = a.OH, OW = a.OW;
-  if (!cl && a.regular() && ((a.rh.k == a.rh.s && a.rw.k == a.rw.s) || whole_plane(a))) {
+  if (!cl && a.regular() && a.rh.k == a.rh.s && a.rw.k == a.rw.s) {
     avg_bwd_tiled(go, gi, a);
   } else if (!cl) {
     at::parallel_for(0, a.N * C, grain_for(H * W + OH * OW * 4), [&](int64_t p0, int64_t p1) {
